@@ -1,0 +1,172 @@
+"""Build an extension: render, Kbuild against a cached kernel, plugin against libxtables.
+
+The build tree is ``build/<kernel release>/<name>/``. Files are rewritten only
+when their content changes, so Kbuild's own dependency tracking keeps warm
+rebuilds fast. A failed build removes the artifacts it would have produced,
+so nothing half-built is ever reported as built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmods import render, spec
+from nflab.errors import BuildError, NflabError
+from nflab.paths import build_dir
+from userspace_ext import plugin
+
+_DIAG_RE = re.compile(r"^(?P<file>[^\s:]+\.(?:c|h)):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<sev>error|warning|fatal error):(?P<msg>.*)$")
+
+
+@dataclass
+class Artifacts:
+    """What a build produced for one kernel release."""
+
+    name: str
+    kind: str
+    release: str
+    dir: Path
+    ko: Path
+    module: str
+    so: Path | None = None
+    plugin: str | None = None
+    deps: list = field(default_factory=list)
+    vermagic: str = ""
+    srcversion: str = ""
+    rebuilt: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.is_file() and path.read_text() == text:
+        return False
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+def diagnostics(output: str, src_dir: Path) -> list[str]:
+    """Compiler errors as ``file:line: message`` lines, paths relative to the build dir."""
+    found = []
+    for line in output.splitlines():
+        m = _DIAG_RE.match(line.strip())
+        if m and m.group("sev") != "warning":
+            path = m.group("file")
+            try:
+                path = str(Path(path).resolve().relative_to(src_dir.resolve()))
+            except ValueError:
+                pass
+            found.append(f"{src_dir / path}:{m.group('line')}: {m.group('sev')}:{m.group('msg')}")
+    return found
+
+
+def stock_deps(ext: spec.Extension) -> list[str]:
+    """Stock modules that must be loaded before the extension (symbols it uses)."""
+    if ext.kind == "hook":
+        return []
+    return ["x_tables"]
+
+
+def module_info(ko: Path) -> dict:
+    """vermagic and srcversion of a built .ko (read from the file; nothing is loaded)."""
+    info = {}
+    for fld in ("vermagic", "srcversion", "name", "depends"):
+        res = subprocess.run(["modinfo", "-F", fld, str(ko)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BuildError(f"modinfo cannot read {ko}: {res.stderr.strip()}",
+                             hint="install kmod (apt-get install kmod)")
+        info[fld] = res.stdout.strip()
+    return info
+
+
+def render_into(ext: spec.Extension, out: Path) -> bool:
+    """Render all sources of *ext* into *out*; return True when anything changed."""
+    out.mkdir(parents=True, exist_ok=True)
+    changed = False
+    for name, text in render.render(ext).items():
+        changed |= _write_if_changed(out / name, text)
+    changed |= _write_if_changed(out / "nflab_xt.h", plugin.SHARED_HEADER.read_text())
+    return changed
+
+
+def _kbuild(kernel, out: Path, jobs: int) -> subprocess.CompletedProcess:
+    cmd = ["make", "-C", kernel.headers, f"M={out}", f"-j{jobs}", "modules"]
+    env = dict(os.environ, LC_ALL="C")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = None,
+                    with_plugin: bool = True) -> Artifacts:
+    """Render and build *name* for *kernel* (a vm.kernels.Kernel)."""
+    ext = spec.load(name) if isinstance(name, str) else name
+    started = time.monotonic()
+    out = build_dir() / kernel.release / ext.name
+    ko = out / f"{ext.module}.ko"
+    changed = render_into(ext, out)
+    stamp = out / ".nflab-build.json"
+    inputs = _inputs_hash(out, kernel)
+    fresh = (not changed and ko.is_file() and stamp.is_file()
+             and json.loads(stamp.read_text()).get("inputs") == inputs)
+    art = Artifacts(name=ext.name, kind=ext.kind, release=kernel.release, dir=out, ko=ko,
+                    module=ext.module, plugin=ext.name if ext.plugin else None,
+                    deps=stock_deps(ext))
+    if not fresh:
+        stamp.unlink(missing_ok=True)
+        res = _kbuild(kernel, out, jobs or os.cpu_count() or 2)
+        (out / "build.log").write_text(res.stdout + res.stderr)
+        if res.returncode != 0 or not ko.is_file():
+            ko.unlink(missing_ok=True)
+            diags = diagnostics(res.stdout + res.stderr, out)
+            tail = "\n".join(diags or (res.stderr or res.stdout).strip().splitlines()[-20:])
+            raise BuildError(f"kernel module {ext.module} failed to build for {kernel.release}",
+                             hint=f"full log: {out / 'build.log'}", detail=tail)
+        art.rebuilt = True
+    if with_plugin and ext.plugin:
+        art.so = plugin.build(ext, out, force=art.rebuilt)
+    info = module_info(ko)
+    art.vermagic, art.srcversion = info["vermagic"], info["srcversion"]
+    if art.vermagic.split()[0] != kernel.release:
+        ko.unlink(missing_ok=True)
+        raise BuildError(f"{ko.name} has vermagic {art.vermagic!r}, expected {kernel.release}",
+                         hint="the headers in the cache do not match the kernel; "
+                              "run `invoke fetch-kernel --force`")
+    stamp.write_text(json.dumps({"inputs": inputs, "artifacts": art.as_dict()}, indent=2))
+    art.seconds = time.monotonic() - started
+    return art
+
+
+def _inputs_hash(out: Path, kernel) -> str:
+    h = hashlib.sha256(kernel.release.encode())
+    for path in sorted(out.iterdir()):
+        if path.suffix in (".c", ".h") or path.name == "Kbuild":
+            if path.name.endswith(".mod.c"):
+                continue
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def build_many(names, kernel, *, keep_going=True, progress=None) -> tuple[list, list]:
+    """Build several extensions; return (artifacts, [(name, error)])."""
+    built, failed = [], []
+    for name in names:
+        if progress:
+            progress(name)
+        try:
+            built.append(build_extension(name, kernel))
+        except NflabError as exc:
+            failed.append((name, exc))
+            if not keep_going:
+                break
+    return built, failed

@@ -1,0 +1,91 @@
+"""Render an extension's kernel module, shared header, Kbuild and plugin sources.
+
+Templates are looked up first in the extension's own catalog folder (where
+``xt_NAME.c.j2`` extends ``match.c.j2`` and fills its blocks), then in
+``kmods/templates`` and ``userspace_ext/templates``. ``StrictUndefined``
+turns a typo in a template into an error instead of empty C.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+from kmods.spec import Extension
+
+KMODS_TEMPLATES = Path(__file__).resolve().parent / "templates"
+USERSPACE_TEMPLATES = Path(__file__).resolve().parent.parent / "userspace_ext" / "templates"
+
+_C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "?": "\\?"}
+
+
+def cstr(value) -> str:
+    """A C string literal for *value*; every byte outside printable ASCII is escaped."""
+    out = []
+    for ch in str(value):
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif 0x20 <= ord(ch) < 0x7F:
+            out.append(ch)
+        else:
+            out.extend(f"\\{b:03o}" for b in ch.encode("utf-8"))
+    return '"' + "".join(out) + '"'
+
+
+def ccomment(value) -> str:
+    """Text safe inside a C block comment: one line, no comment terminators."""
+    text = " ".join(str(value).split())
+    return text.replace("*/", "* /").replace("/*", "/ *")
+
+
+def environment(ext_dir: Path | None = None) -> jinja2.Environment:
+    search = ([str(ext_dir)] if ext_dir else []) + [str(KMODS_TEMPLATES), str(USERSPACE_TEMPLATES)]
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(search),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["cstr"] = cstr
+    env.filters["ccomment"] = ccomment
+    return env
+
+
+def _template_for(env: jinja2.Environment, own: str, base: str) -> jinja2.Template:
+    try:
+        return env.get_template(own)
+    except jinja2.TemplateNotFound:
+        return env.get_template(base)
+
+
+def _tidy(text: str) -> str:
+    """Collapse runs of blank lines left by empty blocks; one newline at EOF."""
+    lines, blank = [], 0
+    for line in text.splitlines():
+        line = line.rstrip()
+        blank = blank + 1 if not line else 0
+        if blank <= 1:
+            lines.append(line)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+def render(ext: Extension) -> dict[str, str]:
+    """Return {filename: text} for every source file of *ext*."""
+    ext_dir = ext.path.parent if ext.path else None
+    env = environment(ext_dir)
+    ctx = {"ext": ext}
+    base = {"hook": "hook.c.j2", "match": "match.c.j2", "target": "target.c.j2"}[ext.kind]
+    files = {
+        f"{ext.module}.c": _template_for(env, f"{ext.module}.c.j2", base).render(ctx),
+        "compat_nflab.h": (KMODS_TEMPLATES / "compat_nflab.h").read_text(),
+        "Kbuild": env.get_template("Kbuild.j2").render(ctx),
+    }
+    if ext.kind != "hook":
+        files[ext.header] = env.get_template("shared_header.h.j2").render(ctx)
+        files[f"{ext.plugin}.c"] = _template_for(env, f"{ext.plugin}.c.j2", "libxt.c.j2").render(ctx)
+    return {name: _tidy(text) for name, text in files.items()}

@@ -1,0 +1,572 @@
+"""Extension definitions: load, validate, and derive everything both sides need.
+
+One ``kmods/catalog/<name>/ext.toml`` per extension drives the kernel module,
+the iptables plugin and the tests. Validation happens here, before any
+template or compiler sees the values; every error names the field, what was
+wrong and what is valid.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nflab.errors import SpecError
+
+CATALOG = Path(__file__).resolve().parent / "catalog"
+
+KINDS = ("hook", "match", "target")
+FAMILIES = ("ipv4", "ipv6", "netdev")
+XT_FAMILIES = ("ipv4", "ipv6")
+HOOKS = ("PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING", "INGRESS")
+INET_HOOKS = HOOKS[:5]
+TARGET_VERDICTS = ("XT_CONTINUE", "NF_ACCEPT", "NF_DROP")
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+OPTION_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+NAME_MAX = 28           # XT_EXTENSION_MAXNAMELEN (29) minus the NUL
+MODULE_NAME_MAX = 55    # MODULE_NAME_LEN (64 - sizeof(unsigned long)) minus the NUL
+TEXT_MAX = 512
+
+# Netfilter modules of the stock kernels; a kit module must not shadow one silently.
+IN_TREE_MODULES = frozenset("""
+xt_addrtype xt_AUDIT xt_bpf xt_cgroup xt_CHECKSUM xt_CLASSIFY xt_cluster xt_comment
+xt_connbytes xt_connlabel xt_connlimit xt_connmark xt_CONNSECMARK xt_conntrack xt_cpu
+xt_CT xt_dccp xt_devgroup xt_dscp xt_DSCP xt_ecn xt_esp xt_hashlimit xt_helper xt_hl
+xt_HL xt_HMARK xt_IDLETIMER xt_ipcomp xt_iprange xt_ipvs xt_l2tp xt_LED xt_length
+xt_limit xt_LOG xt_mac xt_mark xt_MASQUERADE xt_multiport xt_nat xt_NETMAP xt_nfacct
+xt_NFLOG xt_NFQUEUE xt_osf xt_owner xt_physdev xt_pkttype xt_policy xt_quota
+xt_rateest xt_RATEEST xt_realm xt_recent xt_REDIRECT xt_sctp xt_SECMARK xt_set
+xt_socket xt_state xt_statistic xt_string xt_tcpmss xt_TCPMSS xt_TCPOPTSTRIP
+xt_tcpudp xt_TEE xt_time xt_TPROXY xt_TRACE xt_u32 x_tables nf_conntrack nf_nat
+nf_tables nf_defrag_ipv4 nf_defrag_ipv6 nfnetlink nfnetlink_hook nfnetlink_log
+nfnetlink_queue iptable_filter iptable_mangle iptable_nat iptable_raw
+iptable_security ip6table_filter ip6table_mangle ip6table_nat ip6table_raw
+ip6table_security nf_reject_ipv4 nf_reject_ipv6 nft_compat
+""".split())
+
+
+@dataclass(frozen=True)
+class OptionType:
+    """How one option type is stored in the shared struct and parsed by xtables."""
+
+    name: str
+    xttype: str          # XTTYPE_* used in x6_options
+    ctype: str | None    # C type of the struct member (None: flag only)
+    size: int
+    align: int
+    put: bool            # stored by libxtables itself via XTOPT_PUT
+    members: tuple = ("",)  # suffixes of struct members (iprange: _min/_max)
+
+
+OPTION_TYPES = {
+    "flag": OptionType("flag", "XTTYPE_NONE", None, 0, 1, False, ()),
+    "uint8": OptionType("uint8", "XTTYPE_UINT8", "__u8", 1, 1, True),
+    "uint16": OptionType("uint16", "XTTYPE_UINT16", "__u16", 2, 2, True),
+    "uint32": OptionType("uint32", "XTTYPE_UINT32", "__u32", 4, 4, True),
+    "uint64": OptionType("uint64", "XTTYPE_UINT64", "__aligned_u64", 8, 8, True),
+    "string": OptionType("string", "XTTYPE_STRING", "char", 1, 1, True),
+    "host": OptionType("host", "XTTYPE_HOST", "union nf_inet_addr", 16, 4, True),
+    "iprange": OptionType("iprange", "XTTYPE_STRING", "union nf_inet_addr", 16, 4, False,
+                          ("_min", "_max")),
+    "choice": OptionType("choice", "XTTYPE_STRING", "__u8", 1, 1, False),
+}
+# kernel-private members (counters, pointers) that userspace never fills
+PRIVATE_TYPES = {
+    "kptr": ("void *", 8, 8),
+    "u64": ("__aligned_u64", 8, 8),
+    "u32": ("__u32", 4, 4),
+}
+
+
+@dataclass
+class Option:
+    name: str            # command-line name without dashes: "src-range"
+    type: str
+    help: str
+    field: str           # struct member base name
+    invert: bool = False
+    mandatory: bool = False
+    length: int = 0      # strings: buffer size incl. NUL
+    choices: tuple = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    label: str = ""      # word used by `iptables -L` print
+    index: int = 0       # bit position of the "present" flag
+
+    @property
+    def ident(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def id_const(self) -> str:
+        return "O_" + self.ident.upper()
+
+    @property
+    def otype(self) -> OptionType:
+        return OPTION_TYPES[self.type]
+
+
+@dataclass
+class Member:
+    """One member of the shared info struct, in declaration order."""
+
+    ctype: str
+    name: str
+    array: int = 0
+    size: int = 0
+    align: int = 1
+    private: bool = False
+    comment: str = ""
+
+    @property
+    def decl(self) -> str:
+        if self.ctype.endswith("*"):
+            return f"{self.ctype}{self.name} __attribute__((aligned(8)))"
+        suffix = f"[{self.array}]" if self.array else ""
+        return f"{self.ctype} {self.name}{suffix}"
+
+
+@dataclass
+class HookPoint:
+    family: str
+    hook: str
+    priority: int
+    label: str = ""
+
+    @property
+    def nfproto(self) -> str:
+        return {"ipv4": "NFPROTO_IPV4", "ipv6": "NFPROTO_IPV6", "netdev": "NFPROTO_NETDEV"}[self.family]
+
+    @property
+    def hooknum(self) -> str:
+        return "NF_NETDEV_INGRESS" if self.hook == "INGRESS" else f"NF_INET_{self.hook}"
+
+
+@dataclass
+class Extension:
+    kind: str
+    name: str
+    summary: str
+    families: list
+    path: Path | None = None
+    revision: int = 0
+    options: list = field(default_factory=list)
+    private: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    overrides_in_tree: bool = False
+    verdict: str = "XT_CONTINUE"
+    tables: list = field(default_factory=list)
+    author: str = "nflab"
+    params: list = field(default_factory=list)
+    test: dict = field(default_factory=dict)
+    catalog_only: bool = False
+    flags_type: str = "__u8"
+    invert_shift: int = 4
+    info_name: str = ""
+    raw: dict = field(default_factory=dict)
+
+    # ---- names derived once, used by every template ---------------------
+    @property
+    def lname(self) -> str:
+        return self.name.lower()
+
+    @property
+    def module(self) -> str:
+        if self.kind == "hook":
+            return f"nflab_{self.lname}"
+        return f"xt_{self.name}"
+
+    @property
+    def prefix(self) -> str:
+        """C identifier prefix of the extension: ``iprange_mt``, ``ECHO_tg``..."""
+        return {"match": f"{self.lname}_mt", "target": f"{self.lname}_tg",
+                "hook": f"{self.lname}"}[self.kind]
+
+    @property
+    def struct(self) -> str:
+        if self.info_name:
+            return self.info_name
+        return f"xt_{self.lname}_{'mtinfo' if self.kind == 'match' else 'tginfo'}"
+
+    @property
+    def header(self) -> str:
+        return f"xt_{self.name}.h" if self.kind != "hook" else f"{self.module}.h"
+
+    @property
+    def guard(self) -> str:
+        return f"_NFLAB_{self.header.replace('.', '_').upper()}"
+
+    @property
+    def plugin(self) -> str | None:
+        return f"libxt_{self.name}" if self.kind != "hook" else None
+
+    @property
+    def version_tag(self) -> str:
+        """Short hash of the definition and its own templates: MODULE_VERSION."""
+        import hashlib
+        h = hashlib.sha256()
+        if self.path:
+            for f in sorted(self.path.parent.iterdir()):
+                if f.is_file():
+                    h.update(f.name.encode() + f.read_bytes())
+        else:
+            h.update(repr(sorted(self.raw.items())).encode())
+        return h.hexdigest()[:12]
+
+    def flag_const(self, opt: Option) -> str:
+        return f"{self.lname.upper()}_{opt.field.upper()}"
+
+    def inv_const(self, opt: Option) -> str:
+        return f"{self.flag_const(opt)}_INV"
+
+    @property
+    def members(self) -> list:
+        return struct_members(self)
+
+    @property
+    def info_size(self) -> int:
+        return struct_size(self.members)
+
+    @property
+    def userspace_size(self) -> int:
+        """Bytes of the struct userspace owns (up to the first private member)."""
+        offset = 0
+        for m in self.members:
+            if m.private:
+                return offset
+            offset = _align(offset, m.align) + m.size
+        return struct_size(self.members)
+
+    @property
+    def has_private(self) -> bool:
+        return bool(self.private)
+
+
+def _align(offset: int, align: int) -> int:
+    return (offset + align - 1) // align * align
+
+
+def struct_members(ext: Extension) -> list:
+    members = []
+    for opt in ext.options:
+        ot = opt.otype
+        if ot.ctype is None:
+            continue
+        for suffix in ot.members:
+            if opt.type == "string":
+                members.append(Member("char", f"{opt.field}{suffix}", opt.length, opt.length, 1))
+            else:
+                members.append(Member(ot.ctype, f"{opt.field}{suffix}", 0, ot.size, ot.align))
+    if ext.options:
+        fsize = {"__u8": 1, "__u16": 2, "__u32": 4}[ext.flags_type]
+        members.append(Member(ext.flags_type, "flags", 0, fsize, fsize))
+    for priv in ext.private:
+        ctype, size, align = PRIVATE_TYPES[priv["type"]]
+        members.append(Member(ctype, priv["name"], 0, size, align, True,
+                              priv.get("comment", "kernel private")))
+    if not members:
+        members.append(Member("__u8", "flags", 0, 1, 1))
+    return members
+
+
+def struct_size(members: list) -> int:
+    """sizeof() of the struct per the x86-64 (and i386-compatible) ABI rules."""
+    offset, max_align = 0, 1
+    for m in members:
+        offset = _align(offset, m.align) + m.size
+        max_align = max(max_align, m.align)
+    return _align(offset, max_align)
+
+
+# ---- validation -----------------------------------------------------------
+
+def _fail(where: str, field_name: str, problem: str, valid: str) -> SpecError:
+    return SpecError(f"{where}: {field_name}: {problem}", hint=f"valid: {valid}")
+
+
+def check_name(name, where="extension") -> str:
+    if not isinstance(name, str) or not name:
+        raise _fail(where, "name", "missing or not a string", "a C identifier such as iprange")
+    if "/" in name or ".." in name or name.startswith("."):
+        raise _fail(where, "name", f"{name!r} looks like a path",
+                    "a C identifier such as iprange (letters, digits, _)")
+    if not NAME_RE.match(name):
+        raise _fail(where, "name", f"{name!r} is not a C identifier",
+                    "letters, digits and _ , starting with a letter")
+    if len(name) > NAME_MAX:
+        raise _fail(where, "name", f"{name!r} is {len(name)} characters long",
+                    f"at most {NAME_MAX} (XT_EXTENSION_MAXNAMELEN)")
+    return name
+
+
+def check_text(value, where, field_name, maximum=TEXT_MAX) -> str:
+    if not isinstance(value, str):
+        raise _fail(where, field_name, "not a string", "a quoted TOML string")
+    if len(value) > maximum:
+        raise _fail(where, field_name, f"{len(value)} characters", f"at most {maximum}")
+    if any(ord(c) < 0x20 and c not in "\n\t" for c in value):
+        raise _fail(where, field_name, "contains control characters", "printable text")
+    return value
+
+
+def check_priority(value, where="hook") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            value = int(value)
+        else:
+            raise _fail(where, "priority", f"{value!r} is not an integer",
+                        f"an integer in [{INT_MIN}, {INT_MAX}], e.g. -175 (between mangle -150 "
+                        "and conntrack -200)")
+    if not INT_MIN <= value <= INT_MAX:
+        raise _fail(where, "priority", f"{value} is out of range", f"[{INT_MIN}, {INT_MAX}]")
+    return value
+
+
+def check_hook(value, family, where="hook") -> str:
+    if not isinstance(value, str) or value.upper().removeprefix("NF_INET_") not in HOOKS:
+        raise _fail(where, "hook", f"unknown hook {value!r}", ", ".join(HOOKS))
+    hook = value.upper().removeprefix("NF_INET_")
+    if family == "netdev" and hook != "INGRESS":
+        raise _fail(where, "hook", f"{hook} is not a netdev hook", "INGRESS")
+    if family != "netdev" and hook == "INGRESS":
+        raise _fail(where, "family", "INGRESS hooks run in the netdev family", "netdev")
+    return hook
+
+
+def check_family(value, allowed=FAMILIES, where="extension") -> str:
+    if value not in allowed:
+        raise _fail(where, "family", f"unknown family {value!r}", ", ".join(allowed))
+    return value
+
+
+def _option(raw, index, where) -> Option:
+    if not isinstance(raw, dict):
+        raise _fail(where, "options", "each option must be a table", "[[options]] name=... type=...")
+    known = {"name", "type", "help", "field", "invert", "mandatory", "length", "choices",
+             "min", "max", "label"}
+    extra = set(raw) - known
+    if extra:
+        raise _fail(where, "options", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(known)))
+    name = raw.get("name")
+    if not isinstance(name, str) or not OPTION_RE.match(name) or len(name) > 30:
+        raise _fail(where, "option name", f"{name!r} is not a valid option name",
+                    "lower-case words joined by -, e.g. src-range (at most 30 characters)")
+    owhere = f"{where} option --{name}"
+    otype = raw.get("type")
+    if otype not in OPTION_TYPES:
+        raise _fail(owhere, "type", f"unknown option type {otype!r}", ", ".join(OPTION_TYPES))
+    fld = raw.get("field", name.replace("-", "_"))
+    if not isinstance(fld, str) or not IDENT_RE.match(fld) or fld == "flags":
+        raise _fail(owhere, "field", f"{fld!r} is not a usable C member name",
+                    "a lower-case C identifier other than 'flags'")
+    opt = Option(name=name, type=otype, field=fld, index=index,
+                 help=check_text(raw.get("help", ""), owhere, "help", 200),
+                 label=check_text(raw.get("label", name), owhere, "label", 60),
+                 invert=bool(raw.get("invert", False)),
+                 mandatory=bool(raw.get("mandatory", False)))
+    for key in ("invert", "mandatory"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise _fail(owhere, key, f"{raw[key]!r} is not a boolean", "true or false")
+    if otype == "string":
+        length = raw.get("length", 32)
+        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 256:
+            raise _fail(owhere, "length", f"{length!r}", "an integer buffer size 2..256")
+        opt.length = length
+    if otype == "choice":
+        choices = raw.get("choices")
+        if (not isinstance(choices, list) or not choices or len(choices) > 255
+                or not all(isinstance(c, str) and OPTION_RE.match(c) for c in choices)
+                or len(set(choices)) != len(choices)):
+            raise _fail(owhere, "choices", f"{choices!r}", "a list of distinct lower-case words")
+        opt.choices = tuple(choices)
+    for key in ("min", "max"):
+        if key in raw:
+            if not otype.startswith("uint") or isinstance(raw[key], bool) or not isinstance(raw[key], int):
+                raise _fail(owhere, key, f"{raw[key]!r}", "an integer bound on a uint option")
+            setattr(opt, "minimum" if key == "min" else "maximum", raw[key])
+    return opt
+
+
+def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Extension:
+    """Validate a parsed definition and return the Extension it describes."""
+    where = str(path) if path else "definition"
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: not a TOML table")
+    known = {"kind", "name", "summary", "families", "revision", "options", "private", "hooks",
+             "overrides_in_tree", "verdict", "tables", "author", "params", "test",
+             "catalog_only", "flags_type", "invert_shift", "info_name"}
+    extra = set(raw) - known
+    if extra:
+        raise _fail(where, "keys", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(known)))
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise _fail(where, "kind", f"unknown kind {kind!r}", ", ".join(KINDS))
+    name = check_name(raw.get("name"), where)
+    if kind != "target" and name != name.lower():
+        raise _fail(where, "name", f"{name!r} has capitals", "lower case for matches and hooks "
+                    "(capitals are the convention for targets)")
+    summary = check_text(raw.get("summary", ""), where, "summary", 200)
+    fams = raw.get("families", ["ipv4", "ipv6"] if kind != "hook" else ["ipv4"])
+    if not isinstance(fams, list) or not fams:
+        raise _fail(where, "families", f"{fams!r}", "a non-empty list of " + ", ".join(FAMILIES))
+    allowed = XT_FAMILIES if kind != "hook" else FAMILIES
+    families = [check_family(f, allowed, where) for f in fams]
+    if len(set(families)) != len(families):
+        raise _fail(where, "families", "duplicate family", "each family once")
+    revision = raw.get("revision", 0)
+    if isinstance(revision, bool) or not isinstance(revision, int) or not 0 <= revision <= 255:
+        raise _fail(where, "revision", f"{revision!r}", "an integer 0..255")
+    ext = Extension(kind=kind, name=name, summary=summary, families=families, path=path,
+                    revision=revision, raw=raw)
+    ext.overrides_in_tree = bool(raw.get("overrides_in_tree", False))
+    ext.catalog_only = bool(raw.get("catalog_only", False))
+    ext.author = check_text(raw.get("author", "nflab"), where, "author", 100)
+    ext.test = raw.get("test", {}) if isinstance(raw.get("test", {}), dict) else {}
+    info_name = raw.get("info_name", "")
+    if info_name and (not isinstance(info_name, str) or not IDENT_RE.match(info_name)):
+        raise _fail(where, "info_name", f"{info_name!r}", "a C identifier")
+    ext.info_name = info_name
+    ext.flags_type = raw.get("flags_type", "__u8")
+    if ext.flags_type not in ("__u8", "__u16", "__u32"):
+        raise _fail(where, "flags_type", f"{ext.flags_type!r}", "__u8, __u16, __u32")
+    opts_raw = raw.get("options", [])
+    if kind == "hook" and opts_raw:
+        raise _fail(where, "options", "hooks take no iptables options", "use [[params]] for module parameters")
+    if not isinstance(opts_raw, list):
+        raise _fail(where, "options", "not a list", "[[options]] tables")
+    ext.options = [_option(o, i, where) for i, o in enumerate(opts_raw)]
+    seen = set()
+    for opt in ext.options:
+        if opt.name in seen or opt.field in seen:
+            raise _fail(where, "options", f"duplicate option or field {opt.name!r}", "unique names")
+        seen.update({opt.name, opt.field})
+    bits = {"__u8": 8, "__u16": 16, "__u32": 32}[ext.flags_type]
+    ext.invert_shift = raw.get("invert_shift", bits // 2)
+    if isinstance(ext.invert_shift, bool) or not isinstance(ext.invert_shift, int):
+        raise _fail(where, "invert_shift", f"{ext.invert_shift!r}", "an integer")
+    if len(ext.options) > ext.invert_shift or ext.invert_shift * 2 > bits:
+        raise _fail(where, "options", f"{len(ext.options)} options do not fit {ext.flags_type} flags "
+                    f"with invert_shift {ext.invert_shift}", "fewer options or flags_type = \"__u32\"")
+    privs = raw.get("private", [])
+    if not isinstance(privs, list):
+        raise _fail(where, "private", "not a list", "[[private]] name=... type=...")
+    for p in privs:
+        if (not isinstance(p, dict) or p.get("type") not in PRIVATE_TYPES
+                or not isinstance(p.get("name"), str) or not IDENT_RE.match(p["name"])
+                or p["name"] in seen or p["name"] == "flags"):
+            raise _fail(where, "private", f"{p!r}", "name = a new C identifier, type = " + ", ".join(PRIVATE_TYPES))
+        seen.add(p["name"])
+    ext.private = privs
+    if kind == "hook":
+        _validate_hook(ext, raw, where)
+    elif raw.get("hooks"):
+        raise _fail(where, "hooks", f"a {kind} has no hooks of its own", "remove [[hooks]]")
+    if kind == "target":
+        verdict = raw.get("verdict", "XT_CONTINUE")
+        if verdict not in TARGET_VERDICTS:
+            raise _fail(where, "verdict", f"{verdict!r}", ", ".join(TARGET_VERDICTS))
+        ext.verdict = verdict
+        tables = raw.get("tables", [])
+        if not isinstance(tables, list) or any(t not in ("raw", "mangle", "nat", "filter", "security") for t in tables):
+            raise _fail(where, "tables", f"{tables!r}", "a list of raw, mangle, nat, filter, security")
+        ext.tables = tables
+    params = raw.get("params", [])
+    if not isinstance(params, list):
+        raise _fail(where, "params", "not a list", "[[params]] name=... type=... default=...")
+    for p in params:
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not IDENT_RE.match(p["name"])
+                or p.get("type") not in ("int", "uint", "bool", "charp")):
+            raise _fail(where, "params", f"{p!r}", "name = C identifier, type = int, uint, bool or charp")
+        check_text(p.get("help", ""), where, "params.help", 200)
+    ext.params = params
+    _check_collision(ext, where, kernel_modules)
+    return ext
+
+
+def _validate_hook(ext: Extension, raw: dict, where: str):
+    hooks = raw.get("hooks")
+    if not isinstance(hooks, list) or not hooks:
+        raise _fail(where, "hooks", "a hook module needs at least one [[hooks]] entry",
+                    "[[hooks]] hook = \"PRE_ROUTING\" priority = -175 family = \"ipv4\"")
+    points = []
+    for i, h in enumerate(hooks):
+        hwhere = f"{where} hooks[{i}]"
+        if not isinstance(h, dict):
+            raise _fail(hwhere, "hooks", "not a table", "hook, priority, family")
+        extra = set(h) - {"hook", "priority", "family", "label"}
+        if extra:
+            raise _fail(hwhere, "hooks", f"unknown key(s) {sorted(extra)}", "hook, priority, family, label")
+        family = check_family(h.get("family", ext.families[0]), FAMILIES, hwhere)
+        if family not in ext.families:
+            raise _fail(hwhere, "family", f"{family} is not in the extension's families", ", ".join(ext.families))
+        hook = check_hook(h.get("hook"), family, hwhere)
+        prio = check_priority(h.get("priority"), hwhere)
+        label = check_text(h.get("label", ""), hwhere, "label", 40)
+        points.append(HookPoint(family, hook, prio, label))
+    keys = [(p.family, p.hook, p.priority) for p in points]
+    if len(set(keys)) != len(keys):
+        raise _fail(where, "hooks", "the same (family, hook, priority) twice", "distinct hook points")
+    ext.hooks = points
+
+
+def _check_collision(ext: Extension, where: str, kernel_modules=None):
+    modules = set(IN_TREE_MODULES) | set(kernel_modules or ())
+    lower = {m.lower() for m in modules}
+    collides = ext.module in modules or (ext.kind == "hook" and ext.module.lower() in lower)
+    if collides and not ext.overrides_in_tree:
+        raise _fail(where, "name", f"{ext.name!r} would build {ext.module}.ko, which the kernel "
+                    "already ships", "another name, or overrides_in_tree = true to replace the "
+                    "in-tree module on purpose")
+    if ext.overrides_in_tree and not collides:
+        raise _fail(where, "overrides_in_tree", f"{ext.module} is not an in-tree module",
+                    "remove overrides_in_tree")
+
+
+# ---- loading --------------------------------------------------------------
+
+def definition_path(name: str) -> Path:
+    check_name(name, "--name")
+    return CATALOG / name / "ext.toml"
+
+
+def load(name: str) -> Extension:
+    """Load and validate a catalog extension by name."""
+    path = definition_path(name)
+    if not path.is_file():
+        raise SpecError(f"--name: no extension {name!r} in the catalog",
+                        hint=f"valid: {', '.join(catalog_names(include_hidden=True)) or 'none'}; "
+                             "`invoke new-module` creates one")
+    return load_file(path)
+
+
+def load_file(path: Path) -> Extension:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from exc
+    ext = validate(raw, Path(path))
+    if ext.name != Path(path).parent.name:
+        raise _fail(str(path), "name", f"{ext.name!r} differs from its folder {Path(path).parent.name!r}",
+                    "the folder name")
+    return ext
+
+
+def catalog_names(include_hidden=False) -> list:
+    names = []
+    if CATALOG.is_dir():
+        for d in sorted(CATALOG.iterdir()):
+            if (d / "ext.toml").is_file():
+                if not include_hidden:
+                    try:
+                        raw = tomllib.loads((d / "ext.toml").read_text())
+                    except tomllib.TOMLDecodeError:
+                        continue
+                    if raw.get("catalog_only"):
+                        continue
+                names.append(d.name)
+    return names

@@ -1,0 +1,39 @@
+"""Errors that end a task with one clear line."""
+
+
+class NflabError(Exception):
+    """A user-facing failure: the message says what was wrong and what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message, *, hint=None, detail=None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.detail = detail
+
+    def __str__(self):
+        text = self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class SpecError(NflabError):
+    """An extension definition or a command-line value is invalid."""
+
+    exit_code = 2
+
+
+class KernelError(NflabError):
+    """A kernel cannot be resolved, fetched or used."""
+
+
+class BuildError(NflabError):
+    """Kbuild or the plugin compiler failed."""
+
+
+class VMError(NflabError):
+    """The lab VM failed: did not boot, crashed, or stopped answering."""
+
+    exit_code = 3

@@ -1,0 +1,42 @@
+"""Subprocess helpers with errors that name the command."""
+
+import fcntl
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import NflabError
+
+
+def run(cmd, *, cwd=None, env=None, check=True, capture=True, timeout=None, input=None):
+    """Run *cmd* (a list); on failure raise NflabError with its stderr tail."""
+    try:
+        res = subprocess.run(
+            [str(c) for c in cmd], cwd=cwd, env=env, input=input,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            text=True, timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise NflabError(f"command not found: {cmd[0]}",
+                         hint="run `invoke doctor` to see what is missing") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NflabError(f"command timed out after {timeout}s: {' '.join(map(str, cmd))}") from exc
+    if check and res.returncode != 0:
+        tail = (res.stderr or res.stdout or "").strip().splitlines()[-15:]
+        raise NflabError(f"`{' '.join(map(str, cmd))}` failed with exit {res.returncode}",
+                         detail="\n".join(tail))
+    return res
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock, so two nflab processes never race on a cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,245 @@
+"""Per-kernel boot pieces: a busybox initramfs and a modules disk image.
+
+Debian's cloud kernels have ext4 built in but the virtio transports, virtio-blk
+and virtio-net as modules, so the guest needs an initramfs that loads them
+before it can mount the root image. It is tiny (static busybox, the handful of
+virtio ``.ko`` files decompressed, ``vm/guest/initramfs-init.sh`` as ``/init``)
+and uncompressed, so the kernel unpacks it in a few milliseconds under TCG.
+
+The kernel's ``/lib/modules/<release>`` (with ``modules.dep`` from depmod) goes
+into a read-only ext4 image, label ``nflab-mods``, which the guest init mounts
+at ``/lib/modules/$(uname -r)``: ``modprobe`` of stock netfilter modules works.
+
+Both live in ``cache_dir()/boot/<release>/`` with a ``boot.json`` manifest
+whose recipe hash covers the init script, the busybox binary, the module list
+and the kernel's package versions; a stale entry is rebuilt under a file lock.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nflab.errors import VMError
+from nflab.paths import cache_dir
+from nflab.proc import file_lock, run
+
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+INIT_SCRIPT = GUEST_DIR / "initramfs-init.sh"
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+# what the initramfs needs, in wish order; only those the kernel has as modules
+# are included (built-in ones need nothing), dependencies come from modules.dep
+WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net")
+MODULES_LABEL = "nflab-mods"
+MANIFEST = "boot.json"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What the launcher needs for one kernel besides the rootfs."""
+
+    release: str
+    initrd: Path
+    modules_img: Path
+    modules: tuple[str, ...]
+
+
+def boot_dir(release: str) -> Path:
+    return cache_dir() / "boot" / release
+
+
+def _busybox() -> Path:
+    for cand in BUSYBOX_CANDIDATES:
+        path = Path(cand)
+        if path.is_file():
+            # a dynamically linked busybox would need its libraries in the initramfs
+            out = run(["file", "-b", path], check=False).stdout if shutil.which("file") else ""
+            if "dynamically linked" in out:
+                continue
+            return path
+    raise VMError("no static busybox found for the initramfs",
+                  hint="apt-get install busybox-static")
+
+
+def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
+    """``modules.dep`` -> {module name: (relative path, [dependency paths])}."""
+    table = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, _, deps = line.partition(":")
+        table[module_name(path)] = (path, deps.split())
+    return table
+
+
+def module_name(path: str) -> str:
+    """``kernel/drivers/virtio/virtio_pci.ko.xz`` -> ``virtio_pci``."""
+    base = path.rsplit("/", 1)[-1]
+    return base.split(".ko", 1)[0].replace("-", "_")
+
+
+def load_order(dep: dict[str, tuple[str, list[str]]], wanted=WANTED_MODULES) -> list[str]:
+    """Modules to insmod, dependencies first, each once; absent ones (built-in) skipped."""
+    order: list[str] = []
+
+    def visit(name: str, stack: tuple[str, ...]):
+        if name in order or name not in dep:
+            return
+        if name in stack:
+            raise VMError(f"dependency loop in modules.dep: {' -> '.join(stack + (name,))}")
+        for dpath in reversed(dep[name][1]):
+            visit(module_name(dpath), stack + (name,))
+        order.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+def read_module(path: Path) -> bytes:
+    """The raw ELF of a module, decompressing .ko.xz / .ko.gz / .ko.zst (busybox insmod
+    cannot)."""
+    name = path.name
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(path.read_bytes())
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(path.read_bytes())
+    if name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+    if name.endswith(".ko"):
+        return path.read_bytes()
+    raise VMError(f"unknown module compression: {path}")
+
+
+class CpioWriter:
+    """A minimal ``newc`` cpio writer: lets us add /dev/console without mknod."""
+
+    def __init__(self, fileobj):
+        self.f = fileobj
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev=(0, 0)):
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1],
+                  len(name) + 1, 0]
+        self.ino += 1
+        header = b"070701" + b"".join(b"%08X" % v for v in fields)
+        self.f.write(header + name.encode() + b"\0")
+        self.f.write(b"\0" * (-(110 + len(name) + 1) % 4))
+        self.f.write(data)
+        self.f.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str, perm=0o755):
+        self._entry(name, stat.S_IFDIR | perm)
+
+    def file(self, name: str, data: bytes, perm=0o644):
+        self._entry(name, stat.S_IFREG | perm, data)
+
+    def symlink(self, name: str, target: str):
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int, perm=0o600):
+        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def close(self):
+        self._entry("TRAILER!!!", 0)
+        # pad to 512 bytes like GNU cpio does
+        pos = self.f.tell()
+        self.f.write(b"\0" * (-pos % 512))
+
+
+def _recipe(kernel, busybox: Path, modules: list[str]) -> dict:
+    return {
+        "version": RECIPE_VERSION,
+        "release": kernel.release,
+        "kernel_packages": kernel.packages,
+        "init": hashlib.sha256(INIT_SCRIPT.read_bytes()).hexdigest(),
+        "busybox": hashlib.sha256(busybox.read_bytes()).hexdigest(),
+        "modules": modules,
+        "modules_label": MODULES_LABEL,
+    }
+
+
+def write_initramfs(out: Path, kernel, busybox: Path, modules: list[str],
+                    dep: dict[str, tuple[str, list[str]]]):
+    mods_root = Path(kernel.modules)
+    with open(out, "wb") as f:
+        cpio = CpioWriter(f)
+        for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
+            cpio.dir(d)
+        cpio.chardev("dev/console", 5, 1)
+        cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+        cpio.symlink("bin/sh", "busybox")
+        cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
+        cpio.file("modules.order", ("\n".join(modules) + "\n").encode())
+        for name in modules:
+            cpio.file(f"modules/{name}.ko", read_module(mods_root / dep[name][0]))
+        cpio.close()
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def write_modules_image(out: Path, kernel):
+    src = Path(kernel.modules)
+    if not (src / "modules.dep").is_file():
+        raise VMError(f"{src} has no modules.dep",
+                      hint="the kernel cache entry is incomplete: delete it and run "
+                           "`invoke fetch-kernel` again")
+    # ext4 overhead (inodes, journal-less metadata) for many small files: 1.3x + 16 MiB
+    size_kib = int(_dir_size(src) * 1.3 / 1024) + 16 * 1024
+    run(["mke2fs", "-q", "-t", "ext4", "-O", "^has_journal", "-L", MODULES_LABEL,
+         "-E", "root_owner=0:0", "-d", src, "-F", out, f"{size_kib}k"], timeout=300)
+
+
+def ensure(kernel, *, progress=print) -> BootFiles:
+    """Initramfs and modules image for *kernel* (a ``vm.kernels.Kernel``), built if stale."""
+    busybox = _busybox()
+    dep_file = Path(kernel.modules) / "modules.dep"
+    if not dep_file.is_file():
+        raise VMError(f"kernel {kernel.release} has no modules.dep in {kernel.modules}",
+                      hint="delete its cache entry and run `invoke fetch-kernel` again")
+    dep = parse_modules_dep(dep_file.read_text())
+    modules = load_order(dep)
+    rec = _recipe(kernel, busybox, modules)
+    key = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+    entry = boot_dir(kernel.release)
+    files = BootFiles(kernel.release, entry / "initramfs.cpio", entry / "modules.img",
+                      tuple(modules))
+
+    def current() -> bool:
+        try:
+            data = json.loads((entry / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return data.get("key") == key and files.initrd.is_file() and files.modules_img.is_file()
+
+    if current():
+        return files
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(entry.parent / f".{kernel.release}.lock"):
+        if current():
+            return files
+        progress(f"building initramfs and modules image for {kernel.release}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kernel.release}-", dir=entry.parent))
+        try:
+            write_initramfs(tmp / files.initrd.name, kernel, busybox, modules, dep)
+            write_modules_image(tmp / files.modules_img.name, kernel)
+            (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec}, indent=2) + "\n")
+            if entry.exists():
+                # running VMs keep their open files; unlinking is safe
+                shutil.rmtree(entry)
+            tmp.rename(entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return files

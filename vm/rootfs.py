@@ -1,0 +1,267 @@
+"""Guest root filesystem: a Debian 12 minbase image shared by every kernel.
+
+The image is built once with ``debootstrap`` (no mounting, no root-only loop
+devices: ``mke2fs -d DIR`` turns the tree into ext4) and cached in
+``rootfs_dir()/<recipe-hash>/``:
+
+* ``rootfs.img``  ext4, label ``nflab-root``; QEMU opens it with ``snapshot=on``
+  so every boot starts from the same clean state and several VMs share it;
+* ``manifest.json`` written last: recipe, package versions, size, mtime and
+  sha256 of the image.
+
+The recipe hash covers the package list, the guest scripts in ``vm/guest/``,
+the image size and the host's libxtables version, so a change to any of them
+builds a new image and nothing else does. The guest's libxtables must equal
+the host's (plugins built on the host are loaded by the guest's iptables);
+the build checks it and ``ensure()`` re-checks it against the host on use.
+
+The lab's SSH key is *not* in the image: the guest init reads it from the
+kernel command line (``nflab.key=``), so the image does not depend on the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from nflab.errors import VMError
+from nflab.paths import rootfs_dir
+from nflab.proc import file_lock, run
+
+SUITE = "bookworm"
+PACKAGES = (
+    "python3", "python3-scapy", "python3-pytest", "iptables", "nftables", "iproute2",
+    "openssh-server", "kmod", "procps", "iputils-ping", "conntrack", "tcpdump",
+    "netcat-openbsd", "ethtool",
+)
+IMAGE_SIZE = "1G"
+LABEL = "nflab-root"
+RECIPE_VERSION = 1
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+# file in vm/guest/  ->  where it goes in the image, mode
+GUEST_FILES = {
+    "init.sh": ("sbin/nflab-init", 0o755),
+    "poweroff.sh": ("usr/local/sbin/poweroff", 0o755),
+    "sshd.conf": ("etc/ssh/sshd_config.d/nflab.conf", 0o644),
+}
+GUEST_LINKS = {"usr/local/sbin/reboot": "poweroff", "usr/local/sbin/halt": "poweroff"}
+XTABLES_PKG = "libxtables12"
+MANIFEST = "manifest.json"
+IMAGE = "rootfs.img"
+
+
+def host_xtables_version() -> str:
+    """Version of the host's libxtables (plugins are built against it)."""
+    res = run(["dpkg-query", "-W", "-f=${Version}", XTABLES_PKG], check=False)
+    if res.returncode != 0 or not res.stdout.strip():
+        raise VMError(f"the host has no {XTABLES_PKG} package",
+                      hint="apt-get install libxtables-dev iptables")
+    return res.stdout.strip()
+
+
+def mirror() -> str | None:
+    """Debian mirror for debootstrap: $NFLAB_MIRROR, else the host's apt source, else
+    debootstrap's default."""
+    env = os.environ.get("NFLAB_MIRROR")
+    if env:
+        return env
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", text, re.M):
+            return m.group(1)
+        # deb822: a stanza with URIs: ... and Suites: bookworm
+        for stanza in re.split(r"\n\s*\n", text):
+            uri = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            suites = re.search(r"^Suites:\s*(.*)$", stanza, re.M)
+            if uri and suites and SUITE in suites.group(1).split():
+                return uri.group(1)
+    return None
+
+
+def recipe() -> dict:
+    """Everything that determines the image; its hash names the cache entry."""
+    return {
+        "version": RECIPE_VERSION,
+        "suite": SUITE,
+        "packages": sorted(PACKAGES),
+        "image_size": IMAGE_SIZE,
+        "label": LABEL,
+        "guest_files": {name: hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest()
+                        for name in sorted(GUEST_FILES)},
+        "guest_links": GUEST_LINKS,
+        "xtables": host_xtables_version(),
+    }
+
+
+def recipe_hash(rec: dict | None = None) -> str:
+    data = json.dumps(rec or recipe(), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _guest_versions(root: Path, pkgs) -> dict:
+    res = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Package} ${Version}\n",
+               *pkgs], check=False)
+    out = {}
+    for line in res.stdout.splitlines():
+        name, _, ver = line.partition(" ")
+        out[name.split(":")[0]] = ver
+    return out
+
+
+def _install_guest_files(root: Path):
+    for name, (dest, mode) in GUEST_FILES.items():
+        target = root / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(GUEST_DIR / name, target)
+        target.chmod(mode)
+    for link, to in GUEST_LINKS.items():
+        (root / link).unlink(missing_ok=True)
+        os.symlink(to, root / link)
+    # trim what a lab guest never needs (keeps mke2fs and the image small)
+    for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/info",
+                "usr/share/locale"):
+        path = root / sub
+        if path.is_dir():
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.name not in ("lock", "partial"):
+                    child.unlink()
+    (root / "etc/hostname").write_text("nflab\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 nflab\n")
+    (root / "etc/fstab").write_text("# nflab: mounts are done by /sbin/nflab-init\n")
+
+
+def build(*, progress=print) -> Path:
+    """Build the image for the current recipe (even if cached) and return its entry dir."""
+    rec = recipe()
+    key = recipe_hash(rec)
+    base = rootfs_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
+    try:
+        root = tmp / "root"
+        cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE, root]
+        src = mirror()
+        if src:
+            cmd.append(src)
+        progress(f"debootstrap {SUITE} minbase + {len(PACKAGES)} packages (about 45 s)")
+        t0 = time.monotonic()
+        res = run(cmd, check=False, timeout=1800)
+        if res.returncode != 0:
+            log = root / "debootstrap/debootstrap.log"
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            raise VMError(f"debootstrap failed with exit {res.returncode}",
+                          hint="check the network to the Debian mirror or set NFLAB_MIRROR",
+                          detail="\n".join(tail) or (res.stderr or "")[-2000:])
+        versions = _guest_versions(root, [XTABLES_PKG, "iptables", "nftables", "openssh-server",
+                                          "python3", "python3-scapy"])
+        if versions.get(XTABLES_PKG) != rec["xtables"]:
+            raise VMError(
+                f"guest {XTABLES_PKG} {versions.get(XTABLES_PKG)} differs from the host's "
+                f"{rec['xtables']}: plugins built on the host would not load in the guest",
+                hint="upgrade the host (`apt-get update && apt-get upgrade iptables "
+                     "libxtables-dev`) so both come from the same Debian point release")
+        _install_guest_files(root)
+        (root / "etc/nflab-rootfs.json").write_text(
+            json.dumps({"recipe": key, "xtables": rec["xtables"]}) + "\n")
+        progress(f"mke2fs -t ext4 -d ... {IMAGE_SIZE}")
+        img = tmp / IMAGE
+        run(["mke2fs", "-q", "-t", "ext4", "-L", LABEL, "-E", "root_owner=0:0", "-d", root,
+             "-F", img, IMAGE_SIZE], timeout=600)
+        shutil.rmtree(root)
+        st = img.stat()
+        manifest = {
+            "recipe_hash": key, "recipe": rec, "packages": versions,
+            "image": IMAGE, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(img), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.monotonic() - t0, 1),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        entry = base / key
+        if entry.exists():
+            shutil.rmtree(entry)
+        tmp.rename(entry)
+        return entry
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_manifest(entry: Path) -> dict | None:
+    try:
+        return json.loads((entry / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def verify(entry: Path, *, full=False) -> dict:
+    """Check an entry against its manifest: size+mtime always, sha256 when *full*."""
+    manifest = load_manifest(entry)
+    img = entry / IMAGE
+    if manifest is None or not img.is_file():
+        raise VMError(f"rootfs cache entry {entry} is incomplete",
+                      hint="run `invoke rootfs --rebuild`")
+    st = img.stat()
+    if st.st_size != manifest["size"] or st.st_mtime_ns != manifest["mtime_ns"]:
+        raise VMError(f"rootfs image {img} changed since it was built (size or mtime)",
+                      hint="run `invoke rootfs --rebuild`")
+    if full and sha256_file(img) != manifest["sha256"]:
+        raise VMError(f"rootfs image {img} does not match its recorded sha256",
+                      hint="run `invoke rootfs --rebuild`")
+    return manifest
+
+
+def ensure(*, rebuild=False, full_verify=False, progress=print) -> Path:
+    """Path of the rootfs image for the current recipe, building it if needed."""
+    key = recipe_hash()
+    base = rootfs_dir()
+    entry = base / key
+    with file_lock(base / f".{key}.lock"):
+        if rebuild or load_manifest(entry) is None:
+            if entry.exists() and not rebuild:
+                progress(f"removing incomplete rootfs entry {entry}")
+            entry = build(progress=progress)
+    verify(entry, full=full_verify)
+    return entry / IMAGE
+
+
+def cached_entries() -> list[dict]:
+    """Manifests of every cached image (for `invoke rootfs`)."""
+    base = rootfs_dir()
+    found = []
+    if base.is_dir():
+        for entry in sorted(base.iterdir()):
+            manifest = load_manifest(entry)
+            if manifest:
+                manifest["path"] = str(entry / IMAGE)
+                found.append(manifest)
+    return found
+
+
+def check_guest_xtables(manifest: dict):
+    """Raise if the host's libxtables moved away from the image's."""
+    host = host_xtables_version()
+    guest = manifest.get("packages", {}).get(XTABLES_PKG)
+    if guest != host:
+        raise VMError(f"guest {XTABLES_PKG} {guest} differs from the host's {host}",
+                      hint="run `invoke rootfs --rebuild`")
+
