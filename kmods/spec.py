@@ -286,6 +286,8 @@ def struct_size(members: list) -> int:
 # ---- validation -----------------------------------------------------------
 
 def _fail(where: str, field_name: str, problem: str, valid: str) -> SpecError:
+    if where.startswith("--"):          # a command-line option already names the field
+        return SpecError(f"{where}: {problem}", hint=f"valid: {valid}")
     return SpecError(f"{where}: {field_name}: {problem}", hint=f"valid: {valid}")
 
 

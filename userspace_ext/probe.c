@@ -7,6 +7,10 @@
 #include <stdio.h>
 #include <xtables.h>
 
+/* exported by libxtables but not declared in its public header */
+extern struct xtables_match *xtables_pending_matches;
+extern struct xtables_target *xtables_pending_targets;
+
 static struct xtables_globals probe_globals = {
 	.option_offset = 0,
 	.program_name = "nflab-xtprobe",

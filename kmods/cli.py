@@ -1,0 +1,96 @@
+"""Tasks of the build pipeline: build-module, new-module, render, catalog."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from invoke import task
+
+from nflab.cli import Progress, friendly, table
+from nflab.errors import NflabError, SpecError
+
+
+@task(help={
+    "name": "extension to build (see `invoke catalog`)",
+    "kernel": "kernel spec: 6.1, 6.12, or an exact ABI like 6.12.117+deb12 (default 6.12)",
+    "all": "build every catalog extension",
+    "quiet": "no progress display",
+})
+@friendly
+def build_module(c, name=None, kernel=None, all=False, quiet=False):
+    """Render and build an extension's .ko and libxt_*.so for a kernel."""
+    from kmods import build, spec
+    from vm import kernels
+
+    if bool(name) == bool(all):
+        raise SpecError("give exactly one of --name=NAME or --all",
+                        hint="valid names: " + ", ".join(spec.catalog_names()))
+    names = spec.catalog_names() if all else [name]
+    if name:
+        spec.load(name)                       # validate before fetching anything
+    with Progress(quiet) as progress:
+        kern = kernels.get(kernel, progress=progress)
+        built, failed = build.build_many(names, kern, progress=lambda n: progress(f"building {n} for {kern.release}"))
+    for art in built:
+        print(f"{art.name}: {art.ko}  (vermagic {art.vermagic.split()[0]}, "
+              f"{'built' if art.rebuilt else 'up to date'} in {art.seconds:.1f}s)")
+        if art.so:
+            print(f"{art.name}: {art.so}")
+    for n, exc in failed:
+        if exc.detail:
+            print(exc.detail, file=sys.stderr)
+        print(f"error: {n}: {exc}", file=sys.stderr)
+    if failed:
+        raise NflabError(f"{len(failed)} of {len(names)} extensions failed to build")
+
+
+@task(help={
+    "kind": "hook, match or target",
+    "name": "C identifier; becomes the folder kmods/catalog/NAME",
+    "hook": "hook point for --kind=hook: PRE_ROUTING, LOCAL_IN, FORWARD, LOCAL_OUT, POST_ROUTING, INGRESS",
+    "priority": "hook priority (int), e.g. -175 sits between conntrack (-200) and mangle (-150)",
+    "family": "ipv4, ipv6 (netdev for INGRESS hooks)",
+})
+@friendly
+def new_module(c, kind, name, hook="PRE_ROUTING", priority="-175", family="ipv4"):
+    """Scaffold a new extension definition that builds at once."""
+    from kmods import scaffold
+
+    for path in scaffold.new_module(kind, name, hook, priority, family):
+        print(f"wrote {path}")
+    print("next:")
+    print(f"  invoke build-module --name={name}")
+    print(f"  invoke install --name={name}")
+    print(f"  invoke test --name={name}")
+
+
+@task(help={"name": "extension to render", "out": "directory to write the sources into"})
+@friendly
+def render(c, name, out=None):
+    """Render an extension's C sources without building (to read them)."""
+    from kmods import build, spec
+
+    ext = spec.load(name)
+    dest = Path(out) if out else Path("build") / "rendered" / name
+    build.render_into(ext, dest)
+    for f in sorted(dest.iterdir()):
+        print(f)
+
+
+@task
+@friendly
+def catalog(c):
+    """List the catalog's extensions: kind, families, hooks, summary."""
+    from kmods import spec
+
+    rows = []
+    for n in spec.catalog_names(include_hidden=True):
+        ext = spec.load(n)
+        where = ", ".join(f"{h.family}/{h.hook}@{h.priority}" for h in ext.hooks) or "-"
+        rows.append([ext.name, ext.kind, ",".join(ext.families), ext.module, where,
+                     ext.summary + (" (catalog only)" if ext.catalog_only else "")])
+    table(["name", "kind", "families", "module", "hook points", "summary"], rows)
+
+
+TASKS = [build_module, new_module, render, catalog]

@@ -1,0 +1,97 @@
+"""Helpers shared by the invoke task modules: clean errors, output, progress."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from invoke import Exit
+
+from .errors import NflabError
+
+
+def quiet_wanted(quiet: bool = False) -> bool:
+    return quiet or bool(os.environ.get("CI")) or not sys.stderr.isatty()
+
+
+def friendly(func):
+    """Turn NflabError into one clear line (plus detail) and the error's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except NflabError as exc:
+            if exc.detail:
+                print(exc.detail, file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)
+            raise Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise Exit(code=130) from None
+
+    return wrapper
+
+
+def table(headers, rows, title=None):
+    """Print a table: rich on a terminal, plain aligned text otherwise."""
+    rows = [[str(c) for c in r] for r in rows]
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            t = Table(title=title)
+            for h in headers:
+                t.add_column(h)
+            for r in rows:
+                t.add_row(*r)
+            Console().print(t)
+            return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    if title:
+        print(title)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+class Progress:
+    """Step messages on stderr; a rich status spinner on a terminal, plain lines in CI."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet_wanted(quiet)
+        self._status = None
+        if not self.quiet:
+            try:
+                from rich.console import Console
+                self._console = Console(stderr=True)
+            except ImportError:
+                self._console = None
+
+    def __call__(self, message: str):
+        if self.quiet:
+            print(f"nflab: {message}", file=sys.stderr, flush=True)
+        elif self._console is not None:
+            if self._status is None:
+                self._status = self._console.status(message)
+                self._status.start()
+            else:
+                self._status.update(message)
+        else:
+            print(f"nflab: {message}", file=sys.stderr, flush=True)
+
+    def done(self):
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.done()
