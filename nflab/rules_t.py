@@ -1,0 +1,167 @@
+"""Run iptables' ``extensions/*.t`` rule-syntax files against a guest.
+
+The format is upstream iptables' own (``iptables-test.py``)::
+
+    :INPUT,FORWARD,OUTPUT         chains the following rules are added to
+    *mangle                       table for the following rules (default filter)
+    RULE;SAVED;RESULT             RESULT is OK or FAIL; SAVED "=" means RULE itself
+
+``libxt_*.t`` and ``libipt_*.t`` run with iptables, ``libip6t_*.t`` with
+ip6tables; every file runs once per backend (legacy and nft). All rules of a
+file run as one shell script inside a throwaway network namespace in the
+guest, so the host's (and the guest's main) rule set is never touched and a
+file costs one SSH round trip.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("legacy", "nft")
+_BEGIN, _END = "@@NFLAB-T", "@@NFLAB-T-END"
+
+
+@dataclass
+class RuleCase:
+    file: str
+    lineno: int
+    table: str
+    chain: str
+    rule: str
+    saved: str | None   # expected iptables-save text after "-A CHAIN", None when FAIL
+    ok: bool
+
+    @property
+    def id(self) -> str:
+        return f"{Path(self.file).name}:{self.lineno}:{self.table}/{self.chain}"
+
+
+@dataclass
+class RuleResult:
+    case: RuleCase
+    backend: str
+    exit_code: int
+    saved_lines: list
+    stderr: str
+
+    @property
+    def passed(self) -> bool:
+        return not self.problem
+
+    @property
+    def problem(self) -> str:
+        c = self.case
+        if not c.ok:
+            if self.exit_code == 0:
+                return f"expected FAIL, but the rule was accepted (saved as {self.saved_lines})"
+            return ""
+        if self.exit_code != 0:
+            return f"expected OK, iptables exited {self.exit_code}: {self.stderr.strip()}"
+        want = f"-A {c.chain} {c.saved}".strip()
+        if want not in self.saved_lines:
+            return f"iptables-save printed {self.saved_lines}, expected {want!r}"
+        return ""
+
+
+class TFormatError(ValueError):
+    pass
+
+
+def family_of(path: Path) -> str:
+    name = Path(path).name
+    if name.startswith("libip6t_"):
+        return "ipv6"
+    if name.startswith(("libxt_", "libipt_")):
+        return "ipv4"
+    raise TFormatError(f"{path}: name must start with libxt_, libipt_ or libip6t_")
+
+
+def parse(text: str, filename: str = "<t>") -> list[RuleCase]:
+    """Parse a .t file into one RuleCase per (rule, chain)."""
+    table, chains, cases = "filter", [], []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            table = line[1:].strip()
+            chains = []
+            continue
+        if line.startswith(":"):
+            chains = [c.strip() for c in line[1:].split(",") if c.strip()]
+            continue
+        parts = line.split(";")
+        if len(parts) != 3:
+            raise TFormatError(f"{filename}:{lineno}: expected RULE;SAVED;RESULT, got {line!r}")
+        rule, saved, result = (p.strip() for p in parts)
+        if result not in ("OK", "FAIL"):
+            raise TFormatError(f"{filename}:{lineno}: RESULT must be OK or FAIL, got {result!r}")
+        if not chains:
+            raise TFormatError(f"{filename}:{lineno}: rule before any :CHAIN line")
+        for chain in chains:
+            cases.append(RuleCase(filename, lineno, table, chain, rule,
+                                  (rule if saved == "=" else saved) if result == "OK" else None,
+                                  result == "OK"))
+    return cases
+
+
+def script(cases: list[RuleCase], family: str, backend: str) -> str:
+    """A POSIX shell script that tries every case and prints delimited results."""
+    tool = {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
+    ns = f"nflab-t-{backend}-{family}"
+    lines = ["#!/bin/sh", f"ns={ns}", "ip netns del $ns 2>/dev/null",
+             "ip netns add $ns || exit 90", "trap 'ip netns del $ns' EXIT",
+             f"ipt() {{ ip netns exec $ns {tool} -w \"$@\"; }}",
+             f"ipts() {{ ip netns exec $ns {tool}-save \"$@\"; }}"]
+    for i, c in enumerate(cases):
+        lines += [
+            f"echo '{_BEGIN} {i}'",
+            f"ipt -t {shlex.quote(c.table)} -A {shlex.quote(c.chain)} {c.rule} 2>/tmp/nflab-t.err",
+            "rc=$?", "echo \"rc $rc\"",
+            "sed 's/^/err /' /tmp/nflab-t.err",
+            f"[ $rc -eq 0 ] && ipts -t {shlex.quote(c.table)} | grep -e '^-A {c.chain} ' | sed 's/^/saved /'",
+            f"ipt -t {shlex.quote(c.table)} -F {shlex.quote(c.chain)} 2>/dev/null",
+            f"echo '{_END}'",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def remote_command(text: str) -> str:
+    """A one-line command that ships *text* to the guest and runs it with sh."""
+    b64 = base64.b64encode(text.encode()).decode()
+    return f"echo {b64} | base64 -d > /tmp/nflab-t.sh && sh /tmp/nflab-t.sh"
+
+
+def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult]:
+    by_index: dict[int, RuleResult] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith(_BEGIN + " "):
+            idx = int(line.split()[1])
+            current = by_index[idx] = RuleResult(cases[idx], backend, -1, [], "")
+        elif line == _END:
+            current = None
+        elif current is not None:
+            if line.startswith("rc "):
+                current.exit_code = int(line[3:])
+            elif line.startswith("saved "):
+                current.saved_lines.append(line[6:].strip())
+            elif line.startswith("err "):
+                current.stderr += line[4:] + "\n"
+    missing = [c.id for i, c in enumerate(cases) if i not in by_index]
+    if missing:
+        raise RuntimeError(f"guest script stopped early; no result for {missing[:3]}...")
+    return [by_index[i] for i in range(len(cases))]
+
+
+def run_file(host, path: Path, backend: str) -> list[RuleResult]:
+    """Run one .t file on a testinfra *host* with *backend* (legacy or nft)."""
+    path = Path(path)
+    cases = parse(path.read_text(), str(path))
+    out = host.run(remote_command(script(cases, family_of(path), backend)))
+    if out.rc == 90:
+        raise RuntimeError(f"cannot create a network namespace in the guest: {out.stderr}")
+    return results(cases, backend, out.stdout)

@@ -1,0 +1,46 @@
+"""`invoke test`: the extension suites on a kernel."""
+
+from __future__ import annotations
+
+from invoke import task
+
+from nflab.cli import Progress, friendly, table
+from nflab.errors import NflabError
+
+
+@task(help={
+    "name": "extension to test (default: the whole catalog)",
+    "kernel": "kernel spec: 6.1, 6.12 or an exact ABI (default 6.12)",
+    "vm": "VM to use (default: `default` if it runs that kernel, else a per-kernel test VM)",
+    "keep": "leave a VM this task booted running afterwards",
+    "junit": "JUnit XML path (default build/reports/<release>/junit-<name>.xml)",
+    "html": "also write an HTML report (needs pytest-html)",
+    "pytest": "extra pytest arguments, e.g. \"-k fragment -x\"",
+    "quiet": "no progress display",
+})
+@friendly
+def test(c, name=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
+         quiet=False):
+    """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
+    import shlex
+
+    from nflab import suites
+
+    with Progress(quiet) as progress:
+        outcome = suites.run([name] if name else None, kernel, vm=vm, keep=keep, junit=junit,
+                             html=html, pytest_args=shlex.split(pytest or ""), progress=progress)
+    c_ = outcome.counts
+    passed = c_["tests"] - c_["failures"] - c_["errors"] - c_["skipped"]
+    table(["kernel", "passed", "failed", "errors", "skipped", "seconds", "junit"],
+          [[outcome.release, passed, c_["failures"], c_["errors"], c_["skipped"],
+            f"{outcome.seconds:.1f}", outcome.junit]])
+    for line in outcome.failures:
+        print(f"FAILED {line}")
+    for n, err in outcome.build_failures:
+        print(f"BUILD FAILED {n}: {err}")
+    if not outcome.ok:
+        raise NflabError(f"suites failed on {outcome.release}",
+                         hint="the pytest output above shows rules, tracer log and console")
+
+
+TASKS = [test]

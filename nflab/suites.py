@@ -1,0 +1,139 @@
+"""`invoke test`: boot (or reuse) a VM, install extensions, run their suites.
+
+For each extension the suites are: ``tests/suites/test_<name>.py`` when it
+exists (scapy + testinfra behaviour tests), the ``.t`` rule-syntax files in
+its catalog folder (``tests/suites/test_rules_t.py``, both iptables
+backends), and for the tracer the placement/priority suites. pytest runs in a
+subprocess per kernel with ``--hosts`` set to the VM's testinfra spec, so the
+same suites run against any real machine with ``pytest --hosts=...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nflab.errors import NflabError
+from nflab.paths import REPO, build_dir
+
+SUITES = REPO / "tests" / "suites"
+# suites that belong to an extension beyond tests/suites/test_<name>.py
+EXTRA_SUITES = {"tracer": ["test_placement.py", "test_tables.py"]}
+
+
+@dataclass
+class SuiteOutcome:
+    release: str
+    vm: str
+    junit: Path
+    exit_code: int
+    seconds: float
+    counts: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+    build_failures: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.build_failures
+
+
+def suite_files(names: list[str]) -> list[Path]:
+    files = []
+    for name in names:
+        own = SUITES / f"test_{name}.py"
+        if own.is_file():
+            files.append(own)
+        for extra in EXTRA_SUITES.get(name, []):
+            if (SUITES / extra).is_file():
+                files.append(SUITES / extra)
+    rules = SUITES / "test_rules_t.py"
+    if rules.is_file() and any(_t_files(n) for n in names):
+        files.append(rules)
+    return list(dict.fromkeys(files))
+
+
+def _t_files(name: str) -> list[Path]:
+    from kmods.spec import CATALOG
+    return sorted((CATALOG / name).glob("lib*.t"))
+
+
+def vm_name_for(release: str) -> str:
+    return "t-" + re.sub(r"[^A-Za-z0-9]+", "-", release.split("-cloud")[0])[:28].strip("-")
+
+
+def parse_junit(path: Path) -> tuple[dict, list]:
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failures = []
+    if not path.is_file():
+        return counts, failures
+    root = ET.parse(path).getroot()
+    for suite in root.iter("testsuite"):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    for case in root.iter("testcase"):
+        for tag in ("failure", "error"):
+            el = case.find(tag)
+            if el is not None:
+                msg = (el.get("message") or "").splitlines()[0:1]
+                failures.append(f"{case.get('classname')}::{case.get('name')}: {msg[0] if msg else tag}")
+    return counts, failures
+
+
+def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
+        keep: bool = False, junit: str | None = None, html: str | None = None,
+        pytest_args: list | None = None, progress=print) -> SuiteOutcome:
+    """Build, boot/reuse, install and run the suites of *names* on one kernel."""
+    from kmods import build, spec
+    from vm import kernels, lab
+    from vm import install as vm_install
+
+    names = names or spec.catalog_names()
+    for n in names:
+        spec.load(n)
+    kernel = kernels.get(kernel_spec, progress=progress)
+    t0 = time.monotonic()
+    built, failed = build.build_many(names, kernel, progress=lambda n: progress(f"building {n}"))
+    if vm is None:
+        default = lab.load("default")
+        if default is not None and lab.is_running(default) and default.release == kernel.release:
+            vm = "default"
+        else:
+            vm = vm_name_for(kernel.release)
+    booted_here = not (lab.load(vm) and lab.is_running(lab.load(vm)))
+    state = lab.up(kernel_spec if kernel_spec else None, vm, progress=progress)
+    try:
+        installed = []
+        for art in built:
+            progress(f"installing {art.name} in VM {vm}")
+            vm_install.install(art.name, vm)
+            installed.append(art.name)
+        files = suite_files(installed)
+        reports = build_dir() / "reports" / kernel.release
+        reports.mkdir(parents=True, exist_ok=True)
+        junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
+        if not files:
+            raise NflabError(f"no suites found for {', '.join(names)}",
+                             hint=f"add tests/suites/test_<name>.py or a lib*.t file")
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin", "-q", "-rfEs",
+               f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
+               f"--hosts={state.testinfra_spec}", f"--nflab-vm={vm}",
+               f"--junitxml={junit_path}", *[f"--nflab-ext={n}" for n in installed],
+               *(["--html", html, "--self-contained-html"] if html else []),
+               *map(str, files), *(pytest_args or [])]
+        progress(f"running {len(files)} suite file(s) on {kernel.release}")
+        started = time.monotonic()
+        res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, NFLAB_VM=vm))
+        counts, failures = parse_junit(junit_path)
+        return SuiteOutcome(kernel.release, vm, junit_path, res.returncode,
+                            time.monotonic() - t0 if started else 0.0, counts, failures,
+                            [(n, str(e)) for n, e in failed])
+    finally:
+        if booted_here and not keep:
+            progress(f"stopping VM {vm}")
+            lab.down(vm)
