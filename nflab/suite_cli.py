@@ -43,4 +43,20 @@ def test(c, name=None, kernel=None, vm=None, keep=False, junit=None, html=None, 
                          hint="the pytest output above shows rules, tracer log and console")
 
 
-TASKS = [test]
+
+@task
+@friendly
+def doctor(c):
+    """Check this machine for everything the lab needs; explain each fix."""
+    from nflab import doctor as doc
+
+    checks = doc.run_all()
+    table(["check", "status", "detail", "fix"], [[k.name, k.status, k.detail, k.fix] for k in checks])
+    failed = [k for k in checks if k.status == doc.FAIL]
+    if failed:
+        raise NflabError(f"{len(failed)} check(s) block the lab: " + ", ".join(k.name for k in failed),
+                         hint="run `bash .ci/setup` to install everything")
+    print("doctor: the lab is ready")
+
+
+TASKS = [test, doctor]
