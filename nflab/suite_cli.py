@@ -59,4 +59,28 @@ def doctor(c):
     print("doctor: the lab is ready")
 
 
-TASKS = [test, doctor]
+
+@task(help={
+    "kernel": "kernel to measure (default 6.12)",
+    "runs": "runs per measurement (median, min, max reported)",
+    "json": "write the results as JSON to this file",
+    "cold": "also measure cold kernel fetch and cold rootfs build (slow, downloads)",
+    "catalog": "also time `invoke test` over the whole catalog",
+})
+@friendly
+def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False):
+    """Benchmark build, boot, command and test cycles (reports, never asserts)."""
+    from nflab import bench as b
+
+    with Progress(False) as progress:
+        data = b.run(kernel, int(runs), cold=cold, matrix=catalog, progress=progress)
+    table(["measurement", "median s", "min s", "max s", "runs", "note"], data["rows"],
+          title=f"nflab bench on {data['info']['kernel']}")
+    for k, v in data["info"].items():
+        print(f"{k}: {v}")
+    if json:
+        b.write_json(data, json)
+        print(f"wrote {json}")
+
+
+TASKS = [test, doctor, bench]
