@@ -10,6 +10,7 @@ from nflab.errors import NflabError
 
 @task(help={
     "name": "extension to test (default: the whole catalog)",
+    "names": "several extensions, comma-separated",
     "kernel": "kernel spec: 6.1, 6.12 or an exact ABI (default 6.12)",
     "vm": "VM to use (default: `default` if it runs that kernel, else a per-kernel test VM)",
     "keep": "leave a VM this task booted running afterwards",
@@ -19,7 +20,7 @@ from nflab.errors import NflabError
     "quiet": "no progress display",
 })
 @friendly
-def test(c, name=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
+def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
          quiet=False):
     """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
     import shlex
@@ -27,7 +28,8 @@ def test(c, name=None, kernel=None, vm=None, keep=False, junit=None, html=None, 
     from nflab import suites
 
     with Progress(quiet) as progress:
-        outcome = suites.run([name] if name else None, kernel, vm=vm, keep=keep, junit=junit,
+        selected = [name] if name else ([n for n in names.split(",") if n] if names else None)
+        outcome = suites.run(selected, kernel, vm=vm, keep=keep, junit=junit,
                              html=html, pytest_args=shlex.split(pytest or ""), progress=progress)
     c_ = outcome.counts
     passed = c_["tests"] - c_["failures"] - c_["errors"] - c_["skipped"]
@@ -83,4 +85,56 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False):
         print(f"wrote {json}")
 
 
-TASKS = [test, doctor, bench]
+
+@task(help={
+    "kernels": "comma list of specs or groups: latest, lts, all-6.1, all-6.12 (default: nflab.toml or 6.1,6.12)",
+    "names": "comma list of extensions (default: the whole catalog)",
+    "j": "kernels in parallel (bounded by cores and memory)",
+})
+@friendly
+def matrix(c, kernels=None, names=None, j=2):
+    """Run the suites on several kernels in parallel: table, JUnit, JSON and Markdown summaries."""
+    from kmods import spec
+    from nflab import matrix as mx
+
+    selected = [n for n in (names or "").split(",") if n] or spec.catalog_names()
+    for n in selected:
+        spec.load(n)
+    with Progress(False) as progress:
+        cells = mx.run(kernels, selected, int(j), progress=progress)
+    rows = [[c_.release, *[c_.build.get(n, "?")[:40] for n in selected], c_.test, f"{c_.seconds:.0f}"]
+            for c_ in cells]
+    table(["kernel", *[f"build {n}" for n in selected], "suites", "s"], rows)
+    print("reports: build/reports/matrix/ (summary.md, summary.json, junit-*.xml, log-*.txt)")
+    bad = [c_ for c_ in cells if not c_.ok]
+    if bad:
+        raise NflabError(f"{len(bad)} of {len(cells)} kernel cell(s) failed: "
+                         + ", ".join(c_.release for c_ in bad))
+
+
+@task(help={
+    "provider": "CI service (github)",
+    "kernels": "kernel list or groups (as for matrix)",
+    "names": "extensions (default: the whole catalog)",
+    "out": "file to write (default: print)",
+})
+@friendly
+def ci_config(c, provider="github", kernels=None, names=None, out=None):
+    """Emit a CI workflow whose job matrix is the kernel list."""
+    from kmods import spec
+    from nflab import matrix as mx
+
+    if provider != "github":
+        raise NflabError(f"--provider: unknown provider {provider!r}", hint="valid: github")
+    selected = [n for n in (names or "").split(",") if n] or spec.catalog_names()
+    text = mx.github_workflow(mx.resolve_kernels(kernels), selected)
+    if out:
+        from pathlib import Path
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    else:
+        print(text, end="")
+
+
+TASKS = [test, doctor, bench, matrix, ci_config]

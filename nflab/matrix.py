@@ -1,0 +1,199 @@
+"""`invoke matrix`: extensions × kernels, one VM per kernel, several kernels at once.
+
+Each kernel is one *cell group*: fetch, build every selected extension, boot
+one VM, install, run the suites. A group runs as its own ``invoke test``
+subprocess (own VM name, own ports, own JUnit file), up to ``-j`` at a time,
+bounded by cores and memory. A failure in one group never stops the others.
+The same ``invoke matrix --kernels=K`` is what one CI job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nflab.errors import SpecError
+from nflab.paths import REPO, build_dir
+
+VM_MEMORY_MIB = 1024
+
+
+@dataclass
+class Cell:
+    kernel: str
+    release: str = ""
+    build: dict = field(default_factory=dict)   # name -> "ok" | first error line
+    test: str = "not run"
+    exit_code: int | None = None
+    seconds: float = 0.0
+    junit: str = ""
+    failures: list = field(default_factory=list)
+    log: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and all(v == "ok" for v in self.build.values())
+
+
+def resolve_kernels(text: str | None) -> list[str]:
+    """Expand groups: ``latest`` (newest 6.1 and 6.12), ``all-6.1``, ``all-6.12``, lists."""
+    from vm import kernels
+
+    text = text or _project_kernels() or "6.1,6.12"
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item in ("latest", "lts"):
+            out += ["6.1", "6.12"] if item == "latest" else ["6.1"]
+        elif item.startswith("all-"):
+            line = item[4:]
+            refs = [r.abi for r in kernels.archive_kernels() if r.line == line and r.flavour == "cloud-amd64"]
+            if not refs:
+                raise SpecError(f"--kernels: no kernels found for {item}", hint="valid groups: latest, lts, all-6.1, all-6.12")
+            out += refs
+        else:
+            kernels.parse_spec(item)
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+def _project_kernels() -> str | None:
+    import tomllib
+    for path in (REPO / "nflab.toml",):
+        if path.is_file():
+            data = tomllib.loads(path.read_text())
+            ks = data.get("matrix", {}).get("kernels")
+            if ks:
+                return ",".join(ks)
+    return None
+
+
+def max_parallel(requested: int) -> int:
+    cpus = os.cpu_count() or 2
+    try:
+        avail = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) // 1024
+    except (OSError, IndexError, ValueError):
+        avail = 4096
+    return max(1, min(requested, cpus, avail // (VM_MEMORY_MIB + 512)))
+
+
+def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
+    cell = Cell(kernel)
+    vm = "m-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel)[:28]
+    junit = out_dir / f"junit-{re.sub(r'[^A-Za-z0-9.]+', '_', kernel)}.xml"
+    cmd = [sys.executable, "-m", "invoke", "test", f"--kernel={kernel}", f"--vm={vm}", f"--junit={junit}",
+           "--quiet"]
+    cmd.append(f"--names={','.join(names)}")
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    cell.seconds = time.monotonic() - t0
+    cell.exit_code = res.returncode
+    cell.log = (res.stdout + res.stderr)[-6000:]
+    (out_dir / f"log-{vm}.txt").write_text(res.stdout + res.stderr)
+    cell.junit = str(junit)
+    m = re.search(r"(6\.\d+\.\d+[-+]\S*?-(?:cloud-)?amd64)", res.stdout + res.stderr)
+    cell.release = m.group(1) if m else kernel
+    for line in (res.stdout + res.stderr).splitlines():
+        if line.startswith("BUILD FAILED "):
+            n, _, err = line[len("BUILD FAILED "):].partition(": ")
+            cell.build[n] = err
+    for n in names:
+        cell.build.setdefault(n, "ok")
+    from nflab.suites import parse_junit
+    counts, failures = parse_junit(junit)
+    cell.failures = failures
+    if counts["tests"]:
+        passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+        cell.test = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
+    else:
+        err = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+        cell.test = err[-1] if err else "no results"
+    return cell
+
+
+def run(kernels_text: str | None, names: list[str], jobs: int = 2, progress=print) -> list[Cell]:
+    kernels = resolve_kernels(kernels_text)
+    out_dir = build_dir() / "reports" / "matrix"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = max_parallel(jobs)
+    progress(f"matrix: {len(kernels)} kernel(s) × {len(names)} extension(s), {jobs} at a time")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        cells = list(pool.map(lambda k: _run_cell(k, names, out_dir), kernels))
+    write_reports(cells, names, out_dir)
+    return cells
+
+
+def markdown(cells: list[Cell], names: list[str]) -> str:
+    lines = ["| kernel | " + " | ".join(names) + " | suites | time |",
+             "|---|" + "---|" * len(names) + "---|---|"]
+    for c in cells:
+        builds = ["✅ build" if c.build.get(n) == "ok" else f"❌ build: {c.build.get(n, '?')[:60]}" for n in names]
+        verdict = ("✅ " if c.exit_code == 0 else "❌ ") + c.test
+        lines.append(f"| {c.release} | " + " | ".join(builds) + f" | {verdict} | {c.seconds:.0f}s |")
+    for c in cells:
+        for f in c.failures[:5]:
+            lines.append(f"\n- `{c.release}`: {f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(cells: list[Cell], names: list[str], out_dir: Path):
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"extensions": names, "cells": [dict(asdict(c), ok=c.ok) for c in cells]}, indent=2) + "\n")
+    md = markdown(cells, names)
+    (out_dir / "summary.md").write_text(md)
+    step = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step:
+        with open(step, "a") as fh:
+            fh.write(md)
+
+
+GITHUB_WORKFLOW = """\
+# Generated by `invoke ci-config`; one job per kernel, each runs the unit any CI can fan out:
+#   invoke matrix --kernels=<kernel>
+name: nflab matrix
+on:
+  push:
+  pull_request:
+  workflow_dispatch:
+jobs:
+  matrix:
+    name: kernel ${{{{ matrix.kernel }}}}
+    runs-on: ubuntu-latest
+    container:
+      image: debian:bookworm
+      options: --privileged
+    strategy:
+      fail-fast: false
+      matrix:
+        kernel: [{kernels}]
+    env:
+      NFLAB_CACHE: /github/home/.cache/nflab
+    steps:
+      - uses: actions/checkout@v4
+      - name: Cache kernels and rootfs
+        uses: actions/cache@v4
+        with:
+          path: /github/home/.cache/nflab
+          key: nflab-${{{{ matrix.kernel }}}}-${{{{ hashFiles('vm/rootfs.py', 'vm/guest/**') }}}}
+      - name: Set up
+        run: apt-get update && apt-get install -y git python3 && bash .ci/setup
+      - name: Matrix cell
+        run: python3 -m invoke matrix --kernels=${{{{ matrix.kernel }}}} --names={names}
+      - name: Upload reports
+        if: always()
+        uses: actions/upload-artifact@v4
+        with:
+          name: nflab-${{{{ matrix.kernel }}}}
+          path: build/reports/
+"""
+
+
+def github_workflow(kernels: list[str], names: list[str]) -> str:
+    return GITHUB_WORKFLOW.format(kernels=", ".join(json.dumps(k) for k in kernels),
+                                  names=",".join(names))
