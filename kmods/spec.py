@@ -246,6 +246,11 @@ class Extension:
     def has_private(self) -> bool:
         return bool(self.private)
 
+    @property
+    def has_flags(self) -> bool:
+        """False for classic layouts without a flags member (e.g. comment)."""
+        return self.flags_type != "none"
+
 
 def _align(offset: int, align: int) -> int:
     return (offset + align - 1) // align * align
@@ -262,7 +267,7 @@ def struct_members(ext: Extension) -> list:
                 members.append(Member("char", f"{opt.field}{suffix}", opt.length, opt.length, 1))
             else:
                 members.append(Member(ot.ctype, f"{opt.field}{suffix}", 0, ot.size, ot.align))
-    if ext.options:
+    if ext.options and ext.has_flags:
         fsize = {"__u8": 1, "__u16": 2, "__u32": 4}[ext.flags_type]
         members.append(Member(ext.flags_type, "flags", 0, fsize, fsize))
     for priv in ext.private:
@@ -434,8 +439,8 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         raise _fail(where, "info_name", f"{info_name!r}", "a C identifier")
     ext.info_name = info_name
     ext.flags_type = raw.get("flags_type", "__u8")
-    if ext.flags_type not in ("__u8", "__u16", "__u32"):
-        raise _fail(where, "flags_type", f"{ext.flags_type!r}", "__u8, __u16, __u32")
+    if ext.flags_type not in ("__u8", "__u16", "__u32", "none"):
+        raise _fail(where, "flags_type", f"{ext.flags_type!r}", "__u8, __u16, __u32, none")
     opts_raw = raw.get("options", [])
     if kind == "hook" and opts_raw:
         raise _fail(where, "options", "hooks take no iptables options", "use [[params]] for module parameters")
@@ -447,7 +452,13 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         if opt.name in seen or opt.field in seen:
             raise _fail(where, "options", f"duplicate option or field {opt.name!r}", "unique names")
         seen.update({opt.name, opt.field})
-    bits = {"__u8": 8, "__u16": 16, "__u32": 32}[ext.flags_type]
+    if not ext.has_flags:
+        for opt in ext.options:
+            if opt.invert or opt.type in ("flag", "iprange", "host"):
+                raise _fail(where, "flags_type", f"\"none\" cannot record --{opt.name} ({opt.type}"
+                            f"{', invertible' if opt.invert else ''})",
+                            "a flags type, or only non-invertible value options")
+    bits = {"__u8": 8, "__u16": 16, "__u32": 32, "none": 64}[ext.flags_type]
     ext.invert_shift = raw.get("invert_shift", bits // 2)
     if isinstance(ext.invert_shift, bool) or not isinstance(ext.invert_shift, int):
         raise _fail(where, "invert_shift", f"{ext.invert_shift!r}", "an integer")

@@ -46,6 +46,10 @@ static inline void nflab_parse_range(const char *opt, const char *arg, uint8_t f
 		*dash++ = '\0';
 	nflab_parse_addr(opt, buf, family, lo);
 	nflab_parse_addr(opt, dash != NULL ? dash : buf, family, hi);
+	/* both are in network byte order, so memcmp orders them numerically */
+	if (memcmp(lo, hi, family == NFPROTO_IPV6 ? 16 : 4) > 0)
+		xtables_error(PARAMETER_PROBLEM, "--%s: range start %s is above its end",
+			      opt, buf);
 }
 
 static inline void nflab_print_addr(const union nf_inet_addr *addr, uint8_t family)
