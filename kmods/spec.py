@@ -238,7 +238,7 @@ class Extension:
         offset = 0
         for m in self.members:
             if m.private:
-                return offset
+                return _align(offset, m.align)   # == offsetof(struct, first private)
             offset = _align(offset, m.align) + m.size
         return struct_size(self.members)
 
@@ -302,7 +302,7 @@ def check_name(name, where="extension") -> str:
     if "/" in name or ".." in name or name.startswith("."):
         raise _fail(where, "name", f"{name!r} looks like a path",
                     "a C identifier such as iprange (letters, digits, _)")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise _fail(where, "name", f"{name!r} is not a C identifier",
                     "letters, digits and _ , starting with a letter")
     if len(name) > NAME_MAX:
@@ -360,7 +360,7 @@ def _option(raw, index, where) -> Option:
     if extra:
         raise _fail(where, "options", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(known)))
     name = raw.get("name")
-    if not isinstance(name, str) or not OPTION_RE.match(name) or len(name) > 30:
+    if not isinstance(name, str) or not OPTION_RE.fullmatch(name) or len(name) > 30:
         raise _fail(where, "option name", f"{name!r} is not a valid option name",
                     "lower-case words joined by -, e.g. src-range (at most 30 characters)")
     owhere = f"{where} option --{name}"
@@ -368,7 +368,7 @@ def _option(raw, index, where) -> Option:
     if otype not in OPTION_TYPES:
         raise _fail(owhere, "type", f"unknown option type {otype!r}", ", ".join(OPTION_TYPES))
     fld = raw.get("field", name.replace("-", "_"))
-    if not isinstance(fld, str) or not IDENT_RE.match(fld) or fld == "flags":
+    if not isinstance(fld, str) or not IDENT_RE.fullmatch(fld) or fld == "flags":
         raise _fail(owhere, "field", f"{fld!r} is not a usable C member name",
                     "a lower-case C identifier other than 'flags'")
     opt = Option(name=name, type=otype, field=fld, index=index,
@@ -387,7 +387,7 @@ def _option(raw, index, where) -> Option:
     if otype == "choice":
         choices = raw.get("choices")
         if (not isinstance(choices, list) or not choices or len(choices) > 255
-                or not all(isinstance(c, str) and OPTION_RE.match(c) for c in choices)
+                or not all(isinstance(c, str) and OPTION_RE.fullmatch(c) for c in choices)
                 or len(set(choices)) != len(choices)):
             raise _fail(owhere, "choices", f"{choices!r}", "a list of distinct lower-case words")
         opt.choices = tuple(choices)
@@ -435,7 +435,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     ext.author = check_text(raw.get("author", "nflab"), where, "author", 100)
     ext.test = raw.get("test", {}) if isinstance(raw.get("test", {}), dict) else {}
     info_name = raw.get("info_name", "")
-    if info_name and (not isinstance(info_name, str) or not IDENT_RE.match(info_name)):
+    if info_name and (not isinstance(info_name, str) or not IDENT_RE.fullmatch(info_name)):
         raise _fail(where, "info_name", f"{info_name!r}", "a C identifier")
     ext.info_name = info_name
     ext.flags_type = raw.get("flags_type", "__u8")
@@ -470,7 +470,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         raise _fail(where, "private", "not a list", "[[private]] name=... type=...")
     for p in privs:
         if (not isinstance(p, dict) or p.get("type") not in PRIVATE_TYPES
-                or not isinstance(p.get("name"), str) or not IDENT_RE.match(p["name"])
+                or not isinstance(p.get("name"), str) or not IDENT_RE.fullmatch(p["name"])
                 or p["name"] in seen or p["name"] == "flags"):
             raise _fail(where, "private", f"{p!r}", "name = a new C identifier, type = " + ", ".join(PRIVATE_TYPES))
         seen.add(p["name"])
@@ -492,7 +492,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     if not isinstance(params, list):
         raise _fail(where, "params", "not a list", "[[params]] name=... type=... default=...")
     for p in params:
-        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not IDENT_RE.match(p["name"])
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not IDENT_RE.fullmatch(p["name"])
                 or p.get("type") not in ("int", "uint", "bool", "charp")):
             raise _fail(where, "params", f"{p!r}", "name = C identifier, type = int, uint, bool or charp")
         check_text(p.get("help", ""), where, "params.help", 200)

@@ -155,7 +155,8 @@ def cached_kernels() -> list[Kernel]:
 
 def _nearest(abi: str, refs: list[KernelRef]) -> str:
     names = sorted({r.abi for r in refs}, key=abi_sort_key, reverse=True)
-    same_line = [n for n in names if n.startswith(abi.rsplit(".", 1)[0])] or names
+    line = KernelRef(abi).line
+    same_line = [n for n in names if KernelRef(n).line == line] or names
     return ", ".join(same_line[:5]) or "none (is apt's package list up to date? run `apt-get update`)"
 
 

@@ -188,16 +188,12 @@ def test_check_name_cli_form(name):
     assert info.value.hint.startswith("valid: ")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG spec.py NAME_RE/OPTION_RE/IDENT_RE use `$`, which "
-                   "matches before a trailing newline: 'iprange\\n' passes check_name")
 @pytest.mark.parametrize("name", ["iprange\n", "foo\n"])
 def test_check_name_refuses_trailing_newline(name):
     with pytest.raises(SpecError):
         spec.check_name(name, "--name")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG spec.py OPTION_RE/IDENT_RE use `$`: an option name or "
-                   "field with a trailing newline is accepted and pasted into C identifiers")
 @pytest.mark.parametrize("key,value", [("name", "min-len\n"), ("field", "min_len\n")])
 def test_option_identifiers_refuse_trailing_newline(key, value):
     with pytest.raises(SpecError):
