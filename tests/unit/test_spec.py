@@ -286,9 +286,6 @@ def test_private_members_follow_userspace_ones():
     assert ext.info_size == 16
 
 
-@pytest.mark.xfail(strict=True, reason="BUG spec.py Extension.userspace_size returns the offset "
-                   "before aligning to the first private member (3, C offsetof is 8), so the "
-                   "rendered _Static_assert(offsetof(...) == userspace_size) fails to compile")
 def test_userspace_size_is_offsetof_first_private_member():
     ext = spec.validate(_match(private=[{"name": "state", "type": "kptr"}]))
     assert ext.userspace_size == 8    # __u16 min_len, __u8 flags, pad to 8 for void *
