@@ -71,3 +71,24 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append(("VM console (tail)", "\n".join(text.splitlines()[-40:])))
         except Exception as exc:
             report.sections.append(("VM console (tail)", f"unavailable: {exc}"))
+
+
+@pytest.fixture(scope="session")
+def wire(nflab_vm):
+    """Host-side scapy L2 on the kit VM's client/server wires (skips on non-kit hosts)."""
+    if not nflab_vm:
+        pytest.skip("no kit VM (--nflab-vm/$NFLAB_VM): the packet wires exist only in kit VMs")
+    from vm.wire import Wire
+    w = Wire.for_vm(nflab_vm)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+@pytest.fixture(scope="session")
+def routed(host):
+    """The guest configured as a router between the client and server wires."""
+    from vm import topology
+    topology.setup(host)
+    return topology
