@@ -1,0 +1,35 @@
+"""The main job, end to end: `invoke test` on real kernels.
+
+Each run builds the extension for the kernel, boots (or reuses) a VM,
+installs module and plugin, and runs the scapy/testinfra suites in a pytest
+subprocess; this test asserts on that run's exit status and JUnit counts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nflab.paths import REPO
+from nflab.suites import parse_junit
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+@pytest.mark.parametrize("name", ["iprange", "tracer"])
+def test_invoke_test_passes(tmp_path, kernel, name):
+    junit = tmp_path / "junit.xml"
+    res = subprocess.run([sys.executable, "-m", "invoke", "test", f"--name={name}",
+                          f"--kernel={kernel}", f"--junit={junit}", "--quiet"],
+                         cwd=REPO, capture_output=True, text=True, timeout=1200,
+                         env=dict(os.environ, CI="1"))
+    counts, failures = parse_junit(junit)
+    assert res.returncode == 0, (res.stdout[-6000:] + res.stderr[-4000:])
+    assert counts["tests"] > 0 and not failures
+    assert counts["failures"] == 0 and counts["errors"] == 0
+    ran = counts["tests"] - counts["skipped"]
+    assert ran > 0, f"every suite test was skipped: {res.stdout[-2000:]}"
