@@ -1,0 +1,202 @@
+"""Fixtures of the testinfra suites: target host, wire, topology, tracer.
+
+Target: ``--hosts`` if given; otherwise the running kit VM named by
+``--nflab-vm`` / ``$NFLAB_VM`` (``default`` if unset), whose testinfra spec is
+used as ``--hosts``. With neither, every suite test is skipped with the reason
+(they never run against the local machine: nothing here loads modules or
+changes rules on the host). ``wire`` exists only for kit VMs; against another
+machine the tests that need it skip.
+
+``tracer``: the kit's ``nflab_tracer`` in the guest (built for the VM's kernel
+and inserted with ``ingress_dev=eth1`` when missing or stale), with
+``read()``/``clear()``/``wait()`` (see ``tracing.Tracer``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import time
+
+import pytest
+
+from tests.suites import tracing
+
+SUITES_DIR = os.path.dirname(os.path.abspath(__file__))
+_SPEC_VM = re.compile(r"^ssh://nflab-([A-Za-z0-9][A-Za-z0-9_-]*)\?")
+
+
+def pytest_addoption(parser, pluginmanager):
+    # the lead's plugin: --nflab-vm/--nflab-ext, wire, routed, failure context.
+    # `invoke test` passes -p nflab.pytest_plugin; a plain pytest run gets it here.
+    if not pluginmanager.has_plugin("nflab.pytest_plugin"):
+        import nflab.pytest_plugin as plugin
+        pluginmanager.register(plugin, "nflab.pytest_plugin")
+
+
+def _kit_state(vm):
+    try:
+        from vm import lab
+        st = lab.load(vm)
+        if st is not None and lab.is_running(st) and st.status == "ready":
+            return st
+    except Exception:
+        return None
+    return None
+
+
+def pytest_configure(config):
+    config._nflab_skip = None
+    hosts = config.getoption("hosts", None)
+    vm = config.getoption("nflab_vm", None)
+    if hosts:
+        if not vm:                       # --hosts naming a kit VM: find its wire too
+            m = _SPEC_VM.match(hosts.split(",")[0])
+            if m and _kit_state(m.group(1)):
+                config.option.nflab_vm = m.group(1)
+        return
+    vm = vm or "default"
+    st = _kit_state(vm)
+    if st is None:
+        config._nflab_skip = (f"no target: pass --hosts=SPEC, or boot a kit VM "
+                              f"(`invoke vm-up --vm={vm}`, NFLAB_VM={vm})")
+        return
+    config.option.hosts = st.testinfra_spec
+    config.option.nflab_vm = vm
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = getattr(config, "_nflab_skip", None)
+    if not reason:
+        return
+    for item in items:
+        if str(item.fspath).startswith(SUITES_DIR):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ---------------------------------------------------------------- helpers
+
+_tags = itertools.count((int(time.time() * 1000) & 0x3fff) << 16)
+
+
+@pytest.fixture
+def tag():
+    """A fresh tag per call: ``tag()`` -> int (tracer and wire filter on it)."""
+    return lambda: next(_tags)
+
+
+@pytest.fixture(scope="session")
+def kit_vm(request):
+    return request.config.getoption("nflab_vm", None)
+
+
+@pytest.fixture(scope="session")
+def guest(request):
+    """A session-wide testinfra host for the target (fixtures that outlive a module)."""
+    import testinfra
+    hosts = request.config.getoption("hosts", None)
+    if not hosts:
+        pytest.skip(getattr(request.config, "_nflab_skip", None) or "no --hosts")
+    return testinfra.get_host(hosts.split(",")[0])
+
+
+@pytest.fixture(scope="session")
+def routed(guest):
+    """The guest configured as a router between the client and server wires
+    (overrides the plugin's, which asked for the module-scoped ``host``)."""
+    from vm import topology
+    topology.setup(guest)
+    return topology
+
+
+@pytest.fixture(scope="session")
+def topo(routed, wire):
+    """Routed guest plus the host side of both wires."""
+    return routed
+
+
+@pytest.fixture(scope="session")
+def conntrack_on(guest):
+    """Conntrack (and with it defrag at -400) active in the guest's netns for
+    IPv4 and IPv6: an nftables ``ct`` expression in an inet chain at priority
+    300, after every tracer point, that never changes a verdict."""
+    table = "nflab_ct"
+    script = (f"nft delete table inet {table} 2>/dev/null; "
+              f"nft add table inet {table} && "
+              f"nft add chain inet {table} pre '{{ type filter hook prerouting priority 300; }}' && "
+              f"nft add rule inet {table} pre ct state invalid counter")
+    res = guest.run(script)
+    assert res.rc == 0, f"cannot enable conntrack: {res.stderr}"
+    yield
+    guest.run(f"nft delete table inet {table}")
+
+
+def _install_tracer(guest, vm, *, module="nflab_tracer", ext=None, ingress_dev="eth1"):
+    """Build *ext* (default: the catalog's tracer) for the VM's kernel and insert it."""
+    from kmods import build, spec
+    from vm import kernels, lab
+
+    st = lab.require(vm)
+    ext = ext or spec.load("tracer")
+    art = build.build_extension(ext, kernels.get(st.release), with_plugin=False)
+    loaded = guest.run(f"cat /sys/module/{module}/srcversion /sys/module/{module}/parameters/ingress_dev")
+    if loaded.rc == 0 and loaded.stdout.split() == [art.srcversion, ingress_dev]:
+        return art
+    dest = f"/root/{module}.ko"
+    lab.copy_to(vm, art.ko, dest, mode=0o644)
+    res = guest.run(f"rmmod {module} 2>/dev/null; insmod {dest} ingress_dev={shlex.quote(ingress_dev)}")
+    assert res.rc == 0, f"insmod {module}: {res.stderr}"
+    return art
+
+
+@pytest.fixture(scope="session")
+def tracer(guest, kit_vm, topo, conntrack_on):
+    """The tracer in the guest, cleared; skips where it is missing and cannot be loaded."""
+    if kit_vm:
+        _install_tracer(guest, kit_vm)
+    elif not guest.file(f"/proc/net/{tracing.MODULE}").exists:
+        pytest.skip(f"{tracing.MODULE} is not loaded on the target and it is not a kit VM")
+    t = tracing.Tracer(tracing.host_runner(guest))
+    t.clear()
+    return t
+
+
+@pytest.fixture
+def trace(tracer):
+    """The tracer, cleared before the test."""
+    tracer.clear()
+    return tracer
+
+
+class Rules:
+    """iptables rules a test adds; removed again at teardown (nobody else's are touched)."""
+
+    def __init__(self, host):
+        self.host = host
+        self.added = []
+
+    def add(self, family, table, chain, spec, backend="legacy"):
+        tool = {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
+        cmd = f"{tool} -w -t {table} -A {chain} {spec}"
+        res = self.host.run(cmd)
+        assert res.rc == 0, f"`{cmd}`: {res.stderr.strip()}"
+        self.added.append((tool, table, chain, spec))
+
+    def remove_all(self):
+        for tool, table, chain, spec in reversed(self.added):
+            self.host.run(f"{tool} -w -t {table} -D {chain} {spec}")
+        self.added = []
+
+
+@pytest.fixture
+def rules(guest):
+    r = Rules(guest)
+    yield r
+    r.remove_all()
+
+
+@pytest.fixture(scope="session")
+def kernel_release(guest):
+    return guest.run("uname -r").stdout.strip()

@@ -1,0 +1,362 @@
+"""Reading the packet-path tracer and checking placement claims against it.
+
+The suites, the negative variant test and the unit tests all use these
+functions, so "the check that catches a misplaced hook" is one piece of code.
+
+``/proc/net/<module>`` (see ``kmods/catalog/tracer/nflab_tracer.c.j2``)::
+
+    point <family> <hook> <priority> <registered> <packets>      # the definition's claims
+    ring size=1024 used=3 dropped=0 seq=17
+    entry seq=14 point=1 family=ipv4 hook=PRE_ROUTING priority=-450 in=eth1 out=- mark=0x0
+          ct=none l3=ipv4 src=192.0.2.2 dst=198.51.100.2 proto=17 frag=0 len=92 tag=00010203
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+
+MODULE = "nflab_tracer"
+HOOK_ORDER = ("INGRESS", "PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING")
+NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6", "netdev": "netdev"}
+NFT_HOOK = {"PRE_ROUTING": "prerouting", "LOCAL_IN": "input", "FORWARD": "forward",
+            "LOCAL_OUT": "output", "POST_ROUTING": "postrouting", "INGRESS": "ingress"}
+
+# stock priorities (NF_IP_PRI_* == NF_IP6_PRI_*), for messages
+STOCK = {-400: "defrag", -300: "raw", -200: "conntrack", -150: "mangle", -100: "nat dst",
+         0: "filter", 50: "security", 100: "nat src"}
+
+FORWARD = ("PRE_ROUTING", "FORWARD", "POST_ROUTING")
+LOCAL_IN = ("PRE_ROUTING", "LOCAL_IN")
+LOCAL_OUT = ("LOCAL_OUT", "POST_ROUTING")
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    family: str
+    hook: str
+    priority: int
+    registered: bool
+    packets: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.family, self.hook, self.priority)
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    point: int
+    family: str
+    hook: str
+    priority: int
+    indev: str
+    outdev: str
+    mark: int
+    ct: str
+    l3: str
+    src: str
+    dst: str
+    proto: int
+    frag: bool
+    len: int
+    tag: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.family, self.hook, self.priority)
+
+    def __str__(self) -> str:
+        return (f"#{self.seq} {self.family}/{self.hook}/{self.priority} in={self.indev} "
+                f"out={self.outdev} mark={self.mark:#x} ct={self.ct} {self.src}->{self.dst} "
+                f"proto={self.proto}{' frag' if self.frag else ''} len={self.len} tag={self.tag:08x}")
+
+
+@dataclass
+class Log:
+    points: list = field(default_factory=list)
+    entries: list = field(default_factory=list)
+    size: int = 0
+    used: int = 0
+    dropped: int = 0
+    next_seq: int = 0
+
+    def tagged(self, tag: int) -> list:
+        return [e for e in self.entries if e.tag == tag]
+
+    def text(self, tag: int | None = None) -> str:
+        entries = self.entries if tag is None else self.tagged(tag)
+        return "\n".join(str(e) for e in entries) or "(no entries)"
+
+
+_KV = re.compile(r"(\w+)=(\S*)")
+
+
+def parse(text: str) -> Log:
+    """Parse the proc file; unknown lines are ignored, malformed entries raise ValueError."""
+    log = Log()
+    index = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if parts[0] == "point" and len(parts) == 6:
+            log.points.append(Point(index, parts[1], parts[2], int(parts[3]),
+                                    parts[4] == "1", int(parts[5])))
+            index += 1
+        elif parts[0] == "ring":
+            kv = dict(_KV.findall(line))
+            log.size, log.used = int(kv["size"]), int(kv["used"])
+            log.dropped, log.next_seq = int(kv["dropped"]), int(kv["seq"])
+        elif parts[0] == "entry":
+            kv = dict(_KV.findall(line))
+            try:
+                log.entries.append(Entry(
+                    seq=int(kv["seq"]), point=int(kv["point"]), family=kv["family"],
+                    hook=kv["hook"], priority=int(kv["priority"]), indev=kv["in"],
+                    outdev=kv["out"], mark=int(kv["mark"], 16), ct=kv["ct"], l3=kv["l3"],
+                    src=kv["src"], dst=kv["dst"], proto=int(kv["proto"]),
+                    frag=kv["frag"] == "1", len=int(kv["len"]), tag=int(kv["tag"], 16)))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"malformed tracer entry {line!r}: {exc}") from exc
+    return log
+
+
+# ---------------------------------------------------------------- placement checks
+
+def expected_path(points, family: str, hooks, *, ingress: bool = False, skip=None) -> list:
+    """The (family, hook, priority) visits a packet of *family* must make along
+    *hooks*: netdev INGRESS points first if *ingress*, then every point of each
+    hook in the order of the priorities the definition claims."""
+    want = []
+    if ingress:
+        want += sorted((p.key for p in points if p.family == "netdev" and p.hook == "INGRESS"),
+                       key=lambda k: k[2])
+    for hook in hooks:
+        want += sorted((p.key for p in points if p.family == family and p.hook == hook),
+                       key=lambda k: k[2])
+    if skip:
+        want = [k for k in want if not skip(k)]
+    return want
+
+
+def _fmt(keys) -> str:
+    return " ".join(f"{h}/{p}" for _, h, p in keys) or "(none)"
+
+
+def path_problems(entries, points, family: str, hooks, *, ingress: bool = False,
+                  skip=None) -> list[str]:
+    """Why the visits in *entries* (one packet, log order) differ from the claimed
+    path; empty when the packet visited exactly the expected points in claimed
+    priority order. This is the placement check every suite uses."""
+    observed = [e.key for e in entries]
+    expected = expected_path(points, family, hooks, ingress=ingress, skip=skip)
+    if observed == expected:
+        return []
+    problems = []
+    missing = [k for k in expected if k not in observed]
+    extra = [k for k in observed if k not in expected]
+    if missing:
+        problems.append(f"never visited: {_fmt(missing)}")
+    if extra:
+        problems.append(f"unexpected visits: {_fmt(extra)}")
+    # same visits, different order: a point ran at another priority than it claims
+    for i, (a, b) in enumerate(zip(observed, observed[1:])):
+        if a[1] == b[1] and a[0] == b[0] and a[2] > b[2]:
+            problems.append(f"{a[0]} {a[1]}: the point claiming priority {a[2]} ran before the "
+                            f"one claiming {b[2]} (visit {i + 1}); it is registered elsewhere "
+                            "than its definition claims")
+    problems.append(f"expected: {_fmt(expected)}")
+    problems.append(f"observed: {_fmt(observed)}")
+    return problems
+
+
+def at(entries, hook: str, priority: int, family: str | None = None) -> list:
+    return [e for e in entries if e.hook == hook and e.priority == priority
+            and (family is None or e.family == family)]
+
+
+def nft_hook_lines(text: str) -> list[tuple]:
+    """``nft list hooks`` as (family, hook, priority, function, module) tuples."""
+    rows = []
+    family = hook = None
+    for line in text.splitlines():
+        s = line.strip()
+        m = re.match(r"family (\S+) \{", s)
+        if m:
+            family = m.group(1)
+            continue
+        m = re.match(r"hook (\S+)(?: device \S+)? \{", s)
+        if m:
+            hook = m.group(1)
+            continue
+        m = re.match(r"([+-]?\d+) (\S+)(?: \[(\S+)\])?", s)
+        if m and family and hook:
+            rows.append((family, hook, int(m.group(1)), m.group(2), m.group(3) or ""))
+    return rows
+
+
+def nft_problems(text: str, points, module: str = MODULE) -> list[str]:
+    """Compare where the kernel says *module*'s hooks run (``nft list hooks``) with
+    the points the definition claims."""
+    seen = {}
+    for family, hook, prio, _fn, mod in nft_hook_lines(text):
+        if mod == module:
+            seen[(family, hook, prio)] = seen.get((family, hook, prio), 0) + 1
+    problems = []
+    for p in points:
+        key = (NFT_FAMILY[p.family], NFT_HOOK[p.hook], p.priority)
+        if not seen.get(key):
+            others = sorted(k[2] for k in seen if k[:2] == key[:2])
+            problems.append(f"{p.family} {p.hook}: claims priority {p.priority}, the kernel has "
+                            f"{module} at {others or 'none'} there")
+        else:
+            seen[key] -= 1
+    leftover = sorted(k for k, n in seen.items() if n > 0)
+    if leftover:
+        problems.append(f"{module} hooks no definition claims: {leftover}")
+    return problems
+
+
+# ---------------------------------------------------------------- the tracer in a guest
+
+class Tracer:
+    """The tracer's proc file through a ``run(cmd) -> (rc, stdout, stderr)``."""
+
+    def __init__(self, run, module: str = MODULE):
+        self.run = run
+        self.module = module
+        self.proc = f"/proc/net/{module}"
+
+    def read(self) -> Log:
+        rc, out, err = self.run(f"cat {self.proc}")
+        if rc != 0:
+            raise RuntimeError(f"cannot read {self.proc}: {err.strip()}")
+        return parse(out)
+
+    def clear(self) -> None:
+        rc, out, err = self.run(f"echo clear > {self.proc}")
+        if rc != 0:
+            raise RuntimeError(f"cannot clear {self.proc}: {err.strip()}")
+
+    def wait(self, tag: int, count: int, *, timeout: float = 5.0, settle: float = 0.0) -> Log:
+        """Read until at least *count* entries carry *tag* (or *timeout*); with
+        *settle*, keep reading until the count has not grown for that long."""
+        deadline = time.monotonic() + timeout
+        last, stable_since = -1, time.monotonic()
+        while True:
+            log = self.read()
+            n = len(log.tagged(tag))
+            if n != last:
+                last, stable_since = n, time.monotonic()
+            if n >= count and time.monotonic() - stable_since >= settle:
+                return log
+            if time.monotonic() > deadline:
+                return log
+            time.sleep(0.05)
+
+
+def host_runner(host):
+    """A run(cmd) for a testinfra host."""
+    def run(cmd):
+        res = host.run(cmd)
+        return res.rc, res.stdout, res.stderr
+    return run
+
+
+def q(s: str) -> str:
+    return shlex.quote(s)
+
+
+# ---------------------------------------------------------------- test packets
+
+def addrs(family: str) -> dict:
+    """client/server peer and guest addresses of *family* (vm/topology.py)."""
+    from vm import topology as t
+    v6 = family == "ipv6"
+    return {"client": t.CLIENT.peer6 if v6 else t.CLIENT.peer4,
+            "server": t.SERVER.peer6 if v6 else t.SERVER.peer4,
+            "guest_client": t.CLIENT.guest6 if v6 else t.CLIENT.guest4,
+            "guest_server": t.SERVER.guest6 if v6 else t.SERVER.guest4}
+
+
+def packet(family: str, proto: str, src: str, dst: str, tag: int, *, sport: int | None = None,
+           dport: int = 9, size: int = 64):
+    """A tagged scapy packet (no Ether: the wire adds it)."""
+    import scapy.all as sc
+    from vm.wire import payload
+
+    data = payload(tag, size)
+    sport = sport or 20000 + tag % 40000
+    l3 = sc.IP(src=src, dst=dst, ttl=64) if family == "ipv4" else sc.IPv6(src=src, dst=dst, hlim=64)
+    if proto == "udp":
+        return l3 / sc.UDP(sport=sport, dport=dport) / data
+    if proto == "tcp":
+        return l3 / sc.TCP(sport=sport, dport=dport, flags="S", seq=tag) / data
+    if proto == "icmp":
+        if family == "ipv4":
+            return l3 / sc.ICMP(type=8, id=sport, seq=1) / data
+        return l3 / sc.ICMPv6EchoRequest(id=sport, seq=1, data=data)
+    raise ValueError(f"unknown proto {proto!r}")
+
+
+def fragments(family: str, src: str, dst: str, tag: int, *, size: int = 1000, fragsize: int = 400):
+    """A tagged UDP datagram as IP fragments; returns (fragments, the whole payload)."""
+    import scapy.all as sc
+    from vm.wire import payload
+
+    data = payload(tag, size)
+    sport = 20000 + tag % 40000
+    if family == "ipv4":
+        pkt = sc.IP(src=src, dst=dst, id=tag & 0xffff) / sc.UDP(sport=sport, dport=9) / data
+        return sc.fragment(pkt, fragsize=fragsize), data
+    pkt = (sc.IPv6(src=src, dst=dst) / sc.IPv6ExtHdrFragment(id=tag)
+           / sc.UDP(sport=sport, dport=9) / data)
+    return sc.fragment6(pkt, fragsize + 48), data
+
+
+def reassembled_payload(family: str, frames) -> bytes | None:
+    """UDP payload of the datagram the *frames* (its fragments, or it whole) carry;
+    None if fragments are missing."""
+    import scapy.all as sc
+    parts = {}
+    for f in frames:
+        if family == "ipv4":
+            ip = f[sc.IP]
+            if not (ip.flags.MF or ip.frag):
+                return bytes(ip[sc.UDP].payload)
+            parts[ip.frag * 8] = (bytes(ip.payload)[:ip.len - ip.ihl * 4], bool(ip.flags.MF))
+        else:
+            ip = f[sc.IPv6]
+            if not ip.haslayer(sc.IPv6ExtHdrFragment):
+                return bytes(ip[sc.UDP].payload)
+            fh = ip[sc.IPv6ExtHdrFragment]
+            parts[fh.offset * 8] = (bytes(fh.payload), bool(fh.m))
+    data, off = b"", 0
+    for start in sorted(parts):
+        if start != off:
+            return None
+        chunk, more = parts[start]
+        data += chunk
+        off += len(chunk)
+        if not more:
+            return bytes(sc.UDP(data).payload)
+    return None
+
+
+def bash_udp(dst: str, tag: int, *, port: int = 9, size: int = 48) -> str:
+    """A guest command that sends one tagged UDP datagram (bash's /dev/udp)."""
+    from vm.wire import payload
+    esc = "".join(f"\\x{b:02x}" for b in payload(tag, size))
+    return "bash -c " + shlex.quote(f"printf '{esc}' > /dev/udp/{dst}/{port}")
+
+
+def ping(dst: str, tag: int, family: str = "ipv4", *, wait: float = 0.5) -> str:
+    """A guest ping whose payload pattern is the tag unit (not answered: bounded by -W)."""
+    from vm.wire import magic
+    pattern = (magic() + int(tag).to_bytes(4, "big")).hex()
+    return f"ping -{4 if family == 'ipv4' else 6} -n -c1 -W{wait} -s 56 -p {pattern} {dst}"

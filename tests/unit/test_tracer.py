@@ -1,0 +1,158 @@
+"""The tracer: definition, rendering, its log parser and the placement checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmods import render, spec
+from tests.suites import tracing
+
+PRIOS = [-450, -250, -175, -125, -75, 25, 75, 125]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return spec.load("tracer")
+
+
+def _points(ext):
+    return [tracing.Point(i, h.family, h.hook, h.priority, True, 0) for i, h in enumerate(ext.hooks)]
+
+
+def _entry(seq, point, **kw):
+    base = dict(seq=seq, point=point.index, family=point.family, hook=point.hook,
+                priority=point.priority, indev="eth1", outdev="-", mark=0, ct="none", l3="ipv4",
+                src="192.0.2.2", dst="198.51.100.2", proto=17, frag=False, len=92, tag=7)
+    base.update(kw)
+    return tracing.Entry(**base)
+
+
+def _walk(points, family, hooks, ingress=True, swap=None):
+    keys = tracing.expected_path(points, family, hooks, ingress=ingress)
+    if swap:
+        keys = swap(keys)
+    by_key = {p.key: p for p in points}
+    return [_entry(i, by_key[k]) for i, k in enumerate(keys)]
+
+
+def test_definition_brackets_every_stock_priority(ext):
+    assert ext.module == "nflab_tracer" and ext.kind == "hook"
+    for fam in ("ipv4", "ipv6"):
+        for hook in spec.INET_HOOKS:
+            assert sorted(h.priority for h in ext.hooks if (h.family, h.hook) == (fam, hook)) == PRIOS
+    assert [(h.family, h.hook) for h in ext.hooks if h.family == "netdev"] == [("netdev", "INGRESS")]
+    assert all(h.label for h in ext.hooks)
+    assert len(ext.test["magic"].encode()) == 8
+
+
+def test_rendered_source_has_the_pieces(ext):
+    src = render.render(ext)["nflab_tracer.c"]
+    assert f'static const char tracer_magic[] = "{ext.test["magic"]}";' in src
+    assert "#define TRACER_RING\t1024" in src
+    assert "skb_header_pointer(skb, off, len, buf)" in src
+    assert "kvfree(pn->ring);" in src and src.count("kvfree(pn->ring);") == 3   # 2 undo + exit
+    assert "ops->priority = point->priority;" in src
+    assert src.count(".priority\t= -175,") == 10
+
+
+def test_parse_proc_file():
+    text = """# family hook priority registered packets
+point netdev INGRESS 0 1 12
+point ipv4 PRE_ROUTING -450 1 40
+ring size=1024 used=2 dropped=3 seq=44
+entry seq=42 point=0 family=netdev hook=INGRESS priority=0 in=eth1 out=- mark=0x0 ct=none l3=ipv6 src=2001:db8:1::2 dst=2001:db8:2::2 proto=44 frag=1 len=448 tag=0001e240
+entry seq=43 point=1 family=ipv4 hook=PRE_ROUTING priority=-450 in=eth1 out=- mark=0x2a ct=established-reply l3=ipv4 src=192.0.2.2 dst=198.51.100.2 proto=17 frag=0 len=92 tag=00000007
+"""
+    log = tracing.parse(text)
+    assert [p.key for p in log.points] == [("netdev", "INGRESS", 0), ("ipv4", "PRE_ROUTING", -450)]
+    assert (log.size, log.used, log.dropped, log.next_seq) == (1024, 2, 3, 44)
+    e0, e1 = log.entries
+    assert e0.tag == 123456 and e0.frag and e0.l3 == "ipv6" and e0.proto == 44
+    assert e1.mark == 0x2a and e1.ct == "established-reply" and e1.key == ("ipv4", "PRE_ROUTING", -450)
+    assert log.tagged(7) == [e1]
+    with pytest.raises(ValueError, match="malformed"):
+        tracing.parse("entry seq=1 point=x")
+
+
+def test_path_check_accepts_the_claimed_order(ext):
+    pts = _points(ext)
+    for fam in ("ipv4", "ipv6"):
+        for hooks, ingress in ((tracing.FORWARD, True), (tracing.LOCAL_IN, True), (tracing.LOCAL_OUT, False)):
+            assert tracing.path_problems(_walk(pts, fam, hooks, ingress), pts, fam, hooks,
+                                         ingress=ingress) == []
+
+
+def test_path_check_catches_a_point_registered_at_0_that_claims_minus_175(ext):
+    pts = _points(ext)
+
+    def misplace(keys):           # what a point really at 0 looks like in the log
+        k = ("ipv4", "PRE_ROUTING", -175)
+        keys = [x for x in keys if x != k]
+        i = keys.index(("ipv4", "PRE_ROUTING", 25))
+        return keys[:i] + [k] + keys[i:]
+    entries = _walk(pts, "ipv4", tracing.FORWARD, swap=misplace)
+    problems = tracing.path_problems(entries, pts, "ipv4", tracing.FORWARD, ingress=True)
+    assert any("claiming priority -175 ran before" in p or "-175" in p for p in problems)
+    assert any(p.startswith("ipv4 PRE_ROUTING: the point claiming priority -75 ran before the one "
+                            "claiming -175") for p in problems), problems
+
+
+def test_path_check_reports_missing_and_extra(ext):
+    pts = _points(ext)
+    entries = _walk(pts, "ipv4", tracing.FORWARD)
+    dropped = [e for e in entries if e.hook != "POST_ROUTING"]
+    problems = tracing.path_problems(dropped, pts, "ipv4", tracing.FORWARD, ingress=True)
+    assert problems[0].startswith("never visited: POST_ROUTING/-450")
+    extra = _walk(pts, "ipv4", tracing.LOCAL_IN)
+    problems = tracing.path_problems(extra, pts, "ipv4", tracing.FORWARD, ingress=True)
+    assert any(p.startswith("unexpected visits: LOCAL_IN/") for p in problems)
+
+
+NFT_SAMPLE = """family ip {
+\thook prerouting {
+\t\t-0000000450 tracer_hook [nflab_tracer]
+\t\t-0000000300 iptable_raw_hook [iptable_raw]
+\t\t-0000000175 tracer_hook [nflab_tracer]
+\t\t+0000000025 tracer_hook [nflab_tracer]
+\t}
+}
+family netdev {
+\thook ingress device eth1 {
+\t\t 0000000000 tracer_hook [nflab_tracer]
+\t}
+}
+"""
+
+
+def test_nft_hooks_parser_and_check():
+    rows = tracing.nft_hook_lines(NFT_SAMPLE)
+    assert ("ip", "prerouting", -300, "iptable_raw_hook", "iptable_raw") in rows
+    assert ("ip", "prerouting", 25, "tracer_hook", "nflab_tracer") in rows
+    assert ("netdev", "ingress", 0, "tracer_hook", "nflab_tracer") in rows
+    claims = [tracing.Point(0, "ipv4", "PRE_ROUTING", p, True, 0) for p in (-450, -175, 25)]
+    claims.append(tracing.Point(3, "netdev", "INGRESS", 0, True, 0))
+    assert tracing.nft_problems(NFT_SAMPLE, claims) == []
+    wrong = list(claims)
+    wrong[1] = tracing.Point(1, "ipv4", "PRE_ROUTING", -125, True, 0)
+    problems = tracing.nft_problems(NFT_SAMPLE, wrong)
+    assert any("claims priority -125" in p for p in problems)
+    assert any("no definition claims" in p for p in problems)
+
+
+def test_broken_variant_renders_a_misregistration(tmp_path):
+    from tests.suites.test_placement import broken_variant
+    bad = broken_variant(tmp_path)
+    assert bad.module == "nflab_tracerbad"
+    assert [(h.family, h.hook, h.priority) for h in bad.hooks] == \
+        [(h.family, h.hook, h.priority) for h in spec.load("tracer").hooks]
+    src = render.render(bad)["nflab_tracerbad.c"]
+    assert "ops->priority = point->priority == -175 ? 0 : point->priority;" in src
+    assert '.priority\t= -175,' in src          # the claim is unchanged
+
+
+@pytest.mark.slow
+def test_tracer_builds_on_both_kernels(kernel, build_root):
+    from kmods.build import build_extension
+    art = build_extension("tracer", kernel)
+    assert art.ko.is_file() and art.vermagic.startswith(kernel.release)
+    assert "warning" not in (art.dir / "build.log").read_text().lower()
