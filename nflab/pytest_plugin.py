@@ -86,7 +86,7 @@ def wire(nflab_vm):
         w.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def routed(host):
     """The guest configured as a router between the client and server wires."""
     from vm import topology

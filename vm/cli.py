@@ -1,0 +1,124 @@
+"""Tasks of the lab VM: kernels, rootfs, vm-up/exec/ssh/status/down, install."""
+
+from __future__ import annotations
+
+import sys
+
+from invoke import Exit, task
+
+from nflab.cli import Progress, friendly, table
+
+VM_HELP = "VM name (default `default`); several named VMs can run at once"
+
+
+@task
+@friendly
+def kernels(c):
+    """List kernels: cached and offered by Debian's archive, newest first."""
+    from vm import kernels as k
+
+    rows = [[r["abi"], r["flavour"], r["line"], "yes" if r["cached"] else "",
+             "yes" if r["archive"] else ""] for r in k.table_rows()]
+    table(["abi", "flavour", "line", "cached", "archive"], rows)
+
+
+@task(help={"kernel": "6.1, 6.12, or an exact ABI (default 6.12)",
+            "force": "re-download even if cached", "quiet": "no progress display"})
+@friendly
+def fetch_kernel(c, kernel=None, force=False, quiet=False):
+    """Download and unpack a Debian kernel (image, headers, kbuild) into the cache."""
+    from vm import kernels as k
+
+    with Progress(quiet) as progress:
+        kern = k.fetch(kernel, progress=progress, force=force)
+    print(f"{kern.release}: vmlinuz {kern.vmlinuz}")
+    print(f"{kern.release}: headers {kern.headers}")
+
+
+@task(help={"rebuild": "rebuild even if the cached image matches the recipe", "quiet": "no progress display"})
+@friendly
+def rootfs(c, rebuild=False, quiet=False):
+    """Build (once) the guest root filesystem image: Debian 12 minbase + lab tools."""
+    from vm import rootfs as r
+
+    with Progress(quiet) as progress:
+        img = r.ensure(rebuild=rebuild, progress=progress)
+    print(img)
+
+
+@task(help={"kernel": "kernel spec (default 6.12)", "vm": VM_HELP,
+            "replace": "stop a running VM of that name with another kernel first"})
+@friendly
+def vm_up(c, kernel=None, vm="default", replace=False):
+    """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
+    from vm import lab
+
+    state = lab.up(kernel, vm, replace=replace, progress=lambda m: print(m, file=sys.stderr))
+    if state.boot_seconds:
+        print(f"VM {vm} ready in {state.boot_seconds:.2f}s ({state.accel}, {state.machine})",
+              file=sys.stderr)
+    print(state.testinfra_spec)
+
+
+@task(help={"cmd": "shell command to run in the guest", "vm": VM_HELP,
+            "timeout": "seconds before the command is abandoned"})
+@friendly
+def vm_exec(c, cmd, vm="default", timeout=None):
+    """Run a command in the guest; exit with its status."""
+    from vm import lab
+
+    res = lab.exec(vm, cmd, timeout=float(timeout) if timeout else None, capture=False)
+    if res.returncode != 0:
+        raise Exit(code=res.returncode)
+
+
+@task(help={"vm": VM_HELP})
+@friendly
+def vm_ssh(c, vm="default"):
+    """Open an interactive shell in the guest."""
+    from vm import lab
+
+    raise Exit(code=lab.ssh_interactive(vm))
+
+
+@task(help={"vm": VM_HELP})
+@friendly
+def vm_down(c, vm="default"):
+    """Stop a VM (no QEMU is left running)."""
+    from vm import lab
+
+    print(f"VM {vm}: {'stopped' if lab.down(vm) else 'was not running'}")
+
+
+@task(help={"vm": "only this VM"})
+@friendly
+def vm_status(c, vm=None):
+    """Show the kit's VMs: kernel, state, ports, accelerator."""
+    from vm import lab
+
+    rows = lab.status(vm)
+    if not rows:
+        print("no VMs")
+        return
+    keys = list(rows[0].keys())
+    table(keys, [[r.get(k, "") for k in keys] for r in rows])
+
+
+@task(help={"name": "extension to install", "vm": VM_HELP,
+            "kernel": "boot this kernel first if the VM is not running"})
+@friendly
+def install(c, name, vm="default", kernel=None):
+    """Copy the extension's .ko and .so into the VM, load it, prove it is the kit's."""
+    from vm import install as inst
+    from vm import lab
+
+    state = lab.load(vm)
+    if state is None or not lab.is_running(state):
+        lab.up(kernel, vm, progress=lambda m: print(m, file=sys.stderr))
+    done = inst.install(name, vm, progress=lambda m: print(m, file=sys.stderr))
+    print(f"{done.module} loaded in VM {vm} ({done.release}): taint {done.taint}, "
+          f"srcversion {done.srcversion}" + (f"; iptables plugin libxt_{done.plugin}.so installed"
+                                              if done.plugin else ""))
+
+
+TASKS = [kernels, fetch_kernel, rootfs, vm_up, vm_exec, vm_ssh, vm_down, vm_status, install]

@@ -1,0 +1,82 @@
+"""Install an extension into a running lab VM and prove it is the kit's build.
+
+Order matters and every step is checked: build for the VM's exact kernel
+release, compare vermagic with the guest's ``uname -r`` *before* anything is
+loaded, copy ``.ko`` and ``.so``, ``modprobe`` the stock dependencies, unload
+an older or in-tree module of the same name, ``insmod``, put the plugin where
+both ``iptables-legacy`` and ``iptables-nft`` look (the guest's xtables dir,
+stock plugin kept as ``*.nflab-orig``), and finally read
+``/sys/module/<mod>/{taint,srcversion}``: taint ``O`` (out of tree) and the
+srcversion of the file we built.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from nflab.errors import NflabError, VMError
+
+GUEST_DIR = "/root/nflab"
+XTLIBDIR = "/usr/lib/x86_64-linux-gnu/xtables"
+
+
+@dataclass
+class Installed:
+    name: str
+    module: str
+    release: str
+    taint: str
+    srcversion: str
+    plugin: str | None
+
+
+def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
+    from vm import lab
+    res = lab.exec(vm, cmd, timeout=timeout)
+    if res.returncode != 0:
+        raise VMError(f"{what} failed in VM {vm!r} (exit {res.returncode})",
+                      detail=(res.stderr or res.stdout).strip()[-2000:])
+    return res.stdout
+
+
+def install(name: str, vm: str = "default", *, progress=None) -> Installed:
+    from kmods.build import build_extension
+    from vm import kernels, lab
+
+    state = lab.require(vm)
+    kernel = kernels.get(state.release)
+    art = build_extension(name, kernel)
+    guest_release = _sh(vm, "uname -r", "uname").strip()
+    magic = art.vermagic.split()[0] if art.vermagic else ""
+    if magic != guest_release:
+        raise NflabError(f"{art.ko.name} was built for {magic!r} but VM {vm!r} runs {guest_release!r}; "
+                         "refusing to insmod", hint=f"invoke build-module --name={name} --kernel={state.spec or guest_release}")
+    if progress:
+        progress(f"copying {art.ko.name}{' and ' + art.so.name if art.so else ''} into VM {vm}")
+    _sh(vm, f"mkdir -p {GUEST_DIR}", "mkdir")
+    lab.copy_to(vm, art.ko, f"{GUEST_DIR}/{art.ko.name}", mode=0o644)
+    mod = art.module
+    deps = " ".join(shlex.quote(d) for d in art.deps)
+    script = [
+        "set -e",
+        f"for d in {deps}; do modprobe $d; done" if deps else ":",
+        # an in-tree or older kit module of the same name must go first
+        f"if [ -d /sys/module/{mod} ]; then rmmod {mod}; fi",
+        f"insmod {GUEST_DIR}/{art.ko.name}",
+        f"cat /sys/module/{mod}/taint",
+        f"cat /sys/module/{mod}/srcversion 2>/dev/null || echo -",
+    ]
+    if art.so:
+        so = f"{XTLIBDIR}/{art.so.name}"
+        lab.copy_to(vm, art.so, f"{GUEST_DIR}/{art.so.name}", mode=0o644)
+        script[1:1] = [f"if [ -f {so} ] && [ ! -f {so}.nflab-orig ]; then cp -p {so} {so}.nflab-orig; fi",
+                       f"install -m 0644 {GUEST_DIR}/{art.so.name} {so}"]
+    out = _sh(vm, "\n".join(script), f"loading {mod}").split()
+    taint, srcversion = (out[-2], out[-1]) if len(out) >= 2 else ("", "")
+    if "O" not in taint:
+        raise VMError(f"{mod} in VM {vm!r} has taint {taint!r} without O: not the kit's module",
+                      hint="an in-tree module may be built in; check `modinfo` in the guest")
+    if art.srcversion and srcversion != art.srcversion:
+        raise VMError(f"{mod} in VM {vm!r} has srcversion {srcversion}, the build has {art.srcversion}")
+    return Installed(name, mod, guest_release, taint, srcversion, art.plugin)
