@@ -1,8 +1,16 @@
 #!/bin/busybox sh
-# nflab initramfs: load the virtio modules listed in /modules.order, mount the
-# root image (label nflab-root) and switch_root to nflab's init.
-/bin/busybox --install -s /bin
+# nflab initramfs /init: everything that must happen before sshd, done by static
+# busybox (its applets run without exec, which matters under TCG where every
+# dynamically linked exec costs ~60 ms):
+#   load the virtio modules in /modules.order, mount the root image (label
+#   nflab-root) and the kernel's modules image (label nflab-mods, read-only at
+#   /lib/modules/$(uname -r)), mount the pseudo filesystems, name the NICs by MAC
+#   (nflab.nics=), give eth0 the static slirp address, install the lab key
+#   (nflab.key=), then switch_root to /sbin/nflab-init, which starts sshd.
+# A failure prints "nflab-initramfs: FAILED: ..." and powers off, so the host
+# sees QEMU exit and reports the console.
 export PATH=/bin
+/bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -16,22 +24,75 @@ for m in $(cat /modules.order); do
     insmod "/modules/$m.ko" || echo "nflab-initramfs: insmod $m failed" > /dev/console
 done
 
-if grep -q nflab.probe /proc/cmdline; then
+key= nics= probe=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        nflab.key=*) key="${arg#nflab.key=}" ;;
+        nflab.nics=*) nics="${arg#nflab.nics=}" ;;
+        nflab.probe) probe=1 ;;
+    esac
+done
+if [ -n "$probe" ]; then
     echo "nflab-probe-ok" > /dev/console
     poweroff -f
 fi
 
-root=
-i=0
-while [ $i -lt 500 ]; do
-    root=$(findfs LABEL=nflab-root 2>/dev/null) && break
-    i=$((i + 1))
-    usleep 10000
+label_dev() {
+    i=0
+    while [ $i -lt 300 ]; do
+        findfs "LABEL=$1" 2>/dev/null && return 0
+        i=$((i + 1))
+        usleep 10000
+    done
+    return 1
+}
+root=$(label_dev nflab-root) || fail "no disk labelled nflab-root (is the rootfs attached?)"
+mount -t ext4 -o rw "$root" /newroot || fail "cannot mount the root image $root"
+[ -x /newroot/sbin/nflab-init ] || fail "the root image has no /sbin/nflab-init"
+
+R=/newroot
+rel=$(uname -r)
+mods=$(label_dev nflab-mods) || fail "no disk labelled nflab-mods (the modules image)"
+mkdir -p "$R/usr/lib/modules/$rel"
+mount -t ext4 -o ro "$mods" "$R/usr/lib/modules/$rel" || fail "cannot mount the modules image"
+
+hostname nflab
+
+# rename NICs by MAC: nflab.nics=eth0/52:54:00:00:00:01,eth1/...
+for nic in /sys/class/net/*; do
+    [ -e "$nic/address" ] || continue
+    mac=$(cat "$nic/address")
+    for pair in $(echo "$nics" | tr , ' '); do
+        if [ "${pair#*/}" = "$mac" ] && [ "${nic##*/}" != "${pair%%/*}" ]; then
+            ip link set "${nic##*/}" name "nflab-${pair%%/*}"
+        fi
+    done
 done
-[ -n "$root" ] || fail "no disk labelled nflab-root (is the rootfs attached?)"
-mkdir -p /newroot
-mount -t ext4 -o rw "$root" /newroot || fail "cannot mount $root"
-[ -x /newroot/sbin/nflab-init ] || fail "root image has no /sbin/nflab-init"
-mount --move /dev /newroot/dev
-umount /proc /sys
-exec switch_root /newroot /sbin/nflab-init
+for nic in /sys/class/net/nflab-*; do
+    [ -e "$nic" ] && ip link set "${nic##*/}" name "${nic##*/nflab-}"
+done
+ip link set lo up
+for nic in /sys/class/net/eth*; do
+    [ -e "$nic" ] && ip link set "${nic##*/}" up
+done
+ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+    || echo "nflab-initramfs: eth0 setup failed" > /dev/console
+
+if [ -n "$key" ]; then
+    mkdir -p -m 700 $R/root/.ssh
+    echo "ssh-ed25519 $key nflab" > $R/root/.ssh/authorized_keys
+    chmod 600 $R/root/.ssh/authorized_keys
+else
+    echo "nflab-initramfs: no nflab.key= on the kernel command line: SSH login will fail" > /dev/console
+fi
+
+mount --move /dev $R/dev
+mount --move /proc $R/proc
+mount --move /sys $R/sys
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $R/dev/pts
+mount -t tmpfs -o mode=1777 shm $R/dev/shm
+mount -t tmpfs -o mode=755 run $R/run
+mount -t tmpfs -o mode=1777 tmp $R/tmp
+mkdir -p $R/run/sshd $R/run/lock
+exec switch_root $R /sbin/nflab-init

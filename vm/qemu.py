@@ -1,0 +1,370 @@
+"""The QEMU command line, built explicitly as a list (like virtme-ng), plus the
+helpers around it that need no running VM: port allocation, the accelerator
+probe and the console fault parser.
+
+Machine: ``-M microvm`` by default (no PCI, no firmware tables beyond ACPI,
+virtio-mmio devices which the kernel finds through ACPI since the cloud kernels
+lack ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``); ``NFLAB_MACHINE=pc`` switches to a
+trimmed ``-M pc`` with virtio-pci devices and no option ROMs.
+
+Devices, in order (the guest renames NICs by MAC, see ``NICS``):
+
+* virtio-blk ``root``: the rootfs image with ``snapshot=on`` (every boot starts
+  clean, writes go to a throwaway overlay, several VMs share the image);
+* virtio-blk ``mods``: the kernel's modules image, ``readonly=on``;
+* virtio-net ``eth0``: user networking, ``restrict=on`` (the guest cannot reach
+  anything but the host's forwarded port), ``hostfwd`` 127.0.0.1:<ssh> -> :22;
+* virtio-net ``eth1``/``eth2``: the packet wires, ``-netdev dgram`` UDP sockets on
+  127.0.0.1. QEMU listens on ``Wire.guest`` and sends the guest's frames to
+  ``Wire.host``; ``vm/wire.py`` binds ``Wire.host`` and sends to ``Wire.guest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nflab.errors import VMError
+from nflab.paths import cache_dir
+from nflab.proc import file_lock
+
+QEMU = "qemu-system-x86_64"
+MACHINES = ("microvm", "pc")
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A guest NIC: its name in the guest, QEMU netdev id and MAC (the guest init
+    renames interfaces by MAC, so names do not depend on probe order)."""
+
+    name: str
+    netdev: str
+    mac: str
+
+
+SSH_NIC = Nic("eth0", "n0", "52:54:00:00:00:01")
+WIRE_NICS = (Nic("eth1", "n1", "52:54:00:00:01:01"), Nic("eth2", "n2", "52:54:00:00:02:01"))
+NICS = (SSH_NIC, *WIRE_NICS)
+GUEST_ADDR = "10.0.2.15"  # slirp's default guest address, set statically by the guest init
+
+
+@dataclass
+class Wire:
+    """The two UDP ports of one packet wire on 127.0.0.1."""
+
+    guest: int  # QEMU binds it: frames sent here come out of the guest NIC
+    host: int   # the host side binds it: frames the guest sends arrive here
+    mac: str = ""
+
+
+@dataclass
+class Ports:
+    ssh: int
+    wire: dict[str, Wire] = field(default_factory=dict)  # guest NIC name -> Wire
+
+    def all(self) -> set[int]:
+        return {self.ssh} | {p for w in self.wire.values() for p in (w.guest, w.host)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Ports":
+        return cls(ssh=data["ssh"], wire={k: Wire(**v) for k, v in data.get("wire", {}).items()})
+
+
+@dataclass
+class LaunchSpec:
+    """Everything the QEMU command depends on."""
+
+    name: str
+    vmdir: Path
+    vmlinuz: Path
+    initrd: Path
+    rootfs: Path
+    modules_img: Path
+    ssh_pubkey: str           # base64 blob of the lab's ssh-ed25519 public key
+    ports: Ports
+    accel: str = "tcg"        # "tcg" or "kvm"
+    machine: str = "microvm"  # "microvm" or "pc"
+    memory: str = "1G"
+    smp: int = 2
+    tsc_khz: int | None = None  # TCG: the host's TSC rate, see host_tsc_khz()
+    extra_cmdline: tuple[str, ...] = ()
+
+    @property
+    def console_log(self) -> Path:
+        return self.vmdir / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.vmdir / "qemu.pid"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.vmdir / "qmp.sock"
+
+
+# panic=-1: reboot at once on panic, and -no-reboot turns that reboot into a
+# QEMU exit, so a dead kernel ends the VM instead of hanging. oops=panic: an
+# oops leaves the kernel in an unknown state (held locks, half-done hooks); the
+# trace is on the console before the panic, and the kit reports it.
+BASE_CMDLINE = (
+    "console=ttyS0", "quiet", "panic=-1", "oops=panic", "rdinit=/init",
+    # less boot work under TCG: one UART, no PS/2 probing, no crypto self-tests
+    "8250.nr_uarts=1", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
+    "cryptomgr.notests", "tsc=reliable", "no_timer_check", "random.trust_cpu=on",
+)
+
+
+def kernel_cmdline(spec: LaunchSpec) -> str:
+    nics = ",".join(f"{n.name}/{n.mac}" for n in NICS)
+    parts = [*BASE_CMDLINE, f"nflab.key={spec.ssh_pubkey}", f"nflab.nics={nics}"]
+    if spec.tsc_khz:
+        parts.append(f"tsc_early_khz={spec.tsc_khz}")
+    parts += spec.extra_cmdline
+    return " ".join(parts)
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host's TSC rate in kHz, which is also the guest's under TCG (QEMU's rdtsc
+    reads the host TSC).
+
+    microvm has no HPET or ACPI PM timer, so the guest kernel calibrates its TSC
+    against the PIT alone; when the host is busy, the vCPU threads are preempted,
+    calibration fails ("tsc: Unable to calibrate against PIT") and the boot hangs.
+    ``tsc_early_khz=`` skips that calibration. Source: ``$NFLAB_TSC_KHZ``, else the
+    nominal "@ 2.60GHz" of the CPU model name, else "cpu MHz" of /proc/cpuinfo when
+    the TSC is constant."""
+    env = os.environ.get("NFLAB_TSC_KHZ")
+    if env:
+        return int(env)
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    first = cpuinfo.split("\n\n", 1)[0]
+    m = re.search(r"^model name\s*:.*@\s*([\d.]+)\s*GHz", first, re.M)
+    if m:
+        return int(float(m.group(1)) * 1_000_000)
+    flags = re.search(r"^flags\s*:(.*)$", first, re.M)
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", first, re.M)
+    if mhz and flags and "constant_tsc" in flags.group(1).split():
+        return int(float(mhz.group(1)) * 1000)
+    return None
+
+
+def _device(machine: str, kind: str) -> str:
+    """virtio-blk-device (mmio, microvm) or virtio-blk-pci (pc)."""
+    return f"virtio-{kind}-device" if machine == "microvm" else f"virtio-{kind}-pci"
+
+
+def _pci_opts(machine: str) -> str:
+    # no option ROMs (iPXE) on pc: nothing boots from the network
+    return ",romfile=" if machine == "pc" else ""
+
+
+def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
+    """The full QEMU argv for *spec*; a pure function (no I/O)."""
+    if spec.machine not in MACHINES:
+        raise VMError(f"unknown machine type {spec.machine!r}", hint=f"use one of {MACHINES}")
+    if spec.accel not in ("tcg", "kvm"):
+        raise VMError(f"unknown accelerator {spec.accel!r}", hint="use tcg or kvm")
+    m = spec.machine
+    machine = "microvm,acpi=on" if m == "microvm" else \
+        "pc,hpet=off,usb=off,vmport=off,smbus=off,sata=off"
+    cmd = [
+        qemu, "-name", f"nflab-{spec.name}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+        "-M", machine,
+        "-accel", "kvm" if spec.accel == "kvm" else "tcg,thread=multi",
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-m", spec.memory, "-smp", str(spec.smp),
+        "-kernel", str(spec.vmlinuz), "-initrd", str(spec.initrd),
+        "-append", kernel_cmdline(spec),
+        "-chardev", f"file,id=con,path={spec.console_log}", "-serial", "chardev:con",
+        "-drive", f"file={spec.rootfs},if=none,id=root,format=raw,snapshot=on",
+        "-device", f"{_device(m, 'blk')},drive=root",
+        "-drive", f"file={spec.modules_img},if=none,id=mods,format=raw,readonly=on",
+        "-device", f"{_device(m, 'blk')},drive=mods",
+        "-netdev", f"user,id={SSH_NIC.netdev},restrict=on,"
+                   f"hostfwd=tcp:127.0.0.1:{spec.ports.ssh}-:22",
+        "-device", f"{_device(m, 'net')},netdev={SSH_NIC.netdev},mac={SSH_NIC.mac}{_pci_opts(m)}",
+    ]
+    for nic in WIRE_NICS:
+        wire = spec.ports.wire[nic.name]
+        cmd += [
+            "-netdev", f"dgram,id={nic.netdev},"
+                       f"local.type=inet,local.host=127.0.0.1,local.port={wire.guest},"
+                       f"remote.type=inet,remote.host=127.0.0.1,remote.port={wire.host}",
+            "-device", f"{_device(m, 'net')},netdev={nic.netdev},mac={nic.mac}{_pci_opts(m)}",
+        ]
+    cmd += [
+        "-no-reboot",
+        "-pidfile", str(spec.pidfile),
+        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+    ]
+    return cmd
+
+
+# ---------------------------------------------------------------- ports
+
+def free_port(kind: str = "tcp", exclude: set[int] = frozenset()) -> int:
+    """A port on 127.0.0.1 that is free now (the kernel picks it) and not in *exclude*."""
+    stype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, stype) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in exclude:
+            return port
+    raise VMError("no free port on 127.0.0.1")
+
+
+def allocate_ports(exclude: set[int] = frozenset()) -> Ports:
+    """An SSH port and two UDP port pairs, distinct from each other and *exclude*."""
+    taken = set(exclude)
+    ssh = free_port("tcp", taken)
+    taken.add(ssh)
+    wires = {}
+    for nic in WIRE_NICS:
+        guest = free_port("udp", taken)
+        taken.add(guest)
+        host = free_port("udp", taken)
+        taken.add(host)
+        wires[nic.name] = Wire(guest=guest, host=host, mac=nic.mac)
+    return Ports(ssh=ssh, wire=wires)
+
+
+# ---------------------------------------------------------------- console faults
+
+# (kind, regex) in the order they are looked for; the first hit's line anchors
+# the excerpt. "Kernel panic" comes last so an oops that led to the panic is
+# reported as the oops, with its trace.
+FAULT_PATTERNS = (
+    ("KASAN", re.compile(r"BUG: KASAN: .*|KASAN: .*")),
+    ("BUG", re.compile(r"\bBUG: .*")),
+    ("Oops", re.compile(r"\bOops: .*|general protection fault.*")),
+    ("sysrq crash", re.compile(r"sysrq: Trigger a crash.*")),
+    ("Kernel panic", re.compile(r"Kernel panic - not syncing.*")),
+    ("initramfs failure", re.compile(r"nflab-initramfs: FAILED.*")),
+)
+
+
+@dataclass
+class Fault:
+    kind: str
+    line: str
+    excerpt: str
+
+    def summary(self) -> str:
+        return f"{self.kind}: {self.line.strip()}"
+
+
+def _strip_timestamp(line: str) -> str:
+    return re.sub(r"^\[\s*\d+\.\d+\]\s?", "", line)
+
+
+def find_fault(text: str, *, before: int = 3, after: int = 30, max_chars: int = 4000) -> Fault | None:
+    """The first kernel fault in console *text*, with an excerpt around it, or None."""
+    lines = text.splitlines()
+    hits = []
+    for kind, rx in FAULT_PATTERNS:
+        for i, line in enumerate(lines):
+            m = rx.search(line)
+            if m:
+                hits.append((i, kind, m.group(0)))
+                break
+    if not hits:
+        return None
+    # report the earliest fault in the log (the cause), keep the panic line in view
+    i, kind, matched = min(hits)
+    start = max(0, i - before)
+    end = min(len(lines), i + after)
+    panic = [j for j, k, _ in hits if k == "Kernel panic"]
+    if panic and panic[0] >= end:
+        chunk = lines[start:end] + ["..."] + lines[panic[0]:panic[0] + 3]
+    else:
+        chunk = lines[start:end]
+    excerpt = "\n".join(chunk)
+    if len(excerpt) > max_chars:
+        excerpt = excerpt[:max_chars] + "\n..."
+    return Fault(kind, _strip_timestamp(matched), excerpt)
+
+
+def tail(text: str, n: int = 25) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+# ---------------------------------------------------------------- accelerator
+
+ACCEL_CACHE = "accel.json"
+
+
+def _accel_key() -> str:
+    qemu = shutil.which(QEMU) or QEMU
+    try:
+        qemu_id = f"{qemu}:{os.stat(qemu).st_mtime_ns}"
+    except OSError:
+        qemu_id = qemu
+    return f"{os.uname().release}|{qemu_id}"
+
+
+def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[bool, str]:
+    """Boot *vmlinuz* under KVM into the initramfs's probe mode (``nflab.probe``:
+    load the virtio modules, print ``nflab-probe-ok``, power off). KVM counts as
+    working only if that happens within *timeout*; a guest that hangs is killed."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    with tempfile.TemporaryDirectory(prefix="nflab-kvm-probe-") as tmp:
+        log = Path(tmp) / "console.log"
+        cmd = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+               "-M", "microvm,acpi=on,isa-serial=on", "-accel", "kvm", "-cpu", "host",
+               "-m", "256M", "-kernel", str(vmlinuz), "-initrd", str(initrd),
+               "-append", "console=ttyS0 quiet panic=-1 rdinit=/init nflab.probe",
+               "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return False, f"a KVM guest did not finish a probe boot within {timeout:g}s (hangs)"
+        ok = "nflab-probe-ok" in log.read_text(errors="replace")
+        if ok:
+            return True, "KVM probe boot succeeded"
+        return False, f"KVM probe boot failed: {err.decode(errors='replace').strip()[-200:]}"
+
+
+def choose_accel(vmlinuz: Path, initrd: Path, *, progress=print) -> tuple[str, str]:
+    """``("kvm"|"tcg", reason)``: ``$NFLAB_ACCEL`` if set, else a cached KVM probe."""
+    forced = os.environ.get("NFLAB_ACCEL")
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise VMError(f"NFLAB_ACCEL={forced!r} is not kvm or tcg")
+        return forced, "set by NFLAB_ACCEL"
+    path = cache_dir() / ACCEL_CACHE
+    key = _accel_key()
+    with file_lock(cache_dir() / ".accel.lock"):
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return data["accel"], data["reason"] + " (cached probe)"
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        progress("probing KVM (once per host kernel and QEMU build)")
+        ok, reason = probe_kvm(vmlinuz, initrd)
+        accel = "kvm" if ok else "tcg"
+        path.write_text(json.dumps({"key": key, "accel": accel, "reason": reason,
+                                    "probed_at": time.time()}) + "\n")
+    return accel, reason
