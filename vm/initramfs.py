@@ -23,6 +23,7 @@ import json
 import lzma
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net")
 MODULES_LABEL = "nflab-mods"
 MANIFEST = "boot.json"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class BootFiles:
     """What the launcher needs for one kernel besides the rootfs."""
 
     release: str
+    kernel: Path        # vmlinux (ELF, PVH entry) when extracted, else the vmlinuz
     initrd: Path
     modules_img: Path
     modules: tuple[str, ...]
@@ -156,6 +158,59 @@ class CpioWriter:
         self.f.write(b"\0" * (-pos % 512))
 
 
+# bzImage payload compressions: magic -> decompressor argv reading stdin
+_PAYLOAD_TOOLS = (
+    (b"\x02\x21\x4c\x18", ["lz4", "-dc"]),        # LZ4 legacy frame
+    (b"\x28\xb5\x2f\xfd", ["zstd", "-dcq"]),
+    (b"\xfd7zXZ\x00", ["xz", "-dcq"]),
+    (b"\x1f\x8b", ["gzip", "-dcq"]),
+)
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """True if *elf* (a 64-bit vmlinux) has the Xen PVH entry note QEMU boots from."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        return False
+    e_phoff, = struct.unpack_from("<Q", elf, 0x20)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(e_phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, e_phoff + i * e_phentsize)
+        if p_type != 4:  # PT_NOTE
+            continue
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def extract_vmlinux(vmlinuz: Path, out: Path) -> bool:
+    """Decompress the bzImage payload of *vmlinuz* into *out* if it is a vmlinux with a
+    PVH entry. QEMU then jumps straight into the kernel (no real-mode setup, no
+    in-guest decompression, which costs 0.2 s for LZ4 and 0.6 s for zstd under TCG).
+    Returns False (and writes nothing) when that is not possible."""
+    data = vmlinuz.read_bytes()
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return False
+    setup_sects = data[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = data[start:start + payload_length]
+    for magic, tool in _PAYLOAD_TOOLS:
+        if payload.startswith(magic) and shutil.which(tool[0]):
+            # the build appends the decompressed size after the stream: decompressors
+            # complain about trailing bytes, so judge by the result, not the exit code
+            res = subprocess.run(tool, input=payload, capture_output=True, check=False)
+            if _has_pvh_note(res.stdout):
+                out.write_bytes(res.stdout)
+                return True
+    return False
+
+
 def _recipe(kernel, busybox: Path, modules: list[str]) -> dict:
     return {
         "version": RECIPE_VERSION,
@@ -213,27 +268,32 @@ def ensure(kernel, *, progress=print) -> BootFiles:
     rec = _recipe(kernel, busybox, modules)
     key = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
     entry = boot_dir(kernel.release)
-    files = BootFiles(kernel.release, entry / "initramfs.cpio", entry / "modules.img",
-                      tuple(modules))
+    def files() -> BootFiles:
+        vmlinux = entry / "vmlinux"
+        return BootFiles(kernel.release, vmlinux if vmlinux.is_file() else Path(kernel.vmlinuz),
+                         entry / "initramfs.cpio", entry / "modules.img", tuple(modules))
 
     def current() -> bool:
         try:
             data = json.loads((entry / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        return data.get("key") == key and files.initrd.is_file() and files.modules_img.is_file()
+        f = files()
+        return data.get("key") == key and f.initrd.is_file() and f.modules_img.is_file()
 
     if current():
-        return files
+        return files()
     entry.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(entry.parent / f".{kernel.release}.lock"):
         if current():
-            return files
-        progress(f"building initramfs and modules image for {kernel.release}")
+            return files()
+        progress(f"building initramfs, modules image and vmlinux for {kernel.release}")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kernel.release}-", dir=entry.parent))
         try:
-            write_initramfs(tmp / files.initrd.name, kernel, busybox, modules, dep)
-            write_modules_image(tmp / files.modules_img.name, kernel)
+            tmp.chmod(0o755)
+            write_initramfs(tmp / "initramfs.cpio", kernel, busybox, modules, dep)
+            write_modules_image(tmp / "modules.img", kernel)
+            extract_vmlinux(Path(kernel.vmlinuz), tmp / "vmlinux")
             (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec}, indent=2) + "\n")
             if entry.exists():
                 # running VMs keep their open files; unlinking is safe
@@ -242,4 +302,4 @@ def ensure(kernel, *, progress=print) -> BootFiles:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return files
+    return files()

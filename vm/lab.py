@@ -360,7 +360,14 @@ def _used_ports(exclude_vm: str) -> set[int]:
     return used
 
 
-def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float):
+def _ready_command(smp: int) -> str:
+    """Guest side of readiness: all vCPUs online (the init onlines those held back by
+    ``maxcpus=1``; waits at most 5 s), then print the kernel release."""
+    return (f'i=0; while [ "$(nproc)" -lt {smp} ] && [ $i -lt 100 ]; do sleep 0.05; '
+            'i=$((i+1)); done; uname -r')
+
+
+def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float, smp: int):
     """Poll until ``ssh uname -r`` works; raise on QEMU exit, console fault or budget."""
     port = state.ports["ssh"]
     deadline = t0 + budget
@@ -376,7 +383,7 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
             raise crash_error(state, f"did not answer SSH within its {budget:g}s boot budget")
         if _ssh_banner(port):
             # the first login becomes the ControlMaster that later commands reuse
-            res = subprocess.run(state.ssh_argv() + ["uname -r"], stdin=subprocess.DEVNULL,
+            res = subprocess.run(state.ssh_argv() + [_ready_command(smp)], stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True,
                                  timeout=max(5.0, deadline - time.monotonic()), check=False)
             if res.returncode == 0:
@@ -429,7 +436,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
             _teardown(old, graceful=True)
         image = rootfs.ensure(progress=progress)
         boot = initramfs.ensure(kernel, progress=progress)
-        accel, reason = qemu.choose_accel(Path(kernel.vmlinuz), boot.initrd, progress=progress)
+        accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
         machine = os.environ.get("NFLAB_MACHINE", "microvm")
         budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[accel]))
         progress(f"booting {kernel.release} as VM {vm!r} with {accel.upper()} ({reason}), "
@@ -445,7 +452,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
                     host=f"nflab-{vm}", accel=accel, machine=machine, started_at=time.time())
                 _save(state)  # reserves the ports for concurrent `up`s
             launch = qemu.LaunchSpec(
-                name=vm, vmdir=vmdir, vmlinuz=Path(kernel.vmlinuz), initrd=boot.initrd,
+                name=vm, vmdir=vmdir, kernel=boot.kernel, initrd=boot.initrd,
                 rootfs=image, modules_img=boot.modules_img, ssh_pubkey=pub, ports=ports,
                 accel=accel, machine=machine,
                 tsc_khz=qemu.host_tsc_khz() if accel == "tcg" and machine == "microvm" else None)
@@ -456,7 +463,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
                 state.pid = proc.pid
                 _save(state)
                 try:
-                    _wait_ready(state, proc, budget, t0)
+                    _wait_ready(state, proc, budget, t0, launch.smp)
                 except VMError as exc:
                     _teardown(state)
                     qlog = (vmdir / "qemu.log").read_text(errors="replace")

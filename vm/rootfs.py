@@ -65,13 +65,15 @@ def host_xtables_version() -> str:
     return res.stdout.strip()
 
 
-def mirror() -> str | None:
-    """Debian mirror for debootstrap: $NFLAB_MIRROR, else the host's apt source, else
-    debootstrap's default."""
+def mirror(sources: list[Path] | None = None) -> str | None:
+    """Debian mirror for debootstrap: $NFLAB_MIRROR, else the host's apt source for
+    the suite (one-line or deb822 format), else None (debootstrap's default)."""
     env = os.environ.get("NFLAB_MIRROR")
     if env:
         return env
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    if sources is None:
+        sources = [Path("/etc/apt/sources.list"),
+                   *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in sources:
         try:
             text = path.read_text()
@@ -240,8 +242,17 @@ def ensure(*, rebuild=False, full_verify=False, progress=print) -> Path:
             if entry.exists() and not rebuild:
                 progress(f"removing incomplete rootfs entry {entry}")
             entry = build(progress=progress)
+            prune(keep=key, progress=progress)
     verify(entry, full=full_verify)
     return entry / IMAGE
+
+
+def prune(keep: str, progress=print):
+    """Delete images of older recipes (a running VM keeps its open image until it stops)."""
+    for old in rootfs_dir().iterdir():
+        if old.is_dir() and not old.name.startswith(".") and old.name != keep:
+            progress(f"removing rootfs of an older recipe: {old}")
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def cached_entries() -> list[dict]:

@@ -7,8 +7,15 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 
 # -r: no re-exec per connection (saves ~0.3 s per login under TCG)
+read -r up _ < /proc/uptime
+echo "nflab-init: starting sshd after ${up}s" > /dev/console
 /usr/sbin/sshd -r -E /run/sshd.log || echo "nflab-init: sshd failed to start" > /dev/console
-echo "nflab-init: ready" > /dev/console
+# CPUs held back by maxcpus=1 (faster boot under TCG) come online now
+for cpu in /sys/devices/system/cpu/cpu[0-9]*; do
+    [ -w "$cpu/online" ] && [ "$(cat "$cpu/online")" = 0 ] && echo 1 > "$cpu/online"
+done &
+read -r up _ < /proc/uptime
+echo "nflab-init: ready after ${up}s" > /dev/console
 
 shutdown() {
     echo "nflab-init: powering off" > /dev/console

@@ -46,6 +46,8 @@ label_dev() {
     done
     return 1
 }
+read -r up _ < /proc/uptime
+echo "nflab-initramfs: modules loaded after ${up}s" > /dev/console
 root=$(label_dev nflab-root) || fail "no disk labelled nflab-root (is the rootfs attached?)"
 mount -t ext4 -o rw "$root" /newroot || fail "cannot mount the root image $root"
 [ -x /newroot/sbin/nflab-init ] || fail "the root image has no /sbin/nflab-init"
@@ -95,4 +97,6 @@ mount -t tmpfs -o mode=1777 shm $R/dev/shm
 mount -t tmpfs -o mode=755 run $R/run
 mount -t tmpfs -o mode=1777 tmp $R/tmp
 mkdir -p $R/run/sshd $R/run/lock
+read -r up _ < /proc/uptime
+echo "nflab-initramfs: switch_root after ${up}s" > /dev/console
 exec switch_root $R /sbin/nflab-init

@@ -1,0 +1,183 @@
+"""Pure parts of the boot pieces and VM bookkeeping: modules.dep ordering, the cpio
+writer, the rootfs recipe hash, ssh_config and state files."""
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nflab.errors import VMError
+from vm import initramfs, lab, rootfs
+
+DEP_61 = """\
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/core/failover.ko:
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/netfilter/x_tables.ko:
+"""
+
+DEP_612 = """\
+kernel/drivers/virtio/virtio_mmio.ko.xz:
+kernel/drivers/block/virtio_blk.ko.xz:
+kernel/net/core/failover.ko.xz:
+kernel/drivers/net/net_failover.ko.xz: kernel/net/core/failover.ko.xz
+kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz
+"""
+
+
+def test_module_name():
+    assert initramfs.module_name("kernel/drivers/virtio/virtio_pci.ko.xz") == "virtio_pci"
+    assert initramfs.module_name("kernel/drivers/char/hw_random/virtio-rng.ko") == "virtio_rng"
+
+
+def assert_deps_first(order, dep):
+    for i, name in enumerate(order):
+        for d in dep[name][1]:
+            assert initramfs.module_name(d) in order[:i], f"{d} must load before {name}"
+
+
+def test_load_order_61_dependencies_first_each_once():
+    dep = initramfs.parse_modules_dep(DEP_61)
+    order = initramfs.load_order(dep)
+    assert len(order) == len(set(order))
+    assert_deps_first(order, dep)
+    assert {"virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net"} <= set(order)
+    assert "x_tables" not in order
+
+
+def test_load_order_612_skips_builtins():
+    dep = initramfs.parse_modules_dep(DEP_612)
+    order = initramfs.load_order(dep)
+    # virtio, virtio_ring and virtio_pci are built into 6.12: nothing to load
+    assert order == ["virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net"]
+
+
+def test_load_order_detects_loops():
+    dep = initramfs.parse_modules_dep("a.ko: b.ko\nb.ko: a.ko\n")
+    with pytest.raises(VMError, match="loop"):
+        initramfs.load_order(dep, wanted=("a",))
+
+
+@pytest.mark.skipif(not shutil.which("cpio"), reason="needs cpio")
+def test_cpio_writer_output_is_read_by_gnu_cpio(tmp_path):
+    buf = io.BytesIO()
+    w = initramfs.CpioWriter(buf)
+    w.dir("bin")
+    w.chardev("dev/console", 5, 1)
+    w.file("init", b"#!/bin/sh\necho hi\n", 0o755)
+    w.symlink("bin/sh", "busybox")
+    w.file("odd", b"x" * 3)
+    w.close()
+    data = buf.getvalue()
+    assert len(data) % 512 == 0
+    res = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True)
+    listing = res.stdout.decode()
+    assert "init" in listing and "dev/console" in listing and "bin/sh -> busybox" in listing
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet", "init", "odd"], input=data, cwd=out, check=True)
+    assert (out / "init").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert os.access(out / "init", os.X_OK)
+    assert (out / "odd").read_bytes() == b"xxx"
+
+
+def test_pvh_note_detection_rejects_non_elf():
+    assert not initramfs._has_pvh_note(b"MZ" + b"\0" * 100)
+
+
+def test_rootfs_recipe_hash_follows_recipe(monkeypatch):
+    monkeypatch.setattr(rootfs, "host_xtables_version", lambda: "1.8.9-2")
+    base = rootfs.recipe()
+    assert rootfs.recipe_hash(base) == rootfs.recipe_hash(rootfs.recipe())
+    more = dict(base, packages=sorted(base["packages"] + ["strace"]))
+    assert rootfs.recipe_hash(more) != rootfs.recipe_hash(base)
+    other_host = dict(base, xtables="1.8.10-1")
+    assert rootfs.recipe_hash(other_host) != rootfs.recipe_hash(base)
+    # every guest script is part of the recipe
+    assert set(base["guest_files"]) == set(rootfs.GUEST_FILES)
+
+
+def test_rootfs_mirror_from_host_apt_sources(monkeypatch, tmp_path):
+    monkeypatch.delenv("NFLAB_MIRROR", raising=False)
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text("Types: deb\nURIs: http://other.example/x\nSuites: trixie\n\n"
+                      "Types: deb\nURIs: http://mirror.example/debian\n"
+                      "Suites: bookworm bookworm-updates\nComponents: main\n")
+    assert rootfs.mirror([deb822]) == "http://mirror.example/debian"
+    one_line = tmp_path / "sources.list"
+    one_line.write_text("# x\ndeb [arch=amd64] http://line.example/debian bookworm main\n")
+    assert rootfs.mirror([one_line, deb822]) == "http://line.example/debian"
+    assert rootfs.mirror([tmp_path / "missing"]) is None
+    monkeypatch.setenv("NFLAB_MIRROR", "http://env.example/debian")
+    assert rootfs.mirror([deb822]) == "http://env.example/debian"
+
+
+@pytest.mark.parametrize("name", ["default", "k6-12", "a_b", "X1"])
+def test_vm_names_ok(name):
+    assert lab.check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a b", "-x", "x" * 33, "a/b"])
+def test_vm_names_rejected(name):
+    with pytest.raises(VMError):
+        lab.check_name(name)
+
+
+def test_ssh_config_has_what_testinfra_needs(tmp_path):
+    path = lab.write_ssh_config("k1", tmp_path, 40022, Path("/c/ssh/id_ed25519"))
+    text = path.read_text()
+    for line in ("Host nflab-k1", "HostName 127.0.0.1", "Port 40022", "User root",
+                 "IdentityFile /c/ssh/id_ed25519", "StrictHostKeyChecking no",
+                 "UserKnownHostsFile /dev/null", "LogLevel ERROR", "ControlMaster auto",
+                 f"ControlPath {tmp_path}/ssh.ctl", "ControlPersist 60", "BatchMode yes"):
+        assert line in text
+    # ssh itself accepts the file
+    res = subprocess.run(["ssh", "-G", "-F", str(path), "nflab-k1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "port 40022" in res.stdout
+
+
+def test_control_path_stays_short(tmp_path):
+    deep = tmp_path / ("d" * 120)
+    assert len(lab._control_path(deep)) < 108
+    assert lab._control_path(Path("/c/vms/x")) == "/c/vms/x/ssh.ctl"
+
+
+def test_pid_alive_checks_the_vm_dir(tmp_path):
+    assert lab.pid_alive(os.getpid())
+    assert not lab.pid_alive(os.getpid(), tmp_path / "not-my-vm")
+    assert not lab.pid_alive(0)
+    assert not lab.pid_alive(2 ** 22 + 12345)
+
+
+def test_state_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
+    d = lab.vm_dir("s1")
+    d.mkdir(parents=True)
+    st = lab.VMState(name="s1", dir=str(d), spec="6.1", release="6.1.0-56-cloud-amd64", pid=1,
+                     ports={"ssh": 1, "wire": {"eth1": {"guest": 2, "host": 3, "mac": "m"}}},
+                     ssh_config=str(d / "ssh_config"), host="nflab-s1", accel="tcg",
+                     machine="microvm", started_at=0.0)
+    lab._save(st)
+    again = lab.load("s1")
+    assert again == st
+    assert again.wire["eth1"].host == 3
+    assert again.testinfra_spec == f"ssh://nflab-s1?ssh_config={d}/ssh_config"
+    assert [s.name for s in lab.all_states()] == ["s1"]
+
+
+def test_require_unknown_vm_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
+    with pytest.raises(VMError, match="not running") as exc:
+        lab.require("nope")
+    assert "vm-up --vm=nope" in exc.value.hint
