@@ -28,6 +28,13 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 OPTION_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 IDENT_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+# C keywords and macros every kernel/userspace compile predefines: never usable as members
+C_RESERVED = frozenset("""
+auto break case char const continue default do double else enum extern float for goto if
+inline int long register restrict return short signed sizeof static struct switch typedef
+union unsigned void volatile while _Bool _Complex _Static_assert asm typeof bool true false
+linux unix i386 current jiffies NULL min max likely unlikely
+""".split())
 NAME_MAX = 28           # XT_EXTENSION_MAXNAMELEN (29) minus the NUL
 MODULE_NAME_MAX = 55    # MODULE_NAME_LEN (64 - sizeof(unsigned long)) minus the NUL
 TEXT_MAX = 512
@@ -311,6 +318,17 @@ def check_name(name, where="extension") -> str:
     return name
 
 
+def check_ident(value, where, field_name) -> str:
+    """A lower-case C identifier usable as a struct member, constant or variable."""
+    if not isinstance(value, str) or not IDENT_RE.fullmatch(value):
+        raise _fail(where, field_name, f"{value!r} is not a lower-case C identifier",
+                    "a lower-case C identifier: letters, digits and _, starting with a letter")
+    if value.startswith("_") or value in C_RESERVED:
+        raise _fail(where, field_name, f"{value!r} is reserved in C or the kernel",
+                    "a name that is not a C keyword, predefined macro or _-prefixed")
+    return value
+
+
 def check_text(value, where, field_name, maximum=TEXT_MAX) -> str:
     if not isinstance(value, str):
         raise _fail(where, field_name, "not a string", "a quoted TOML string")
@@ -368,9 +386,9 @@ def _option(raw, index, where) -> Option:
     if otype not in OPTION_TYPES:
         raise _fail(owhere, "type", f"unknown option type {otype!r}", ", ".join(OPTION_TYPES))
     fld = raw.get("field", name.replace("-", "_"))
-    if not isinstance(fld, str) or not IDENT_RE.fullmatch(fld) or fld == "flags":
-        raise _fail(owhere, "field", f"{fld!r} is not a usable C member name",
-                    "a lower-case C identifier other than 'flags'")
+    if fld == "flags":
+        raise _fail(owhere, "field", "'flags' is the kit's own member", "a C identifier other than 'flags'")
+    check_ident(fld, owhere, "field")
     opt = Option(name=name, type=otype, field=fld, index=index,
                  help=check_text(raw.get("help", ""), owhere, "help", 200),
                  label=check_text(raw.get("label", name), owhere, "label", 60),
@@ -395,7 +413,13 @@ def _option(raw, index, where) -> Option:
         if key in raw:
             if not otype.startswith("uint") or isinstance(raw[key], bool) or not isinstance(raw[key], int):
                 raise _fail(owhere, key, f"{raw[key]!r}", "an integer bound on a uint option")
+            # libxtables keeps bounds in unsigned int (xt_option_entry.min/max)
+            top = min(2 ** int(otype[4:]) - 1, 2 ** 32 - 1)
+            if not 0 <= raw[key] <= top:
+                raise _fail(owhere, key, f"{raw[key]} is out of range", f"0..{top}")
             setattr(opt, "minimum" if key == "min" else "maximum", raw[key])
+    if opt.minimum is not None and opt.maximum is not None and opt.minimum > opt.maximum:
+        raise _fail(owhere, "min", f"min {opt.minimum} > max {opt.maximum}", "min <= max")
     return opt
 
 
@@ -435,8 +459,8 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     ext.author = check_text(raw.get("author", "nflab"), where, "author", 100)
     ext.test = raw.get("test", {}) if isinstance(raw.get("test", {}), dict) else {}
     info_name = raw.get("info_name", "")
-    if info_name and (not isinstance(info_name, str) or not IDENT_RE.fullmatch(info_name)):
-        raise _fail(where, "info_name", f"{info_name!r}", "a C identifier")
+    if info_name:
+        check_ident(info_name, where, "info_name")
     ext.info_name = info_name
     ext.flags_type = raw.get("flags_type", "__u8")
     if ext.flags_type not in ("__u8", "__u16", "__u32", "none"):
@@ -470,9 +494,9 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         raise _fail(where, "private", "not a list", "[[private]] name=... type=...")
     for p in privs:
         if (not isinstance(p, dict) or p.get("type") not in PRIVATE_TYPES
-                or not isinstance(p.get("name"), str) or not IDENT_RE.fullmatch(p["name"])
-                or p["name"] in seen or p["name"] == "flags"):
+                or not isinstance(p.get("name"), str) or p["name"] in seen or p["name"] == "flags"):
             raise _fail(where, "private", f"{p!r}", "name = a new C identifier, type = " + ", ".join(PRIVATE_TYPES))
+        check_ident(p["name"], where, "private name")
         seen.add(p["name"])
     ext.private = privs
     if kind == "hook":
@@ -491,14 +515,59 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     params = raw.get("params", [])
     if not isinstance(params, list):
         raise _fail(where, "params", "not a list", "[[params]] name=... type=... default=...")
+    pnames = set()
     for p in params:
-        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not IDENT_RE.fullmatch(p["name"])
-                or p.get("type") not in ("int", "uint", "bool", "charp")):
-            raise _fail(where, "params", f"{p!r}", "name = C identifier, type = int, uint, bool or charp")
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str)
+                or p.get("type") not in ("int", "uint", "bool", "charp") or p["name"] in pnames):
+            raise _fail(where, "params", f"{p!r}", "name = a new C identifier, type = int, uint, bool or charp")
+        check_ident(p["name"], where, "params name")
+        pnames.add(p["name"])
         check_text(p.get("help", ""), where, "params.help", 200)
+        _check_param_default(p, where)
     ext.params = params
+    _check_generated_names(ext, where)
     _check_collision(ext, where, kernel_modules)
     return ext
+
+
+def _check_param_default(p: dict, where: str):
+    if "default" not in p:
+        return
+    value, kind = p["default"], p["type"]
+    ranges = {"int": (INT_MIN, INT_MAX), "uint": (0, 2**32 - 1)}
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "charp":
+        ok = isinstance(value, str) and check_text(value, where, "params.default", 200) is not None
+    else:
+        lo, hi = ranges[kind]
+        ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    if not ok:
+        raise _fail(where, f"params {p['name']} default", f"{value!r} does not fit {kind}",
+                    {"bool": "true or false", "charp": "a string"}.get(kind, f"an integer in {ranges.get(kind)}"))
+
+
+def _check_generated_names(ext: Extension, where: str):
+    """Members and constants derived from different options must not collide."""
+    members = [m.name for m in ext.members]
+    dup = sorted({m for m in members if members.count(m) > 1})
+    if dup:
+        raise _fail(where, "options", f"two options generate the struct member {dup[0]}",
+                    "option names and fields whose derived member names differ")
+    seen = {}
+    names = []
+    for opt in ext.options:
+        names.append((ext.flag_const(opt), f"--{opt.name}"))
+        if opt.invert:
+            names.append((ext.inv_const(opt), f"! --{opt.name}"))
+        names.append((opt.id_const, f"--{opt.name}"))
+        for c in opt.choices:
+            names.append((f"{opt.ident}_{c}".upper().replace("-", "_"), f"--{opt.name} {c}"))
+    for name, origin in names:
+        if name in seen and seen[name] != origin:
+            raise _fail(where, "options", f"{origin} and {seen[name]} both generate {name}",
+                        "option names and fields whose derived C names differ")
+        seen.setdefault(name, origin)
 
 
 def _validate_hook(ext: Extension, raw: dict, where: str):

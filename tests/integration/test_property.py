@@ -179,11 +179,6 @@ def _compile(ext) -> None:
         assert "-Werror" in (Path(tmp) / kernel.release / ext.name / "Kbuild").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG kmods/templates/match.c.j2:21 and target.c.j2:20 "
-                   "declare `info` in every per-family function, but the default blocks "
-                   "(`return true;` / `return {{ ext.verdict }};`) never use it, so any match or "
-                   "target without its own template fails -Werror=unused-variable (same for "
-                   "_destroy at match.c.j2:48 / target.c.j2:47 with private members)")
 @settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @example(copy.deepcopy(MATCH_RAW))
@@ -249,12 +244,6 @@ KNOWN_BAD = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG kmods/spec.py validate accepts definitions whose "
-                   "generated C does not compile: C keywords/macros or leading '__' as member "
-                   "names, derived-name collisions (FIELD_INV, FIELD_min/_max), uint min/max "
-                   "and int param defaults outside the C type; and (userspace_ext/templates/"
-                   "libxt.c.j2:20,:48) a match/target with no options renders an empty "
-                   "`enum {}` and an unused `info` in _parse, so the plugin fails -Werror")
 @pytest.mark.parametrize("raw", [k[1] for k in KNOWN_BAD], ids=[k[0] for k in KNOWN_BAD])
 def test_known_bad_definitions_compile_or_are_rejected(raw, tmp_path):
     try:
