@@ -1,0 +1,101 @@
+"""Helpers shared by the catalog suites (issue 5): tagged traffic through the
+routed guest, kit-module checks, FORWARD chain hygiene, module reloads.
+
+Every suite sends scapy packets from the host side of the client wire and
+sniffs the server wire (see ``vm/wire.py``); what arrives is identified by the
+tag in its payload (``vm.wire.payload``), never by timing alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+GUEST_DIR = "/root/nflab"          # where vm/install.py puts the .ko and .so
+CLIENT4, SERVER4 = "192.0.2.2", "198.51.100.2"
+CLIENT6, SERVER6 = "2001:db8:1::2", "2001:db8:2::2"
+PEERS = {"ipv4": (CLIENT4, SERVER4), "ipv6": (CLIENT6, SERVER6)}
+TOOLS = {"ipv4": "iptables", "ipv6": "ip6tables"}
+BACKENDS = ("legacy", "nft")
+
+
+def l3(family):
+    from scapy.all import IP, IPv6
+    return IP if family == "ipv4" else IPv6
+
+
+def assert_kit_module(host, module):
+    """*module* is loaded in the guest and is the kit's (taint O, nflab- version)."""
+    taint = host.file(f"/sys/module/{module}/taint")
+    assert taint.exists, f"{module} is not loaded (run `invoke install --name=...`)"
+    assert "O" in taint.content_string, f"the loaded {module} is not the kit's (taint {taint.content_string!r})"
+    version = host.file(f"/sys/module/{module}/version")
+    assert version.exists and version.content_string.startswith("nflab-"), f"{module}: no nflab version"
+
+
+def flush_chains(host, chains=(("filter", "FORWARD"),)):
+    for family, tool in TOOLS.items():
+        for backend in BACKENDS:
+            for table, chain in chains:
+                host.run(f"{tool}-{backend} -w -t {table} -F {chain}")
+            host.run(f"{tool}-{backend} -w -P FORWARD ACCEPT")
+
+
+def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", into="server",
+                timeout=4.0, settle=0.6) -> set:
+    """Send {tag: packet} from *out*; return the set of tags that arrived on *into*.
+
+    Waits up to *timeout* for *expect* packets (default: all), then *settle*
+    seconds more so packets that should have been dropped get their chance."""
+    from vm.wire import has_tag
+
+    since = wire.mark(into)
+    wire.send(out, list(pkts.values()))
+    want = len(pkts) if expect is None else expect
+    match = lambda p: any(has_tag(p, t) for t in pkts)          # noqa: E731
+    got = wire.sniff(into, match, count=max(want, 1), timeout=timeout if want else settle,
+                     since=since)
+    got += wire.sniff(into, match, count=len(pkts) + 1, timeout=settle, since=wire.mark(into))
+    return {t for t in pkts for p in got if has_tag(p, t)}
+
+
+def send_one_by_one(wire, pkts: dict, *, out="client", into="server", timeout=1.5) -> set:
+    """Like send_tagged but one packet at a time, in order (stateful matches)."""
+    arrived = set()
+    for tag, pkt in pkts.items():
+        arrived |= send_tagged(wire, {tag: pkt}, expect=1, out=out, into=into,
+                               timeout=timeout, settle=0.0)
+    return arrived
+
+
+def rule_counters(host, tool, backend, table="filter", chain="FORWARD", key=r"--dport (\d+)"):
+    """{key match: packets} from ``iptables-save -c`` for rules of *chain*."""
+    out = host.check_output(f"{tool}-{backend}-save -c -t {table}")
+    counts = {}
+    for line in out.splitlines():
+        m = re.match(rf"\[(\d+):(\d+)\] -A {chain} (.*)$", line)
+        if m:
+            k = re.search(key, m.group(3))
+            if k:
+                counts[k.group(1)] = counts.get(k.group(1), 0) + int(m.group(1))
+    return counts
+
+
+def reload_module(host, module, params=""):
+    """rmmod + insmod the kit's .ko with *params*; returns the insmod result."""
+    host.run(f"rmmod {module} 2>/dev/null")
+    return host.run(f"insmod {GUEST_DIR}/{module}.ko {params}")
+
+
+def proc_lines(host, name, prefix):
+    """Lines of /proc/net/<name> starting with *prefix*, split into words."""
+    text = host.file(f"/proc/net/{name}").content_string
+    return [ln.split() for ln in text.splitlines() if ln.startswith(prefix + " ")]
+
+
+@pytest.fixture
+def clean_forward(host, routed):
+    flush_chains(host)
+    yield
+    flush_chains(host)

@@ -1,0 +1,95 @@
+"""portdrop: drop by destination port at a load-time priority.
+
+The module is reloaded with ``port``/``proto``/``prio``. Packets to the port
+must vanish (others arrive); a raw-table PREROUTING rule (priority -300)
+counts the dropped packets only when portdrop sits after it, which proves
+the priority took effect. Bad parameters make insmod fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.suites.catalog_helpers import (PEERS, TOOLS, assert_kit_module, l3, proc_lines,
+                                          reload_module, rule_counters, send_tagged)
+
+pytestmark = pytest.mark.vm
+MOD = "nflab_portdrop"
+PORT = 40100
+
+
+@pytest.fixture
+def portdrop(host, routed):
+    assert_kit_module(host, MOD)
+    yield lambda params: reload_module(host, MOD, params)
+    for fam, tool in TOOLS.items():
+        host.run(f"{tool}-legacy -w -t raw -F PREROUTING")
+    reload_module(host, MOD)             # back to the default: drops nothing
+
+
+def _effective(host):
+    return dict(kv.split("=") for kv in proc_lines(host, MOD, "config")[0][1:])
+
+
+@pytest.mark.parametrize("prio,raw_sees", [(-350, False), (-250, True)])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag):
+    from scapy.all import TCP, UDP
+    from vm.wire import payload
+
+    res = portdrop(f"port={PORT} proto=udp prio={prio}")
+    assert res.rc == 0, res.stderr
+    assert _effective(host) == {"port": str(PORT), "proto": "udp", "prio": str(prio)}
+    tool = TOOLS[family]
+    host.run_test(f"{tool}-legacy -w -t raw -A PREROUTING -p udp --dport {PORT} -j ACCEPT")
+    client, server = PEERS[family]
+    L3 = l3(family)
+    drop, keep = {}, {}
+    for i in range(3):
+        t = tag()
+        drop[t] = L3(src=client, dst=server) / UDP(sport=33000 + i, dport=PORT) / payload(t, 48)
+    t = tag()
+    keep[t] = L3(src=client, dst=server) / UDP(sport=33000, dport=PORT + 1) / payload(t, 48)
+    t = tag()   # proto=udp: TCP to the same port passes
+    keep[t] = L3(src=client, dst=server) / TCP(sport=33000, dport=PORT, flags="S") / payload(t, 48)
+    arrived = send_tagged(wire, {**drop, **keep}, expect=len(keep))
+    assert arrived == set(keep), f"arrived {sorted(arrived)}, expected only {sorted(keep)}"
+    raw = rule_counters(host, tool, "legacy", table="raw", chain="PREROUTING").get(str(PORT), 0)
+    assert raw == (len(drop) if raw_sees else 0), \
+        f"raw PREROUTING (-300) counted {raw} with portdrop at {prio}"
+    dropped = {(w[2], w[3]): int(w[4]) for w in proc_lines(host, MOD, "dropped")}
+    assert dropped[(family, "PRE_ROUTING")] == len(drop)
+
+
+def test_proto_any_and_tcp(host, wire, portdrop, tag):
+    from scapy.all import IP, TCP, UDP
+    from vm.wire import payload
+
+    c, s = PEERS["ipv4"]
+    for proto, dropped_l4 in (("any", {"udp", "tcp"}), ("tcp", {"tcp"})):
+        assert portdrop(f"port={PORT} proto={proto}").rc == 0
+        pkts, gone = {}, set()
+        for l4, hdr in (("udp", UDP(sport=1, dport=PORT)), ("tcp", TCP(sport=1, dport=PORT, flags="S"))):
+            t = tag()
+            pkts[t] = IP(src=c, dst=s) / hdr / payload(t, 48)
+            if l4 in dropped_l4:
+                gone.add(t)
+        assert send_tagged(wire, pkts, expect=len(pkts) - len(gone)) == set(pkts) - gone, proto
+
+
+def test_default_drops_nothing(host, wire, portdrop, tag):
+    from scapy.all import IP, UDP
+    from vm.wire import payload
+
+    assert portdrop("").rc == 0
+    assert _effective(host) == {"port": "0", "proto": "any", "prio": "1"}
+    t = tag()
+    c, s = PEERS["ipv4"]
+    assert send_tagged(wire, {t: IP(src=c, dst=s) / UDP(dport=PORT) / payload(t, 48)}) == {t}
+
+
+@pytest.mark.parametrize("params", ["proto=icmp", "port=70000"])
+def test_bad_params_refused(host, portdrop, params):
+    res = portdrop(params)
+    assert res.rc != 0
+    assert not host.file(f"/sys/module/{MOD}").exists
