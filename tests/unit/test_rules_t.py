@@ -41,13 +41,30 @@ def test_rule_before_chain_is_an_error():
 def test_results_judge_exit_codes_and_saved_lines():
     cases = rules_t.parse(SAMPLE, "libxt_x.t")[:1] + rules_t.parse(SAMPLE, "libxt_x.t")[4:5]
     out = "\n".join([
-        "@@NFLAB-T 0", "rc 0", "saved -A INPUT -m iprange --src-range 1.1.1.1-1.1.1.10", "@@NFLAB-T-END",
-        "@@NFLAB-T 1", "rc 2", "err iptables v1.8.9: --src-range: range start", "@@NFLAB-T-END"])
+        "@@NFLAB-T 0", "rc 0", "@@NFLAB-T-END",
+        "@@NFLAB-T 1", "rc 2", "err iptables v1.8.9: --src-range: range start", "@@NFLAB-T-END",
+        "@@NFLAB-T-SAVE filter", "*filter", ":INPUT ACCEPT [0:0]",
+        "-A INPUT -m iprange --src-range 1.1.1.1-1.1.1.10", "COMMIT", "@@NFLAB-T-END"])
     res = rules_t.results(cases, "nft", out)
-    assert all(r.passed for r in res)
+    assert all(r.passed for r in res), [r.problem for r in res]
     wrong = out.replace("1.1.1.1-1.1.1.10", "1.1.1.1-1.1.1.9").replace("rc 2", "rc 0")
     res = rules_t.results(cases, "nft", wrong)
     assert "expected" in res[0].problem and "expected FAIL" in res[1].problem
+
+
+def test_saved_lines_map_to_accepted_rules_in_order():
+    cases = rules_t.parse(SAMPLE, "libxt_x.t")
+    inputs = [i for i, c in enumerate(cases) if c.chain == "INPUT" and c.ok]
+    out = []
+    for i, c in enumerate(cases):
+        out += [f"@@NFLAB-T {i}", f"rc {0 if c.ok else 2}", "@@NFLAB-T-END"]
+    out += ["@@NFLAB-T-SAVE filter"]
+    out += [f"-A {c.chain} {c.saved}" for c in cases if c.ok and c.table == "filter"]
+    out += ["@@NFLAB-T-END", "@@NFLAB-T-SAVE mangle",
+            "-A PREROUTING -m iprange --dst-range 10.0.0.0-10.0.0.1", "@@NFLAB-T-END"]
+    res = rules_t.results(cases, "legacy", "\n".join(out))
+    assert all(r.passed for r in res), [r.problem for r in res if not r.passed]
+    assert len(inputs) == 2
 
 
 def test_truncated_output_is_reported():
