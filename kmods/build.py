@@ -136,6 +136,9 @@ def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = No
         art.so = plugin.build(ext, out, force=art.rebuilt)
     info = module_info(ko)
     art.vermagic, art.srcversion = info["vermagic"], info["srcversion"]
+    # stock modules whose symbols the .ko uses (nf_conncount, nf_reject_ipv4...):
+    # install insmods the kit module, which resolves nothing, so they are modprobed first
+    art.deps = list(dict.fromkeys(art.deps + [d for d in info["depends"].split(",") if d]))
     if art.vermagic.split()[0] != kernel.release:
         ko.unlink(missing_ok=True)
         raise BuildError(f"{ko.name} has vermagic {art.vermagic!r}, expected {kernel.release}",
