@@ -81,6 +81,10 @@ OPTION_TYPES = {
     "iprange": OptionType("iprange", "XTTYPE_STRING", "union nf_inet_addr", 16, 4, False,
                           ("_min", "_max")),
     "choice": OptionType("choice", "XTTYPE_STRING", "__u8", 1, 1, False),
+    # parsed and printed by the extension's own plugin functions
+    # <prefix>_parse_<option>() / <prefix>_print_<option>(); with `length` it owns
+    # a counted byte buffer (char <field>[length] + __u8 <field>_len), else no member
+    "custom": OptionType("custom", "XTTYPE_STRING", "char", 1, 1, False, ("", "_len")),
 }
 # kernel-private members (counters, pointers) that userspace never fills
 PRIVATE_TYPES = {
@@ -269,8 +273,13 @@ def struct_members(ext: Extension) -> list:
         ot = opt.otype
         if ot.ctype is None:
             continue
+        if opt.type == "custom" and not opt.length:
+            continue
         for suffix in ot.members:
-            if opt.type == "string":
+            if opt.type == "custom":
+                members.append(Member("char", f"{opt.field}", opt.length, opt.length, 1) if not suffix
+                               else Member("__u8", f"{opt.field}_len", 0, 1, 1))
+            elif opt.type == "string":
                 members.append(Member("char", f"{opt.field}{suffix}", opt.length, opt.length, 1))
             else:
                 members.append(Member(ot.ctype, f"{opt.field}{suffix}", 0, ot.size, ot.align))
@@ -401,6 +410,11 @@ def _option(raw, index, where) -> Option:
         length = raw.get("length", 32)
         if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 256:
             raise _fail(owhere, "length", f"{length!r}", "an integer buffer size 2..256")
+        opt.length = length
+    if otype == "custom" and "length" in raw:
+        length = raw["length"]
+        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 255:
+            raise _fail(owhere, "length", f"{length!r}", "an integer buffer size 2..255 (its length is a __u8)")
         opt.length = length
     if otype == "choice":
         choices = raw.get("choices")
