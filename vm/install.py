@@ -40,7 +40,21 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
     return res.stdout
 
 
-def install(name: str, vm: str = "default", *, progress=None) -> Installed:
+def _params(params: dict | None) -> str:
+    """insmod's name=value words; values are quoted for the guest shell."""
+    words = []
+    for key, value in (params or {}).items():
+        if not key.isidentifier():
+            raise NflabError(f"module parameter {key!r} is not a C identifier")
+        if isinstance(value, bool):
+            value = int(value)
+        words.append(f"{key}={shlex.quote(str(value))}")
+    return " ".join(words)
+
+
+def install(name: str, vm: str = "default", *, params: dict | None = None, progress=None,
+            timeout: float = 60) -> Installed:
+    """Build *name* for VM *vm*'s kernel, load it there (with module *params*), prove it."""
     from kmods.build import build_extension
     from vm import kernels, lab
 
@@ -63,7 +77,7 @@ def install(name: str, vm: str = "default", *, progress=None) -> Installed:
         f"for d in {deps}; do modprobe $d; done" if deps else ":",
         # an in-tree or older kit module of the same name must go first
         f"if [ -d /sys/module/{mod} ]; then rmmod {mod}; fi",
-        f"insmod {GUEST_DIR}/{art.ko.name}",
+        f"insmod {GUEST_DIR}/{art.ko.name} {_params(params)}".rstrip(),
         f"cat /sys/module/{mod}/taint",
         f"cat /sys/module/{mod}/srcversion 2>/dev/null || echo -",
     ]
@@ -72,7 +86,7 @@ def install(name: str, vm: str = "default", *, progress=None) -> Installed:
         lab.copy_to(vm, art.so, f"{GUEST_DIR}/{art.so.name}", mode=0o644)
         script[1:1] = [f"if [ -f {so} ] && [ ! -f {so}.nflab-orig ]; then cp -p {so} {so}.nflab-orig; fi",
                        f"install -m 0644 {GUEST_DIR}/{art.so.name} {so}"]
-    out = _sh(vm, "\n".join(script), f"loading {mod}").split()
+    out = _sh(vm, "\n".join(script), f"loading {mod}", timeout=timeout).split()
     taint, srcversion = (out[-2], out[-1]) if len(out) >= 2 else ("", "")
     if "O" not in taint:
         raise VMError(f"{mod} in VM {vm!r} has taint {taint!r} without O: not the kit's module",

@@ -1,0 +1,67 @@
+"""Guest faults end the running task: non-zero, console excerpt, no QEMU left.
+
+The catalog-only `faulty` hook module oopses, BUGs or spins on demand (a
+write to /proc/net/nflab_faulty) or never finishes its init. Each case runs
+in a fresh VM and must end within its time budget with a VMError naming the
+fault and carrying the console lines that show it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from nflab.errors import NflabError, VMError
+from vm import install, lab
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+KERNEL = "6.1"
+VM = "it-fault"
+
+
+def _qemu_of(vm: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", f"qemu-system.*-name nflab-{vm}( |,)"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def faulty_vm():
+    lab.down(VM)
+    lab.up(KERNEL, VM, progress=lambda *_: None)
+    install.install("faulty", VM)
+    yield VM
+    lab.down(VM)
+    assert not _qemu_of(VM), "QEMU of the fault VM survived"
+
+
+@pytest.mark.parametrize("fault,console", [("oops", "NULL pointer dereference"),
+                                           ("bug", "kernel BUG at")])
+def test_oops_and_bug_end_the_command_with_the_console_excerpt(faulty_vm, fault, console):
+    t0 = time.monotonic()
+    with pytest.raises(VMError) as info:
+        lab.exec(faulty_vm, f"echo {fault} > /proc/net/nflab_faulty", timeout=120)
+    elapsed = time.monotonic() - t0
+    text = f"{info.value}\n{info.value.detail or ''}"
+    assert console in text, text
+    assert elapsed < 120, f"took {elapsed:.0f}s"
+    assert not _qemu_of(faulty_vm), "the crashed VM's QEMU is still running"
+    with pytest.raises(VMError):
+        lab.exec(faulty_vm, "true", timeout=10)
+
+
+def test_module_hanging_in_init_ends_install_within_its_budget():
+    lab.down(VM)
+    lab.up(KERNEL, VM, progress=lambda *_: None)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NflabError) as info:
+            install.install("faulty", VM, params={"hang_in_init": True}, timeout=20)
+        assert time.monotonic() - t0 < 90
+        assert "timed out" in str(info.value) or "answer" in str(info.value), str(info.value)
+    finally:
+        lab.down(VM)
+    assert not _qemu_of(VM)
