@@ -83,7 +83,8 @@ OPTION_TYPES = {
     "choice": OptionType("choice", "XTTYPE_STRING", "__u8", 1, 1, False),
     # parsed and printed by the extension's own plugin functions
     # <prefix>_parse_<option>() / <prefix>_print_<option>(); with `length` it owns
-    # a counted byte buffer (char <field>[length] + __u8 <field>_len), else no member
+    # a counted byte buffer (char <field>[length] + __u8 <field>_len), with
+    # `member = "uint8".."uint64"` one integer member <field>, else no member
     "custom": OptionType("custom", "XTTYPE_STRING", "char", 1, 1, False, ("", "_len")),
 }
 # kernel-private members (counters, pointers) that userspace never fills
@@ -107,6 +108,7 @@ class Option:
     minimum: int | None = None
     maximum: int | None = None
     label: str = ""      # word used by `iptables -L` print
+    member: str = ""     # custom options: integer type of their own member
     index: int = 0       # bit position of the "present" flag
 
     @property
@@ -273,6 +275,10 @@ def struct_members(ext: Extension) -> list:
         ot = opt.otype
         if ot.ctype is None:
             continue
+        if opt.type == "custom" and opt.member:
+            mt = OPTION_TYPES[opt.member]
+            members.append(Member(mt.ctype, opt.field, 0, mt.size, mt.align))
+            continue
         if opt.type == "custom" and not opt.length:
             continue
         for suffix in ot.members:
@@ -382,7 +388,7 @@ def _option(raw, index, where) -> Option:
     if not isinstance(raw, dict):
         raise _fail(where, "options", "each option must be a table", "[[options]] name=... type=...")
     known = {"name", "type", "help", "field", "invert", "mandatory", "length", "choices",
-             "min", "max", "label"}
+             "min", "max", "label", "member"}
     extra = set(raw) - known
     if extra:
         raise _fail(where, "options", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(known)))
@@ -416,6 +422,13 @@ def _option(raw, index, where) -> Option:
         if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 255:
             raise _fail(owhere, "length", f"{length!r}", "an integer buffer size 2..255 (its length is a __u8)")
         opt.length = length
+    if "member" in raw:
+        if otype != "custom" or raw["member"] not in ("uint8", "uint16", "uint32", "uint64"):
+            raise _fail(owhere, "member", f"{raw['member']!r}",
+                        "uint8, uint16, uint32 or uint64, on a custom option")
+        if "length" in raw:
+            raise _fail(owhere, "member", "both member and length", "one of them")
+        opt.member = raw["member"]
     if otype == "choice":
         choices = raw.get("choices")
         if (not isinstance(choices, list) or not choices or len(choices) > 255

@@ -50,3 +50,15 @@ def test_no_fcheck_unless_filled():
 def test_catalog_renders(name):
     files = render.render(spec.load(name))
     assert all(text.endswith("\n") for text in files.values())
+
+
+@pytest.mark.parametrize("member,ctype", [("uint8", "__u8"), ("uint32", "__u32"), ("uint64", "__aligned_u64")])
+def test_custom_with_integer_member(member, ctype):
+    ext = _custom(member=member)
+    assert (ext.members[0].ctype, ext.members[0].name) == (ctype, "pat")
+
+
+@pytest.mark.parametrize("extra", [{"member": "int"}, {"member": "uint32", "length": 8}])
+def test_custom_member_refused(extra):
+    with pytest.raises(SpecError):
+        _custom(**extra)

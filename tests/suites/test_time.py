@@ -1,0 +1,89 @@
+"""time: rules decided by a controllable guest clock (``date -u -s``).
+
+One DROP rule per port in FORWARD; for each clock setting the host sends one
+UDP packet per port and the set that arrives must be exactly what the
+classic semantics say (UTC, inclusive ranges, ranges past midnight,
+--contiguous, weekdays/monthdays and their negation, date ranges). The
+guest clock is put back to the host's time afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
+                                          l3, send_tagged)
+
+pytestmark = pytest.mark.vm
+
+RULES = {
+    40701: "--timestart 11:00 --timestop 13:00",
+    40702: "--timestart 22:00 --timestop 02:00",
+    40703: "--timestart 22:00 --timestop 02:00 --weekdays Wed --contiguous",
+    40704: "--weekdays Wed",
+    40705: "! --weekdays Wed",
+    40706: "--monthdays 6",
+    40707: "--datestart 2024-03-01 --datestop 2024-03-31T23:59:59",
+    40708: "--timestart 12:00:00 --timestop 12:00:30",
+    40709: "--timestart 22:00 --timestop 02:00 --weekdays Wed",
+    40710: "! --monthdays 6",
+}
+# clock (UTC) -> ports whose rule matches (packet dropped)
+CLOCKS = {
+    "2024-03-06 12:00:00": {40701, 40704, 40706, 40707, 40708},            # Wednesday the 6th
+    "2024-03-06 23:30:00": {40702, 40703, 40704, 40706, 40707, 40709},
+    "2024-03-07 01:00:00": {40702, 40703, 40705, 40707, 40710},            # Thursday, after midnight
+    "2024-04-02 12:00:00": {40701, 40705, 40708, 40710},                   # Tuesday, after the date range
+    "2024-02-29 23:59:59": {40702, 40705, 40710},                          # Thursday, before it
+}
+
+
+@pytest.fixture
+def guest_clock(host):
+    yield lambda when: host.run_test(f"date -u -s '{when}' >/dev/null")
+    host.run(f"date -u -s @{int(time.time())} >/dev/null")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_clock_decides(host, wire, clean_forward, guest_clock, family, backend, tag):
+    from scapy.all import UDP
+    from vm.wire import payload
+
+    assert_kit_module(host, "xt_time")
+    tool = f"{TOOLS[family]}-{backend} -w"
+    for port, opts in RULES.items():
+        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -m time {opts} -j DROP")
+    c, s = PEERS[family]
+    wrong = []
+    for when, dropped in CLOCKS.items():
+        pkts = {}
+        for port in RULES:
+            t = tag()
+            pkts[t] = (port, l3(family)(src=c, dst=s) / UDP(sport=33000, dport=port) / payload(t, 48))
+        guest_clock(when)
+        arrived = send_tagged(wire, {t: p for t, (_, p) in pkts.items()},
+                              expect=len(RULES) - len(dropped), settle=0.4)
+        for t, (port, _) in pkts.items():
+            if (t in arrived) == (port in dropped):
+                wrong.append(f"{when} UTC, -m time {RULES[port]}: "
+                             f"{'arrived' if t in arrived else 'dropped'}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_kerneltz_uses_sys_tz(host, wire, clean_forward, guest_clock, tag):
+    """Without a kernel timezone set (sys_tz 0, as in the lab guest) --kerneltz is UTC."""
+    from scapy.all import IP, UDP
+    from vm.wire import payload
+
+    host.run_test("iptables-legacy -w -A FORWARD -p udp --dport 40720 -m time "
+                  "--timestart 11:00 --timestop 13:00 --kerneltz -j DROP")
+    c, s = PEERS["ipv4"]
+    for when, dropped in (("2024-03-06 12:00:00", True), ("2024-03-06 14:00:00", False)):
+        t = tag()
+        guest_clock(when)
+        arrived = send_tagged(wire, {t: IP(src=c, dst=s) / UDP(dport=40720) / payload(t, 48)},
+                              expect=0 if dropped else 1)
+        assert (t not in arrived) == dropped, when
