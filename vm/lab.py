@@ -241,19 +241,19 @@ def _kill(pid: int, vmdir: Path, grace: float = 2.0):
             _children.pop(name, None)
 
 
-def _qmp_quit(sock_path: Path, timeout: float = 1.0) -> bool:
-    """Ask QEMU to quit over QMP; True if the request was accepted."""
+def _qmp(sock_path: Path, command: str, timeout: float = 1.0) -> bool:
+    """Send one QMP *command* (``quit``, ``stop``, ...); True if QEMU accepted it."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(sock_path))
             f = s.makefile("rwb")
             f.readline()  # greeting
-            for cmd in ("qmp_capabilities", "quit"):
+            for cmd in ("qmp_capabilities", command):
                 f.write(json.dumps({"execute": cmd}).encode() + b"\n")
                 f.flush()
-                f.readline()
-            return True
+                reply = f.readline()
+            return b'"return"' in reply or command == "quit"
     except OSError:
         return False
 
@@ -267,7 +267,7 @@ def _stop_master(state: VMState):
 
 def _teardown(state: VMState, *, graceful: bool = False):
     """Make sure the VM's QEMU and SSH master are gone and forget its state."""
-    if graceful and is_running(state) and _qmp_quit(state.vmdir / "qmp.sock"):
+    if graceful and is_running(state) and _qmp(state.vmdir / "qmp.sock", "quit"):
         deadline = time.monotonic() + 2.0
         while is_running(state) and time.monotonic() < deadline:
             if state.name in _children:
@@ -411,6 +411,53 @@ def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:
     return proc
 
 
+def _boot_once(vm, vmdir, spec, kernel, boot, image, key, pub, accel, machine, budget,
+               progress) -> VMState | None:
+    """One launch: the ready VM, or None if QEMU could not bind its ports (retry).
+    Whatever goes wrong, including Ctrl-C, the QEMU is gone before this returns."""
+    state = None
+    try:
+        with file_lock(vms_dir() / ".ports.lock"):
+            ports = qemu.allocate_ports(_used_ports(vm))
+            state = VMState(
+                name=vm, dir=str(vmdir), spec=spec, release=kernel.release, pid=0,
+                ports=ports.to_dict(),
+                ssh_config=str(write_ssh_config(vm, vmdir, ports.ssh, key)),
+                host=f"nflab-{vm}", accel=accel, machine=machine, started_at=time.time())
+            _save(state)  # reserves the ports for concurrent `up`s
+        launch = qemu.LaunchSpec(
+            name=vm, vmdir=vmdir, kernel=boot.kernel, initrd=boot.initrd,
+            rootfs=image, modules_img=boot.modules_img, ssh_pubkey=pub, ports=ports,
+            accel=accel, machine=machine,
+            tsc_khz=qemu.host_tsc_khz() if accel == "tcg" and machine == "microvm" else None)
+        launch.console_log.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        proc = _launch(state, launch)
+        state.pid = proc.pid
+        _save(state)
+        try:
+            _wait_ready(state, proc, budget, t0, launch.smp)
+        except VMError:
+            qlog = (vmdir / "qemu.log").read_text(errors="replace")
+            if proc.poll() is not None and ("Could not set up host forwarding" in qlog
+                                            or "Address already in use" in qlog):
+                progress(f"port clash ({qlog.strip()[-120:]}), retrying with new ports")
+                _teardown(state)
+                return None
+            raise
+        state.boot_seconds = round(time.monotonic() - t0, 2)
+        state.status = "ready"
+        _save(state)
+        return state
+    except BaseException:
+        if state is not None:
+            child = _children.get(vm)
+            if child is not None and not state.pid:
+                state.pid = child.pid
+            _teardown(state)
+        raise
+
+
 def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
        budget: float | None = None, progress=print) -> VMState:
     """Boot *spec*'s kernel as VM *vm* and return once SSH answers.
@@ -419,13 +466,19 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
     an error unless *replace*. On any failure, Ctrl-C or SIGTERM the QEMU is
     killed before the exception propagates."""
     check_name(vm)
-    kernel = kernels.get(spec, progress=progress)
     vmdir = vm_dir(vm)
     vms_dir().mkdir(parents=True, exist_ok=True)
     with file_lock(vms_dir() / f".{vm}.lock"):
         old = load(vm)
+        healthy = old is not None and is_running(old) and old.status == "ready" \
+            and not qemu.find_fault(console_text(old))
+        if healthy and spec in (old.spec, old.release):
+            # same request as the running VM: no need to ask apt what "6.12" means now
+            progress(f"VM {vm!r} already runs {old.release}; reusing it")
+            return old
+        kernel = kernels.get(spec, progress=progress)
         if old is not None:
-            if is_running(old) and old.status == "ready" and not qemu.find_fault(console_text(old)):
+            if healthy:
                 if old.release == kernel.release:
                     progress(f"VM {vm!r} already runs {old.release}; reusing it")
                     return old
@@ -443,45 +496,14 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
                  f"-M {machine}")
         key, pub = ssh_key()
         vmdir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            with file_lock(vms_dir() / ".ports.lock"):
-                ports = qemu.allocate_ports(_used_ports(vm))
-                state = VMState(
-                    name=vm, dir=str(vmdir), spec=spec, release=kernel.release, pid=0,
-                    ports=ports.to_dict(), ssh_config=str(write_ssh_config(vm, vmdir, ports.ssh, key)),
-                    host=f"nflab-{vm}", accel=accel, machine=machine, started_at=time.time())
-                _save(state)  # reserves the ports for concurrent `up`s
-            launch = qemu.LaunchSpec(
-                name=vm, vmdir=vmdir, kernel=boot.kernel, initrd=boot.initrd,
-                rootfs=image, modules_img=boot.modules_img, ssh_pubkey=pub, ports=ports,
-                accel=accel, machine=machine,
-                tsc_khz=qemu.host_tsc_khz() if accel == "tcg" and machine == "microvm" else None)
-            launch.console_log.unlink(missing_ok=True)
-            t0 = time.monotonic()
+        for _attempt in range(3):
             with _signals_as_interrupt():
-                proc = _launch(state, launch)
-                state.pid = proc.pid
-                _save(state)
-                try:
-                    _wait_ready(state, proc, budget, t0, launch.smp)
-                except VMError as exc:
-                    _teardown(state)
-                    qlog = (vmdir / "qemu.log").read_text(errors="replace")
-                    if proc.returncode is not None and (
-                            "Could not set up host forwarding" in qlog
-                            or "Address already in use" in qlog):
-                        progress(f"port clash ({qlog.strip()[-120:]}), retrying with new ports")
-                        continue
-                    raise exc
-                except BaseException:
-                    _teardown(state)
-                    raise
-            state.boot_seconds = round(time.monotonic() - t0, 2)
-            state.status = "ready"
-            _save(state)
-            progress(f"VM {vm!r} ready in {state.boot_seconds:.2f}s ({accel}); "
-                     f"ssh -F {state.ssh_config} {state.host}")
-            return state
+                state = _boot_once(vm, vmdir, spec, kernel, boot, image, key, pub, accel, machine,
+                                   budget, progress)
+            if state is not None:
+                progress(f"VM {vm!r} ready in {state.boot_seconds:.2f}s ({accel}); "
+                         f"ssh -F {state.ssh_config} {state.host}")
+                return state
         raise VMError(f"could not find free ports for VM {vm!r} after 3 tries")
 
 
@@ -529,32 +551,66 @@ def _probe_answers(state: VMState, timeout: float = 10.0) -> bool:
         return False
 
 
+def _pump(proc: subprocess.Popen, input_data: bytes | None, capture: bool):
+    """Threads that feed stdin and drain stdout/stderr of *proc*, so the caller's thread
+    is free to watch the VM. (Retrying ``communicate(timeout=...)`` would stop writing
+    pending input: CPython re-registers stdin only when input is passed again.)"""
+    out: list[bytes] = []
+    err: list[bytes] = []
+
+    def feed():
+        try:
+            proc.stdin.write(input_data)
+        except OSError:
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+    def drain(stream, sink):
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            sink.append(chunk)
+
+    threads = []
+    if proc.stdin is not None:
+        threads.append(threading.Thread(target=feed, daemon=True))
+    if capture:
+        threads += [threading.Thread(target=drain, args=(proc.stdout, out), daemon=True),
+                    threading.Thread(target=drain, args=(proc.stderr, err), daemon=True)]
+    for t in threads:
+        t.start()
+    return threads, out, err
+
+
 def _watch(state: VMState, proc: subprocess.Popen, timeout: float | None, capture: bool,
            input_data: bytes | None):
     """Wait for ssh *proc* while watching QEMU and the console; returns (rc, out, err)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    out_parts, err_parts = [], []
-    first = True
+    threads, out, err = _pump(proc, input_data, capture)
+
+    def stop():
+        proc.kill()
+        proc.wait()
+        for t in threads:
+            t.join(timeout=2)
+
     while True:
         try:
-            if capture or input_data is not None:
-                o, e = proc.communicate(input=input_data if first else None, timeout=0.1)
-                out_parts.append(o or b"")
-                err_parts.append(e or b"")
-            else:
-                proc.wait(timeout=0.1)
-            return proc.returncode, b"".join(out_parts), b"".join(err_parts)
+            proc.wait(timeout=0.1)
+            for t in threads:
+                t.join(timeout=5)
+            return proc.returncode, b"".join(out), b"".join(err)
         except subprocess.TimeoutExpired:
-            first = False
+            pass
         fault = qemu.find_fault(console_text(state))
         if fault or not is_running(state):
-            proc.kill()
-            proc.communicate()
+            stop()
             _teardown(state)
             raise crash_error(state, "crashed" if fault else "is gone (QEMU exited)", fault=fault)
         if deadline is not None and time.monotonic() > deadline:
-            proc.kill()
-            proc.communicate()
+            stop()
             if _probe_answers(state):
                 raise VMError(f"command timed out after {timeout:g}s in VM {state.name!r}",
                               hint="the VM still answers; raise --timeout or check the command")

@@ -1,0 +1,259 @@
+"""The lab VM for real: boot 6.1 and 6.12, reach them with testinfra, install a
+module, and make sure faults are reported and nothing is left running.
+
+Run with ``NFLAB_CACHE=/var/cache/nflab python -m pytest tests/integration/test_vm.py``
+(the kernels, rootfs and boot pieces come from that cache; the first run builds
+the rootfs, about a minute). VM names start with ``it-`` so a developer's
+``default`` VM is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nflab.errors import VMError
+from nflab.paths import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+lab = pytest.importorskip("vm.lab")
+testinfra = pytest.importorskip("testinfra")
+
+KERNELS = ("6.1", "6.12")
+CRASH_BUDGET = 15.0  # seconds from the fatal command to the VMError, VM gone
+
+
+def qemu_pids_of(vmdir: Path) -> list[int]:
+    """Live QEMU processes whose command line names *vmdir*."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmd.startswith(b"qemu-system") and str(vmdir).encode() + b"/" in cmd and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="session")
+def vms():
+    """Boots VMs on demand (``vms(kernel, name)``) and stops every one at the end."""
+    started: dict[str, object] = {}
+
+    def boot(kernel: str, name: str):
+        if name not in started:
+            started[name] = lab.up(kernel, name, progress=lambda m: None)
+        return started[name]
+
+    yield boot
+    for name in started:
+        lab.down(name)
+        assert not qemu_pids_of(lab.vm_dir(name)), f"QEMU of {name} still running"
+
+
+@pytest.fixture(params=KERNELS, scope="session")
+def booted(request, vms):
+    kernel = request.param
+    return vms(kernel, "it-" + kernel.replace(".", ""))
+
+
+@pytest.fixture(scope="session")
+def host_of():
+    cache = {}
+
+    def get(state):
+        if state.name not in cache:
+            cache[state.name] = testinfra.get_host(state.testinfra_spec)
+        return cache[state.name]
+
+    return get
+
+
+def test_uname_matches_the_kernel(booted, host_of):
+    host = host_of(booted)
+    assert host.run("uname -r").stdout.strip() == booted.release
+    assert booted.boot_seconds is not None and booted.boot_seconds < 60
+
+
+def test_modules_disk_is_mounted(booted, host_of):
+    host = host_of(booted)
+    assert host.file(f"/lib/modules/{booted.release}/modules.dep").exists
+    # /lib is a symlink to usr/lib (merged /usr): the mount shows up under /usr
+    mount = host.mount_point(f"/usr/lib/modules/{booted.release}")
+    assert mount.exists and mount.filesystem == "ext4" and "ro" in mount.options
+
+
+def test_modprobe_stock_netfilter_module(booted, host_of):
+    host = host_of(booted)
+    host.run_test("modprobe iptable_filter")
+    assert host.run("modprobe iptable_filter").rc == 0
+    assert "iptable_filter" in host.check_output("lsmod")
+    assert host.run("iptables-legacy -L INPUT -n").rc == 0
+    assert host.run("iptables-nft -L INPUT -n").rc == 0
+
+
+def test_guest_userland_and_limits(booted, host_of):
+    host = host_of(booted)
+    assert host.check_output("nproc") == "2"
+    assert host.check_output("id -u") == "0"
+    for pkg in ("iptables", "nftables", "python3-scapy", "python3-pytest", "tcpdump"):
+        assert host.package(pkg).is_installed, pkg
+    # the guest's libxtables is the host's (plugins built here load there)
+    guest = host.package("libxtables12").version
+    local = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libxtables12"],
+                           capture_output=True, text=True).stdout
+    assert guest == local
+
+
+def test_wire_nics_named_by_mac(booted, host_of):
+    host = host_of(booted)
+    for nic, mac in (("eth0", "52:54:00:00:00:01"), ("eth1", "52:54:00:00:01:01"),
+                     ("eth2", "52:54:00:00:02:01")):
+        assert host.file(f"/sys/class/net/{nic}/address").content_string.strip() == mac
+    assert "10.0.2.15/24" in host.check_output("ip -4 -o addr show dev eth0")
+    wire = booted.wire
+    assert set(wire) == {"eth1", "eth2"}
+    assert len({booted.ports["ssh"], *(p for w in wire.values() for p in (w.guest, w.host))}) == 5
+
+
+def test_exec_exit_status_and_output(booted):
+    res = lab.exec(booted.name, "echo out; echo err >&2; exit 7")
+    assert (res.returncode, res.stdout, res.stderr) == (7, "out\n", "err\n")
+
+
+def test_copy_to(booted, tmp_path):
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(100_000))
+    lab.copy_to(booted.name, src, "/tmp/blob", mode=0o600)
+    out = lab.exec(booted.name, "sha256sum /tmp/blob; stat -c %a /tmp/blob", check=True).stdout
+    import hashlib
+    assert hashlib.sha256(src.read_bytes()).hexdigest() in out
+    assert out.split()[-1] == "600"
+
+
+def test_pytest_hosts_accepts_the_spec(booted, tmp_path):
+    (tmp_path / "test_trivial.py").write_text(textwrap.dedent(f"""
+        def test_kernel(host):
+            assert host.run("uname -r").stdout.strip() == {booted.release!r}
+    """))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"--hosts={booted.testinfra_spec}", "test_trivial.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 passed" in res.stdout
+
+
+def test_up_again_reuses_same_kernel_and_refuses_another(booted):
+    again = lab.up(booted.spec, booted.name, progress=lambda m: None)
+    assert again.pid == booted.pid
+    other = "6.12" if booted.spec == "6.1" else "6.1"
+    with pytest.raises(VMError, match="vm-down"):
+        lab.up(other, booted.name, progress=lambda m: None)
+    assert lab.is_running(lab.load(booted.name))
+
+
+def test_two_vms_at_once_have_distinct_ports_and_dirs(vms):
+    a, b = vms("6.1", "it-61"), vms("6.12", "it-612")
+    assert lab.is_running(lab.load(a.name)) and lab.is_running(lab.load(b.name))
+    assert a.dir != b.dir and a.ssh_config != b.ssh_config
+    ports = lambda s: {s.ports["ssh"], *(p for w in s.wire.values() for p in (w.guest, w.host))}
+    assert not ports(a) & ports(b)
+    assert {r["vm"] for r in lab.status()} >= {a.name, b.name}
+
+
+def test_install_iprange_is_the_kits_module(booted):
+    pytest.importorskip("kmods.build")
+    from vm import install
+    done = install.install("iprange", booted.name)
+    assert "O" in done.taint
+    taint = lab.exec(booted.name, f"cat /sys/module/{done.module}/taint", check=True).stdout
+    assert "O" in taint
+    # both iptables backends find the kit's plugin
+    for ipt in ("iptables-legacy", "iptables-nft"):
+        res = lab.exec(booted.name, f"{ipt} -m iprange --help")
+        assert res.returncode == 0, res.stderr
+
+
+def test_panic_is_reported_and_vm_cleaned_up(vms):
+    st = vms("6.12", "it-crash")
+    vmdir = st.vmdir
+    t0 = time.monotonic()
+    with pytest.raises(VMError) as exc:
+        lab.exec(st.name, "echo c > /proc/sysrq-trigger", timeout=60)
+    took = time.monotonic() - t0
+    text = f"{exc.value}\n{exc.value.detail}"
+    assert "sysrq" in text and "Kernel panic" in text
+    assert exc.value.exit_code == 3
+    assert took < CRASH_BUDGET
+    assert not qemu_pids_of(vmdir)
+    assert lab.load(st.name) is None
+    assert (vmdir / "console.log").is_file()  # kept for the post-mortem
+    with pytest.raises(VMError, match="not running"):
+        lab.exec(st.name, "true")
+
+
+def test_frozen_guest_is_reported_as_not_answering(vms):
+    st = vms("6.1", "it-frozen")
+    assert lab._qmp(st.vmdir / "qmp.sock", "stop")
+    t0 = time.monotonic()
+    with pytest.raises(VMError, match="stopped answering"):
+        lab.exec(st.name, "true", timeout=3)
+    assert time.monotonic() - t0 < 30
+    assert not qemu_pids_of(st.vmdir)
+
+
+def test_boot_budget_exceeded_cleans_up():
+    with pytest.raises(VMError, match="boot budget"):
+        lab.up("6.1", "it-budget", budget=0.3, progress=lambda m: None)
+    assert not qemu_pids_of(lab.vm_dir("it-budget"))
+    assert lab.load("it-budget") is None
+
+
+def test_ctrl_c_during_vm_up_leaves_no_qemu():
+    name = "it-sigint"
+    vmdir = lab.vm_dir(name)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", f"--vm={name}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not qemu_pids_of(vmdir):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "QEMU never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        lab.down(name)
+    assert proc.returncode != 0
+    assert b"interrupted" in err
+    assert not qemu_pids_of(vmdir)
+    assert lab.load(name) is None
+
+
+def test_vm_exec_cli_exit_status_and_spec_is_last_line(vms):
+    st = vms("6.1", "it-61")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    up = subprocess.run([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", f"--vm={st.name}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.strip().splitlines()[-1] == st.testinfra_spec
+    res = subprocess.run([sys.executable, "-m", "invoke", "vm-exec", f"--vm={st.name}",
+                          "--cmd=echo hello; exit 5"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 5
+    assert "hello" in res.stdout
