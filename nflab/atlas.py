@@ -1,0 +1,664 @@
+"""The measured netfilter map ("atlas"): which hook points exist, which stock
+tables sit where and at which priority, which paths packets take, and where the
+user's own hook modules run — measured in a lab VM, then drawn.
+
+Three layers, each usable alone:
+
+* :func:`measure` (needs a running kit VM) → an :class:`Atlas`, a plain,
+  JSON-serialisable data model (:meth:`Atlas.to_json` / :meth:`Atlas.from_json`);
+* :func:`render_svg` → a handwritten SVG (the classic netfilter panorama: the
+  six hook points in packet-flow order, each a stack of what runs there sorted
+  by priority, ipv4/ipv6 badges per row), :func:`render_markdown` → tables;
+* :func:`to_png` → PNG with whatever converter is installed
+  (``rsvg-convert``, then ``cairosvg``, then ImageMagick).
+
+How it measures (all in the guest, only with the VM's own tools; the host
+only speaks scapy on the wires and never loads anything):
+
+1. **attachment** — ``iptables-legacy``/``ip6tables-legacy`` (the kernel's xt
+   tables; iptables-nft would measure nf_tables base chains instead, so the kit
+   uses legacy throughout) get a counting rule matching the tracer's payload
+   magic in every chain of raw, mangle, nat, filter and security. One tagged
+   packet per path (forward: client wire → server wire; local delivery: TCP SYN
+   to the guest, whose RST carries no payload; locally generated: UDP from the
+   guest) and the counter deltas say at which hooks each table sees packets.
+   The tracer log of the same packets gives the path (hook sequence).
+2. **priority intervals** — for every measured (table, hook) one rule with an
+   observable effect matches exactly one tagged packet: mangle ``MARK`` (the
+   mark appears), nat ``DNAT``/``SNAT`` (dst/src change), raw/filter/security
+   ``DROP`` (later points never see it). The tracer's bracketing points
+   (-450 -250 -175 -125 -75 25 75 125 on every inet hook) show between which
+   two points the effect appears: the table's priority lies strictly inside.
+   Conntrack (ct none → new) and defrag (fragments → one datagram) are
+   measured the same way.
+3. **exact priorities** — where ``nfnetlink_hook`` exists (6.12 cloud: a
+   module; 6.1: not built) ``nft list hooks`` names every registered hook
+   function with module and priority. Each measured interval must contain
+   exactly one stock hook there; that gives the exact value and is a
+   cross-check (a failed one is reported in :attr:`Atlas.checks`).
+4. **the user's modules** — every ``/proc/net/nflab_*`` lists its module's
+   points (family hook priority), the tracer's own included.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+HOOKS = ("INGRESS", "PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING")
+FAMILIES = ("ipv4", "ipv6")
+TABLES = ("raw", "mangle", "nat", "filter", "security")
+CHAIN_HOOK = {"PREROUTING": "PRE_ROUTING", "INPUT": "LOCAL_IN", "FORWARD": "FORWARD",
+              "OUTPUT": "LOCAL_OUT", "POSTROUTING": "POST_ROUTING"}
+HOOK_CHAIN = {v: k for k, v in CHAIN_HOOK.items()}
+PATHS = ("forward", "local-in", "local-out")
+PATH_TITLE = {"forward": "forwarded", "local-in": "local delivery", "local-out": "locally generated"}
+NFT_FAMILY = {"ip": "ipv4", "ip6": "ipv6", "netdev": "netdev"}
+NFT_HOOK = {"prerouting": "PRE_ROUTING", "input": "LOCAL_IN", "forward": "FORWARD",
+            "output": "LOCAL_OUT", "postrouting": "POST_ROUTING", "ingress": "INGRESS"}
+TOOLS = {"ipv4": "iptables-legacy", "ipv6": "ip6tables-legacy"}
+BACKEND = "iptables-legacy"
+COUNT_COMMENT = "nflab-atlas-count"
+CT_COMMENT = "nflab-atlas-ct"
+PROBE_COMMENT = "nflab-atlas-probe"
+MARK = 0x4e4c
+# the tracer's bracketing points on every inet hook (kmods/catalog/tracer/ext.toml)
+TRACER_POINTS = (-450, -250, -175, -125, -75, 25, 75, 125)
+
+# how each kind of entry is drawn: fill, stroke
+STYLE = {
+    "raw": ("#f8c9d4", "#b03a5b"),
+    "defrag": ("#e6e6e6", "#808080"),
+    "conntrack": ("#d0d0d0", "#555555"),
+    "mangle": ("#fde8a8", "#a8820b"),
+    "nat": ("#c9ecc4", "#2f7d27"),
+    "filter": ("#c7dcf7", "#2a5ea8"),
+    "security": ("#e2d1f2", "#6b3fa0"),
+    "tracer": ("#ffffff", "#b8b8b8"),
+    "module": ("#ffd6a8", "#c15f00"),
+    "other": ("#f4f4f4", "#909090"),
+}
+
+
+# ---------------------------------------------------------------- data model
+
+@dataclass
+class Entry:
+    """One thing registered at one hook point of one family."""
+
+    family: str                 # ipv4, ipv6, netdev
+    hook: str                   # one of HOOKS
+    name: str                   # raw, mangle, nat, filter, security, conntrack, defrag,
+                                # conntrack confirm, nflab_tracer, nflab_<x>, or a function name
+    kind: str                   # table, core, tracer, module, other
+    priority: int | None = None          # exact: nft list hooks, or the module's own claim
+    interval: list | None = None         # measured [lo, hi]: lo < priority < hi (None = open)
+    source: str = ""                     # measured, nft, nft+measured, proc, proc+nft
+    function: str = ""
+    module: str = ""
+    evidence: str = ""
+
+    @property
+    def style(self) -> str:
+        if self.kind == "table" or self.name in ("conntrack", "defrag"):
+            return self.name if self.name in STYLE else "other"
+        if self.name == "conntrack confirm":
+            return "conntrack"
+        return {"tracer": "tracer", "module": "module"}.get(self.kind, "other")
+
+    @property
+    def order(self) -> float:
+        """Where the entry sorts in its hook: its priority, else its interval's middle."""
+        if self.priority is not None:
+            return float(self.priority)
+        if self.interval:
+            lo, hi = self.interval
+            if lo is not None and hi is not None:
+                return (lo + hi) / 2
+            if lo is not None:
+                return lo + 25.0
+            if hi is not None:
+                return hi - 25.0
+        return math.inf
+
+    def priority_text(self) -> str:
+        """``-150``; ``-175 < p < -125`` when only measured; ``-150 ∈ (-175, -125)`` when both."""
+        iv = self.interval_text()
+        if self.priority is not None:
+            return _prio(self.priority) + (f" ∈ {iv}" if iv else "")
+        if iv:
+            return iv
+        return "?"
+
+    def interval_text(self) -> str:
+        if not self.interval:
+            return ""
+        lo, hi = self.interval
+        return f"({'-∞' if lo is None else lo}, {'+∞' if hi is None else hi})"
+
+
+@dataclass
+class Check:
+    ok: bool
+    what: str
+
+
+@dataclass
+class Atlas:
+    """What :func:`measure` found on one kernel (JSON-serialisable)."""
+
+    kernel: str
+    spec: str | None = None
+    backend: str = BACKEND
+    exact: bool = False                   # nft list hooks was available
+    entries: list = field(default_factory=list)
+    # counts[family][table][hook][path] = packets the counting rule saw
+    counts: dict = field(default_factory=dict)
+    # paths[family][path] = hooks the tagged packet visited, in order
+    paths: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    generated: str = ""
+
+    # -- queries ---------------------------------------------------------
+    def at(self, hook: str, family: str | None = None) -> list:
+        """Entries at *hook* (of *family*), by priority."""
+        return sorted((e for e in self.entries if e.hook == hook
+                       and (family is None or e.family == family)), key=lambda e: (e.order, e.name))
+
+    def find(self, family: str, hook: str, name: str) -> Entry | None:
+        return next((e for e in self.entries if (e.family, e.hook, e.name) == (family, hook, name)), None)
+
+    def attached(self, family: str, table: str) -> list:
+        """Hooks where *table* counted packets, in HOOKS order."""
+        per = self.counts.get(family, {}).get(table, {})
+        return [h for h in HOOKS if sum(per.get(h, {}).values()) > 0]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    # -- (de)serialisation -----------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Atlas":
+        data = dict(data)
+        data["entries"] = [Entry(**e) for e in data.get("entries", [])]
+        data["checks"] = [Check(**c) for c in data.get("checks", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Atlas":
+        return cls.from_dict(json.loads(text))
+
+
+def _prio(p: int) -> str:
+    return f"{p:+d}" if p else "0"
+
+
+# ---------------------------------------------------------------- interval logic (pure)
+
+def change_interval(seen: dict) -> tuple:
+    """*seen*: tracer priority -> effect visible there (one hook, one packet).
+    Returns ((lo, hi), problem): the effect first shows at hi, lo is the last point
+    before without it; None bounds are open. problem is a string when the
+    observations are not one clean step (or no effect at all)."""
+    prios = sorted(seen)
+    if not prios:
+        return None, "the packet never reached this hook"
+    first = next((p for p in prios if seen[p]), None)
+    if first is None:
+        return None, "no effect visible at any tracer point"
+    before = [p for p in prios if p < first]
+    after = [p for p in prios if p >= first]
+    if not all(seen[p] for p in after):
+        return None, "effect not monotonic: " + " ".join(f"{p}:{int(seen[p])}" for p in prios)
+    return [before[-1] if before else None, first], None
+
+
+def drop_interval(points: list, seen: set) -> tuple:
+    """*points*: the tracer's priorities at the hook; *seen*: those that logged the
+    packet. A drop between lo and hi: every point below hi saw it, none from hi on."""
+    pts = sorted(points)
+    if not seen:
+        return [None, pts[0] if pts else None], None
+    missing = [p for p in pts if p not in seen]
+    if not missing:
+        return None, "the packet was not dropped at this hook"
+    hi = missing[0]
+    if any(p > hi for p in seen):
+        return None, f"points after {hi} still saw the packet: {sorted(seen)}"
+    lo = max(p for p in seen if p < hi) if any(p < hi for p in seen) else None
+    return [lo, hi], None
+
+
+def nft_hook_rows(text: str) -> list:
+    """``nft list hooks`` output as (family, hook, priority, function, module) with
+    kit names (ipv4/ipv6/netdev, PRE_ROUTING...)."""
+    import re
+    rows, family, hook = [], None, None
+    for line in text.splitlines():
+        s = line.strip()
+        m = re.match(r"family (\S+) \{", s)
+        if m:
+            family, hook = m.group(1), None
+            continue
+        m = re.match(r"hook (\S+)(?: device \S+)? \{", s)
+        if m:
+            hook = m.group(1)
+            continue
+        m = re.match(r"([+-]?\d+) (\S+)(?: \[(\S+)\])?$", s)
+        if m and family in NFT_FAMILY and hook in NFT_HOOK:
+            rows.append((NFT_FAMILY[family], NFT_HOOK[hook], int(m.group(1)), m.group(2), m.group(3) or ""))
+    return rows
+
+
+def classify_nft(function: str, module: str) -> tuple:
+    """(name, kind) of an nft-listed hook function; ``(None, 'xt')`` for the shared
+    ipt_do_table/ip6t_do_table whose table only the measurement can tell."""
+    if module.startswith("nflab_"):
+        return module, ("tracer" if module == "nflab_tracer" else "module")
+    for t in TABLES:
+        if module in (f"iptable_{t}", f"ip6table_{t}"):
+            return t, "table"
+    if module == "nf_nat" or function.startswith("nf_nat_"):
+        return "nat", "table"
+    if function in ("ipt_do_table", "ip6t_do_table") or module in ("ip_tables", "ip6_tables"):
+        return None, "xt"
+    if "confirm" in function:
+        return "conntrack confirm", "core"
+    if module == "nf_conntrack" or "conntrack" in function:
+        return ("defrag", "core") if "defrag" in function else ("conntrack", "core")
+    if module.startswith("nf_defrag") or "defrag" in function:
+        return "defrag", "core"
+    if module == "nf_tables" or function.startswith("nft_do_chain"):
+        return f"nftables {function}", "other"
+    return function + (f" [{module}]" if module else ""), "other"
+
+
+def merge(atlas: Atlas, nft_rows: list | None, proc_points: dict) -> None:
+    """Combine measured entries (already in *atlas*), ``nft list hooks`` rows and the
+    ``/proc/net/nflab_*`` points into the final entries and cross-checks."""
+    checks = atlas.checks
+    rows = list(nft_rows or [])
+    claimed = set()
+
+    # 1. measured tables / core entries: find the one nft row inside each interval
+    for e in atlas.entries:
+        if e.kind not in ("table", "core") or not e.interval or nft_rows is None:
+            continue
+        lo, hi = e.interval
+        cands = []
+        for i, (fam, hook, prio, fn, mod) in enumerate(rows):
+            if (fam, hook) != (e.family, e.hook) or i in claimed:
+                continue
+            if (lo is not None and prio <= lo) or (hi is not None and prio >= hi):
+                continue
+            name, kind = classify_nft(fn, mod)
+            if name == e.name or (kind == "xt" and e.kind == "table" and e.name != "nat"):
+                cands.append(i)
+        where = f"{e.family} {e.hook} {e.name}"
+        if len(cands) == 1:
+            i = cands[0]
+            claimed.add(i)
+            e.priority, e.function, e.module = rows[i][2], rows[i][3], rows[i][4]
+            e.source = "nft+measured"
+            checks.append(Check(True, f"{where}: nft list hooks {_prio(e.priority)} ({e.function}) "
+                                      f"inside the measured interval {e.interval_text()}"))
+        else:
+            found = [f"{rows[i][2]} {rows[i][3]}" for i in cands]
+            checks.append(Check(False, f"{where}: measured interval {e.interval_text()} holds "
+                                       f"{len(cands)} matching nft hooks {found or ''}".rstrip()))
+
+    # 2. the user's modules (and the tracer) from their own proc files
+    for module, points in sorted(proc_points.items()):
+        for fam, hook, prio in points:
+            kind = "tracer" if module == "nflab_tracer" else "module"
+            e = Entry(fam, hook, module, kind, priority=prio, source="proc")
+            if nft_rows is not None:
+                idx = next((i for i, r in enumerate(rows) if i not in claimed
+                            and r[:3] == (fam, hook, prio) and r[4] == module), None)
+                if idx is not None:
+                    claimed.add(idx)
+                    e.source, e.function, e.module = "proc+nft", rows[idx][3], module
+                elif fam == "netdev" and not any(r[0] == "netdev" for r in rows):
+                    e.evidence = "nft list hooks shows no netdev hooks here"
+                else:
+                    checks.append(Check(False, f"{fam} {hook}: {module} claims {prio}, "
+                                               "nft list hooks does not show it there"))
+            atlas.entries.append(e)
+    if nft_rows is not None and proc_points:
+        checks.append(Check(True, "every /proc/net/nflab_* point checked against nft list hooks"))
+
+    # 3. whatever else the kernel lists: conntrack/defrag not measured, confirm, LSMs, ...
+    for i, (fam, hook, prio, fn, mod) in enumerate(rows):
+        if i in claimed:
+            continue
+        name, kind = classify_nft(fn, mod)
+        if kind == "xt":
+            checks.append(Check(False, f"{fam} {hook}: {fn} at {prio} belongs to no table the "
+                                       "counters saw there"))
+            name, kind = f"{fn} (unmeasured)", "other"
+        elif kind == "table":
+            checks.append(Check(False, f"{fam} {hook}: {name} at {prio} ({fn}) but the counters "
+                                       "saw no packet of that table there"))
+        elif kind in ("tracer", "module"):
+            kind = "module"
+        existing = atlas.find(fam, hook, name) if kind == "core" else None
+        if existing is not None and existing.priority is None:
+            existing.priority, existing.function, existing.module = prio, fn, mod
+            existing.source = "nft"
+            continue
+        atlas.entries.append(Entry(fam, hook, name, kind, priority=prio, source="nft",
+                                   function=fn, module=mod))
+
+
+# ---------------------------------------------------------------- SVG
+
+BOX_W = 300
+ROW_H = 18
+HEAD_H = 44
+GAP_X = 70
+GAP_Y = 90
+MARGIN = 24
+TITLE_H = 74
+DASH = ' stroke-dasharray="3 2"'
+BOLD = ' font-weight="bold"'
+
+
+def _rows(atlas: Atlas, hook: str) -> list:
+    """Rows of one hook box: entries merged across families when name and priority
+    (or interval) agree, by priority. Each row: (name, priority-text, families, entry)."""
+    merged: dict = {}
+    for e in atlas.at(hook):
+        key = (e.name, e.priority, tuple(e.interval) if e.interval else None)
+        if key in merged:
+            merged[key][2].append(e.family)
+        else:
+            merged[key] = [e.name, e.priority_text(), [e.family], e]
+    return sorted(merged.values(), key=lambda r: (r[3].order, r[0]))
+
+
+def _layout(atlas: Atlas) -> dict:
+    """hook -> (x, y, w, h) of its box."""
+    rows = {h: len(_rows(atlas, h)) for h in HOOKS}
+    hgt = {h: HEAD_H + max(rows[h], 1) * ROW_H + 10 for h in HOOKS}
+    top = MARGIN + TITLE_H
+    col = [MARGIN + 40 + i * (BOX_W + GAP_X) for i in range(4)]
+    top_h = max(hgt[h] for h in ("INGRESS", "PRE_ROUTING", "FORWARD", "POST_ROUTING"))
+    low = top + top_h + GAP_Y
+    return {
+        "INGRESS": (col[0], top, BOX_W, hgt["INGRESS"]),
+        "PRE_ROUTING": (col[1], top, BOX_W, hgt["PRE_ROUTING"]),
+        "FORWARD": (col[2], top, BOX_W, hgt["FORWARD"]),
+        "POST_ROUTING": (col[3], top, BOX_W, hgt["POST_ROUTING"]),
+        "LOCAL_IN": (col[1], low, BOX_W, hgt["LOCAL_IN"]),
+        "LOCAL_OUT": (col[3], low, BOX_W, hgt["LOCAL_OUT"]),
+        "_process": (col[2] + 40, low, BOX_W - 80, 70),
+    }
+
+
+def _arrow(x1, y1, x2, y2, label="", cls="flow"):
+    out = [f'<line class="{cls}" x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" '
+           f'stroke="#444" stroke-width="2" marker-end="url(#arrow)"/>']
+    if label:
+        out.append(f'<text x="{(x1 + x2) / 2}" y="{(y1 + y2) / 2 - 6}" font-size="11" '
+                   f'text-anchor="middle" fill="#444">{escape(label)}</text>')
+    return out
+
+
+def _path_label(atlas: Atlas, path: str) -> str:
+    fams = [f for f in FAMILIES if atlas.paths.get(f, {}).get(path)]
+    return f"{PATH_TITLE[path]} ({', '.join(fams) or 'not measured'})"
+
+
+def render_svg(atlas: Atlas) -> str:
+    """The panorama as a standalone SVG document (no external resources).
+
+    Every row is a ``<g class="entry">`` with ``data-hook``, ``data-name``,
+    ``data-priority`` (exact or empty), ``data-interval`` and ``data-families``;
+    rows of one hook box are drawn top to bottom in priority order."""
+    box = _layout(atlas)
+    width = box["POST_ROUTING"][0] + BOX_W + MARGIN + 40
+    bottom = max(y + h for (x, y, w, h) in box.values())
+    legend_y = bottom + 40
+    height = legend_y + 150
+    exact = atlas.exact
+    sub = ("priorities: exact, from `nft list hooks` (nfnetlink_hook), each cross-checked against "
+           "the interval measured between tracer points" if exact else
+           "priorities: measured intervals between tracer points (lo, hi) — this kernel has no "
+           "nfnetlink_hook, so no exact values")
+    bad = [c for c in atlas.checks if not c.ok]
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" '
+        f'data-kernel="{escape(atlas.kernel)}" data-exact="{int(exact)}">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
+        'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#444"/>'
+        '</marker></defs>',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
+        f'<text x="{MARGIN}" y="{MARGIN + 14}" font-size="20" font-weight="bold">'
+        f'netfilter panorama — measured on {escape(atlas.kernel)}</text>',
+        f'<text x="{MARGIN}" y="{MARGIN + 36}" font-size="12" fill="#333">{escape(sub)}</text>',
+        f'<text x="{MARGIN}" y="{MARGIN + 54}" font-size="12" fill="#333">'
+        f'{escape(f"tables: {atlas.backend}; attachment by per-table counters on tagged packets; ")}'
+        f'{escape(f"cross-checks: {len(atlas.checks) - len(bad)} ok, {len(bad)} failed")}'
+        f'{escape("; generated " + atlas.generated if atlas.generated else "")}</text>',
+    ]
+    # flow arrows (drawn first, boxes on top)
+    ix, iy, iw, ih = box["INGRESS"]
+    px, py, pw, ph = box["PRE_ROUTING"]
+    fx, fy, fw, fh = box["FORWARD"]
+    ox, oy, ow, oh = box["POST_ROUTING"]
+    lx, ly, lw, lh = box["LOCAL_IN"]
+    tx, ty, tw, th = box["LOCAL_OUT"]
+    sx, sy, sw, shh = box["_process"]
+    out += _arrow(MARGIN, iy + 22, ix, iy + 22)
+    out.append(f'<text x="{MARGIN}" y="{iy + 12}" font-size="11" fill="#444">in</text>')
+    out += _arrow(ix + iw, iy + 22, px, py + 22)
+    out += _arrow(px + pw, py + 22, fx, fy + 22, "routing")
+    out += _arrow(fx + fw, fy + 22, ox, oy + 22)
+    out += _arrow(ox + ow, oy + 22, ox + ow + 38, oy + 22)
+    out += _arrow(px + pw / 2, py + ph, lx + lw / 2, ly)
+    out.append(f'<text x="{px + pw / 2 + 8}" y="{(py + ph + ly) / 2}" font-size="11" fill="#444">'
+               'routing: for this host</text>')
+    out += _arrow(lx + lw, ly + 22, sx, sy + 22)
+    out += _arrow(sx + sw, sy + 22, tx, ty + 22)
+    out += _arrow(tx + tw / 2, ty, ox + ow / 2, oy + oh)
+    out.append(f'<rect x="{sx}" y="{sy}" width="{sw}" height="{shh}" rx="10" fill="#fafafa" '
+               'stroke="#888" stroke-dasharray="4 3"/>')
+    out.append(f'<text x="{sx + sw / 2}" y="{sy + 30}" font-size="13" text-anchor="middle">'
+               'local process</text>')
+    out.append(f'<text x="{sx + sw / 2}" y="{sy + 48}" font-size="10" text-anchor="middle" '
+               'fill="#555">(sockets)</text>')
+    # hook boxes
+    for hook in HOOKS:
+        x, y, w, h = box[hook]
+        fams = "netdev (eth1)" if hook == "INGRESS" else "ipv4 | ipv6"
+        out.append(f'<g class="hook" data-hook="{hook}">')
+        out.append(f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="#fbfbfb" '
+                   'stroke="#333" stroke-width="1.5"/>')
+        out.append(f'<text x="{x + 10}" y="{y + 19}" font-size="15" font-weight="bold">'
+                   f'{"NF_NETDEV_" if hook == "INGRESS" else "NF_INET_"}{hook}</text>')
+        out.append(f'<text x="{x + w - 10}" y="{y + 19}" font-size="10" text-anchor="end" '
+                   f'fill="#666">{fams}</text>')
+        out.append(f'<text x="{x + 10}" y="{y + 36}" font-size="9" fill="#777">'
+                   'what runs here, in priority order (top first)</text>')
+        rows = _rows(atlas, hook)
+        if not rows:
+            out.append(f'<text x="{x + 10}" y="{y + HEAD_H + 12}" font-size="11" fill="#999">'
+                       '(nothing registered)</text>')
+        for i, (name, ptxt, families, e) in enumerate(rows):
+            ry = y + HEAD_H + i * ROW_H
+            fill, stroke = STYLE[e.style]
+            tracer = e.kind == "tracer"
+            iv = "" if not e.interval else ",".join("" if v is None else str(v) for v in e.interval)
+            fam_txt = " ".join(sorted(set(families)))
+            out.append(f'<g class="entry" data-hook="{hook}" data-name="{escape(name)}" '
+                       f'data-kind="{e.kind}" data-priority="{"" if e.priority is None else e.priority}" '
+                       f'data-interval="{iv}" data-families="{fam_txt}" data-y="{ry}">')
+            out.append(f'<rect x="{x + 6}" y="{ry}" width="{w - 12}" height="{ROW_H - 2}" rx="3" '
+                       f'fill="{fill}" stroke="{stroke}"'
+                       f'{DASH if tracer else ""}/>')
+            label = name if len(name) <= 26 else name[:25] + "…"
+            out.append(f'<text x="{x + 12}" y="{ry + 12}" font-size="{10 if tracer else 11}" '
+                       f'fill="{"#888" if tracer else "#111"}"'
+                       f'{"" if tracer else BOLD}>{escape(label)}</text>')
+            out.append(f'<text x="{x + w - 48}" y="{ry + 12}" font-size="10" text-anchor="end" '
+                       f'fill="{"#888" if tracer else "#222"}">{escape(ptxt)}</text>')
+            badges = ("4" if "ipv4" in families else "·") + " " + ("6" if "ipv6" in families else "·")
+            if hook == "INGRESS":
+                badges = "dev"
+            out.append(f'<text x="{x + w - 12}" y="{ry + 12}" font-size="10" text-anchor="end" '
+                       f'fill="#555" font-family="DejaVu Sans Mono, monospace">{badges}</text>')
+            out.append('</g>')
+        out.append('</g>')
+    # legend: colours and measured paths
+    ly0 = legend_y
+    out.append(f'<text x="{MARGIN}" y="{ly0}" font-size="13" font-weight="bold">legend</text>')
+    for i, key in enumerate(("raw", "defrag", "conntrack", "mangle", "nat", "filter", "security",
+                             "module", "tracer", "other")):
+        x = MARGIN + i * 112
+        fill, stroke = STYLE[key]
+        text = {"module": "your modules", "tracer": "nflab_tracer", "other": "other hooks"}.get(key, key)
+        out.append(f'<rect x="{x}" y="{ly0 + 10}" width="16" height="12" fill="{fill}" stroke="{stroke}"/>')
+        out.append(f'<text x="{x + 22}" y="{ly0 + 20}" font-size="11">{escape(text)}</text>')
+    out.append(f'<text x="{MARGIN}" y="{ly0 + 44}" font-size="11" fill="#333">'
+               '4 6 = present for ipv4 / ipv6;  -150 ∈ (-175, -125) = exact priority and the '
+               'interval the tracer measured;  (lo, hi) = measured only</text>')
+    for i, path in enumerate(PATHS):
+        hooks_by_fam = {f: atlas.paths.get(f, {}).get(path) for f in FAMILIES}
+        seq = next((v for v in hooks_by_fam.values() if v), None)
+        text = (f"{PATH_TITLE[path]}: " + (" → ".join(seq) if seq else "not measured")
+                + f"   [{', '.join(f for f, v in hooks_by_fam.items() if v) or '-'}]")
+        out.append(f'<text class="path" data-path="{path}" x="{MARGIN}" y="{ly0 + 66 + i * 18}" '
+                   f'font-size="11">{escape(text)}</text>')
+    if bad:
+        out.append(f'<text x="{MARGIN}" y="{ly0 + 130}" font-size="11" fill="#b00000">'
+                   f'{escape("FAILED cross-checks: " + "; ".join(c.what for c in bad[:3]))}</text>')
+    out.append('</svg>')
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- Markdown
+
+def render_markdown(atlas: Atlas) -> str:
+    exact = atlas.exact
+    lines = [f"# netfilter atlas — {atlas.kernel}", ""]
+    lines.append(f"Measured in a lab VM with `invoke atlas` ({atlas.backend}; tracer points "
+                 f"{' '.join(str(p) for p in TRACER_POINTS)} on every inet hook, 0 on netdev ingress).")
+    lines.append("Priorities: " + ("exact values from `nft list hooks`, each inside the interval "
+                                   "measured between tracer points." if exact else
+                                   "measured intervals `(lo, hi)` between tracer points; this kernel "
+                                   "has no nfnetlink_hook, so `nft list hooks` cannot give exact values."))
+    lines.append("")
+    lines += ["## Hook points", "",
+              "| hook | family | what | priority | measured interval | source | function [module] | evidence |",
+              "|---|---|---|---|---|---|---|---|"]
+    for hook in HOOKS:
+        for fam in ("netdev",) + FAMILIES:
+            for e in atlas.at(hook, fam):
+                fn = e.function + (f" [{e.module}]" if e.module else "")
+                lines.append(f"| {hook} | {fam} | {e.name} | "
+                             f"{'' if e.priority is None else _prio(e.priority)} | {e.interval_text()} | "
+                             f"{e.source} | {fn} | {e.evidence} |")
+    lines += ["", "## Tables per hook (counters on tagged packets)", "",
+              "Packets the counting rule of each table chain saw per path: forward / local-in / local-out "
+              "(`-` = the table has no such chain).", ""]
+    for fam in FAMILIES:
+        if fam not in atlas.counts:
+            continue
+        lines += [f"### {fam}", "", "| table | " + " | ".join(HOOKS[1:]) + " | attached at |",
+                  "|---|" + "---|" * (len(HOOKS) - 1) + "---|"]
+        for table in TABLES:
+            per = atlas.counts[fam].get(table, {})
+            cells = []
+            for hook in HOOKS[1:]:
+                if hook not in per:
+                    cells.append("-")
+                else:
+                    cells.append(" / ".join(str(per[hook].get(p, 0)) for p in PATHS))
+            lines.append(f"| {table} | " + " | ".join(cells) + " | "
+                         + (", ".join(atlas.attached(fam, table)) or "none") + " |")
+        lines.append("")
+    lines += ["## Paths (as the tracer saw the tagged packets)", "", "| path | family | hooks |", "|---|---|---|"]
+    for path in PATHS:
+        for fam in FAMILIES:
+            seq = atlas.paths.get(fam, {}).get(path)
+            lines.append(f"| {PATH_TITLE[path]} | {fam} | {' → '.join(seq) if seq else 'not measured'} |")
+    lines += ["", "## Cross-checks", ""]
+    for c in atlas.checks:
+        lines.append(f"- {'ok' if c.ok else '**FAILED**'}: {c.what}")
+    if not atlas.checks:
+        lines.append("- (none)")
+    if atlas.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in atlas.notes]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- PNG
+
+def png_converters() -> list:
+    """Available SVG→PNG converters, best first: (name, callable(svg_path, png_path))."""
+    found = []
+    if shutil.which("rsvg-convert"):
+        found.append(("rsvg-convert", lambda s, p: subprocess.run(
+            ["rsvg-convert", "-b", "white", "-o", str(p), str(s)], check=True, capture_output=True,
+            timeout=120)))
+    try:
+        import cairosvg  # noqa: F401
+        found.append(("cairosvg", lambda s, p: __import__("cairosvg").svg2png(
+            url=str(s), write_to=str(p))))
+    except Exception:
+        pass
+    for tool in ("magick", "/usr/bin/convert"):
+        if shutil.which(tool):
+            found.append((tool, lambda s, p, t=tool: subprocess.run(
+                [t, str(s), str(p)], check=True, capture_output=True, timeout=120)))
+            break
+    return found
+
+
+def to_png(svg_path, png_path) -> str | None:
+    """Convert with the first converter that works; returns its name, or None."""
+    for name, conv in png_converters():
+        try:
+            conv(svg_path, png_path)
+        except Exception:
+            continue
+        if Path(png_path).is_file() and Path(png_path).stat().st_size > 0:
+            return name
+    return None
+
+
+def write(atlas: Atlas, out: str | Path) -> dict:
+    """Write ``<out>.svg``, ``.png`` (when a converter exists), ``.md`` and ``.json``;
+    returns {kind: path or None}."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix == ".svg" else out
+    base.parent.mkdir(parents=True, exist_ok=True)
+    svg = base.with_suffix(".svg")
+    svg.write_text(render_svg(atlas))
+    md = base.with_suffix(".md")
+    md.write_text(render_markdown(atlas).replace(
+        f"# netfilter atlas — {atlas.kernel}\n",
+        f"# netfilter atlas — {atlas.kernel}\n\n![netfilter atlas]({svg.name})\n", 1))
+    js = base.with_suffix(".json")
+    js.write_text(atlas.to_json())
+    png = base.with_suffix(".png")
+    conv = to_png(svg, png)
+    return {"svg": svg, "png": png if conv else None, "md": md, "json": js, "converter": conv}
