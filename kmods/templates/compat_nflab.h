@@ -53,6 +53,52 @@
 #define nflab_dev_put(dev, tracker) dev_put(dev)
 #endif
 
+/*
+ * nf_conncount (connlimit): on 6.1 nf_conncount_init()/destroy() take the
+ * family and get/put the netns conntrack reference themselves; by 6.12 they
+ * take only the key length and the caller does nf_ct_netns_get()/put()
+ * (the change lies between the two lines the kit supports). Only for
+ * templates that include <net/netfilter/nf_conntrack_count.h>.
+ */
+#ifdef _NF_CONNTRACK_COUNT_H
+#include <net/netfilter/nf_conntrack.h>
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)
+static inline struct nf_conncount_data *
+nflab_conncount_init(struct net *net, u8 family, unsigned int keylen)
+{
+	struct nf_conncount_data *data;
+	int ret = nf_ct_netns_get(net, family);
+
+	if (ret < 0)
+		return ERR_PTR(ret);
+	data = nf_conncount_init(net, keylen);
+	if (IS_ERR(data))
+		nf_ct_netns_put(net, family);
+	return data;
+}
+
+static inline void nflab_conncount_destroy(struct net *net, u8 family,
+					   struct nf_conncount_data *data)
+{
+	nf_conncount_destroy(net, data);
+	nf_ct_netns_put(net, family);
+}
+#else
+static inline struct nf_conncount_data *
+nflab_conncount_init(struct net *net, u8 family, unsigned int keylen)
+{
+	return nf_conncount_init(net, family, keylen);	/* gets conntrack for family */
+}
+
+static inline void nflab_conncount_destroy(struct net *net, u8 family,
+					   struct nf_conncount_data *data)
+{
+	nf_conncount_destroy(net, family, data);	/* puts it */
+}
+#endif
+#endif /* _NF_CONNTRACK_COUNT_H */
+
 /* Names of hook points, for logs and /proc files. */
 static inline const char *nflab_hook_name(u8 pf, unsigned int hooknum)
 {

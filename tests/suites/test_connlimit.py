@@ -1,0 +1,76 @@
+"""connlimit: real TCP connections through the guest's conntrack.
+
+The host opens connections with SYNs from distinct source ports (the server
+side never answers, so each stays a live SYN_SENT conntrack entry); a
+``--syn -m connlimit --connlimit-above 2 -j DROP`` rule lets exactly two per
+source through and drops the third; a source in another /32 has its own
+budget, a shared /24 (or /64) does not; an RST closes a connection and frees
+a slot; --connlimit-upto and --connlimit-daddr count the same way.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.suites.catalog_helpers import (BACKENDS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
+                                          l3, send_one_by_one)
+
+pytestmark = pytest.mark.vm
+NET = {"ipv4": ("192.0.2.{}", "198.51.100.{}", 24), "ipv6": ("2001:db8:1::{:x}", "2001:db8:2::{:x}", 64)}
+
+
+def _syn(family, src, dst, sport, dport, tag, flags="S"):
+    from scapy.all import TCP
+    from vm.wire import payload
+    return l3(family)(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload(tag, 24)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_above_two_per_source(host, wire, clean_forward, family, backend, tag):
+    assert_kit_module(host, "xt_connlimit")
+    cfmt, sfmt, plen = NET[family]
+    tool = f"{TOOLS[family]}-{backend} -w"
+    port = 40801 if backend == "legacy" else 40802
+    host.run_test(f"{tool} -A FORWARD -p tcp --syn --dport {port} -m connlimit --connlimit-above 2 -j DROP")
+    host.run_test(f"{tool} -A FORWARD -p tcp --syn --dport {port + 10} -m connlimit --connlimit-above 2 "
+                  f"--connlimit-mask {plen} -j DROP")
+    a, b, server = cfmt.format(0x10), cfmt.format(0x11), sfmt.format(2)
+    base = 41000 + (100 if family == "ipv6" else 0) + (50 if backend == "nft" else 0)
+    plan = []   # (label, src, sport, dport, flags, expect arrive)
+    plan += [("A conn 1", a, base + 1, port, "S", True), ("A conn 2", a, base + 2, port, "S", True),
+             ("A conn 3 (N+1)", a, base + 3, port, "S", False),
+             ("B conn 1 (own /32)", b, base + 4, port, "S", True),
+             ("A conn 1 RST", a, base + 1, port, "R", True),
+             ("A conn 4 after RST", a, base + 5, port, "S", True),
+             ("A conn 5", a, base + 6, port, "S", False)]
+    plan += [("/prefix A 1", a, base + 11, port + 10, "S", True), ("/prefix A 2", a, base + 12, port + 10, "S", True),
+             ("/prefix B (same prefix)", b, base + 13, port + 10, "S", False)]
+    pkts, meta = {}, {}
+    for label, src, sport, dport, flags, ok in plan:
+        t = tag()
+        pkts[t] = _syn(family, src, server, sport, dport, t, flags)
+        meta[t] = (label, ok)
+    arrived = send_one_by_one(wire, pkts)
+    wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
+             if (t in arrived) != meta[t][1]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_upto_and_daddr(host, wire, clean_forward, tag):
+    """ACCEPT while up to 1 connection goes to a destination, DROP the rest."""
+    cfmt, sfmt, _ = NET["ipv4"]
+    host.run_test("iptables-legacy -w -A FORWARD -p tcp --syn --dport 40820 -m connlimit "
+                  "--connlimit-upto 1 --connlimit-daddr -j ACCEPT")
+    host.run_test("iptables-legacy -w -A FORWARD -p tcp --syn --dport 40820 -j DROP")
+    s = sfmt.format(2)
+    plan = [(cfmt.format(0x20), 42001, True), (cfmt.format(0x21), 42002, False), (cfmt.format(0x22), 42003, False)]
+    pkts, meta = {}, {}
+    for src, sport, ok in plan:
+        t = tag()
+        pkts[t] = _syn("ipv4", src, s, sport, 40820, t)
+        meta[t] = (f"{src}:{sport}", ok)
+    arrived = send_one_by_one(wire, pkts)
+    wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
+             if (t in arrived) != meta[t][1]]
+    assert not wrong, "\n".join(wrong)
