@@ -252,9 +252,12 @@ def _qmp(sock_path: Path, command: str, timeout: float = 1.0) -> bool:
             for cmd in ("qmp_capabilities", command):
                 f.write(json.dumps({"execute": cmd}).encode() + b"\n")
                 f.flush()
-                reply = f.readline()
-            return b'"return"' in reply or command == "quit"
-    except OSError:
+                while True:  # skip asynchronous events ({"event": "STOP"}, ...)
+                    reply = json.loads(f.readline() or b"{}")
+                    if "event" not in reply:
+                        break
+            return "return" in reply
+    except (OSError, ValueError):
         return False
 
 
@@ -541,9 +544,11 @@ def status(vm: str | None = None) -> list[dict]:
 
 # ---------------------------------------------------------------- commands
 
-def _probe_answers(state: VMState, timeout: float = 10.0) -> bool:
+def _probe_answers(state: VMState, timeout: float = 8.0) -> bool:
+    """True if a *fresh* SSH login works (not through the master, which may be stuck)."""
     try:
-        res = subprocess.run(state.ssh_argv("-o", "ConnectTimeout=3") + ["true"],
+        res = subprocess.run(state.ssh_argv("-o", "ConnectTimeout=3", "-o", "ControlPath=none")
+                             + ["true"],
                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                              check=False)
         return res.returncode == 0
