@@ -205,7 +205,14 @@ class Atlas:
         return cls.from_dict(json.loads(text))
 
 
+INT_MAX = 2**31 - 1
+
+
 def _prio(p: int) -> str:
+    if p >= INT_MAX - 9:
+        return "INT_MAX" + (f"-{INT_MAX - p}" if p != INT_MAX else "")
+    if p <= -INT_MAX - 1 + 9:
+        return "INT_MIN" + (f"+{p + INT_MAX + 1}" if p != -INT_MAX - 1 else "")
     return f"{p:+d}" if p else "0"
 
 
@@ -571,7 +578,16 @@ def render_markdown(atlas: Atlas) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for hook in HOOKS:
         for fam in ("netdev",) + FAMILIES:
-            for e in atlas.at(hook, fam):
+            entries = atlas.at(hook, fam)
+            tracer = [e for e in entries if e.kind == "tracer"]
+            for e in entries:
+                if e.kind == "tracer":
+                    if e is not tracer[0]:
+                        continue
+                    lines.append(f"| {hook} | {fam} | nflab_tracer (the kit's tracer) | "
+                                 f"{' '.join(_prio(t.priority) for t in tracer)} |  | {e.source} | "
+                                 f"{e.function}{f' [{e.module}]' if e.module else ''} | bracketing points |")
+                    continue
                 fn = e.function + (f" [{e.module}]" if e.module else "")
                 lines.append(f"| {hook} | {fam} | {e.name} | "
                              f"{'' if e.priority is None else _prio(e.priority)} | {e.interval_text()} | "
@@ -662,3 +678,362 @@ def write(atlas: Atlas, out: str | Path) -> dict:
     png = base.with_suffix(".png")
     conv = to_png(svg, png)
     return {"svg": svg, "png": png if conv else None, "md": md, "json": js, "converter": conv}
+
+
+# ---------------------------------------------------------------- measurement (in a lab VM)
+
+class _Guest:
+    """Shell in the VM: ``run(cmd) -> (rc, out, err)`` (tracing.Tracer's protocol)."""
+
+    def __init__(self, vm: str):
+        self.vm = vm
+
+    def run(self, cmd: str, timeout: float = 90):
+        from vm import lab
+        res = lab.exec(self.vm, cmd, timeout=timeout)
+        return res.returncode, res.stdout, res.stderr
+
+    def sh(self, cmd: str, what: str = "", timeout: float = 90) -> str:
+        from nflab.errors import VMError
+        rc, out, err = self.run(cmd, timeout)
+        if rc != 0:
+            raise VMError(f"{what or cmd[:60]} failed in VM {self.vm!r} (exit {rc})",
+                          detail=(err or out).strip()[-2000:])
+        return out
+
+
+class _Rules:
+    """iptables-legacy rules the atlas adds; every one is removed again (nobody else's)."""
+
+    def __init__(self, guest: _Guest):
+        self.guest = guest
+        self.added: list = []
+
+    @staticmethod
+    def _cmd(op, family, table, chain, spec):
+        return f"{TOOLS[family]} -w -t {table} {op} {chain} {spec}"
+
+    def add_many(self, rules: list, what: str = "adding rules"):
+        if not rules:
+            return
+        script = " && ".join(self._cmd("-A", *r) for r in rules)
+        try:
+            self.guest.sh(script, what)
+        finally:
+            # record what exists now, so a half-applied batch is still cleaned up
+            self.added += rules
+
+    def remove(self, rules: list):
+        if not rules:
+            return
+        script = "; ".join(self._cmd("-D", *r) + " 2>/dev/null" for r in reversed(rules))
+        self.guest.run(script + "; true")
+        self.added = [r for r in self.added if r not in rules]
+
+    def remove_all(self):
+        self.remove(list(self.added))
+
+
+def _hexmatch(tag: int) -> str:
+    from vm.wire import magic
+    unit = magic() + int(tag).to_bytes(4, "big")
+    return f"-m string --algo bm --hex-string '|{unit.hex()}|'"
+
+
+def _counters(guest: _Guest, family: str) -> dict:
+    """(table, hook) -> packets of the atlas' counting rules (``*-save -c``)."""
+    import re
+    out = guest.sh(f"{TOOLS[family]}-save -c", "reading counters")
+    counts, table = {}, None
+    for line in out.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        m = re.match(r"\[(\d+):\d+\] -A (\S+) .*" + COUNT_COMMENT, line)
+        if m and m.group(2) in CHAIN_HOOK:
+            key = (table, CHAIN_HOOK[m.group(2)])
+            counts[key] = counts.get(key, 0) + int(m.group(1))
+    return counts
+
+
+def _chains(guest: _Guest, family: str) -> dict:
+    """table -> its built-in chains (loads the table modules as a side effect)."""
+    out = {}
+    for table in TABLES:
+        rc, text, _ = guest.run(f"{TOOLS[family]} -w -t {table} -S")
+        if rc != 0:
+            continue
+        out[table] = [line.split()[1] for line in text.splitlines()
+                      if line.startswith("-P ") and line.split()[1] in CHAIN_HOOK]
+    return out
+
+
+def _addr_eq(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
+def _effect(family: str, table: str, hook: str):
+    """(iptables target, kind 'change'|'drop', detector(entry) -> bool, description)."""
+    v6 = family == "ipv6"
+    if table == "mangle":
+        return (f"-j MARK --set-mark {MARK:#x}", "change", lambda e: e.mark == MARK,
+                f"MARK {MARK:#x} visible")
+    if table == "nat" and hook in ("PRE_ROUTING", "LOCAL_OUT"):
+        to = "2001:db8:2::99" if v6 else "198.51.100.99"
+        return (f"-j DNAT --to-destination {to}", "change", lambda e: _addr_eq(e.dst, to),
+                f"DNAT: dst {to} visible")
+    if table == "nat":
+        to = ("2001:db8:1::99" if v6 else "192.0.2.99") if hook == "LOCAL_IN" else \
+             ("2001:db8:2::1" if v6 else "198.51.100.1")
+        return (f"-j SNAT --to-source {to}", "change", lambda e: _addr_eq(e.src, to),
+                f"SNAT: src {to} visible")
+    return ("-j DROP", "drop", None, "DROP: packet gone")
+
+
+class _Sender:
+    """Sends one tagged packet along a path; returns the IP protocol to filter on."""
+
+    def __init__(self, guest: _Guest, wire):
+        self.guest, self.wire = guest, wire
+
+    def send(self, family: str, path: str, tag: int) -> int:
+        from tests.suites.tracing import addrs, bash_udp, packet
+        a = addrs(family)
+        if path == "forward":
+            self.wire.send("client", packet(family, "tcp", a["client"], a["server"], tag))
+            return 6
+        if path == "local-in":
+            # a SYN with data to a closed port: the guest's RST carries no payload (no tag)
+            self.wire.send("client", packet(family, "tcp", a["client"], a["guest_client"], tag, dport=9))
+            return 6
+        self.guest.run(bash_udp(a["server"], tag) + " 2>/dev/null; true")
+        return 17
+
+
+def _visits(entries) -> list:
+    seq = []
+    for e in sorted(entries, key=lambda e: e.seq):
+        if not seq or seq[-1] != e.hook:
+            seq.append(e.hook)
+    return seq
+
+
+def _tags():
+    n = (int(time.time() * 1000) & 0x3fff) << 16 | 0x100
+    while True:
+        n += 1
+        yield n
+
+
+def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, modules=(),
+            progress=None, settle: float = 0.6, timeout: float = 8.0) -> Atlas:
+    """Measure the netfilter map of running kit VM *vm* (see the module doc).
+
+    *modules*: catalog hook modules to install first (they appear as "your
+    modules"); any ``nflab_*`` hook module already loaded appears too. Every rule
+    the measurement adds is removed again; the tracer stays loaded."""
+    from tests.suites import tracing
+    from vm import install, lab, topology
+    from vm.wire import Wire, magic
+
+    say = progress or (lambda m: None)
+    st = lab.require(vm)
+    guest = _Guest(vm)
+    release = guest.sh("uname -r", "uname").strip()
+    atlas = Atlas(kernel=release, spec=spec or st.spec,
+                  generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    say(f"VM {vm}: routing between the client and server wires")
+    topology.setup(vm)
+    for name in modules:
+        say(f"installing {name}")
+        install.install(name, vm)
+    say("loading nflab_tracer (ingress_dev=eth1)")
+    install.install("tracer", vm, params={"ingress_dev": "eth1"})
+    tracer = tracing.Tracer(guest.run)
+    tags = _tags()
+    rules = _Rules(guest)
+
+    def trace(family, path, tag, setup: str = ""):
+        """Clear the log (after *setup*), send, wait for the log to settle: (entries, proto)."""
+        guest.sh((setup + " && " if setup else "") + f"echo clear > {tracer.proc}", "clearing the tracer")
+        proto = _Sender(guest, wire).send(family, path, tag)
+        log = tracer.wait(tag, 1, timeout=timeout, settle=settle)
+        return log, [e for e in log.tagged(tag) if e.proto == proto or e.family == "netdev"]
+
+    try:
+        chains = {}
+        for fam in families:
+            say(f"{fam}: loading the {BACKEND} tables, adding counting rules")
+            chains[fam] = _chains(guest, fam)
+            ct_rule = [(fam, "mangle", "PREROUTING",
+                        f"-m conntrack --ctstate INVALID -m comment --comment {CT_COMMENT}")]
+            rules.add_many(ct_rule, "holding conntrack")
+        count_rules = [(fam, table, chain,
+                        f"-m string --algo bm --hex-string '|{magic().hex()}|' "
+                        f"-m comment --comment {COUNT_COMMENT}")
+                       for fam in families for table, cs in chains[fam].items() for chain in cs]
+        rules.add_many(count_rules, "adding counting rules")
+        with Wire.for_vm(vm) as wire:
+            for fam in families:
+                atlas.counts[fam] = {t: {CHAIN_HOOK[c]: {p: 0 for p in PATHS} for c in cs}
+                                     for t, cs in chains[fam].items()}
+                atlas.paths[fam] = {}
+                for path in PATHS:
+                    say(f"{fam}: {PATH_TITLE[path]} packet through the counters")
+                    tag = next(tags)
+                    before = _counters(guest, fam)
+                    log, entries = trace(fam, path, tag)
+                    after = _counters(guest, fam)
+                    for (table, hook), n in after.items():
+                        delta = n - before.get((table, hook), 0)
+                        if table in atlas.counts[fam] and hook in atlas.counts[fam][table]:
+                            atlas.counts[fam][table][hook][path] = delta
+                    visits = _visits(entries)
+                    atlas.paths[fam][path] = visits
+                    if not visits:
+                        atlas.checks.append(Check(False, f"{fam} {path}: the tracer never saw the packet"))
+                        continue
+                    # conntrack: ct none -> new at the first inet hook of the path
+                    first = next((h for h in visits if h != "INGRESS"), None)
+                    at_first = [e for e in entries if e.hook == first and e.family == fam]
+                    if first and not atlas.find(fam, first, "conntrack"):
+                        seen = {e.priority: e.ct != "none" for e in at_first}
+                        iv, problem = change_interval(seen)
+                        if iv:
+                            atlas.entries.append(Entry(fam, first, "conntrack", "core", interval=iv,
+                                                       source="measured",
+                                                       evidence=f"ct none → new from {iv[1]}"))
+                        else:
+                            atlas.notes.append(f"{fam} {first}: conntrack not located: {problem}")
+                # defrag: fragments at -450, one datagram after defrag
+                say(f"{fam}: fragments through defrag")
+                from tests.suites.tracing import addrs, fragments
+                a = addrs(fam)
+                tag = next(tags)
+                guest.sh(f"echo clear > {tracer.proc}", "clearing the tracer")
+                frags, _ = fragments(fam, a["client"], a["server"], tag)
+                wire.send("client", frags)
+                log = tracer.wait(tag, 1, timeout=timeout, settle=settle)
+                pre = [e for e in log.tagged(tag) if e.family == fam and e.hook == "PRE_ROUTING"]
+                seen: dict = {}
+                for e in pre:
+                    seen[e.priority] = seen.get(e.priority, True) and not e.frag
+                iv, problem = change_interval(seen)
+                if iv:
+                    atlas.entries.append(Entry(fam, "PRE_ROUTING", "defrag", "core", interval=iv,
+                                               source="measured",
+                                               evidence=f"{len(frags)} fragments → one datagram from {iv[1]}"))
+                else:
+                    atlas.notes.append(f"{fam} PRE_ROUTING: defrag not located: {problem}")
+            rules.remove(count_rules)
+
+            # priority intervals: one effect rule per measured (table, hook)
+            for fam in families:
+                for table in TABLES:
+                    for hook in atlas.attached(fam, table):
+                        path = next(p for p in PATHS if atlas.counts[fam][table][hook][p] > 0)
+                        target, kind, detect, what = _effect(fam, table, hook)
+                        tag = next(tags)
+                        say(f"{fam}: {table} at {hook}: {target.split()[1]} on a {PATH_TITLE[path]} packet")
+                        rule = (fam, table, HOOK_CHAIN[hook],
+                                f"{_hexmatch(tag)} -m comment --comment {PROBE_COMMENT} {target}")
+                        setup = _Rules._cmd("-A", *rule)
+                        rules.added.append(rule)
+                        try:
+                            log, entries = trace(fam, path, tag, setup)
+                        finally:
+                            rules.remove([rule])
+                        here = [e for e in entries if e.family == fam and e.hook == hook]
+                        if kind == "drop":
+                            iv, problem = drop_interval(list(TRACER_POINTS), {e.priority for e in here})
+                            ev = (f"DROP: seen at {iv[0]}, gone from {iv[1]}" if iv else "")
+                        else:
+                            seen = {}
+                            for e in here:
+                                seen[e.priority] = seen.get(e.priority, True) and detect(e)
+                            iv, problem = change_interval(seen)
+                            ev = f"{what} from {iv[1]}" + (f", not at {iv[0]}" if iv and iv[0] is not None else "") \
+                                if iv else ""
+                        where = f"{fam} {hook} {table}"
+                        if iv is None:
+                            atlas.checks.append(Check(False, f"{where}: {target} had no clean effect: {problem}"))
+                            atlas.entries.append(Entry(fam, hook, table, "table", source="measured",
+                                                       evidence=f"{target}: {problem}"))
+                        else:
+                            atlas.entries.append(Entry(fam, hook, table, "table", interval=iv,
+                                                       source="measured", evidence=ev))
+
+        # exact priorities, while conntrack is still held
+        say("nft list hooks (nfnetlink_hook)")
+        rc, out, err = guest.run("modprobe nfnetlink_hook 2>/dev/null; nft list hooks")
+        nft_rows = None
+        if rc == 0 and out.strip():
+            rc2, out2, _ = guest.run("nft list hooks netdev device eth1")
+            text = out + ("\n" + out2 if rc2 == 0 else "")
+            nft_rows = list(dict.fromkeys(nft_hook_rows(text)))
+            atlas.exact = True
+        else:
+            atlas.notes.append("`nft list hooks` is not available on this kernel "
+                               f"({(err or out).strip().splitlines()[-1][:120] if (err or out).strip() else 'no output'}): "
+                               "priorities are the measured intervals only")
+    finally:
+        rules.remove_all()
+
+    say("reading /proc/net/nflab_* (your hook modules and the tracer)")
+    proc_points = _proc_points(guest)
+    atlas.notes.append("tracer points: " + " ".join(str(p) for p in TRACER_POINTS)
+                       + " on every inet hook, 0 on netdev ingress (eth1)")
+    merge(atlas, nft_rows, proc_points)
+    for fam in families:
+        for table in TABLES:
+            hooks = atlas.attached(fam, table)
+            atlas.notes.append(f"{fam} {table}: counted at {', '.join(hooks) or 'no hook'}")
+    return atlas
+
+
+def _proc_points(guest: _Guest) -> dict:
+    """module -> [(family, hook, priority)] of every loaded nflab hook module."""
+    from tests.suites import tracing
+    rc, out, _ = guest.run('for f in /proc/net/nflab_*; do [ -e "$f" ] || continue; '
+                           'echo "=== ${f##*/}"; grep "^point " "$f"; done')
+    sections: dict = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("=== "):
+            current = line[4:].strip()
+            sections[current] = []
+        elif current:
+            sections[current].append(line)
+    result = {}
+    for module, lines in sections.items():
+        pts = [p for p in tracing.parse("\n".join(lines)).points if p.registered]
+        if pts:
+            result[module] = [(p.family, p.hook, p.priority) for p in pts]
+    return result
+
+
+def run(kernel: str | None = None, vm: str = "atlas", *, out: str = "atlas.svg", keep: bool = False,
+        modules=(), progress=None) -> tuple:
+    """Boot (or reuse) *vm* on *kernel*, measure, write the files; (atlas, written).
+    A VM this call booted is stopped again unless *keep*."""
+    from vm import lab
+
+    say = progress or (lambda m: None)
+    st = lab.load(vm)
+    running = st is not None and lab.is_running(st)
+    booted = False
+    if not running:
+        lab.up(kernel, vm, progress=say)
+        booted = True
+    else:
+        lab.up(kernel, vm, progress=say)     # reuses it, or says it runs another kernel
+    try:
+        atlas = measure(vm, spec=kernel, modules=modules, progress=say)
+    finally:
+        if booted and not keep:
+            say(f"stopping VM {vm}")
+            lab.down(vm)
+    return atlas, write(atlas, out)
