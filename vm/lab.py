@@ -504,8 +504,6 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
                 state = _boot_once(vm, vmdir, spec, kernel, boot, image, key, pub, accel, machine,
                                    budget, progress)
             if state is not None:
-                progress(f"VM {vm!r} ready in {state.boot_seconds:.2f}s ({accel}); "
-                         f"ssh -F {state.ssh_config} {state.host}")
                 return state
         raise VMError(f"could not find free ports for VM {vm!r} after 3 tries")
 
