@@ -261,8 +261,8 @@ def allocate_ports(exclude: set[int] = frozenset()) -> Ports:
 # reported as the oops, with its trace.
 FAULT_PATTERNS = (
     ("KASAN", re.compile(r"BUG: KASAN: .*|KASAN: .*")),
-    ("BUG", re.compile(r"\bBUG: .*")),
-    ("Oops", re.compile(r"\bOops: .*|general protection fault.*")),
+    ("BUG", re.compile(r"\bBUG: .*|kernel BUG at .*")),
+    ("Oops", re.compile(r"\bOops: .*|general protection fault.*|invalid opcode: .*")),
     ("sysrq crash", re.compile(r"sysrq: Trigger a crash.*")),
     ("Kernel panic", re.compile(r"Kernel panic - not syncing.*")),
     ("initramfs failure", re.compile(r"nflab-initramfs: FAILED.*")),
