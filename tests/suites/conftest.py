@@ -8,7 +8,8 @@ changes rules on the host). ``wire`` exists only for kit VMs; against another
 machine the tests that need it skip.
 
 ``tracer``: the kit's ``nflab_tracer`` in the guest (built for the VM's kernel
-and inserted with ``ingress_dev=eth1`` when missing or stale), with
+and inserted when missing or stale; its netdev INGRESS point attaches to the
+``ingress_dev`` default its definition declares, eth1, the client wire), with
 ``read()``/``clear()``/``wait()`` (see ``tracing.Tracer``).
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shlex
 import time
 
 import pytest
@@ -133,21 +133,39 @@ def conntrack_on(guest):
     guest.run(f"nft delete table inet {table}")
 
 
-def _install_tracer(guest, vm, *, module="nflab_tracer", ext=None, ingress_dev="eth1"):
-    """Build *ext* (default: the catalog's tracer) for the VM's kernel and insert it."""
+def tracer_ingress_dev(ext=None) -> str:
+    """The ``ingress_dev`` default the tracer definition declares (``[[params]]``)."""
+    from kmods import spec
+    ext = ext or spec.load("tracer")
+    for p in ext.params:
+        if p["name"] == "ingress_dev":
+            return p["default"]
+    raise AssertionError(f"{ext.name}: the definition declares no ingress_dev parameter")
+
+
+def _install_tracer(guest, vm, *, module="nflab_tracer", ext=None):
+    """Build *ext* (default: the catalog's tracer) for the VM's kernel and insert it
+    without parameters: the definition's defaults apply (checked after loading)."""
     from kmods import build, spec
     from vm import kernels, lab
 
     st = lab.require(vm)
     ext = ext or spec.load("tracer")
+    want_dev = tracer_ingress_dev(ext)
     art = build.build_extension(ext, kernels.get(st.release), with_plugin=False)
-    loaded = guest.run(f"cat /sys/module/{module}/srcversion /sys/module/{module}/parameters/ingress_dev")
-    if loaded.rc == 0 and loaded.stdout.split() == [art.srcversion, ingress_dev]:
-        return art
     dest = f"/root/{module}.ko"
+    show = f"cat /sys/module/{module}/srcversion /sys/module/{module}/parameters/ingress_dev"
+    loaded = guest.run(show)
+    if loaded.rc == 0 and loaded.stdout.split() == [art.srcversion, want_dev] \
+            and guest.file(dest).exists:
+        return art
     lab.copy_to(vm, art.ko, dest, mode=0o644)
-    res = guest.run(f"rmmod {module} 2>/dev/null; insmod {dest} ingress_dev={shlex.quote(ingress_dev)}")
+    res = guest.run(f"rmmod {module} 2>/dev/null; insmod {dest}")
     assert res.rc == 0, f"insmod {module}: {res.stderr}"
+    loaded = guest.run(show)
+    assert loaded.stdout.split() == [art.srcversion, want_dev], \
+        f"{module} loaded as {loaded.stdout.split()}, want srcversion {art.srcversion}, " \
+        f"ingress_dev {want_dev} (the definition's default)"
     return art
 
 

@@ -67,9 +67,11 @@ def test_forward_path_visits_pre_forward_post_in_order(host, wire, trace, tag, f
     first = entries[0]
     assert (first.family, first.hook, first.indev) == ("netdev", "INGRESS", "eth1")
     for e in entries[1:]:
-        want_in = "eth1" if e.hook in ("PRE_ROUTING", "FORWARD") else "-"
+        # ip_output()/ip6_output() hand POST_ROUTING the skb's device before they
+        # switch it to the output device: a forwarded packet still shows its input
+        # device there (what nft's iifname in postrouting matches on)
         want_out = "eth2" if e.hook in ("FORWARD", "POST_ROUTING") else "-"
-        assert (e.indev, e.outdev) == (want_in, want_out), str(e)
+        assert (e.indev, e.outdev) == ("eth1", want_out), str(e)
         assert e.l3 == family and not e.frag
 
 
@@ -95,7 +97,7 @@ def test_local_delivery_and_reply_paths(host, wire, trace, tag, family):
     problems = tracing.path_problems(reply, log.points, family, LOCAL_OUT)
     assert not problems, "reply: " + _problems_text(problems, log, t)
     assert entries.index(request[-1]) < entries.index(reply[0]), "reply traced before the request"
-    assert all(e.outdev == "eth1" for e in reply)
+    assert all((e.indev, e.outdev) == ("-", "eth1") for e in reply), log.text(t)
 
 
 @pytest.mark.parametrize("how", ["ping", "udp"])
@@ -113,7 +115,13 @@ def test_locally_generated_path(host, wire, trace, tag, family, how):
     entries = log.tagged(t)
     problems = tracing.path_problems(entries, log.points, family, LOCAL_OUT)
     assert not problems, _problems_text(problems, log, t)
-    assert all(e.src == a["guest_server"] and e.outdev == "eth2" for e in entries), log.text(t)
+    # a locally generated skb has no input device, not even at POST_ROUTING
+    assert all(e.src == a["guest_server"] and (e.indev, e.outdev) == ("-", "eth2")
+               for e in entries), log.text(t)
+    # conntrack's LOCAL_OUT hook runs at -200 too: a new flow is "new" after it only
+    ct = {e.priority: e.ct for e in entries if e.hook == "LOCAL_OUT"}
+    assert {ct[p] for p in ct if p < -200} == {"none"}, ct
+    assert {ct[p] for p in ct if p > -200} == {"new"}, ct
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -332,8 +340,9 @@ def test_unload_with_packets_in_flight(host, guest, wire, trace, kit_vm, tag):
     th = threading.Thread(target=flood, daemon=True)
     th.start()
     try:
+        # no parameters: the definition's ingress_dev default ([[params]]) must hold
         res = host.run("for i in 1 2 3; do rmmod nflab_tracer && "
-                       "insmod /root/nflab_tracer.ko ingress_dev=eth1 || exit 1; done")
+                       "insmod /root/nflab_tracer.ko || exit 1; done")
     finally:
         stop.set()
         th.join(timeout=5)
@@ -342,5 +351,8 @@ def test_unload_with_packets_in_flight(host, guest, wire, trace, kit_vm, tag):
     dmesg = host.check_output("dmesg | tail -50")
     assert "BUG" not in dmesg and "WARNING" not in dmesg, dmesg
     assert sent[0] > 100
+    from tests.suites.conftest import tracer_ingress_dev
+    assert host.file("/sys/module/nflab_tracer/parameters/ingress_dev").content_string.strip() \
+        == tracer_ingress_dev(), "the module's ingress_dev default is not the definition's"
     trace.clear()
     assert trace.read().used == 0

@@ -148,6 +148,32 @@ def test_broken_variant_renders_a_misregistration(tmp_path):
     src = render.render(bad)["nflab_tracerbad.c"]
     assert "ops->priority = point->priority == -175 ? 0 : point->priority;" in src
     assert '.priority\t= -175,' in src          # the claim is unchanged
+    # the tracer body follows the variant's prefix (it once hard-coded tracer_*)
+    assert "struct tracer_net" not in src and "tracer_points" not in src
+    assert "struct tracerbad_net *pn" in src and "&tracerbad_points[e->index]" in src
+
+
+def test_ingress_dev_default_comes_from_the_definition(ext):
+    """The netdev point attaches to the definition's ingress_dev ([[params]]);
+    the hook template's generic eth0 default is not emitted next to it."""
+    assert [p for p in ext.params if p["name"] == "ingress_dev"] == \
+        [{"name": "ingress_dev", "type": "charp", "default": "eth1",
+          "help": "device whose netdev INGRESS hook point attaches to, per netns"}]
+    src = render.render(ext)["nflab_tracer.c"]
+    assert 'static char *ingress_dev = "eth1";' in src
+    assert src.count("module_param(ingress_dev, charp, 0444);") == 1
+    assert '"eth0"' not in src
+    from tests.suites.conftest import tracer_ingress_dev
+    assert tracer_ingress_dev(ext) == "eth1"
+
+
+def test_hook_template_keeps_eth0_default_without_a_declared_param(ext):
+    import copy
+    plain = copy.copy(ext)
+    plain.params = [p for p in ext.params if p["name"] != "ingress_dev"]
+    src = render.render(plain)["nflab_tracer.c"]
+    assert 'static char *ingress_dev = "eth0";' in src
+    assert src.count("module_param(ingress_dev, charp, 0444);") == 1
 
 
 @pytest.mark.slow
@@ -155,4 +181,14 @@ def test_tracer_builds_on_both_kernels(kernel, build_root):
     from kmods.build import build_extension
     art = build_extension("tracer", kernel)
     assert art.ko.is_file() and art.vermagic.startswith(kernel.release)
+    assert "warning" not in (art.dir / "build.log").read_text().lower()
+
+
+@pytest.mark.slow
+def test_broken_variant_builds_on_both_kernels(kernel, build_root, tmp_path):
+    """The negative placement test inserts this variant in a VM: it must compile."""
+    from kmods.build import build_extension
+    from tests.suites.test_placement import broken_variant
+    art = build_extension(broken_variant(tmp_path), kernel, with_plugin=False)
+    assert art.ko.is_file() and art.ko.name == "nflab_tracerbad.ko"
     assert "warning" not in (art.dir / "build.log").read_text().lower()
