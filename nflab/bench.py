@@ -45,7 +45,8 @@ def _invoke(*args, env=None, timeout=1800) -> float:
                          text=True, env=dict(os.environ, CI="1", **(env or {})), timeout=timeout)
     elapsed = time.monotonic() - t0
     if res.returncode != 0:
-        raise RuntimeError(f"invoke {' '.join(args)} failed: {(res.stderr or res.stdout).strip()[-400:]}")
+        tail = (res.stdout.strip()[-300:] + " | " + res.stderr.strip()[-300:]).replace("\n", " ")
+        raise RuntimeError(f"invoke {' '.join(args)} failed (exit {res.returncode}): {tail}")
     return elapsed
 
 

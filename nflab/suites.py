@@ -103,8 +103,11 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         default = lab.load("default")
         if default is not None and lab.is_running(default) and default.release == kernel.release:
             vm = "default"
+        elif keep:
+            vm = vm_name_for(kernel.release)          # a fixed name the next run reuses
         else:
-            vm = vm_name_for(kernel.release)
+            # private to this process: concurrent runs never share (or stop) each other's VM
+            vm = f"{vm_name_for(kernel.release)[:22]}-{os.getpid() % 100000}"
     booted_here = not (lab.load(vm) and lab.is_running(lab.load(vm)))
     state = lab.up(kernel_spec if kernel_spec else None, vm, progress=progress)
     try:
