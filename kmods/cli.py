@@ -87,7 +87,12 @@ def catalog(c):
     rows = []
     for n in spec.catalog_names(include_hidden=True):
         ext = spec.load(n)
-        where = ", ".join(f"{h.family}/{h.hook}@{h.priority}" for h in ext.hooks) or "-"
+        if len(ext.hooks) <= 4:
+            where = ", ".join(f"{h.family}/{h.hook}@{h.priority}" for h in ext.hooks) or "-"
+        else:
+            prios = sorted({h.priority for h in ext.hooks})
+            where = (f"{len(ext.hooks)} points: {len({h.hook for h in ext.hooks})} hooks, "
+                     f"priorities {', '.join(map(str, prios))}")
         rows.append([ext.name, ext.kind, ",".join(ext.families), ext.module, where,
                      ext.summary + (" (catalog only)" if ext.catalog_only else "")])
     table(["name", "kind", "families", "module", "hook points", "summary"], rows)
