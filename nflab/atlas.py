@@ -70,6 +70,9 @@ COUNT_COMMENT = "nflab-atlas-count"
 CT_COMMENT = "nflab-atlas-ct"
 PROBE_COMMENT = "nflab-atlas-probe"
 MARK = 0x4e4c
+# documented priorities (NF_IP_PRI_* == NF_IP6_PRI_*, include/uapi/linux/netfilter_ipv4.h)
+DOCUMENTED = {"defrag": -400, "raw": -300, "conntrack": -200, "mangle": -150, "filter": 0, "security": 50}
+NAT_DOCUMENTED = {"PRE_ROUTING": -100, "LOCAL_OUT": -100, "LOCAL_IN": 100, "POST_ROUTING": 100}
 # the tracer's bracketing points on every inet hook (kmods/catalog/tracer/ext.toml)
 TRACER_POINTS = (-450, -250, -175, -125, -75, 25, 75, 125)
 
@@ -300,6 +303,13 @@ def merge(atlas: Atlas, nft_rows: list | None, proc_points: dict) -> None:
     """Combine measured entries (already in *atlas*), ``nft list hooks`` rows and the
     ``/proc/net/nflab_*`` points into the final entries and cross-checks."""
     checks = atlas.checks
+    # 0. every measured interval against the priority the kernel headers document
+    for e in atlas.entries:
+        doc = NAT_DOCUMENTED.get(e.hook) if e.name == "nat" else DOCUMENTED.get(e.name)
+        if e.interval and doc is not None:
+            ok = (e.interval[0] is None or e.interval[0] < doc) and (e.interval[1] is None or doc < e.interval[1])
+            checks.append(Check(ok, f"{e.family} {e.hook} {e.name}: documented priority {_prio(doc)} "
+                                    f"{'inside' if ok else 'NOT inside'} the measured interval {e.interval_text()}"))
     rows = list(nft_rows or [])
     claimed = set()
 
@@ -665,17 +675,14 @@ def write(atlas: Atlas, out: str | Path) -> dict:
     """Write ``<out>.svg``, ``.png`` (when a converter exists), ``.md`` and ``.json``;
     returns {kind: path or None}."""
     out = Path(out)
-    base = out.with_suffix("") if out.suffix == ".svg" else out
-    base.parent.mkdir(parents=True, exist_ok=True)
-    svg = base.with_suffix(".svg")
+    stem = out.name[:-4] if out.name.endswith(".svg") else out.name   # atlas-6.12.svg -> atlas-6.12
+    out.parent.mkdir(parents=True, exist_ok=True)
+    svg, md, js, png = (out.parent / (stem + ext) for ext in (".svg", ".md", ".json", ".png"))
     svg.write_text(render_svg(atlas))
-    md = base.with_suffix(".md")
     md.write_text(render_markdown(atlas).replace(
         f"# netfilter atlas — {atlas.kernel}\n",
         f"# netfilter atlas — {atlas.kernel}\n\n![netfilter atlas]({svg.name})\n", 1))
-    js = base.with_suffix(".json")
     js.write_text(atlas.to_json())
-    png = base.with_suffix(".png")
     conv = to_png(svg, png)
     return {"svg": svg, "png": png if conv else None, "md": md, "json": js, "converter": conv}
 

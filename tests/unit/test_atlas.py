@@ -208,9 +208,10 @@ def test_markdown_tables():
 
 
 def test_write_files(tmp_path):
-    res = A.write(sample(exact=True), tmp_path / "atlas.svg")
+    res = A.write(sample(exact=True), tmp_path / "atlas-6.12.svg")
+    assert res["svg"].name == "atlas-6.12.svg" and res["md"].name == "atlas-6.12.md"
     assert res["svg"].read_text().startswith("<?xml")
-    assert "![netfilter atlas](atlas.svg)" in res["md"].read_text()
+    assert "![netfilter atlas](atlas-6.12.svg)" in res["md"].read_text()
     assert A.Atlas.from_json(res["json"].read_text()).exact
     if res["converter"]:
         assert res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
