@@ -52,15 +52,17 @@ def _params(params: dict | None) -> str:
     return " ".join(words)
 
 
-def install(name: str, vm: str = "default", *, params: dict | None = None, progress=None,
+def install(name, vm: str = "default", *, params: dict | None = None, progress=None,
             timeout: float = 60) -> Installed:
-    """Build *name* for VM *vm*'s kernel, load it there (with module *params*), prove it."""
+    """Build *name* (a catalog name or a kmods.spec.Extension, e.g. a workshop
+    exercise) for VM *vm*'s kernel, load it there (with module *params*), prove it."""
     from kmods.build import build_extension
     from vm import kernels, lab
 
     state = lab.require(vm)
     kernel = kernels.get(state.release)
     art = build_extension(name, kernel)
+    name = art.name
     guest_release = _sh(vm, "uname -r", "uname").strip()
     magic = art.vermagic.split()[0] if art.vermagic else ""
     if magic != guest_release:
