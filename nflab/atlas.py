@@ -701,10 +701,10 @@ class _Guest:
         return res.returncode, res.stdout, res.stderr
 
     def sh(self, cmd: str, what: str = "", timeout: float = 90) -> str:
-        from nflab.errors import VMError
+        from nflab.errors import NflabError
         rc, out, err = self.run(cmd, timeout)
-        if rc != 0:
-            raise VMError(f"{what or cmd[:60]} failed in VM {self.vm!r} (exit {rc})",
+        if rc != 0:     # a command failed; a dead or crashed VM raises VMError in lab.exec
+            raise NflabError(f"{what or cmd[:60]} failed in VM {self.vm!r} (exit {rc})",
                           detail=(err or out).strip()[-2000:])
         return out
 
@@ -842,6 +842,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     *modules*: catalog hook modules to install first (they appear as "your
     modules"); any ``nflab_*`` hook module already loaded appears too. Every rule
     the measurement adds is removed again; the tracer stays loaded."""
+    from nflab.errors import NflabError, VMError
     from tests.suites import tracing
     from vm import install, lab, topology
     from vm.wire import Wire, magic
@@ -951,6 +952,11 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
                         rules.added.append(rule)
                         try:
                             log, entries = trace(fam, path, tag, setup)
+                        except NflabError as exc:
+                            if isinstance(exc, VMError):
+                                raise
+                            atlas.checks.append(Check(False, f"{fam} {hook} {table}: {target}: {exc}"))
+                            continue
                         finally:
                             rules.remove([rule])
                         here = [e for e in entries if e.family == fam and e.hook == hook]
