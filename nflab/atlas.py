@@ -807,7 +807,7 @@ class _Sender:
         self.guest, self.wire = guest, wire
 
     def send(self, family: str, path: str, tag: int) -> int:
-        from tests.suites.tracing import addrs, bash_udp, packet
+        from vm.tracing import addrs, bash_udp, packet
         a = addrs(family)
         if path == "forward":
             self.wire.send("client", packet(family, "tcp", a["client"], a["server"], tag))
@@ -843,7 +843,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     modules"); any ``nflab_*`` hook module already loaded appears too. Every rule
     the measurement adds is removed again; the tracer stays loaded."""
     from nflab.errors import NflabError, VMError
-    from tests.suites import tracing
+    from vm import tracing
     from vm import install, lab, topology
     from vm.wire import Wire, magic
 
@@ -918,7 +918,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
                             atlas.notes.append(f"{fam} {first}: conntrack not located: {problem}")
                 # defrag: fragments at -450, one datagram after defrag
                 say(f"{fam}: fragments through defrag")
-                from tests.suites.tracing import addrs, fragments
+                from vm.tracing import addrs, fragments
                 a = addrs(fam)
                 tag = next(tags)
                 guest.sh(f"echo clear > {tracer.proc}", "clearing the tracer")
@@ -1009,7 +1009,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
 
 def _proc_points(guest: _Guest) -> dict:
     """module -> [(family, hook, priority)] of every loaded nflab hook module."""
-    from tests.suites import tracing
+    from vm import tracing
     rc, out, _ = guest.run('for f in /proc/net/nflab_*; do [ -e "$f" ] || continue; '
                            'echo "=== ${f##*/}"; grep "^point " "$f"; done')
     sections: dict = {}

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.suites import tracing
+from vm import tracing
 
 SUITES_DIR = os.path.dirname(os.path.abspath(__file__))
 _SPEC_VM = re.compile(r"^ssh://nflab-([A-Za-z0-9][A-Za-z0-9_-]*)\?")

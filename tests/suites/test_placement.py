@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from tests.suites import tracing
-from tests.suites.tracing import FORWARD, LOCAL_IN, LOCAL_OUT, addrs, at, packet
+from vm import tracing
+from vm.tracing import FORWARD, LOCAL_IN, LOCAL_OUT, addrs, at, packet
 from vm.wire import has_tag, payload
 
 pytestmark = pytest.mark.vm

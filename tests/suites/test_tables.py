@@ -22,8 +22,8 @@ import shlex
 
 import pytest
 
-from tests.suites import tracing
-from tests.suites.tracing import addrs, packet
+from vm import tracing
+from vm.tracing import addrs, packet
 from vm.wire import has_tag, magic
 
 pytestmark = pytest.mark.vm
