@@ -1,0 +1,50 @@
+"""`invoke workshop`: build an exercise (skeleton or solution), install it in a VM, run its suite."""
+
+from __future__ import annotations
+
+import shlex
+
+from invoke import task
+
+from nflab.cli import Progress, friendly, table
+from nflab.errors import NflabError
+
+
+@task(help={
+    "exercise": "exercise number or folder name (1, ex03_ttl), a comma list, or `all` (default: all)",
+    "solution": "use the reference solution (kmods/workshop/solutions/) instead of your skeleton",
+    "kernel": "kernel spec: 6.1, 6.12 or an exact ABI (default 6.12)",
+    "vm": "VM to use (default ws-<kernel>; booted if not running, then stopped again)",
+    "keep": "leave a VM this task booted running (faster next round)",
+    "junit": "JUnit XML path (default build/reports/<release>/junit-workshop-<variant>.xml)",
+    "pytest": "extra pytest arguments, e.g. \"-x -k mark\"",
+    "list": "only list the exercises and their files",
+    "quiet": "no progress display",
+})
+@friendly
+def workshop(c, exercise=None, solution=False, kernel=None, vm=None, keep=False, junit=None,
+             pytest=None, list=False, quiet=False):
+    """Workshop exercises (docs/workshop.md): build, install in a VM, run the suite; green or red."""
+    from nflab import workshop as ws
+
+    if list:
+        table(["#", "exercise", "kind", "module", "definition", "suite"],
+              [[e.number, e.name, e.load().kind, e.load().module,
+                e.definition().relative_to(ws.REPO), e.suite.relative_to(ws.REPO)]
+               for e in ws.select(exercise)])
+        return
+    with Progress(quiet) as progress:
+        out = ws.run(exercise, kernel, solution=solution, vm=vm, keep=keep, junit=junit,
+                     pytest_args=shlex.split(pytest or ""), progress=progress)
+    names = {e.number: e.name for e in ws.exercises()}
+    table(["#", "exercise", "variant", "kernel", "result"],
+          [[n, names.get(n, "?"), out.variant, out.release, v] for n, v in out.verdicts.items()])
+    print(f"{out.seconds:.1f}s, junit: {out.junit}")
+    if not out.ok:
+        red = [str(n) for n, v in out.verdicts.items() if v != "passed"]
+        raise NflabError(f"exercise(s) {', '.join(red)} not green yet on {out.release}",
+                         hint="the pytest output above says what the suite saw; hints in docs/workshop.md")
+    print("all green")
+
+
+TASKS = [workshop]

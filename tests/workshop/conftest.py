@@ -1,0 +1,51 @@
+"""Fixtures of the workshop suites: the same target, wire and routed guest as
+``tests/suites`` (imported from its conftest, not copied), plus helpers.
+
+Run them with ``invoke workshop --exercise=N`` (builds, boots, installs the
+exercise, runs its suite), or against a running VM with
+``pytest tests/workshop/test_exNN_*.py --nflab-vm=NAME`` after installing it.
+Without a target every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# target selection (--hosts / --nflab-vm / $NFLAB_VM), the nflab pytest plugin
+# (wire, failure context) and the session fixtures of the catalog suites
+from tests.suites.conftest import (  # noqa: F401
+    guest,
+    kit_vm,
+    pytest_addoption,
+    pytest_configure,
+    routed,
+    rules,
+    tag,
+    topo,
+)
+
+WORKSHOP_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = getattr(config, "_nflab_skip", None)
+    if not reason:
+        return
+    for item in items:
+        if str(item.fspath).startswith(WORKSHOP_DIR):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def module_param(host, module, name) -> int:
+    """An integer module parameter as the guest's sysfs shows it."""
+    f = host.file(f"/sys/module/{module}/parameters/{name}")
+    assert f.exists, f"{module} has no parameter {name} (is it loaded?)"
+    return int(f.content_string.strip())
+
+
+def proc_points(host, module) -> dict:
+    """``point`` lines of /proc/net/<module>: {(family, hook): (priority, registered, packets)}."""
+    from tests.suites.catalog_helpers import proc_lines
+    return {(w[1], w[2]): (int(w[3]), int(w[4]), int(w[5])) for w in proc_lines(host, module, "point")}
