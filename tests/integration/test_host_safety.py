@@ -27,7 +27,16 @@ def _host_exec_calls(tree: ast.AST):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
-        name = getattr(func, "attr", getattr(func, "id", ""))
+        # host-side execution: subprocess.*/os.* calls, or helpers imported by name
+        # (nflab.proc.run); guest.run()/host.run() methods run inside the VM
+        if isinstance(func, ast.Attribute):
+            if not (isinstance(func.value, ast.Name) and func.value.id in {"subprocess", "os"}):
+                continue
+            name = func.attr
+        elif isinstance(func, ast.Name):
+            name = func.id
+        else:
+            continue
         if name not in {"run", "Popen", "call", "check_call", "check_output", "system", "execvp"}:
             continue
         if not node.args:
