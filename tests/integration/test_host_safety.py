@@ -75,3 +75,10 @@ def test_build_never_calls_a_loader(tmp_path):
                          timeout=900)
     assert res.returncode == 0, res.stderr
     assert not log.exists(), f"a module loader was called on the host: {log.read_text()}"
+
+
+def test_scanner_catches_host_calls_and_ignores_guest_calls():
+    src = ("import subprocess, os\nfrom nflab.proc import run\n"
+           "subprocess.run(['modprobe', 'x'])\nrun(['insmod', 'a.ko'])\n"
+           "guest.run('modprobe y')\nhost.run('rmmod z')\nos.system('rmmod z')\n")
+    assert [c for _, c in _host_exec_calls(ast.parse(src))] == ["modprobe", "insmod", "rmmod"]
