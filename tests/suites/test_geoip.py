@@ -1,0 +1,167 @@
+"""geoip: countries from the kit's CSV database, on the wire.
+
+The database is built on the host from ``kmods/catalog/geoip/geoip.csv``
+(``build_db.py``) and copied into the guest's ``/usr/share/nflab/geoip``,
+where checkentry reads it. For each family and backend seven DROP rules
+(``--src-cc``, ``!``, lists, ``--dst-cc``, both directions, both negated)
+sit on seven UDP ports; every (source, destination) pair of addresses from
+three fake countries is sent to every port and the verdict on the server
+wire plus the rule counters must equal what the CSV says. A user-supplied
+CSV, installed instead, changes the verdicts of newly added rules and makes
+a country it lacks unusable. At the end the kit's database is installed
+again (the ``.t`` rule-syntax files use it).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import sys
+import tarfile
+
+import pytest
+
+from kmods import spec
+from kmods.spec import CATALOG
+from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
+                                          l3, rule_counters, send_tagged)
+
+pytestmark = pytest.mark.vm
+DB_DIR = spec.load("geoip").test["db_dir"]
+DST_ROUTE = {"ipv4": ("203.0.113.0/24", "198.51.100.2"), "ipv6": ("2001:db8:3::/64", "2001:db8:2::2")}
+ADDRS = {  # sources on the client wire, destinations behind the server
+    "ipv4": (["192.0.2.10", "192.0.2.63", "192.0.2.64", "192.0.2.200"],
+             ["198.51.100.2", "203.0.113.10", "203.0.113.100"]),
+    "ipv6": (["2001:db8:1::10", "2001:db8:1::3f", "2001:db8:1::40", "2001:db8:1::200"],
+             ["2001:db8:2::2", "2001:db8:3::10", "2001:db8:3::100"]),
+}
+RULES = {40801: "--src-cc XA", 40802: "! --src-cc XA", 40803: "--src-cc XA,XC",
+         40804: "--dst-cc XB", 40805: "! --dst-cc XB", 40806: "--src-cc XC --dst-cc XA",
+         40807: "! --src-cc XB ! --dst-cc XC"}
+USER_CSV = """\
+# a user's database: the client network moves to XB, the server network to XA, no XC
+start,end,CC
+192.0.2.0,192.0.2.255,XB
+198.51.100.0,198.51.100.255,XA
+203.0.113.0,203.0.113.255,XB
+2001:db8:1::,2001:db8:1:0:ffff:ffff:ffff:ffff,XB
+2001:db8:2::,2001:db8:2:ffff:ffff:ffff:ffff:ffff,XA
+2001:db8:3::,2001:db8:3:ffff:ffff:ffff:ffff:ffff,XB
+"""
+
+
+def builder():
+    """kmods/catalog/geoip/build_db.py as a module (no __pycache__ in the catalog)."""
+    old, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        s = importlib.util.spec_from_file_location("nflab_geoip_build_db", CATALOG / "geoip" / "build_db.py")
+        mod = importlib.util.module_from_spec(s)
+        s.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.dont_write_bytecode = old
+
+
+def install_db(host, files: dict):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    host.run_test(f"rm -rf {DB_DIR} && mkdir -p {DB_DIR} && echo {b64} | base64 -d | tar -xzf - -C {DB_DIR}")
+
+
+@pytest.fixture(scope="module")
+def db(host):
+    assert_kit_module(host, "xt_geoip")
+    b = builder()
+    text = (CATALOG / "geoip" / "geoip.csv").read_text()
+    install_db(host, b.build(text))
+    yield b, b.parse_csv(text)
+    install_db(host, b.build(text))
+
+
+@pytest.fixture
+def routes(host, routed):
+    for fam, (net, via) in DST_ROUTE.items():
+        host.run_test(f"ip {'-6 ' if fam == 'ipv6' else ''}route replace {net} via {via}")
+
+
+def _clauses(opts: str):
+    """'! --src-cc XB --dst-cc XA' -> [("src", {"XB"}, True), ("dst", {"XA"}, False)]"""
+    out, words, neg = [], opts.split(), False
+    for i, w in enumerate(words):
+        if w == "!":
+            neg = True
+        elif w in ("--src-cc", "--dst-cc"):
+            out.append((w[2:5], set(words[i + 1].split(",")), neg))
+            neg = False
+    return out
+
+
+def _expect(b, parsed, opts, src, dst) -> bool:
+    where = {"src": b.lookup(parsed, src), "dst": b.lookup(parsed, dst)}
+    return all((where[d] in ccs) != neg for d, ccs, neg in _clauses(opts))
+
+
+def _run(host, wire, family, backend, rules, b, parsed, tag):
+    from scapy.all import UDP
+    from vm.wire import payload
+
+    tool = f"{TOOLS[family]}-{backend} -w"
+    for port, opts in rules.items():
+        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -m geoip {opts} -j DROP")
+    srcs, dsts = ADDRS[family]
+    pkts, meta = {}, {}
+    for port, opts in rules.items():
+        for s in srcs:
+            for d in dsts:
+                t = tag()
+                pkts[t] = l3(family)(src=s, dst=d) / UDP(sport=33000, dport=port) / payload(t, 48)
+                meta[t] = (port, f"-m geoip {opts}: {s} ({b.lookup(parsed, s)}) -> {d} ({b.lookup(parsed, d)})",
+                           _expect(b, parsed, opts, s, d))
+    keep = [t for t in pkts if not meta[t][2]]
+    arrived = send_tagged(wire, pkts, expect=len(keep), timeout=8.0, settle=1.0)
+    wrong = [f"{meta[t][1]}: {'arrived' if t in arrived else 'dropped'}, expected "
+             f"{'dropped' if meta[t][2] else 'to arrive'}" for t in pkts if (t in arrived) == meta[t][2]]
+    assert not wrong, "\n".join(wrong)
+    counts = rule_counters(host, TOOLS[family], backend)
+    for port, opts in rules.items():
+        want = sum(1 for t in pkts if meta[t][0] == port and meta[t][2])
+        assert counts.get(str(port)) == want, f"-m geoip {opts}: counter {counts.get(str(port))}, expected {want}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_countries_on_the_wire(host, wire, db, clean_forward, routes, family, backend, tag):
+    b, parsed = db
+    _run(host, wire, family, backend, RULES, b, parsed, tag)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_user_supplied_csv(host, wire, db, clean_forward, routes, family, tag):
+    b, shipped = db
+    user = b.parse_csv(USER_CSV, "user.csv")
+    rules = {40811: "--src-cc XB", 40812: "--dst-cc XA", 40813: "! --dst-cc XB"}
+    # the verdicts differ between the two databases for these rules
+    srcs, dsts = ADDRS[family]
+    assert any(_expect(b, shipped, o, s, d) != _expect(b, user, o, s, d)
+               for o in rules.values() for s in srcs for d in dsts)
+    try:
+        install_db(host, b.build(USER_CSV, "user.csv"))
+        _run(host, wire, family, "nft", rules, b, user, tag)
+        # a country the user's database lacks is refused when the rule is added
+        r = host.run(f"{TOOLS[family]}-nft -w -A FORWARD -m geoip --src-cc XC -j DROP")
+        assert r.rc != 0, "a rule naming XC was accepted without XC in the database"
+    finally:
+        install_db(host, b.build((CATALOG / "geoip" / "geoip.csv").read_text()))
+
+
+def test_save_round_trip(host, db, clean_forward):
+    for backend in BACKENDS:
+        host.run_test(f"iptables-{backend} -w -A FORWARD -m geoip ! --src-cc xc,xa --dst-cc XB -j DROP")
+        saved = host.check_output(f"iptables-{backend}-save -t filter")
+        assert "-A FORWARD -m geoip ! --src-cc XC,XA --dst-cc XB -j DROP" in saved, saved
