@@ -12,7 +12,11 @@ srcversion of the file we built.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import shlex
+import sys
+import tarfile
 from dataclasses import dataclass
 
 from nflab.errors import NflabError, VMError
@@ -38,6 +42,42 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
         raise VMError(f"{what} failed in VM {vm!r} (exit {res.returncode})",
                       detail=(res.stderr or res.stdout).strip()[-2000:])
     return res.stdout
+
+
+def guest_files(name: str) -> dict[str, bytes]:
+    """Extra files an extension needs in the guest (e.g. geoip's database).
+
+    A catalog folder may hold ``guest_files.py`` with ``files() -> {guest path: bytes}``."""
+    from kmods.spec import definition_path
+
+    hook = definition_path(name).parent / "guest_files.py"
+    if not hook.is_file():
+        return {}
+    old, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec = importlib.util.spec_from_file_location(f"nflab_guest_files_{name}", hook)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.dont_write_bytecode = old
+    out = mod.files()
+    for path in out:
+        if not path.startswith("/") or ".." in path.split("/"):
+            raise NflabError(f"{hook}: guest path {path!r} must be absolute, without ..")
+    return out
+
+
+def _copy_files(vm: str, files: dict[str, bytes]):
+    """Ship *files* in one tar stream over the SSH master."""
+    from vm import lab
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path, data in sorted(files.items()):
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    lab.exec(vm, "tar -xzf - -C /", input=buf.getvalue(), timeout=120, check=True)
 
 
 def _params(params: dict | None) -> str:
@@ -72,6 +112,11 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
         progress(f"copying {art.ko.name}{' and ' + art.so.name if art.so else ''} into VM {vm}")
     _sh(vm, f"mkdir -p {GUEST_DIR}", "mkdir")
     lab.copy_to(vm, art.ko, f"{GUEST_DIR}/{art.ko.name}", mode=0o644)
+    extra = guest_files(art.name) if isinstance(name, str) else {}
+    if extra:
+        if progress:
+            progress(f"copying {len(extra)} file(s) {name} needs into VM {vm}")
+        _copy_files(vm, extra)
     mod = art.module
     deps = " ".join(shlex.quote(d) for d in art.deps)
     script = [
