@@ -152,12 +152,14 @@ class Outcome:
 
 
 def suite_command(exs: list[Exercise], testinfra_spec: str, vm: str, junit: Path,
-                  pytest_args=None) -> list[str]:
+                  pytest_args=None, *, first_failure: bool = False) -> list[str]:
+    """The pytest command line; *first_failure* stops each exercise's suite at its
+    first failed test (enough to grade a skeleton red, and much faster)."""
     return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin",
             "-q", "-rfEs", f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
             f"--hosts={testinfra_spec}", f"--nflab-vm={vm}", f"--junitxml={junit}",
             *[f"--nflab-ext={ex.name}" for ex in exs], *[str(ex.suite) for ex in exs],
-            *(pytest_args or [])]
+            *(["--nflab-first-failure"] if first_failure else []), *(pytest_args or [])]
 
 
 def verdicts(exs: list[Exercise], junit: Path) -> dict:
@@ -182,7 +184,8 @@ def verdicts(exs: list[Exercise], junit: Path) -> dict:
 
 
 def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: Path | None = None,
-               pytest_args=None, progress=print, capture: bool = False) -> Outcome:
+               pytest_args=None, progress=print, capture: bool = False,
+               first_failure: bool = False) -> Outcome:
     """Install the variant of *exs* in the running VM *vm* and run their suites."""
     from nflab.suites import parse_junit
     from vm import lab
@@ -205,7 +208,8 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
     junit.unlink(missing_ok=True)
     code = 0
     if ok_exs:
-        cmd = suite_command(ok_exs, state.testinfra_spec, vm, junit, pytest_args)
+        cmd = suite_command(ok_exs, state.testinfra_spec, vm, junit, pytest_args,
+                            first_failure=first_failure)
         progress(f"running {len(ok_exs)} workshop suite(s) ({variant(solution)}) on {state.release}")
         res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, NFLAB_VM=vm),
                              capture_output=capture, text=True)

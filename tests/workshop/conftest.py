@@ -18,15 +18,24 @@ import pytest
 from tests.suites.conftest import (  # noqa: F401
     guest,
     kit_vm,
-    pytest_addoption,
     pytest_configure,
     routed,
     rules,
     tag,
     topo,
 )
+from tests.suites.conftest import pytest_addoption as _suites_addoption
 
 WORKSHOP_DIR = os.path.dirname(os.path.abspath(__file__))
+_red_files: set = set()
+
+
+def pytest_addoption(parser, pluginmanager):
+    _suites_addoption(parser, pluginmanager)
+    parser.getgroup("nflab").addoption(
+        "--nflab-first-failure", action="store_true", default=False,
+        help="skip the rest of an exercise's suite once one of its tests failed "
+             "(grading a skeleton: red is red)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,6 +45,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).startswith(WORKSHOP_DIR):
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_setup(item):
+    if item.config.getoption("nflab_first_failure", False) and str(item.fspath) in _red_files:
+        pytest.skip("this exercise is already red (--nflab-first-failure)")
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and report.when in ("setup", "call"):
+        _red_files.add(os.path.join(WORKSHOP_DIR, os.path.basename(report.fspath)))
+
+
+@pytest.fixture(scope="session")
+def forwarding(guest, routed):
+    """The routed guest with empty FORWARD chains and policy ACCEPT (both
+    families and backends), set once in one round trip; tests remove the
+    rules they add (``rules``)."""
+    script = "; ".join(f"{tool}-{backend} -w -F FORWARD; {tool}-{backend} -w -P FORWARD ACCEPT"
+                       for tool in ("iptables", "ip6tables") for backend in ("legacy", "nft"))
+    guest.run(script)
+    return routed
 
 
 def module_param(host, module, name) -> int:

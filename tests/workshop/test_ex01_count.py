@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import (CLIENT4, SERVER4, assert_kit_module, clean_forward,  # noqa: F401
+from tests.suites.catalog_helpers import (CLIENT4, SERVER4, assert_kit_module,
                                          proc_lines, send_tagged)
 from tests.workshop.conftest import proc_points
 
@@ -52,7 +52,7 @@ def test_point_registered_at_pre_routing(host, loaded):
     assert points[("ipv4", "PRE_ROUTING")][1] == 1, "the PRE_ROUTING point is not registered"
 
 
-def test_forwarded_packets_counted(host, wire, loaded, clean_forward, tag):
+def test_forwarded_packets_counted(host, wire, forwarding, loaded, tag):
     before, _ = _read(host)
     assert ("ipv4", "PRE_ROUTING") in before, f"no PRE_ROUTING point in {PROC}"
     _send(wire, tag)
@@ -61,7 +61,7 @@ def test_forwarded_packets_counted(host, wire, loaded, clean_forward, tag):
     assert got >= N, f"PRE_ROUTING counted {got} packets while {N} were forwarded"
 
 
-def test_forwarded_bytes_counted(host, wire, loaded, clean_forward, tag):
+def test_forwarded_bytes_counted(host, wire, forwarding, loaded, tag):
     _, before = _read(host)
     assert ("ipv4", "PRE_ROUTING") in before, f"no bytes line for PRE_ROUTING in {PROC}"
     ip_len = _send(wire, tag)
@@ -70,7 +70,7 @@ def test_forwarded_bytes_counted(host, wire, loaded, clean_forward, tag):
     assert got >= N * ip_len, f"PRE_ROUTING counted {got} bytes for {N} packets of {ip_len} bytes"
 
 
-def test_clear_zeroes_bytes(host, wire, loaded, clean_forward, tag):
+def test_clear_zeroes_bytes(host, wire, forwarding, loaded, tag):
     ip_len = _send(wire, tag)
     _, before = _read(host)
     assert before.get(("ipv4", "PRE_ROUTING"), 0) >= N * ip_len, "nothing counted to clear"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import (CLIENT4, SERVER4, assert_kit_module, clean_forward,  # noqa: F401
+from tests.suites.catalog_helpers import (CLIENT4, SERVER4, assert_kit_module,
                                          proc_lines, send_tagged)
 from tests.workshop.conftest import module_param, proc_points
 
@@ -62,7 +62,7 @@ def test_declared_between_mangle_and_nat(host, params):
         f"the hook sits at {prio}: mangle is {MANGLE}, nat (DNAT) {NAT}; it must be strictly between"
 
 
-def test_sees_the_mangle_mark(host, wire, params, routed, rules, clean_forward, tag):
+def test_sees_the_mangle_mark(host, wire, forwarding, params, rules, tag):
     mark, port = params
     rules.add("ipv4", "mangle", "PREROUTING", f"-p udp --dport {port} -j MARK --set-mark {mark}")
     _send(host, wire, tag, port)
@@ -71,7 +71,7 @@ def test_sees_the_mangle_mark(host, wire, params, routed, rules, clean_forward, 
                        f"({MANGLE}): a hook that runs before mangle never sees its MARK")
 
 
-def test_sees_the_port_before_nat(host, wire, params, routed, rules, clean_forward, tag):
+def test_sees_the_port_before_nat(host, wire, forwarding, params, rules, tag):
     from scapy.all import UDP
 
     mark, port = params

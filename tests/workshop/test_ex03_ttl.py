@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import (CLIENT4, SERVER4, assert_kit_module, clean_forward,  # noqa: F401
+from tests.suites.catalog_helpers import (CLIENT4, SERVER4, assert_kit_module,
                                          send_tagged)
 
 pytestmark = pytest.mark.vm
@@ -48,14 +48,14 @@ def _rule(rules, port, negate):
                              f"{exc}") from None
 
 
-def test_max_ttl_drops_low_ttls(host, wire, loaded, clean_forward, rules, tag):
+def test_max_ttl_drops_low_ttls(host, wire, forwarding, loaded, rules, tag):
     _rule(rules, 40301, negate=False)
     got = _verdicts(wire, tag, 40301)
     want = {ttl: ttl > LIMIT for ttl in SEEN_TTLS}
     assert got == want, f"--max-ttl {LIMIT}: arrived per TTL {got}, expected {want}"
 
 
-def test_negated_max_ttl_drops_high_ttls(host, wire, loaded, clean_forward, rules, tag):
+def test_negated_max_ttl_drops_high_ttls(host, wire, forwarding, loaded, rules, tag):
     _rule(rules, 40302, negate=True)
     got = _verdicts(wire, tag, 40302)
     want = {ttl: ttl <= LIMIT for ttl in SEEN_TTLS}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import PEERS, assert_kit_module, clean_forward, l3, send_tagged  # noqa: F401
+from tests.suites.catalog_helpers import PEERS, assert_kit_module, l3, send_tagged
 
 pytestmark = pytest.mark.vm
 
@@ -43,7 +43,7 @@ def _verdicts(wire, tag, family, port):
 
 @pytest.mark.parametrize("negate", [False, True], ids=["max-ttl", "not-max-ttl"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_max_ttl(host, wire, loaded, clean_forward, rules, tag, family, negate):
+def test_max_ttl(host, wire, forwarding, loaded, rules, tag, family, negate):
     port = 40401 + negate
     spec = f"-p udp --dport {port} -m {MATCH} {'! ' if negate else ''}--max-ttl {LIMIT} -j DROP"
     try:

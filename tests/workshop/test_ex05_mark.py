@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import (PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
+from tests.suites.catalog_helpers import (PEERS, TOOLS, assert_kit_module,
                                          l3, rule_counters, send_tagged)
 
 pytestmark = pytest.mark.vm
@@ -26,7 +26,7 @@ def loaded(host):
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_marks_and_continues(host, wire, loaded, clean_forward, rules, tag, family):
+def test_marks_and_continues(host, wire, forwarding, loaded, rules, tag, family):
     from scapy.all import UDP
     from vm.wire import payload
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import CLIENT6, assert_kit_module, clean_forward, send_tagged  # noqa: F401
+from tests.suites.catalog_helpers import CLIENT6, assert_kit_module, send_tagged
 
 pytestmark = pytest.mark.vm
 
@@ -44,12 +44,12 @@ def _check(host, wire, rules, tag, port, addrs: dict):
     assert not wrong, f"--dst-range {RANGE}:\n" + "\n".join(wrong)
 
 
-def test_range_bounds(host, wire, loaded, clean_forward, rules, tag):
+def test_range_bounds(host, wire, forwarding, loaded, rules, tag):
     _check(host, wire, rules, tag, 40601, {
         "2001:db8:3::f": False, "2001:db8:3::10": True, "2001:db8:3::1f": True,
         "2001:db8:3::20": True, "2001:db8:3::21": False})
 
 
-def test_byte_order(host, wire, loaded, clean_forward, rules, tag):
+def test_byte_order(host, wire, forwarding, loaded, rules, tag):
     _check(host, wire, rules, tag, 40602, {
         "2001:db8:3::115": False, "2001:db8:3::1:15": False, "2001:db8:3::18": True})
