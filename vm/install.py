@@ -102,12 +102,11 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
     state = lab.require(vm)
     kernel = kernels.get(state.release)
     art = build_extension(name, kernel)
-    name = art.name
     guest_release = _sh(vm, "uname -r", "uname").strip()
     magic = art.vermagic.split()[0] if art.vermagic else ""
     if magic != guest_release:
         raise NflabError(f"{art.ko.name} was built for {magic!r} but VM {vm!r} runs {guest_release!r}; "
-                         "refusing to insmod", hint=f"invoke build-module --name={name} --kernel={state.spec or guest_release}")
+                         "refusing to insmod", hint=f"invoke build-module --name={art.name} --kernel={state.spec or guest_release}")
     if progress:
         progress(f"copying {art.ko.name}{' and ' + art.so.name if art.so else ''} into VM {vm}")
     _sh(vm, f"mkdir -p {GUEST_DIR}", "mkdir")
@@ -140,4 +139,4 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
                       hint="an in-tree module may be built in; check `modinfo` in the guest")
     if art.srcversion and srcversion != art.srcversion:
         raise VMError(f"{mod} in VM {vm!r} has srcversion {srcversion}, the build has {art.srcversion}")
-    return Installed(name, mod, guest_release, taint, srcversion, art.plugin)
+    return Installed(art.name, mod, guest_release, taint, srcversion, art.plugin)
