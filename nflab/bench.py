@@ -119,7 +119,7 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
 
     def boot_ready():
         t0 = time.monotonic()
-        state = lab.up(spec, vm, progress=lambda *_: None)
+        state = lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
         elapsed = time.monotonic() - t0
         extra["accel"] = state.accel
         extra["machine"] = state.machine
@@ -133,13 +133,41 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
 
     def boot_cmd_off():
         t0 = time.monotonic()
-        lab.up(spec, vm, progress=lambda *_: None)
+        lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
         lab.exec(vm, "uname -r")
         lab.down(vm)
         return time.monotonic() - t0
     m = _measure("boot + uname -r + poweroff", boot_cmd_off, runs)
     results.append(m)
     kit_cmd = m.median
+
+    # post-boot snapshot (vm/snapshot.py): the first up saves the state, untimed
+    progress("snapshot restore")
+    try:
+        lab.up(spec, vm, snapshot=True, progress=lambda *_: None)
+    finally:
+        lab.down(vm)
+
+    def restore_ready():
+        t0 = time.monotonic()
+        state = lab.up(spec, vm, snapshot=True, progress=lambda *_: None)
+        elapsed = time.monotonic() - t0
+        restored = bool(state.restored_from)
+        lab.down(vm)
+        if not restored:
+            raise RuntimeError("the VM was booted cold, not restored (see `invoke vm-up`)")
+        return elapsed
+    results.append(_measure("snapshot restore to SSH ready", restore_ready, runs))
+
+    def restore_cmd_off():
+        t0 = time.monotonic()
+        lab.up(spec, vm, snapshot=True, progress=lambda *_: None)
+        lab.exec(vm, "uname -r")
+        lab.down(vm)
+        return time.monotonic() - t0
+    m = _measure("snapshot restore + uname -r + poweroff", restore_cmd_off, runs)
+    results.append(m)
+    kit_snap_cmd = m.median
 
     def cli_cycle():
         t0 = time.monotonic()
@@ -149,7 +177,7 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         finally:
             _invoke("vm-down", f"--vm={vm}")
         return time.monotonic() - t0
-    results.append(_measure("CLI vm-up + vm-exec + vm-down", cli_cycle, runs))
+    results.append(_measure("CLI vm-up + vm-exec + vm-down (snapshot)", cli_cycle, runs))
     if rss:
         extra["qemu_peak_rss_mib"] = round(max(rss) / 1024, 1)
 
@@ -166,6 +194,8 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         results.append(vm_)
         if vm_.median and kit_cmd:
             extra["vng_over_kit"] = round(vm_.median / kit_cmd, 2)
+        if vm_.median and kit_snap_cmd:
+            extra["vng_over_kit_snapshot"] = round(vm_.median / kit_snap_cmd, 2)
     else:
         results.append(Measurement("vng --run --exec 'uname -r'", note="virtme-ng not installed "
                                    "(pip install virtme-ng; needs the generic amd64 kernel)"))

@@ -47,16 +47,20 @@ def rootfs(c, rebuild=False, quiet=False):
 
 
 @task(help={"kernel": "kernel spec (default 6.12)", "vm": VM_HELP,
-            "replace": "stop a running VM of that name with another kernel first"})
+            "replace": "stop a running VM of that name with another kernel first",
+            "snapshot": "restore the saved state of a freshly booted VM (the default; "
+                        "--no-snapshot boots cold; NFLAB_SNAPSHOT=0 makes that the default)"})
 @friendly
-def vm_up(c, kernel=None, vm="default", replace=False):
+def vm_up(c, kernel=None, vm="default", replace=False, snapshot=True):
     """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
     from vm import lab
 
-    state = lab.up(kernel, vm, replace=replace, progress=lambda m: print(m, file=sys.stderr))
+    state = lab.up(kernel, vm, replace=replace, snapshot=None if snapshot else False,
+                   progress=lambda m: print(m, file=sys.stderr))
     if state.boot_seconds:
-        print(f"VM {vm} ready in {state.boot_seconds:.2f}s ({state.accel}, {state.machine})",
-              file=sys.stderr)
+        how = "restored" if state.restored_from else "booted"
+        print(f"VM {vm} {how} and ready in {state.boot_seconds:.2f}s "
+              f"({state.accel}, {state.machine})", file=sys.stderr)
     print(state.testinfra_spec)
 
 

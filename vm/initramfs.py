@@ -38,10 +38,10 @@ INIT_SCRIPT = GUEST_DIR / "initramfs-init.sh"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 # what the initramfs needs, in wish order; only those the kernel has as modules
 # are included (built-in ones need nothing), dependencies come from modules.dep
-WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net")
+WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "overlay")
 MODULES_LABEL = "nflab-mods"
 MANIFEST = "boot.json"
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)

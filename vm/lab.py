@@ -39,11 +39,13 @@ from nflab.paths import cache_dir, vms_dir
 from nflab.proc import file_lock, run
 
 from . import initramfs, kernels, qemu, rootfs
+from . import snapshot as snapshot_mod
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 BOOT_BUDGET = {"tcg": 60.0, "kvm": 30.0}   # seconds from QEMU start to SSH ready
 POLL = 0.03                                 # seconds between readiness / crash polls
 CONTROL_PERSIST = 60
+READY_LINE = "nflab-init: ready after"      # the guest init's console line once sshd runs
 STATE = "vm.json"
 _children: dict[str, subprocess.Popen] = {}  # QEMUs this process started (to reap them)
 
@@ -66,6 +68,7 @@ class VMState:
     boot_seconds: float | None = None
     status: str = "booting"
     cmd: list = field(default_factory=list)
+    restored_from: str | None = None  # the saved state file a snapshot VM started from
 
     @property
     def vmdir(self) -> Path:
@@ -149,6 +152,10 @@ Host {host}
     ControlMaster auto
     ControlPath {_control_path(vmdir)}
     ControlPersist {CONTROL_PERSIST}
+    KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org
+    HostKeyAlgorithms ssh-ed25519
+    Compression no
+    GSSAPIAuthentication no
 """
     path = vmdir / "ssh_config"
     path.write_text(text)
@@ -261,6 +268,15 @@ def _qmp(sock_path: Path, command: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def _qmp_status(state: VMState) -> str | None:
+    """QEMU's run state (``running``, ``inmigrate``, ``paused``, ...) or None."""
+    try:
+        return snapshot_mod.qmp(state.vmdir / "qmp.sock", ("query-status", None),
+                                timeout=1.0)[0].get("status")
+    except (VMError, AttributeError, IndexError):
+        return None
+
+
 def _stop_master(state: VMState):
     if Path(state.ssh_config).is_file():
         subprocess.run(state.ssh_argv("-O", "exit"), stdin=subprocess.DEVNULL,
@@ -363,30 +379,54 @@ def _used_ports(exclude_vm: str) -> set[int]:
     return used
 
 
-def _ready_command(smp: int) -> str:
-    """Guest side of readiness: all vCPUs online (the init onlines those held back by
-    ``maxcpus=1``; waits at most 5 s), then print the kernel release."""
-    return (f'i=0; while [ "$(nproc)" -lt {smp} ] && [ $i -lt 100 ]; do sleep 0.05; '
-            'i=$((i+1)); done; uname -r')
+def _ready_command(smp: int, clock: float | None = None) -> str:
+    """Guest side of readiness, shell builtins only (every exec costs under TCG): all
+    vCPUs online (the init onlines those held back by ``maxcpus=1``; waits at most
+    5 s), then print the kernel release. With *clock* (a restored snapshot, whose
+    clock stopped when it was saved), first set the guest's wall clock to it."""
+    online = "0" if smp <= 1 else f"0-{smp - 1}"
+    cmd = ""
+    if clock is not None:
+        cmd += f"date -u -s @{clock:.3f} >/dev/null; "
+    return cmd + (f'i=0; while read -r c < /sys/devices/system/cpu/online; '
+                  f'[ "$c" != {online} ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; '
+                  'read -r r < /proc/sys/kernel/osrelease; echo "$r"')
 
 
-def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float, smp: int):
-    """Poll until ``ssh uname -r`` works; raise on QEMU exit, console fault or budget."""
+def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float, smp: int,
+                restored: bool = False):
+    """Poll until the ready command works over SSH; raise on QEMU exit, console fault
+    or budget."""
     port = state.ports["ssh"]
     deadline = t0 + budget
+    running = False
     while True:
         if proc.poll() is not None:
             qlog = (state.vmdir / "qemu.log").read_text(errors="replace").strip()
             raise crash_error(state, f"died while booting (QEMU exit {proc.returncode})",
                               extra=f"qemu: {qlog[-1500:]}" if qlog else "")
-        fault = qemu.find_fault(console_text(state))
+        text = console_text(state)
+        fault = qemu.find_fault(text)
         if fault:
             raise crash_error(state, "crashed while booting", fault=fault)
         if time.monotonic() > deadline:
             raise crash_error(state, f"did not answer SSH within its {budget:g}s boot budget")
-        if _ssh_banner(port):
+        # when to try a login: a restored guest's sshd is listening already, a booting
+        # guest says so on its console; the banner probe is the fallback (each probe
+        # costs the guest's sshd a fork)
+        if restored:
+            # ssh only once the state is loaded and the guest runs: a connection made
+            # while QEMU is still loading stalls for seconds (its SYN reaches a guest
+            # that is not running, and slirp retries late)
+            ready = running or _qmp_status(state) == "running"
+            running = ready
+        else:
+            ready = READY_LINE in text or _ssh_banner(port)
+        if ready:
             # the first login becomes the ControlMaster that later commands reuse
-            res = subprocess.run(state.ssh_argv() + [_ready_command(smp)], stdin=subprocess.DEVNULL,
+            clock = time.time() if restored else None
+            res = subprocess.run(state.ssh_argv() + [_ready_command(smp, clock)],
+                                 stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True,
                                  timeout=max(5.0, deadline - time.monotonic()), check=False)
             if res.returncode == 0:
@@ -396,7 +436,7 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
                 return
             if res.returncode != 255:
                 raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}")
-        time.sleep(POLL)
+        time.sleep(0.01 if restored else POLL)
 
 
 def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:
@@ -414,37 +454,60 @@ def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:
     return proc
 
 
-def _boot_once(vm, vmdir, spec, kernel, boot, image, key, pub, accel, machine, budget,
-               progress) -> VMState | None:
-    """One launch: the ready VM, or None if QEMU could not bind its ports (retry).
-    Whatever goes wrong, including Ctrl-C, the QEMU is gone before this returns."""
+@dataclass
+class _BootPlan:
+    """What every launch of one ``up()`` shares."""
+
+    vm: str
+    vmdir: Path
+    spec: str | None
+    release: str
+    boot: initramfs.BootFiles
+    image: Path
+    key: Path
+    pub: str
+    accel: str
+    machine: str
+    progress: object
+
+    def launch_spec(self, ports: qemu.Ports, incoming: Path | None = None) -> qemu.LaunchSpec:
+        return qemu.LaunchSpec(
+            name=self.vm, vmdir=self.vmdir, kernel=self.boot.kernel, initrd=self.boot.initrd,
+            rootfs=self.image, modules_img=self.boot.modules_img, ssh_pubkey=self.pub,
+            ports=ports, accel=self.accel, machine=self.machine, incoming=incoming,
+            tsc_khz=qemu.host_tsc_khz() if self.accel == "tcg" and self.machine == "microvm"
+            else None)
+
+
+def _boot_once(plan: _BootPlan, budget: float, incoming: Path | None = None) -> VMState | None:
+    """One launch (a cold boot, or a restore of the saved state *incoming*): the ready
+    VM, or None if QEMU could not bind its ports (retry). Whatever goes wrong,
+    including Ctrl-C, the QEMU is gone before this returns."""
+    vm, vmdir = plan.vm, plan.vmdir
     state = None
     try:
         with file_lock(vms_dir() / ".ports.lock"):
             ports = qemu.allocate_ports(_used_ports(vm))
             state = VMState(
-                name=vm, dir=str(vmdir), spec=spec, release=kernel.release, pid=0,
+                name=vm, dir=str(vmdir), spec=plan.spec, release=plan.release, pid=0,
                 ports=ports.to_dict(),
-                ssh_config=str(write_ssh_config(vm, vmdir, ports.ssh, key)),
-                host=f"nflab-{vm}", accel=accel, machine=machine, started_at=time.time())
+                ssh_config=str(write_ssh_config(vm, vmdir, ports.ssh, plan.key)),
+                host=f"nflab-{vm}", accel=plan.accel, machine=plan.machine,
+                started_at=time.time(), restored_from=str(incoming) if incoming else None)
             _save(state)  # reserves the ports for concurrent `up`s
-        launch = qemu.LaunchSpec(
-            name=vm, vmdir=vmdir, kernel=boot.kernel, initrd=boot.initrd,
-            rootfs=image, modules_img=boot.modules_img, ssh_pubkey=pub, ports=ports,
-            accel=accel, machine=machine,
-            tsc_khz=qemu.host_tsc_khz() if accel == "tcg" and machine == "microvm" else None)
+        launch = plan.launch_spec(ports, incoming)
         launch.console_log.unlink(missing_ok=True)
         t0 = time.monotonic()
         proc = _launch(state, launch)
         state.pid = proc.pid
         _save(state)
         try:
-            _wait_ready(state, proc, budget, t0, launch.smp)
+            _wait_ready(state, proc, budget, t0, launch.smp, restored=incoming is not None)
         except VMError:
             qlog = (vmdir / "qemu.log").read_text(errors="replace")
             if proc.poll() is not None and ("Could not set up host forwarding" in qlog
                                             or "Address already in use" in qlog):
-                progress(f"port clash ({qlog.strip()[-120:]}), retrying with new ports")
+                plan.progress(f"port clash ({qlog.strip()[-120:]}), retrying with new ports")
                 _teardown(state)
                 return None
             raise
@@ -461,9 +524,71 @@ def _boot_once(vm, vmdir, spec, kernel, boot, image, key, pub, accel, machine, b
         raise
 
 
+def _boot(plan: _BootPlan, budget: float, incoming: Path | None = None) -> VMState:
+    for _attempt in range(3):
+        with _signals_as_interrupt():
+            state = _boot_once(plan, budget, incoming)
+        if state is not None:
+            return state
+    raise VMError(f"could not find free ports for VM {plan.vm!r} after 3 tries")
+
+
+def _save_snapshot(plan: _BootPlan, k: str, rec: dict, budget: float) -> Path | None:
+    """Cold-boot *plan*'s VM, save its ready state as snapshot *k*, stop it; the state
+    file, or None (said why) if saving failed."""
+    state = _boot(plan, budget)
+    with _signals_as_interrupt():
+        try:
+            # no SSH connection may be open in the saved state: a restored guest would
+            # keep a session whose peer never existed in its QEMU
+            _stop_master(state)
+            time.sleep(0.2)
+            return snapshot_mod.save(state.vmdir / "qmp.sock", plan.release, k, rec,
+                                 progress=plan.progress)
+        except (VMError, OSError, subprocess.SubprocessError) as exc:
+            plan.progress(f"could not save the VM state ({exc}); booting cold instead")
+            return None
+        finally:
+            _teardown(state, graceful=True)
+
+
+def _up_from_snapshot(plan: _BootPlan, budget: float) -> VMState | None:
+    """Restore the saved ready state of this kernel (saving it first if there is
+    none); None, after saying why, if that did not work (the caller boots cold)."""
+    probe = plan.launch_spec(qemu.Ports(ssh=0))  # ports do not enter the key
+    k, rec, path = snapshot_mod.lookup(plan.release, probe)
+    if path is None:
+        snapshot_mod.snapshot_dir(plan.release).mkdir(parents=True, exist_ok=True)
+        with file_lock(snapshot_mod.snapshot_dir(plan.release) / f".{k}.lock"):
+            k, rec, path = snapshot_mod.lookup(plan.release, probe)
+            if path is None:
+                plan.progress(f"no saved state of a ready {plan.release} VM yet: "
+                              "booting once to save one")
+                path = _save_snapshot(plan, k, rec, budget)
+                if path is None:
+                    return None
+    restore_budget = snapshot_mod.RESTORE_BUDGET.get(plan.accel, budget)
+    try:
+        return _boot(plan, min(budget, restore_budget), incoming=path)
+    except VMError as exc:
+        # a state that crashes, or does not answer within the restore budget, is
+        # bad; one that merely missed a caller's tighter budget is kept
+        bad = budget >= restore_budget or "budget" not in exc.message
+        plan.progress(f"restoring {path.name} failed ({exc.message}); "
+                      f"{'discarding it, ' if bad else ''}booting cold instead")
+        if bad:
+            snapshot_mod.discard(plan.release, k)
+        return None
+
+
 def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
-       budget: float | None = None, progress=print) -> VMState:
+       budget: float | None = None, snapshot: bool | None = None, progress=print) -> VMState:
     """Boot *spec*'s kernel as VM *vm* and return once SSH answers.
+
+    With *snapshot* (default on; ``$NFLAB_SNAPSHOT=0`` turns it off) the VM is
+    restored from the saved state of a freshly booted one (see ``vm/snapshot.py``;
+    the first use of a kernel saves it), falling back to a cold boot, with a
+    message, if that fails; ``snapshot=False`` always boots cold.
 
     A running VM with the same kernel is reused; one with a different kernel is
     an error unless *replace*. On any failure, Ctrl-C or SIGTERM the QEMU is
@@ -495,17 +620,19 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
         machine = os.environ.get("NFLAB_MACHINE", "microvm")
         budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[accel]))
-        progress(f"booting {kernel.release} as VM {vm!r} with {accel.upper()} ({reason}), "
-                 f"-M {machine}")
+        use_snapshot = snapshot_mod.enabled(snapshot)
+        progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
+                 f"with {accel.upper()} ({reason}), -M {machine}")
         key, pub = ssh_key()
         vmdir.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(3):
-            with _signals_as_interrupt():
-                state = _boot_once(vm, vmdir, spec, kernel, boot, image, key, pub, accel, machine,
-                                   budget, progress)
+        plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
+                         image=image, key=key, pub=pub, accel=accel, machine=machine,
+                         progress=progress)
+        if use_snapshot:
+            state = _up_from_snapshot(plan, budget)
             if state is not None:
                 return state
-        raise VMError(f"could not find free ports for VM {vm!r} after 3 tries")
+        return _boot(plan, budget)
 
 
 def down(vm: str = "default") -> bool:

@@ -9,8 +9,11 @@ trimmed ``-M pc`` with virtio-pci devices and no option ROMs.
 
 Devices, in order (the guest renames NICs by MAC, see ``NICS``):
 
-* virtio-blk ``root``: the rootfs image with ``snapshot=on`` (every boot starts
-  clean, writes go to a throwaway overlay, several VMs share the image);
+* virtio-blk ``root``: the rootfs image, ``readonly=on``: the guest mounts it
+  read-only under an overlayfs whose upper layer is a tmpfs (every boot starts
+  clean, writes live in guest RAM, several VMs share the image, and the disk is
+  never written, so a saved VM state stays consistent with it, see
+  ``vm/snapshot.py``);
 * virtio-blk ``mods``: the kernel's modules image, ``readonly=on``;
 * virtio-net ``eth0``: user networking, ``restrict=on`` (the guest cannot reach
   anything but the host's forwarded port), ``hostfwd`` 127.0.0.1:<ssh> -> :22;
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -99,6 +103,7 @@ class LaunchSpec:
     smp: int = 2
     tsc_khz: int | None = None  # TCG: the host's TSC rate, see host_tsc_khz()
     extra_cmdline: tuple[str, ...] = ()
+    incoming: Path | None = None  # restore this saved VM state instead of booting
 
     @property
     def console_log(self) -> Path:
@@ -119,10 +124,15 @@ class LaunchSpec:
 # trace is on the console before the panic, and the kit reports it.
 BASE_CMDLINE = (
     "console=ttyS0", "quiet", "panic=-1", "oops=panic", "rdinit=/init",
-    # less boot work under TCG: one UART, no PS/2 probing, no crypto self-tests
+    # less boot work under TCG: one UART, no PS/2 probing, no crypto self-tests;
+    # no speculation mitigations (retpolines, barriers: a lab VM is no security
+    # boundary, and they cost ~5% of the guest's CPU time to ready under TCG)
     "8250.nr_uarts=1", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
-    "cryptomgr.notests", "tsc=reliable", "no_timer_check", "random.trust_cpu=on",
+    "cryptomgr.notests", "mitigations=off", "tsc=reliable", "no_timer_check", "random.trust_cpu=on",
 )
+
+
+KERNEL_HZ = 250
 
 
 def kernel_cmdline(spec: LaunchSpec) -> str:
@@ -136,6 +146,10 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
         parts.append("maxcpus=1")
     if spec.tsc_khz:
         parts.append(f"tsc_early_khz={spec.tsc_khz}")
+        # loops per jiffy preset from the TSC rate: the CPUs onlined after boot skip
+        # their delay-loop calibration, which fails under TCG and then falls back to
+        # a slow converging loop (Debian's kernels have HZ=250)
+        parts.append(f"lpj={spec.tsc_khz * 1000 // KERNEL_HZ}")
     parts += spec.extra_cmdline
     return " ".join(parts)
 
@@ -201,7 +215,7 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
         "-append", kernel_cmdline(spec),
         "-chardev", f"file,id=con,path={spec.console_log}", "-serial", "chardev:con",
-        "-drive", f"file={spec.rootfs},if=none,id=root,format=raw,snapshot=on",
+        "-drive", f"file={spec.rootfs},if=none,id=root,format=raw,readonly=on",
         "-device", f"{_device(m, 'blk')},drive=root",
         "-drive", f"file={spec.modules_img},if=none,id=mods,format=raw,readonly=on",
         "-device", f"{_device(m, 'blk')},drive=mods",
@@ -222,6 +236,10 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         "-pidfile", str(spec.pidfile),
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
     ]
+    if spec.incoming is not None:
+        # a saved state of a VM with this very device layout (ports may differ: the
+        # user-net forwards and dgram sockets are host-side properties, not state)
+        cmd += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
     return cmd
 
 

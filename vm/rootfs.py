@@ -4,8 +4,9 @@ The image is built once with ``debootstrap`` (no mounting, no root-only loop
 devices: ``mke2fs -d DIR`` turns the tree into ext4) and cached in
 ``rootfs_dir()/<recipe-hash>/``:
 
-* ``rootfs.img``  ext4, label ``nflab-root``; QEMU opens it with ``snapshot=on``
-  so every boot starts from the same clean state and several VMs share it;
+* ``rootfs.img``  ext4, label ``nflab-root``; QEMU opens it ``readonly=on`` and
+  the guest mounts it read-only under a tmpfs overlay, so every boot starts from
+  the same clean state and several VMs share it;
 * ``manifest.json`` written last: recipe, package versions, size, mtime and
   sha256 of the image.
 

@@ -216,7 +216,8 @@ def test_frozen_guest_is_reported_as_not_answering(vms):
 
 def test_boot_budget_exceeded_cleans_up():
     with pytest.raises(VMError, match="boot budget"):
-        lab.up("6.1", "it-budget", budget=0.3, progress=lambda m: None)
+        # cold: a restore may well be ready within 0.3 s of its launch
+        lab.up("6.1", "it-budget", budget=0.3, snapshot=False, progress=lambda m: None)
     assert not qemu_pids_of(lab.vm_dir("it-budget"))
     assert lab.load("it-budget") is None
 
@@ -257,3 +258,59 @@ def test_vm_exec_cli_exit_status_and_spec_is_last_line(vms):
                          text=True, timeout=60)
     assert res.returncode == 5
     assert "hello" in res.stdout
+
+
+# ---------------------------------------------------------------- post-boot snapshots
+
+def test_cold_boot_without_snapshot():
+    name = "it-cold"
+    try:
+        st = lab.up("6.1", name, snapshot=False, progress=lambda m: None)
+        assert st.restored_from is None
+        assert "nflab-init: ready after" in (st.vmdir / "console.log").read_text()
+        assert lab.exec(name, "findmnt -n -o FSTYPE /", check=True).stdout.strip() == "overlay"
+    finally:
+        lab.down(name)
+    assert not qemu_pids_of(lab.vm_dir(name))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_snapshot_restores_a_clean_guest(kernel):
+    name = "it-snap" + kernel.replace(".", "")
+    try:
+        first = lab.up(kernel, name, snapshot=True, progress=lambda m: None)
+        assert first.restored_from and Path(first.restored_from).is_file()
+        lab.exec(name, "echo dirty > /root/mark", check=True)
+        lab.down(name)
+        again = lab.up(kernel, name, snapshot=True, progress=lambda m: None)
+        assert again.restored_from == first.restored_from
+        out = lab.exec(name, "cat /root/mark 2>/dev/null; nproc; date +%s; uname -r").stdout.split()
+        assert out[0] == "2", "a restored guest must not see the previous guest's writes"
+        assert abs(int(out[1]) - time.time()) < 5, "guest clock not re-synced after restore"
+        assert out[2] == again.release
+    finally:
+        lab.down(name)
+    assert not qemu_pids_of(lab.vm_dir(name))
+
+
+def test_bad_snapshot_falls_back_to_cold_boot():
+    import json
+    name = "it-snapbad"
+    lab.up("6.1", name, snapshot=True, progress=lambda m: None)
+    state_file = Path(lab.load(name).restored_from)
+    lab.down(name)
+    state_file.write_bytes(b"not a migration stream")
+    manifest = state_file.with_suffix(".json")
+    data = json.loads(manifest.read_text())
+    data["size"] = state_file.stat().st_size
+    manifest.write_text(json.dumps(data))
+    said = []
+    try:
+        st = lab.up("6.1", name, snapshot=True, progress=said.append)
+        assert st.restored_from is None
+        assert any("booting cold" in m for m in said), said
+        assert lab.exec(name, "true").returncode == 0
+    finally:
+        lab.down(name)
+    assert not state_file.exists(), "a state that failed to restore must be discarded"
+    assert not qemu_pids_of(lab.vm_dir(name))

@@ -39,7 +39,7 @@ def test_microvm_command_shape():
     assert opt_values(cmd, "-qmp") == ["unix:/v/t/qmp.sock,server=on,wait=off"]
     assert opt_values(cmd, "-chardev") == ["file,id=con,path=/v/t/console.log"]
     drives = opt_values(cmd, "-drive")
-    assert "file=/r/rootfs.img,if=none,id=root,format=raw,snapshot=on" in drives
+    assert "file=/r/rootfs.img,if=none,id=root,format=raw,readonly=on" in drives
     assert "file=/b/modules.img,if=none,id=mods,format=raw,readonly=on" in drives
     devices = opt_values(cmd, "-device")
     assert all(d.startswith("virtio-") and "-device," in d for d in devices)
@@ -205,3 +205,17 @@ def test_host_tsc_khz(monkeypatch):
     assert qemu.host_tsc_khz(CPUINFO_UNKNOWN) is None
     monkeypatch.setenv("NFLAB_TSC_KHZ", "3000000")
     assert qemu.host_tsc_khz(CPUINFO_UNKNOWN) == 3000000
+
+
+def test_root_image_is_read_only_and_lpj_preset():
+    cmd = qemu.build_command(spec(tsc_khz=2600000))
+    assert "file=/r/rootfs.img,if=none,id=root,format=raw,readonly=on" in opt_values(cmd, "-drive")
+    append = opt_values(cmd, "-append")[0].split()
+    # HZ=250: loops per jiffy = TSC rate / HZ, so onlined CPUs skip calibration
+    assert "lpj=10400000" in append and "tsc_early_khz=2600000" in append
+    assert "-incoming" not in cmd
+
+
+def test_incoming_restores_a_saved_state():
+    cmd = qemu.build_command(spec(incoming=Path("/s/a b.state")))
+    assert opt_values(cmd, "-incoming") == ["exec:cat '/s/a b.state'"]

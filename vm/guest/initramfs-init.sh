@@ -3,8 +3,9 @@
 # busybox (its applets run without exec, which matters under TCG where every
 # dynamically linked exec costs ~60 ms):
 #   load the virtio modules in /modules.order, mount the root image (label
-#   nflab-root) and the kernel's modules image (label nflab-mods, read-only at
-#   /lib/modules/$(uname -r)), mount the pseudo filesystems, name the NICs by MAC
+#   nflab-root, read-only under a tmpfs overlay) and the kernel's modules image
+#   (label nflab-mods, read-only at /lib/modules/$(uname -r)), mount the pseudo
+#   filesystems, name the NICs by MAC
 #   (nflab.nics=), give eth0 the static slirp address, install the lab key
 #   (nflab.key=), then switch_root to /sbin/nflab-init, which starts sshd.
 # A failure prints "nflab-initramfs: FAILED: ..." and powers off, so the host
@@ -49,7 +50,15 @@ label_dev() {
 read -r up _ < /proc/uptime
 echo "nflab-initramfs: modules loaded after ${up}s" > /dev/console
 root=$(label_dev nflab-root) || fail "no disk labelled nflab-root (is the rootfs attached?)"
-mount -t ext4 -o rw "$root" /newroot || fail "cannot mount the root image $root"
+# the image stays read-only (QEMU opens it readonly=on): the root is an overlay
+# whose upper layer is a tmpfs, so writes live in guest RAM, every boot starts
+# clean and a saved VM state never refers to disk blocks it does not have
+mkdir -p /lower /rw
+mount -t ext4 -o ro,noload "$root" /lower || fail "cannot mount the root image $root"
+mount -t tmpfs -o mode=755 rw /rw || fail "cannot mount the tmpfs for the root overlay"
+mkdir -p /rw/upper /rw/work
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work root /newroot \
+    || fail "cannot mount the overlay root (is overlay.ko in the initramfs?)"
 [ -x /newroot/sbin/nflab-init ] || fail "the root image has no /sbin/nflab-init"
 
 R=/newroot
@@ -59,6 +68,8 @@ mkdir -p "$R/usr/lib/modules/$rel"
 mount -t ext4 -o ro "$mods" "$R/usr/lib/modules/$rel" || fail "cannot mount the modules image"
 
 hostname nflab
+read -r up _ < /proc/uptime
+echo "nflab-initramfs: disks mounted after ${up}s" > /dev/console
 
 # rename NICs by MAC: nflab.nics=eth0/52:54:00:00:00:01,eth1/...
 for nic in /sys/class/net/*; do
@@ -96,7 +107,9 @@ mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
 mount -t tmpfs -o mode=755 run $R/run
 mount -t tmpfs -o mode=1777 tmp $R/tmp
-mkdir -p $R/run/sshd $R/run/lock
-read -r up _ < /proc/uptime
+mkdir -p $R/run/sshd $R/run/lock $R/run/nflab/lower $R/run/nflab/rw
+mount --move /lower $R/run/nflab/lower
+mount --move /rw $R/run/nflab/rw
+read -r up _ < $R/proc/uptime
 echo "nflab-initramfs: switch_root after ${up}s" > /dev/console
 exec switch_root $R /sbin/nflab-init

@@ -1,0 +1,207 @@
+"""Post-boot snapshots: a saved VM state from which a clean guest is ready in
+well under the time of a cold boot.
+
+A snapshot is the state of a lab VM right after it became ready (sshd up, all
+vCPUs online, no SSH connection open), written by QEMU's migration to a file
+(``migrate "exec:cat > FILE"``; the guest is idle, so the pre-copy converges at
+once; it is not paused first, because the destination starts the guest only if
+the source was running). A later VM is a new QEMU with the *same device layout* started with
+``-incoming "exec:cat FILE"``. What may differ per VM is host-side only: the
+user-net ``hostfwd`` port and the dgram wire ports are QEMU command-line
+properties, not migrated state (libslirp saves only guestfwd sockets), and the
+console/QMP/pid paths. The root image is never written (readonly=on, the guest
+keeps its writes in a tmpfs overlay), so the saved page cache stays consistent
+with the disk.
+
+After a restore the guest's clocks continue from the moment of the save (TCG
+migrates the TSC offset), so ``vm/lab.py`` sets the guest's wall clock from the
+host in its readiness command. All guests restored from one file share the
+kernel's RNG state and sshd's host keys; for a lab VM that is accepted.
+
+Files, per kernel in ``boot_dir(release)/snapshots/`` (so rebuilding the boot
+pieces of that kernel removes them):
+
+* ``<key>.state``  the migration stream;
+* ``<key>.json``   what the key covers, written last: its presence marks the
+  state complete.
+
+The key hashes the canonical QEMU command (machine, CPU, memory, devices, kernel
+command line with the lab key, file paths), the identity (size, mtime) of the
+kernel, initramfs, rootfs and modules images, the QEMU binary and
+``SNAPSHOT_VERSION``; any change selects another file, and saving one prunes
+the others of that kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from nflab.errors import VMError
+
+from . import initramfs, qemu
+
+SNAPSHOT_VERSION = 1
+SAVE_TIMEOUT = 120.0
+# a restore that is not ready within this many seconds falls back to a cold boot
+RESTORE_BUDGET = {"tcg": 30.0, "kvm": 20.0}
+
+
+def enabled(flag: bool | None) -> bool:
+    """*flag* if given, else ``$NFLAB_SNAPSHOT`` (``0``/``no``/``off`` turn snapshots
+    off), else on."""
+    if flag is not None:
+        return flag
+    return os.environ.get("NFLAB_SNAPSHOT", "1").strip().lower() not in ("0", "no", "off",
+                                                                         "false")
+
+
+def _identity(path: Path) -> list:
+    st = Path(path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _qemu_identity() -> list:
+    exe = shutil.which(qemu.QEMU) or qemu.QEMU
+    try:
+        return _identity(Path(exe))
+    except OSError:
+        return [exe]
+
+
+def recipe(launch: qemu.LaunchSpec) -> dict:
+    """What a saved state depends on (the per-VM parts of *launch* normalised away)."""
+    canon = replace(
+        launch, name="snapshot", vmdir=Path("/nflab-snapshot"), incoming=None,
+        ports=qemu.Ports(ssh=1, wire={n.name: qemu.Wire(guest=2, host=3, mac=n.mac)
+                                      for n in qemu.WIRE_NICS}))
+    return {
+        "version": SNAPSHOT_VERSION,
+        "command": qemu.build_command(canon),
+        "files": [_identity(p) for p in (launch.kernel, launch.initrd, launch.rootfs,
+                                         launch.modules_img)],
+        "qemu": _qemu_identity(),
+    }
+
+
+def key(rec: dict) -> str:
+    return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def snapshot_dir(release: str) -> Path:
+    return initramfs.boot_dir(release) / "snapshots"
+
+
+def paths(release: str, k: str) -> tuple[Path, Path]:
+    """(state file, manifest) of snapshot *k* of kernel *release*."""
+    d = snapshot_dir(release)
+    return d / f"{k}.state", d / f"{k}.json"
+
+
+def lookup(release: str, launch: qemu.LaunchSpec) -> tuple[str, dict, Path | None]:
+    """(key, recipe, state file if a complete one is cached else None)."""
+    rec = recipe(launch)
+    k = key(rec)
+    state, manifest = paths(release, k)
+    try:
+        data = json.loads(manifest.read_text())
+        ok = data.get("key") == k and state.is_file() and state.stat().st_size == data.get("size")
+    except (OSError, json.JSONDecodeError):
+        ok = False
+    return k, rec, state if ok else None
+
+
+def discard(release: str, k: str):
+    for p in paths(release, k):
+        p.unlink(missing_ok=True)
+
+
+def prune(release: str, keep: str):
+    d = snapshot_dir(release)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.is_file() and not p.name.startswith((f"{keep}.", ".")):
+                p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- QMP
+
+def qmp(sock_path: Path, *commands: tuple[str, dict | None], timeout: float = 5.0) -> list:
+    """Run QMP *commands* (name, arguments) in one session; their ``return`` values.
+    Raises VMError on a QMP error reply or a dead socket."""
+    out = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock_path))
+            f = s.makefile("rwb")
+            f.readline()  # greeting
+            for name, args in (("qmp_capabilities", None), *commands):
+                msg = {"execute": name}
+                if args:
+                    msg["arguments"] = args
+                f.write(json.dumps(msg).encode() + b"\n")
+                f.flush()
+                while True:  # skip asynchronous events
+                    line = f.readline()
+                    if not line:
+                        raise VMError(f"QMP closed the connection during {name}")
+                    reply = json.loads(line)
+                    if "event" not in reply:
+                        break
+                if "error" in reply:
+                    raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+                if name != "qmp_capabilities":
+                    out.append(reply.get("return"))
+    except (OSError, ValueError) as exc:
+        raise VMError(f"QMP on {sock_path} failed: {exc}") from exc
+    return out
+
+
+def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -> Path:
+    """Write the state of the running VM behind *qmp_socket* as snapshot *k*. The VM
+    ends paused (the caller stops it). Returns the state file."""
+    state, manifest = paths(release, k)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_name(f".{k}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    try:
+        qmp(qmp_socket,
+            # default bandwidth cap is 32 MiB/s: lift it, the target is a local file
+            ("migrate-set-parameters", {"max-bandwidth": 64 << 30}),
+            ("migrate", {"uri": f"exec:cat > {_shell_quote(str(tmp))}"}))
+        deadline = time.monotonic() + SAVE_TIMEOUT
+        while True:
+            info = qmp(qmp_socket, ("query-migrate", None))[0] or {}
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise VMError(f"saving the VM state {status or 'timed out'}: "
+                              f"{info.get('error-desc', '')}".rstrip(": "))
+            time.sleep(0.05)
+        size = tmp.stat().st_size
+        tmp.rename(state)
+        manifest.write_text(json.dumps({"key": k, "size": size, "recipe": rec,
+                                        "saved_at": time.time(),
+                                        "save_seconds": round(time.monotonic() - t0, 2)},
+                                       indent=2) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    prune(release, keep=k)
+    progress(f"saved the ready VM state ({size >> 20} MiB) to {state} "
+             f"in {time.monotonic() - t0:.1f}s")
+    return state
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+    return shlex.quote(text)
