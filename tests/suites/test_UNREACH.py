@@ -16,9 +16,20 @@ CASES = {40501: (None, 3, 4), 40502: ("port-unreach", 3, 4), 40503: ("host-unrea
          40504: ("net-unreach", 0, 0), 40505: ("admin-prohib", 13, 1)}
 
 
+@pytest.fixture(scope="module")
+def no_icmp_ratelimit(host):
+    """The kernel rate-limits ICMP errors per peer (a burst of 6, then 1/s): four
+    back-to-back runs of five errors each would lose some. Lift it for this module."""
+    keys = ["net.ipv4.icmp_ratelimit", "net.ipv6.icmp.ratelimit"]
+    old = {k: host.sysctl(k) for k in keys}
+    host.run_test(" && ".join(f"sysctl -qw {k}=0" for k in keys))
+    yield
+    host.run(" ; ".join(f"sysctl -qw {k}={v}" for k, v in old.items()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_rejected_with_icmp(host, wire, clean_forward, family, backend, tag):
+def test_rejected_with_icmp(host, wire, clean_forward, no_icmp_ratelimit, family, backend, tag):
     from scapy.all import ICMP, UDP, ICMPv6DestUnreach
     from vm.wire import has_tag, payload
 
