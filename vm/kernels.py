@@ -11,6 +11,7 @@ the same kernel.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -117,8 +118,45 @@ def parse_spec(spec: str | None) -> tuple[str, str]:
     return m.group("abi"), flavour
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _apt_lists_stamp() -> str:
+    """Changes whenever `apt-get update` rewrites the package lists."""
+    try:
+        lists = [p for p in APT_LISTS.iterdir() if p.name.endswith("_Packages")]
+    except OSError:
+        return ""
+    return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(lists))
+
+
 def archive_kernels() -> list[KernelRef]:
-    """Kernels Debian's archive offers with headers (newest first)."""
+    """Kernels Debian's archive offers with headers (newest first).
+
+    Two `apt-cache pkgnames` calls cost ~1 s; the answer is cached beside the
+    kernels and reused until apt's package lists change."""
+    cache = kernels_dir() / ".archive.json"
+    stamp = _apt_lists_stamp()
+    if stamp:
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("stamp") == stamp:
+                return [KernelRef(a, f) for a, f in data["refs"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    refs = _query_archive()
+    if stamp and refs:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"stamp": stamp, "refs": [[r.abi, r.flavour] for r in refs]}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return refs
+
+
+def _query_archive() -> list[KernelRef]:
     try:
         out = subprocess.run(["apt-cache", "pkgnames", "linux-headers-6."],
                              capture_output=True, text=True, check=False).stdout
