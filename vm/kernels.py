@@ -124,7 +124,7 @@ APT_LISTS = Path("/var/lib/apt/lists")
 def _apt_lists_stamp() -> str:
     """Changes whenever `apt-get update` rewrites the package lists."""
     try:
-        lists = [p for p in APT_LISTS.iterdir() if p.name.endswith("_Packages")]
+        lists = [p for p in APT_LISTS.iterdir() if "_Packages" in p.name or p.name.endswith("Release")]
     except OSError:
         return ""
     return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(lists))
