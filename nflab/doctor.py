@@ -163,3 +163,22 @@ def check_cache() -> list[Check]:
 def run_all() -> list[Check]:
     return (check_tools() + check_python() + check_xtables() + check_compiler() + check_kvm()
             + check_disk() + check_cache())
+
+
+def main() -> int:
+    """`python3 -m nflab.doctor`: works before setup, when invoke is not installed yet."""
+    checks = run_all()
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        fix = f"  -> {c.fix}" if c.fix else ""
+        print(f"{c.status:4}  {c.name:<{width}}  {c.detail}{fix}")
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:
+        print(f"{len(failed)} check(s) block the lab; `bash .ci/setup` installs everything")
+        return 1
+    print("doctor: the lab is ready")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
