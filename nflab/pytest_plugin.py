@@ -50,7 +50,14 @@ _CONTEXT_CMDS = [
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
+    if report.when != "call":
+        return
+    wire = item.funcargs.get("wire")
+    if wire is not None and hasattr(wire, "take_journal"):
+        sent = wire.take_journal()
+        if sent:
+            report.sections.append(("packets sent (scapy)", "\n".join(sent)))
+    if not report.failed:
         return
     host = item.funcargs.get("host")
     if host is not None:

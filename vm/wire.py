@@ -29,6 +29,7 @@ from nflab.errors import VMError
 from vm import topology
 
 BUFFER_FRAMES = 20000
+JOURNAL_MAX = 500    # sent-frame summaries kept for the test report
 RECV_POLL = 0.1      # seconds the receiver blocks before checking for stop
 
 
@@ -155,6 +156,7 @@ class Wire:
     def __init__(self, ports: dict, *, addr: str = "127.0.0.1"):
         """*ports*: guest NIC name -> ``vm.qemu.Wire`` (or a dict with guest/host)."""
         self.ports: dict[str, _Port] = {}
+        self.journal: list[str] = []
         try:
             for name, s in topology.SIDES.items():
                 w = ports.get(s.dev)
@@ -216,9 +218,17 @@ class Wire:
             pkts = [pkts]
         n = 0
         for pkt in pkts:
-            port._send_raw(bytes(self.frame(side, pkt)))
+            frame = self.frame(side, pkt)
+            port._send_raw(bytes(frame))
+            self.journal.append(f"{side} -> guest: {frame.summary()}")
             n += 1
+        del self.journal[:-JOURNAL_MAX]
         return n
+
+    def take_journal(self) -> list[str]:
+        """Summaries of the frames sent since the last call (for test reports)."""
+        out, self.journal[:] = list(self.journal), []
+        return out
 
     def sniff(self, side: str, filter_fn=None, *, count: int = 1, timeout: float = 3.0,
               since: int | dict | None = None) -> list:
