@@ -257,23 +257,11 @@ def drop_interval(points: list, seen: set) -> tuple:
 
 def nft_hook_rows(text: str) -> list:
     """``nft list hooks`` output as (family, hook, priority, function, module) with
-    kit names (ipv4/ipv6/netdev, PRE_ROUTING...)."""
-    import re
-    rows, family, hook = [], None, None
-    for line in text.splitlines():
-        s = line.strip()
-        m = re.match(r"family (\S+) \{", s)
-        if m:
-            family, hook = m.group(1), None
-            continue
-        m = re.match(r"hook (\S+)(?: device \S+)? \{", s)
-        if m:
-            hook = m.group(1)
-            continue
-        m = re.match(r"([+-]?\d+) (\S+)(?: \[(\S+)\])?$", s)
-        if m and family in NFT_FAMILY and hook in NFT_HOOK:
-            rows.append((NFT_FAMILY[family], NFT_HOOK[hook], int(m.group(1)), m.group(2), m.group(3) or ""))
-    return rows
+    kit names (ipv4/ipv6/netdev, PRE_ROUTING...); parsing is vm.tracing's."""
+    from vm.tracing import nft_hook_lines
+
+    return [(NFT_FAMILY[f], NFT_HOOK[h], prio, fn, mod) for f, h, prio, fn, mod in nft_hook_lines(text)
+            if f in NFT_FAMILY and h in NFT_HOOK]
 
 
 def classify_nft(function: str, module: str) -> tuple:

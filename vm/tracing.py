@@ -188,13 +188,13 @@ def nft_hook_lines(text: str) -> list[tuple]:
         s = line.strip()
         m = re.match(r"family (\S+) \{", s)
         if m:
-            family = m.group(1)
+            family, hook = m.group(1), None
             continue
         m = re.match(r"hook (\S+)(?: device \S+)? \{", s)
         if m:
             hook = m.group(1)
             continue
-        m = re.match(r"([+-]?\d+) (\S+)(?: \[(\S+)\])?", s)
+        m = re.match(r"([+-]?\d+) (\S+)(?: \[(\S+)\])?$", s)
         if m and family and hook:
             rows.append((family, hook, int(m.group(1)), m.group(2), m.group(3) or ""))
     return rows
