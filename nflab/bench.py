@@ -131,13 +131,15 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         return elapsed
     results.append(_measure("boot to SSH ready (in-process)", boot_ready, runs))
 
-    def boot_cmd_off():
-        t0 = time.monotonic()
-        lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
-        lab.exec(vm, "uname -r")
-        lab.down(vm)
-        return time.monotonic() - t0
-    m = _measure("boot + uname -r + poweroff", boot_cmd_off, runs)
+    def up_cmd_down(snapshot: bool):
+        def once():
+            t0 = time.monotonic()
+            lab.up(spec, vm, snapshot=snapshot, progress=lambda *_: None)
+            lab.exec(vm, "uname -r")
+            lab.down(vm)
+            return time.monotonic() - t0
+        return once
+    m = _measure("boot + uname -r + poweroff", up_cmd_down(False), runs)
     results.append(m)
     kit_cmd = m.median
 
@@ -159,13 +161,7 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         return elapsed
     results.append(_measure("snapshot restore to SSH ready", restore_ready, runs))
 
-    def restore_cmd_off():
-        t0 = time.monotonic()
-        lab.up(spec, vm, snapshot=True, progress=lambda *_: None)
-        lab.exec(vm, "uname -r")
-        lab.down(vm)
-        return time.monotonic() - t0
-    m = _measure("snapshot restore + uname -r + poweroff", restore_cmd_off, runs)
+    m = _measure("snapshot restore + uname -r + poweroff", up_cmd_down(True), runs)
     results.append(m)
     kit_snap_cmd = m.median
 
