@@ -85,6 +85,34 @@ def parse_junit(path: Path) -> tuple[dict, list]:
     return counts, failures
 
 
+def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5) -> int:
+    """Run the pytest subprocess while watching the VM: a kernel fault on the console
+    (soft lockup, oops, panic...) or a dead QEMU ends the run at once with the console
+    excerpt, instead of every remaining test waiting out its SSH timeouts."""
+    import signal
+
+    from vm import lab
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=poll)
+            except subprocess.TimeoutExpired:
+                pass
+            state = lab.load(vm)
+            if state is not None:
+                lab.check_health(state)      # raises VMError (and stops the VM) on a fault
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
         keep: bool = False, junit: str | None = None, html: str | None = None,
         pytest_args: list | None = None, progress=print) -> SuiteOutcome:
@@ -131,9 +159,9 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
                *map(str, files), *(pytest_args or [])]
         progress(f"running {len(files)} suite file(s) on {kernel.release}")
         started = time.monotonic()
-        res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, NFLAB_VM=vm))
+        rc = run_watched(cmd, vm, env=dict(os.environ, NFLAB_VM=vm))
         counts, failures = parse_junit(junit_path)
-        return SuiteOutcome(kernel.release, vm, junit_path, res.returncode,
+        return SuiteOutcome(kernel.release, vm, junit_path, rc,
                             time.monotonic() - t0 if started else 0.0, counts, failures,
                             [(n, str(e)) for n, e in failed])
     finally:

@@ -48,14 +48,14 @@ def rootfs(c, rebuild=False, quiet=False):
 
 @task(help={"kernel": "kernel spec (default 6.12)", "vm": VM_HELP,
             "replace": "stop a running VM of that name with another kernel first",
-            "snapshot": "restore the saved state of a freshly booted VM (the default; "
-                        "--no-snapshot boots cold; NFLAB_SNAPSHOT=0 makes that the default)"})
+            "snapshot": "restore the saved state of a freshly booted VM (~1 s; experimental, "
+                        "off by default; NFLAB_SNAPSHOT=1 makes it the default)"})
 @friendly
-def vm_up(c, kernel=None, vm="default", replace=False, snapshot=True):
+def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False):
     """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
     from vm import lab
 
-    state = lab.up(kernel, vm, replace=replace, snapshot=None if snapshot else False,
+    state = lab.up(kernel, vm, replace=replace, snapshot=True if snapshot else None,
                    progress=lambda m: print(m, file=sys.stderr))
     if state.boot_seconds:
         how = "restored" if state.restored_from else "booted"

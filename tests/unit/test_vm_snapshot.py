@@ -70,9 +70,9 @@ def test_lookup_needs_a_complete_manifest(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("env,flag,want", [
-    (None, None, True), ("0", None, False), ("off", None, False), ("1", None, True),
-    ("0", True, True), (None, False, False)])
-def test_enabled_default_on_env_opt_out(monkeypatch, env, flag, want):
+    (None, None, False), ("0", None, False), ("off", None, False), ("1", None, True),
+    ("on", None, True), ("0", True, True), ("1", False, False), (None, False, False)])
+def test_enabled_default_off_env_opt_in(monkeypatch, env, flag, want):
     if env is None:
         monkeypatch.delenv("NFLAB_SNAPSHOT", raising=False)
     else:
