@@ -93,9 +93,19 @@ def wire(nflab_vm):
         w.close()
 
 
-@pytest.fixture(scope="module")
-def routed(host):
+@pytest.fixture(scope="session")
+def guest(request):
+    """A session-wide testinfra host for the target (fixtures that outlive a module)."""
+    import testinfra
+    hosts = request.config.getoption("hosts", None)
+    if not hosts:
+        pytest.skip(getattr(request.config, "_nflab_skip", None) or "no --hosts")
+    return testinfra.get_host(hosts.split(",")[0])
+
+
+@pytest.fixture(scope="session")
+def routed(guest):
     """The guest configured as a router between the client and server wires."""
     from vm import topology
-    topology.setup(host)
+    topology.setup(guest)
     return topology

@@ -251,21 +251,10 @@ def _kill(pid: int, vmdir: Path, grace: float = 2.0):
 def _qmp(sock_path: Path, command: str, timeout: float = 1.0) -> bool:
     """Send one QMP *command* (``quit``, ``stop``, ...); True if QEMU accepted it."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock_path))
-            f = s.makefile("rwb")
-            f.readline()  # greeting
-            for cmd in ("qmp_capabilities", command):
-                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-                f.flush()
-                while True:  # skip asynchronous events ({"event": "STOP"}, ...)
-                    reply = json.loads(f.readline() or b"{}")
-                    if "event" not in reply:
-                        break
-            return "return" in reply
-    except (OSError, ValueError):
+        snapshot_mod.qmp(sock_path, (command, None), timeout=timeout)
+    except VMError:
         return False
+    return True
 
 
 def _qmp_status(state: VMState) -> str | None:

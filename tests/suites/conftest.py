@@ -93,25 +93,6 @@ def kit_vm(request):
 
 
 @pytest.fixture(scope="session")
-def guest(request):
-    """A session-wide testinfra host for the target (fixtures that outlive a module)."""
-    import testinfra
-    hosts = request.config.getoption("hosts", None)
-    if not hosts:
-        pytest.skip(getattr(request.config, "_nflab_skip", None) or "no --hosts")
-    return testinfra.get_host(hosts.split(",")[0])
-
-
-@pytest.fixture(scope="session")
-def routed(guest):
-    """The guest configured as a router between the client and server wires
-    (overrides the plugin's, which asked for the module-scoped ``host``)."""
-    from vm import topology
-    topology.setup(guest)
-    return topology
-
-
-@pytest.fixture(scope="session")
 def topo(routed, wire):
     """Routed guest plus the host side of both wires."""
     return routed

@@ -13,13 +13,11 @@ import os
 
 import pytest
 
-# target selection (--hosts / --nflab-vm / $NFLAB_VM), the nflab pytest plugin
-# (wire, failure context) and the session fixtures of the catalog suites
+# target selection (--hosts / --nflab-vm / $NFLAB_VM) and the session fixtures of the
+# catalog suites; the nflab pytest plugin brings guest, routed, wire and failure context
 from tests.suites.conftest import (  # noqa: F401
-    guest,
     kit_vm,
     pytest_configure,
-    routed,
     rules,
     tag,
     topo,
