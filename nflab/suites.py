@@ -85,15 +85,17 @@ def parse_junit(path: Path) -> tuple[dict, list]:
     return counts, failures
 
 
-def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5) -> int:
+def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5, quiet: bool = False) -> int:
     """Run the pytest subprocess while watching the VM: a kernel fault on the console
     (soft lockup, oops, panic...) or a dead QEMU ends the run at once with the console
-    excerpt, instead of every remaining test waiting out its SSH timeouts."""
+    excerpt, instead of every remaining test waiting out its SSH timeouts. With *quiet*
+    pytest's output is discarded (the JUnit file is the result)."""
     import signal
 
     from vm import lab
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=out)
     try:
         while True:
             try:

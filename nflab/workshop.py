@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -187,7 +186,7 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
                pytest_args=None, progress=print, capture: bool = False,
                first_failure: bool = False) -> Outcome:
     """Install the variant of *exs* in the running VM *vm* and run their suites."""
-    from nflab.suites import parse_junit
+    from nflab.suites import parse_junit, run_watched
     from vm import lab
 
     state = lab.require(vm)
@@ -211,9 +210,7 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
         cmd = suite_command(ok_exs, state.testinfra_spec, vm, junit, pytest_args,
                             first_failure=first_failure)
         progress(f"running {len(ok_exs)} workshop suite(s) ({variant(solution)}) on {state.release}")
-        res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, NFLAB_VM=vm),
-                             capture_output=capture, text=True)
-        code = res.returncode
+        code = run_watched(cmd, vm, env=dict(os.environ, NFLAB_VM=vm), quiet=capture)
     counts, failures = parse_junit(junit)
     result = verdicts(ok_exs, junit)
     result.update(build_errors)
