@@ -5,7 +5,9 @@ A cache entry lives in ``$NFLAB_CACHE/kernels/<abi>-<flavour>/`` and holds the
 manifest ``nflab-kernel.json`` that is written last. An entry is built in a
 temporary directory and renamed into place, so an interrupted fetch never
 leaves something that looks complete. A file lock serialises two fetches of
-the same kernel.
+the same kernel. Every use verifies the entry against what was recorded at
+fetch time (``check_entry``: vmlinuz size/mtime/sha256, the listing of every
+file); a damaged entry is reported and fetched again.
 """
 
 from __future__ import annotations
@@ -284,15 +286,17 @@ def fetch(spec: str | None = None, *, progress=None, force=False) -> Kernel:
     ref = resolve(spec)
     base = kernels_dir()
     entry = base / ref.key
-    if not force and (entry / MANIFEST).is_file():
+    if not force and check_entry(entry) is None:
         return Kernel.load(entry)
     base.mkdir(parents=True, exist_ok=True)
     with file_lock(base / f".{ref.key}.lock"):
-        if not force and (entry / MANIFEST).is_file():
+        problem = check_entry(entry)
+        if not force and problem is None:
             return Kernel.load(entry)
         if entry.exists():
-            if progress:
-                progress(f"removing incomplete cache entry {entry}")
+            _say(progress, f"kernel cache entry {entry} is damaged: {problem}; "
+                           "removing it and fetching again" if problem else
+                           f"removing kernel cache entry {entry} (--force)")
             shutil.rmtree(entry)
         pkgs = packages_for(ref)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{ref.key}-", dir=base))
@@ -303,7 +307,8 @@ def fetch(spec: str | None = None, *, progress=None, force=False) -> Kernel:
             debs = _download(pkgs, debs_dir, progress)
             _unpack(debs, root, progress)
             shutil.rmtree(debs_dir)
-            _record(ref, tmp, entry, pkgs, progress)
+            kernel = _record(ref, tmp, entry, pkgs, progress)
+            record_integrity(tmp, kernel)
             tmp.rename(entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -349,6 +354,11 @@ def get(spec: str | None = None, *, fetch_missing=True, progress=None) -> Kernel
     if not (entry / MANIFEST).is_file():
         raise KernelError(f"kernel {ref.release} is not in the cache",
                           hint=f"run `invoke fetch-kernel --kernel={ref.abi}`")
+    problem = check_entry(entry)
+    if problem:
+        raise KernelError(f"kernel cache entry {entry} is damaged: {problem}",
+                          hint=f"run `invoke fetch-kernel --kernel={ref.abi}-{ref.flavour}` "
+                               "to fetch it again")
     return Kernel.load(entry)
 
 
@@ -364,3 +374,147 @@ def table_rows() -> list[dict]:
                               "line": KernelRef(k.abi, k.flavour).line,
                               "cached": True, "archive": False})
     return sorted(rows.values(), key=lambda r: (abi_sort_key(r["abi"]), r["flavour"]), reverse=True)
+
+
+# ---------------------------------------------------------------- cache entry verification
+#
+# Next to its manifest an entry records what it held when it was created:
+# ``nflab-integrity.json`` (size, mtime and sha256 of the vmlinuz; the count,
+# byte total and digest of the listing of every file under root/) and
+# ``nflab-files.gz`` (the listing itself: path, size or symlink target), so a
+# damaged entry says *what* is wrong. Every use checks the vmlinuz's size and
+# mtime (full sha256 when the mtime moved) and walks the tree (~14k files,
+# ~0.05 s); an entry from before these records gets the key-file checks and
+# its records written then.
+
+INTEGRITY = "nflab-integrity.json"
+LISTING = "nflab-files.gz"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _walk(root: Path) -> dict[str, str]:
+    """relative path -> size (regular files) or '->target' (symlinks), dirs left out."""
+    out = {}
+    base = str(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        rel = os.path.relpath(dirpath, base)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            key = name if rel == "." else f"{rel}/{name}"
+            out[key] = ("->" + os.readlink(full)) if os.path.islink(full) else str(st.st_size)
+    return out
+
+
+def _digest(listing: dict[str, str]) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted(listing):
+        h.update(f"{path}\0{listing[path]}\n".encode())
+    return h.hexdigest()
+
+
+def _key_files(kernel: "Kernel") -> list[Path]:
+    """What a build and a boot cannot do without (checked even without records)."""
+    headers = Path(kernel.headers)
+    return [Path(kernel.vmlinuz), Path(kernel.config), Path(kernel.modules) / "modules.dep",
+            headers / "Makefile", headers / ".config", headers / "Module.symvers",
+            headers / "include/generated/utsrelease.h", headers / "include/generated/autoconf.h"]
+
+
+def record_integrity(entry: Path, kernel: "Kernel | None" = None):
+    """Write the entry's integrity records (at fetch time, before the manifest)."""
+    import gzip
+    root = entry / "root"
+    listing = _walk(root)
+    vmlinuz = root / "boot" / f"vmlinuz-{kernel.release}" if kernel else None
+    if vmlinuz is None:
+        vmlinuz = next(iter(sorted((root / "boot").glob("vmlinuz-*"))))
+    st = vmlinuz.stat()
+    data = {
+        "vmlinuz": {"path": str(vmlinuz.relative_to(root)), "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns, "sha256": _sha256(vmlinuz)},
+        "files": len(listing),
+        "bytes": sum(int(v) for v in listing.values() if not v.startswith("->")),
+        "digest": _digest(listing),
+    }
+    text = "".join(f"{p}\t{listing[p]}\n" for p in sorted(listing))
+    for name, payload in ((LISTING, gzip.compress(text.encode())),
+                          (INTEGRITY, (json.dumps(data, indent=2) + "\n").encode())):
+        tmp = entry / f".{name}.tmp{os.getpid()}"
+        tmp.write_bytes(payload)
+        os.replace(tmp, entry / name)
+
+
+def _listing_diff(entry: Path, now: dict[str, str]) -> str:
+    import gzip
+    try:
+        text = gzip.decompress((entry / LISTING).read_bytes()).decode()
+    except (OSError, EOFError, ValueError):
+        return "its file listing differs from the one recorded (and the record is unreadable)"
+    then = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    missing = sorted(set(then) - set(now))
+    extra = sorted(set(now) - set(then))
+    changed = sorted(p for p in set(then) & set(now) if then[p] != now[p])
+    parts = []
+    for label, paths in (("missing", missing), ("changed", changed), ("unexpected", extra)):
+        if paths:
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            parts.append(f"{len(paths)} {label} ({shown})")
+    return "; ".join(parts) or "its file listing digest differs from the one recorded"
+
+
+def check_entry(entry: Path) -> str | None:
+    """None if the cache entry is whole, else what is wrong with it (one line)."""
+    if not entry.is_dir():
+        return "it does not exist"
+    if not (entry / MANIFEST).is_file():
+        return f"it has no {MANIFEST} (an interrupted fetch, or the manifest was deleted)"
+    try:
+        kernel = Kernel.load(entry)
+    except (KernelError, TypeError, ValueError, OSError) as exc:
+        return f"its manifest is unreadable ({exc})"
+    for path in _key_files(kernel):
+        if not path.is_file():
+            return f"{path.relative_to(entry)} is missing"
+        if path.stat().st_size == 0:
+            return f"{path.relative_to(entry)} is empty"
+    try:
+        data = json.loads((entry / INTEGRITY).read_text())
+    except FileNotFoundError:
+        try:   # an entry from before the records: adopt it as it is now
+            record_integrity(entry, kernel)
+        except OSError:
+            pass
+        return None
+    except (OSError, ValueError) as exc:
+        return f"its {INTEGRITY} is unreadable ({exc})"
+    vm = data["vmlinuz"]
+    vmlinuz = entry / "root" / vm["path"]
+    st = vmlinuz.stat()
+    if st.st_size != vm["size"]:
+        return (f"{vmlinuz.relative_to(entry)} has {st.st_size} bytes, {vm['size']} were recorded "
+                "(truncated or replaced)")
+    if st.st_mtime_ns != vm["mtime_ns"] and _sha256(vmlinuz) != vm["sha256"]:
+        return f"{vmlinuz.relative_to(entry)} does not match its recorded sha256"
+    listing = _walk(entry / "root")
+    if _digest(listing) != data["digest"]:
+        return f"files under root/ changed since the fetch: {_listing_diff(entry, listing)}"
+    return None
+
+
+def _say(progress, message: str):
+    """A repair message is shown even to callers that pass no progress sink."""
+    if progress:
+        progress(message)
+    else:
+        import sys
+        print(f"nflab: {message}", file=sys.stderr, flush=True)
