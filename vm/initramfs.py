@@ -12,7 +12,8 @@ at ``/lib/modules/$(uname -r)``: ``modprobe`` of stock netfilter modules works.
 
 Both live in ``cache_dir()/boot/<release>/`` with a ``boot.json`` manifest
 whose recipe hash covers the init script, the busybox binary, the module list
-and the kernel's package versions; a stale entry is rebuilt under a file lock.
+and the kernel's package versions, plus the size, mtime and sha256 of each
+file; a stale or damaged entry is rebuilt under a file lock, with a message.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import os
 import shutil
 import stat
 import struct
@@ -278,8 +280,14 @@ def ensure(kernel, *, progress=print) -> BootFiles:
             data = json.loads((entry / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        f = files()
-        return data.get("key") == key and f.initrd.is_file() and f.modules_img.is_file()
+        if data.get("key") != key or check_files(entry, data) is not None:
+            return False
+        if "files" not in data:     # an entry from before the records: record it as it is
+            data["files"] = record_files(entry)
+            tmp = entry / f".{MANIFEST}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, entry / MANIFEST)
+        return True
 
     if current():
         return files()
@@ -287,6 +295,12 @@ def ensure(kernel, *, progress=print) -> BootFiles:
     with file_lock(entry.parent / f".{kernel.release}.lock"):
         if current():
             return files()
+        try:
+            data = json.loads((entry / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            data = None
+        if data is not None and data.get("key") == key:
+            progress(f"boot files in {entry} are damaged: {check_files(entry, data)}; rebuilding them")
         progress(f"building initramfs, modules image and vmlinux for {kernel.release}")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kernel.release}-", dir=entry.parent))
         try:
@@ -294,7 +308,8 @@ def ensure(kernel, *, progress=print) -> BootFiles:
             write_initramfs(tmp / "initramfs.cpio", kernel, busybox, modules, dep)
             write_modules_image(tmp / "modules.img", kernel)
             extract_vmlinux(Path(kernel.vmlinuz), tmp / "vmlinux")
-            (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec}, indent=2) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec,
+                                                    "files": record_files(tmp)}, indent=2) + "\n")
             if entry.exists():
                 # running VMs keep their open files; unlinking is safe
                 shutil.rmtree(entry)
@@ -303,3 +318,51 @@ def ensure(kernel, *, progress=print) -> BootFiles:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return files()
+
+
+BOOT_FILES = ("initramfs.cpio", "modules.img", "vmlinux")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_files(entry: Path) -> dict:
+    """Size, mtime and sha256 of each boot file, for ``check_files``."""
+    out = {}
+    for name in BOOT_FILES:
+        path = entry / name
+        if path.is_file():
+            st = path.stat()
+            out[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+    return out
+
+
+def check_files(entry: Path, data: dict) -> str | None:
+    """None if the boot files match what ``boot.json`` recorded, else what is wrong.
+
+    Size and mtime on every use, the sha256 when the mtime moved. A manifest
+    from before the records only needs the initramfs and modules image present."""
+    recorded = data.get("files")
+    if recorded is None:
+        for name in BOOT_FILES[:2]:
+            if not (entry / name).is_file():
+                return f"{name} is missing"
+        return None
+    for name in ("initramfs.cpio", "modules.img"):
+        if name not in recorded:
+            return f"{name} was never recorded"
+    for name, rec in recorded.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        st = path.stat()
+        if st.st_size != rec["size"]:
+            return f"{name} has {st.st_size} bytes, {rec['size']} were recorded (truncated or replaced)"
+        if st.st_mtime_ns != rec["mtime_ns"] and _sha256(path) != rec["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None

@@ -8,7 +8,8 @@ devices: ``mke2fs -d DIR`` turns the tree into ext4) and cached in
   the guest mounts it read-only under a tmpfs overlay, so every boot starts from
   the same clean state and several VMs share it;
 * ``manifest.json`` written last: recipe, package versions, size, mtime and
-  sha256 of the image.
+  sha256 of the image. Every use compares size and mtime (sha256 when the mtime
+  moved); a damaged or half-written entry is rebuilt with a message.
 
 The recipe hash covers the package list, the guest scripts in ``vm/guest/``,
 the image size and the host's libxtables version, so a change to any of them
@@ -216,35 +217,56 @@ def load_manifest(entry: Path) -> dict | None:
         return None
 
 
-def verify(entry: Path, *, full=False) -> dict:
-    """Check an entry against its manifest: size+mtime always, sha256 when *full*."""
+def check(entry: Path, *, full=False) -> str | None:
+    """None if the entry matches its manifest, else what is wrong (one line).
+
+    Size and mtime are compared on every use; the sha256 when *full* or when
+    the mtime moved (a copy with the same content is re-recorded, not rebuilt)."""
     manifest = load_manifest(entry)
     img = entry / IMAGE
-    if manifest is None or not img.is_file():
-        raise VMError(f"rootfs cache entry {entry} is incomplete",
-                      hint="run `invoke rootfs --rebuild`")
+    if manifest is None:
+        return f"it has no readable {MANIFEST} (an interrupted build, or it was deleted)"
+    if not img.is_file():
+        return f"{IMAGE} is missing"
     st = img.stat()
-    if st.st_size != manifest["size"] or st.st_mtime_ns != manifest["mtime_ns"]:
-        raise VMError(f"rootfs image {img} changed since it was built (size or mtime)",
+    if st.st_size != manifest.get("size"):
+        return (f"{IMAGE} has {st.st_size} bytes, {manifest.get('size')} were recorded "
+                "(truncated or replaced)")
+    if full or st.st_mtime_ns != manifest.get("mtime_ns"):
+        if sha256_file(img) != manifest.get("sha256"):
+            return f"{IMAGE} does not match its recorded sha256 (its content changed)"
+        if st.st_mtime_ns != manifest.get("mtime_ns"):
+            manifest["mtime_ns"] = st.st_mtime_ns
+            tmp = entry / f".{MANIFEST}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(tmp, entry / MANIFEST)
+    return None
+
+
+def verify(entry: Path, *, full=False) -> dict:
+    """The entry's manifest; VMError saying what is wrong if the entry is damaged."""
+    problem = check(entry, full=full)
+    if problem:
+        raise VMError(f"rootfs cache entry {entry} is damaged: {problem}",
                       hint="run `invoke rootfs --rebuild`")
-    if full and sha256_file(img) != manifest["sha256"]:
-        raise VMError(f"rootfs image {img} does not match its recorded sha256",
-                      hint="run `invoke rootfs --rebuild`")
-    return manifest
+    return load_manifest(entry)
 
 
 def ensure(*, rebuild=False, full_verify=False, progress=print) -> Path:
-    """Path of the rootfs image for the current recipe, building it if needed."""
+    """Path of the rootfs image for the current recipe, building it if needed.
+
+    A missing, half-written or damaged entry (see ``check``) is rebuilt with a
+    message saying what was wrong."""
     key = recipe_hash()
     base = rootfs_dir()
     entry = base / key
     with file_lock(base / f".{key}.lock"):
-        if rebuild or load_manifest(entry) is None:
-            if entry.exists() and not rebuild:
-                progress(f"removing incomplete rootfs entry {entry}")
+        problem = None if rebuild else check(entry, full=full_verify)
+        if rebuild or problem:
+            if problem and entry.exists():
+                progress(f"rootfs cache entry {entry} is damaged: {problem}; rebuilding it")
             entry = build(progress=progress)
             prune(keep=key, progress=progress)
-    verify(entry, full=full_verify)
     return entry / IMAGE
 
 
