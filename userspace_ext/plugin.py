@@ -2,6 +2,9 @@
 
 The plugin is compiled from the same build directory as the kernel module,
 including the same shared header, with the flags ``pkg-config xtables`` gives.
+The libxtables version it was built against is recorded beside it
+(``libxt_NAME.xtables-version``); a host whose libxtables changed rebuilds it,
+and ``vm.install`` refuses it in a guest whose libxtables differs.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def build(ext, out: Path, *, force: bool = False) -> Path:
     src = out / f"{ext.plugin}.c"
     so = out / f"{ext.plugin}.so"
     deps = [src, out / ext.header, out / "nflab_xt.h"]
-    if not force and so.is_file() and all(so.stat().st_mtime_ns >= d.stat().st_mtime_ns for d in deps):
+    if (not force and so.is_file() and all(so.stat().st_mtime_ns >= d.stat().st_mtime_ns for d in deps)
+            and recorded_xtables_version(so) == xtables_version()):
         return so
     cmd = (["gcc", *CFLAGS, *shlex.split(pkgconfig("--cflags")), f"-I{out}", "-o", str(so) + ".tmp",
             str(src), *shlex.split(pkgconfig("--libs"))])
@@ -63,8 +67,27 @@ def build(ext, out: Path, *, force: bool = False) -> Path:
                          hint=f"full log: {out / 'plugin.log'}",
                          detail="\n".join(diags or res.stderr.strip().splitlines()[-20:]))
     os.replace(str(so) + ".tmp", so)
-    (out / f"{ext.plugin}.xtables-version").write_text(xtables_version() + "\n")
+    version_file(so).write_text(xtables_version() + "\n")
     return so
+
+
+def version_file(so: Path) -> Path:
+    """Where the build records the libxtables version *so* was compiled against."""
+    return so.with_suffix(".xtables-version")
+
+
+def recorded_xtables_version(so: Path) -> str | None:
+    """The libxtables version (upstream, e.g. ``1.8.9``) *so* was built against, if recorded."""
+    try:
+        return version_file(so).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def upstream_version(debian_version: str) -> str:
+    """``1:1.8.9-2`` -> ``1.8.9``: a Debian package version without epoch and revision."""
+    v = debian_version.strip().split(":", 1)[-1]
+    return v.rsplit("-", 1)[0] if "-" in v else v
 
 
 def probe_binary(cache: Path) -> Path:

@@ -1,7 +1,8 @@
 """Install an extension into a running lab VM and prove it is the kit's build.
 
 Order matters and every step is checked: build for the VM's exact kernel
-release, compare vermagic with the guest's ``uname -r`` *before* anything is
+release, compare vermagic with the guest's ``uname -r`` and the plugin's
+recorded libxtables version with the guest's *before* anything is copied or
 loaded, copy ``.ko`` and ``.so``, ``modprobe`` the stock dependencies, unload
 an older or in-tree module of the same name, ``insmod``, put the plugin where
 both ``iptables-legacy`` and ``iptables-nft`` look (the guest's xtables dir,
@@ -18,11 +19,13 @@ import shlex
 import sys
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from nflab.errors import NflabError, VMError
 
 GUEST_DIR = "/root/nflab"
 XTLIBDIR = "/usr/lib/x86_64-linux-gnu/xtables"
+XTABLES_PKG = "libxtables12"
 
 
 @dataclass
@@ -33,6 +36,31 @@ class Installed:
     taint: str
     srcversion: str
     plugin: str | None
+
+
+def check_plugin_xtables(so: Path, guest_version: str, where: str, *, name: str = "NAME"):
+    """Refuse *so* if the libxtables it was built against is not *where*'s.
+
+    *guest_version* is the guest's ``libxtables12`` package version (``-`` when it
+    has none); the plugin's is the one its build recorded beside it."""
+    from userspace_ext import plugin
+
+    built = plugin.recorded_xtables_version(so)
+    if guest_version in ("", "-"):
+        raise NflabError(f"{where} has no {XTABLES_PKG} package: iptables there cannot load "
+                         f"{so.name}; refusing to install it",
+                         hint=f"install iptables in the guest (`invoke rootfs --rebuild`)")
+    guest = plugin.upstream_version(guest_version)
+    if built is None:
+        raise NflabError(f"{so.name} has no recorded libxtables version "
+                         f"({plugin.version_file(so).name} is missing); refusing to install it in "
+                         f"{where}, which has libxtables {guest}",
+                         hint=f"rebuild it: `invoke build-module --name={name}`")
+    if built != guest:
+        raise NflabError(f"{so.name} was built against libxtables {built} but {where} has "
+                         f"libxtables {guest} ({XTABLES_PKG} {guest_version}); refusing to install it",
+                         hint=f"build the plugin where libxtables is {guest} or give the guest the "
+                              f"host's: `invoke rootfs --rebuild`, then `invoke vm-down` and `vm-up`")
 
 
 def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
@@ -102,11 +130,15 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
     state = lab.require(vm)
     kernel = kernels.get(state.release)
     art = build_extension(name, kernel)
-    guest_release = _sh(vm, "uname -r", "uname").strip()
+    facts = _sh(vm, f"uname -r; dpkg-query -W -f='${{Version}}\\n' {XTABLES_PKG} 2>/dev/null || echo -",
+                "uname").split()
+    guest_release, guest_xtables = facts[0], (facts[1] if len(facts) > 1 else "-")
     magic = art.vermagic.split()[0] if art.vermagic else ""
     if magic != guest_release:
         raise NflabError(f"{art.ko.name} was built for {magic!r} but VM {vm!r} runs {guest_release!r}; "
                          "refusing to insmod", hint=f"invoke build-module --name={art.name} --kernel={state.spec or guest_release}")
+    if art.so:
+        check_plugin_xtables(art.so, guest_xtables, f"VM {vm!r}", name=art.name)
     if progress:
         progress(f"copying {art.ko.name}{' and ' + art.so.name if art.so else ''} into VM {vm}")
     _sh(vm, f"mkdir -p {GUEST_DIR}", "mkdir")
