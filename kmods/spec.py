@@ -8,6 +8,7 @@ wrong and what is valid.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from pathlib import Path
 from nflab.errors import SpecError
 
 CATALOG = Path(__file__).resolve().parent / "catalog"
+# more catalog folders (each holding <name>/ext.toml), separated by ':'; set by
+# `invoke test/matrix --extensions-dir=DIR` for their subprocesses
+EXTRA_CATALOG_ENV = "NFLAB_EXTRA_CATALOG"
 
 KINDS = ("hook", "match", "target")
 FAMILIES = ("ipv4", "ipv6", "netdev")
@@ -638,9 +642,32 @@ def _check_collision(ext: Extension, where: str, kernel_modules=None):
 
 # ---- loading --------------------------------------------------------------
 
+def catalog_dirs() -> list[Path]:
+    """The kit's catalog, then the folders of ``$NFLAB_EXTRA_CATALOG`` (':'-separated)."""
+    dirs = [CATALOG]
+    for item in os.environ.get(EXTRA_CATALOG_ENV, "").split(os.pathsep):
+        if not item.strip():
+            continue
+        path = Path(item).expanduser().resolve()
+        if not path.is_dir():
+            raise SpecError(f"{EXTRA_CATALOG_ENV}: {item!r} is not a directory",
+                            hint="point it (or --extensions-dir) at a folder holding <name>/ext.toml")
+        if path not in dirs:
+            dirs.append(path)
+    return dirs
+
+
 def definition_path(name: str) -> Path:
+    """``<catalog>/<name>/ext.toml`` in the first catalog folder that has it (the kit's
+    catalog when none has: the caller reports it missing)."""
     check_name(name, "--name")
-    return CATALOG / name / "ext.toml"
+    found = [d / name / "ext.toml" for d in catalog_dirs() if (d / name / "ext.toml").is_file()]
+    if len(found) > 1:
+        raise SpecError(f"--name: extension {name!r} is defined twice: "
+                        + ", ".join(str(f) for f in found),
+                        hint=f"rename one of them (folder and name in ext.toml); {EXTRA_CATALOG_ENV} "
+                             "folders add extensions, they do not replace the kit's")
+    return found[0] if found else CATALOG / name / "ext.toml"
 
 
 def load(name: str) -> Extension:
@@ -667,8 +694,10 @@ def load_file(path: Path) -> Extension:
 
 def catalog_names(include_hidden=False) -> list:
     names = []
-    if CATALOG.is_dir():
-        for d in sorted(CATALOG.iterdir()):
+    for folder in catalog_dirs():
+        if not folder.is_dir():
+            continue
+        for d in sorted(folder.iterdir()):
             if (d / "ext.toml").is_file():
                 if not include_hidden:
                     try:
@@ -678,4 +707,4 @@ def catalog_names(include_hidden=False) -> list:
                     if raw.get("catalog_only"):
                         continue
                 names.append(d.name)
-    return names
+    return list(dict.fromkeys(names))

@@ -36,6 +36,7 @@ class Cell:
     junit: str = ""
     failures: list = field(default_factory=list)
     log: str = ""
+    suites_passed: bool | None = None   # every suite test that ran passed (builds aside)
 
     @property
     def ok(self) -> bool:
@@ -111,6 +112,7 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
     if counts["tests"]:
         passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
         cell.test = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
+        cell.suites_passed = passed > 0 and counts["failures"] + counts["errors"] == 0
     else:
         err = [l for l in res.stderr.splitlines() if l.startswith("error:")]
         cell.test = err[-1] if err else "no results"
@@ -134,7 +136,9 @@ def markdown(cells: list[Cell], names: list[str]) -> str:
              "|---|" + "---|" * len(names) + "---|---|"]
     for c in cells:
         builds = ["✅ build" if c.build.get(n) == "ok" else f"❌ build: {c.build.get(n, '?')[:60]}" for n in names]
-        verdict = ("✅ " if c.exit_code == 0 else "❌ ") + c.test
+        # a failed build fails the cell (exit code), not the suites of what did build
+        suites_ok = c.exit_code == 0 if c.suites_passed is None else c.suites_passed
+        verdict = ("✅ " if suites_ok else "❌ ") + c.test
         lines.append(f"| {c.release} | " + " | ".join(builds) + f" | {verdict} | {c.seconds:.0f}s |")
     for c in cells:
         for f in c.failures[:5]:

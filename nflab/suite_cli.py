@@ -8,6 +8,28 @@ from nflab.cli import Progress, friendly, table
 from nflab.errors import NflabError
 
 
+EXT_DIR_HELP = ("another folder of extension definitions (<name>/ext.toml) beside the kit's "
+                "catalog; same as NFLAB_EXTRA_CATALOG=DIR")
+
+
+def _extra_catalog(folder):
+    """Add *folder* to $NFLAB_EXTRA_CATALOG (this process and the ones it starts)."""
+    import os
+    from pathlib import Path
+
+    from kmods import spec
+
+    if not folder:
+        return
+    path = Path(folder).expanduser().resolve()
+    if not path.is_dir():
+        raise NflabError(f"--extensions-dir: {folder!r} is not a directory",
+                         hint="give a folder holding <name>/ext.toml (e.g. one made by "
+                              "`invoke new-module`)")
+    old = os.environ.get(spec.EXTRA_CATALOG_ENV, "")
+    os.environ[spec.EXTRA_CATALOG_ENV] = os.pathsep.join(p for p in (str(path), old) if p)
+
+
 @task(help={
     "name": "extension to test (default: the whole catalog)",
     "names": "several extensions, comma-separated",
@@ -18,14 +40,17 @@ from nflab.errors import NflabError
     "html": "also write an HTML report (needs pytest-html)",
     "pytest": "extra pytest arguments, e.g. \"-k fragment -x\"",
     "quiet": "no progress display",
+    "extensions_dir": EXT_DIR_HELP,
 })
 @friendly
 def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
-         quiet=False):
+         quiet=False, extensions_dir=None):
     """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
     import shlex
 
     from nflab import suites
+
+    _extra_catalog(extensions_dir)
 
     with Progress(quiet) as progress:
         selected = [name] if name else ([n for n in names.split(",") if n] if names else None)
@@ -90,12 +115,15 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False):
     "kernels": "comma list of specs or groups: latest, lts, all-6.1, all-6.12 (default: nflab.toml or 6.1,6.12)",
     "names": "comma list of extensions (default: the whole catalog)",
     "j": "kernels in parallel (bounded by cores and memory)",
+    "extensions_dir": EXT_DIR_HELP,
 })
 @friendly
-def matrix(c, kernels=None, names=None, j=2):
+def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
     """Run the suites on several kernels in parallel: table, JUnit, JSON and Markdown summaries."""
     from kmods import spec
     from nflab import matrix as mx
+
+    _extra_catalog(extensions_dir)
 
     selected = [n for n in (names or "").split(",") if n] or spec.catalog_names()
     for n in selected:

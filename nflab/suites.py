@@ -59,8 +59,20 @@ def suite_files(names: list[str]) -> list[Path]:
 
 
 def _t_files(name: str) -> list[Path]:
-    from kmods.spec import CATALOG
-    return sorted((CATALOG / name).glob("lib*.t"))
+    from kmods.spec import definition_path
+    return sorted(definition_path(name).parent.glob("lib*.t"))
+
+
+def build_reason(exc: Exception) -> str:
+    """One line for a failed build: the compiler's first error (``xt_x.c:12: error: ...``)
+    first, then what failed and where the full log is."""
+    detail = getattr(exc, "detail", None) or ""
+    first = next((l.strip() for l in detail.splitlines() if ": error:" in l or ": fatal error:" in l), "")
+    if first:
+        path, sep, rest = first.partition(":")
+        first = f"{Path(path).name}:{rest}" if sep else first
+        return f"{first} — {exc}"
+    return str(exc)
 
 
 def vm_name_for(release: str) -> str:
@@ -165,7 +177,7 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         counts, failures = parse_junit(junit_path)
         return SuiteOutcome(kernel.release, vm, junit_path, rc,
                             time.monotonic() - t0 if started else 0.0, counts, failures,
-                            [(n, str(e)) for n, e in failed])
+                            [(n, build_reason(e)) for n, e in failed])
     finally:
         if booted_here and not keep:
             progress(f"stopping VM {vm}")
