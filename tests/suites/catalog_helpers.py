@@ -35,11 +35,14 @@ def assert_kit_module(host, module):
 
 
 def flush_chains(host, chains=(("filter", "FORWARD"),)):
+    """Flush *chains* and reset the FORWARD policy on both families and backends,
+    in one SSH round trip (each costs ~0.1 s under TCG)."""
+    cmds = []
     for family, tool in TOOLS.items():
         for backend in BACKENDS:
-            for table, chain in chains:
-                host.run(f"{tool}-{backend} -w -t {table} -F {chain}")
-            host.run(f"{tool}-{backend} -w -P FORWARD ACCEPT")
+            cmds += [f"{tool}-{backend} -w -t {table} -F {chain}" for table, chain in chains]
+            cmds.append(f"{tool}-{backend} -w -P FORWARD ACCEPT")
+    host.run("; ".join(cmds))
 
 
 def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", into="server",

@@ -81,8 +81,74 @@ def test_catalog_t_files_parse_and_name_a_family():
         assert rules_t.parse(path.read_text(), str(path))
 
 
-def test_script_isolates_in_a_netns_and_quotes_table():
+def test_script_runs_in_its_own_netns():
     cases = rules_t.parse(SAMPLE, "libxt_x.t")
     text = rules_t.script(cases, "ipv6", "legacy")
-    assert "ip6tables-legacy" in text and "ip netns add" in text and "trap" in text
-    assert rules_t.remote_command(text).startswith("echo ")
+    assert "ip6tables-legacy -w" in text and "ip netns" not in text
+    cmd = rules_t.remote_command(text)
+    assert cmd.startswith("echo ") and "unshare --net sh " in cmd
+
+
+def test_fast_script_restores_ok_cases_and_runs_fail_cases_one_by_one():
+    cases = rules_t.parse(SAMPLE, "libxt_x.t")
+    text = rules_t.script(cases, "ipv4", "nft", fast=True)
+    restore = text.split("<<'@@NFLAB-T-EOF'\n")[1].split("@@NFLAB-T-EOF")[0].splitlines()
+    assert restore == ["*filter",
+                       "-A INPUT -m iprange --src-range 1.1.1.1-1.1.1.10",
+                       "-A FORWARD -m iprange --src-range 1.1.1.1-1.1.1.10",
+                       "-A INPUT -m iprange --src-range 1.1.1.1",
+                       "-A FORWARD -m iprange --src-range 1.1.1.1",
+                       "COMMIT"]
+    assert "iptables-nft-restore -w -n" in text
+    # the FAIL case is never part of a restore, and a refused restore falls back
+    assert text.count("-A INPUT -m iprange --src-range 1.1.1.10-1.1.1.1") == 1
+    assert "@@NFLAB-T-SLOW filter" in text
+    slow = rules_t.script(cases, "ipv4", "nft", fast=False)
+    assert "restore" not in slow and slow.count("ipt -t") == len(cases)
+
+
+def test_saved_lines_follow_execution_order():
+    """A FAIL case the guest wrongly accepts runs after the table's restore, so
+    its saved line comes last: mapping must follow the order the guest ran."""
+    cases = rules_t.parse(":INPUT\n-m x --a;=;OK\n-m x --bad;;FAIL\n-m x --b;=;OK\n", "libxt_x.t")
+    out = ["@@NFLAB-T 0", "rc 0", "@@NFLAB-T-END", "@@NFLAB-T 2", "rc 0", "@@NFLAB-T-END",
+           "@@NFLAB-T 1", "rc 0", "@@NFLAB-T-END", "@@NFLAB-T-SAVE filter",
+           "-A INPUT -m x --a", "-A INPUT -m x --b", "-A INPUT -m x --bad", "@@NFLAB-T-END"]
+    res = rules_t.results(cases, "legacy", "\n".join(out))
+    assert res[0].passed and res[2].passed
+    assert "expected FAIL" in res[1].problem and res[1].saved_lines == ["-A INPUT -m x --bad"]
+
+
+class _Guest:
+    """Plays back what a guest printed for each script it was sent."""
+
+    def __init__(self, fast_out, slow_out):
+        self.outs, self.sent = {True: fast_out, False: slow_out}, []
+
+    def run(self, command):
+        import base64
+        from types import SimpleNamespace
+        text = base64.b64decode(command.split()[1]).decode()
+        fast = "restore" in text
+        self.sent.append(fast)
+        return SimpleNamespace(rc=0, stdout=self.outs[fast], stderr="")
+
+
+def test_run_file_reruns_slowly_when_the_fast_run_disagrees(tmp_path):
+    path = tmp_path / "libxt_x.t"
+    path.write_text(":INPUT\n-m x --a;=;OK\n")
+    good = "@@NFLAB-T-NETNS\n@@NFLAB-T 0\nrc 0\n@@NFLAB-T-END\n" \
+           "@@NFLAB-T-SAVE filter\n-A INPUT -m x --a\n@@NFLAB-T-END\n"
+    guest = _Guest(good.replace("--a\n@@", "--A\n@@"), good)
+    res = rules_t.run_file(guest, path, "legacy")
+    assert guest.sent == [True, False] and all(r.passed for r in res)
+    guest = _Guest(good, good)
+    rules_t.run_file(guest, path, "legacy")
+    assert guest.sent == [True]
+
+
+def test_missing_netns_is_reported(tmp_path):
+    path = tmp_path / "libxt_x.t"
+    path.write_text(":INPUT\n-m x --a;=;OK\n")
+    with pytest.raises(RuntimeError, match="network namespace"):
+        rules_t.run_file(_Guest("", ""), path, "legacy")
