@@ -46,17 +46,34 @@ def flush_chains(host, chains=(("filter", "FORWARD"),)):
 
 
 def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", into="server",
-                timeout=4.0, settle=0.6) -> set:
+                timeout=4.0, settle=0.6, sentinel=None) -> set:
     """Send {tag: packet} from *out*; return the set of tags that arrived on *into*.
 
     Waits up to *timeout* for *expect* packets (default: all), then *settle*
-    seconds more so packets that should have been dropped get their chance."""
+    seconds more so packets that should have been dropped get their chance.
+
+    With *sentinel* ``(tag, packet)``, a packet no rule of the test drops, sent
+    last: frames keep their order through the guest (one virtio queue, one
+    softirq, no RPS), so once the sentinel is out on *into* every packet sent
+    before it has either arrived or been dropped, and no settle time is
+    needed. A sentinel that does not arrive fails the test: the path itself
+    is broken, whatever the rules say."""
     from vm.wire import has_tag
 
     since = wire.mark(into)
+    match = lambda p: any(has_tag(p, t) for t in pkts)          # noqa: E731
+    if sentinel is not None:
+        stag, spkt = sentinel
+        wire.send(out, list(pkts.values()) + [spkt])
+        if not wire.sniff(into, lambda p: has_tag(p, stag), timeout=timeout, since=since):
+            raise AssertionError(
+                f"the sentinel packet (tag {stag}: {spkt.summary()}), which no rule of the test "
+                f"drops, did not come out on the {into} wire within {timeout}s: the {out} -> "
+                f"{into} path through the guest is broken")
+        got = wire.sniff(into, match, count=len(pkts) + 1, timeout=0, since=since)
+        return {t for t in pkts for p in got if has_tag(p, t)}
     wire.send(out, list(pkts.values()))
     want = len(pkts) if expect is None else expect
-    match = lambda p: any(has_tag(p, t) for t in pkts)          # noqa: E731
     got = wire.sniff(into, match, count=max(want, 1), timeout=timeout if want else settle,
                      since=since)
     got += wire.sniff(into, match, count=len(pkts) + 1, timeout=settle, since=wire.mark(into))
