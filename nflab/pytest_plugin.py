@@ -9,6 +9,17 @@ Loaded by ``tests/suites/conftest.py`` (``pytest_plugins``). Options:
 When a test fails, its report gets the guest's rule set (``iptables-save``,
 ``ip6tables-save``, ``nft list ruleset``), the tracer log when the tracer is
 loaded, and the tail of the VM console: what a person needs to see why.
+
+With ``--html`` (pytest-html), every test's row also gets an HTML section
+(``nflab/report.py``): each packet the host sent, the path it took through the
+hooks as the packet-path tracer saw it (hook, priority, devices, mark, ct
+state), its verdict (which wire it arrived on, or where it stopped), and the
+rules with counters on both iptables backends plus ``nft list ruleset`` after
+the test. In a kit VM the tracer is built and inserted before the first test
+when it is not loaded (it records only tagged packets and accepts every
+packet); after each test one guest command reads and clears its log and lists
+the rules, so each test shows only its own packets. Without ``--html`` none
+of this runs.
 """
 
 from __future__ import annotations
@@ -46,6 +57,92 @@ _CONTEXT_CMDS = [
 ]
 
 
+class _HtmlReport:
+    """Per-session state of the --html packet report."""
+
+    def __init__(self, config):
+        self.config = config
+        self.started = False
+        self.tracer_note: str | None = None
+
+    def vm(self):
+        return self.config.getoption("--nflab-vm")
+
+    def start(self, item):
+        """Before the first test: the tracer in the kit VM (built and inserted when
+        missing), its log cleared."""
+        self.started = True
+        vm = self.vm()
+        try:
+            if vm:
+                from vm import tracing
+                self.tracer_note = tracing.ensure_loaded(vm)
+            self.run(item, f"test -w /proc/net/{_tracer_module()} && "
+                           f"echo clear > /proc/net/{_tracer_module()}")
+        except Exception as exc:      # no tracer: the report still lists packets and rules
+            self.tracer_note = f"the tracer could not be loaded: {str(exc)[:300]}"
+
+    def run(self, item, cmd) -> tuple:
+        vm = self.vm()
+        if vm:
+            from vm import lab
+            res = lab.exec(vm, cmd, timeout=60)
+            return res.returncode, res.stdout
+        host = item.funcargs.get("host") or item.funcargs.get("guest")
+        if host is None:
+            raise RuntimeError("no target host for this test")
+        res = host.run(cmd)
+        return res.rc, res.stdout
+
+
+def _tracer_module():
+    from vm import tracing
+    return tracing.MODULE
+
+
+def _html_report(config):
+    """The --html report state, or None when no HTML report was asked for."""
+    state = getattr(config, "_nflab_html", None)
+    if state is None:
+        if not getattr(config.option, "htmlpath", None):
+            return None
+        state = config._nflab_html = _HtmlReport(config)
+    return state
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    state = _html_report(item.config)
+    if state is not None:
+        if not state.started:
+            state.start(item)
+        wire = item.funcargs.get("wire")
+        if wire is not None and hasattr(wire, "mark"):
+            try:
+                item._nflab_wire_mark = wire.mark()
+            except Exception:
+                item._nflab_wire_mark = None
+    yield
+
+
+def _html_section(item, state, sent) -> str:
+    from nflab import report as rep
+    from vm import tracing
+
+    wire = item.funcargs.get("wire")
+    received = []
+    mark = getattr(item, "_nflab_wire_mark", None)
+    if wire is not None and mark is not None and hasattr(wire, "received_since"):
+        received = wire.received_since(mark)
+    try:
+        _rc, out = state.run(item, tracing.report_command())
+        collected = tracing.parse_report(out)
+    except Exception as exc:            # the guest may be the thing that broke
+        collected = {"tracer": (None, f"unavailable: {exc}")}
+    note, state.tracer_note = state.tracer_note, None       # said once, in the first test
+    return rep.section(sent, received, collected, tracer_note=note)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -53,12 +150,27 @@ def pytest_runtest_makereport(item, call):
     if report.when != "call":
         return
     wire = item.funcargs.get("wire")
-    if wire is not None and hasattr(wire, "take_journal"):
+    sent = []
+    if wire is not None and hasattr(wire, "take_sent"):
+        sent = wire.take_sent()
+    elif wire is not None and hasattr(wire, "take_journal"):
         sent = wire.take_journal()
-        if sent:
-            report.sections.append(("packets sent (scapy)", "\n".join(sent)))
-    if not report.failed:
-        return
+    if sent:
+        report.sections.append(("packets sent (scapy)", "\n".join(map(str, sent))))
+    if report.failed:
+        _failure_context(item, report)
+    state = _html_report(item.config)
+    if state is not None and state.started:
+        # after the failure context: collecting clears the tracer log it shows
+        try:
+            from pytest_html import extras
+            html = _html_section(item, state, [s for s in sent if hasattr(s, "raw")])
+            report.extras = list(getattr(report, "extras", [])) + [extras.html(html)]
+        except Exception as exc:
+            report.sections.append(("nflab html report", f"unavailable: {exc!r}"))
+
+
+def _failure_context(item, report):
     host = item.funcargs.get("host")
     if host is not None:
         for title, cmd in _CONTEXT_CMDS:

@@ -260,6 +260,27 @@ class Tracer:
             time.sleep(0.05)
 
 
+def ensure_loaded(vm: str, module: str = MODULE) -> str | None:
+    """The catalog tracer in kit VM *vm*: built for its kernel and inserted without
+    parameters (the definition's defaults) unless this very build is already loaded
+    (same srcversion, ``/root/<module>.ko`` present: what the suites' ``tracer``
+    fixture checks too, so they do not insert it again). Returns a note for the
+    report when it had to load it, None when it was there."""
+    from kmods import build, spec
+    from vm import kernels, lab
+
+    st = lab.require(vm)
+    art = build.build_extension(spec.load("tracer"), kernels.get(st.release), with_plugin=False)
+    dest = f"/root/{module}.ko"
+    res = lab.exec(vm, f"cat /sys/module/{module}/srcversion 2>/dev/null; "
+                       f"test -e {dest} && echo present", timeout=60)
+    if res.stdout.split() == [art.srcversion, "present"]:
+        return None
+    lab.copy_to(vm, art.ko, dest, mode=0o644)
+    lab.exec(vm, f"rmmod {module} 2>/dev/null; insmod {dest}", timeout=60, check=True)
+    return f"{module} was loaded for this report (srcversion {art.srcversion})"
+
+
 def host_runner(host):
     """A run(cmd) for a testinfra host."""
     def run(cmd):
@@ -360,3 +381,145 @@ def ping(dst: str, tag: int, family: str = "ipv4", *, wait: float = 0.5) -> str:
     from vm.wire import magic
     pattern = (magic() + int(tag).to_bytes(4, "big")).hex()
     return f"ping -{4 if family == 'ipv4' else 6} -n -c1 -W{wait} -s 56 -p {pattern} {dst}"
+
+
+# ---------------------------------------------------------------- per-test reports
+
+# What a test report collects after each test, in one guest command (one SSH
+# round trip): the tracer log (then cleared, so the next test sees only its own
+# packets), the rules with their counters on both iptables backends, and nftables.
+REPORT_SOURCES = (
+    ("tracer", "cat /proc/net/{module} && echo clear > /proc/net/{module}"),
+    ("iptables-legacy-save -c", "iptables-legacy-save -c"),
+    ("ip6tables-legacy-save -c", "ip6tables-legacy-save -c"),
+    ("iptables-nft-save -c", "iptables-nft-save -c"),
+    ("ip6tables-nft-save -c", "ip6tables-nft-save -c"),
+    ("nft list ruleset", "nft list ruleset"),
+)
+_MARK = "@@nflab-report@@"
+
+
+def report_command(module: str = MODULE) -> str:
+    """The guest shell command that prints every REPORT_SOURCES section, each
+    framed by a marker line and followed by its exit status."""
+    parts = []
+    for i, (_name, cmd) in enumerate(REPORT_SOURCES):
+        parts.append(f"echo '{_MARK} {i}'; ( {cmd.format(module=module)} ) 2>&1; "
+                     f"echo \"{_MARK} rc $?\"")
+    return "; ".join(parts)
+
+
+def parse_report(text: str) -> dict:
+    """Output of :func:`report_command` -> {section name: (rc, text)}; a section
+    whose end marker is missing (the command was cut short) gets rc None."""
+    out, name, lines = {}, None, []
+    for line in text.splitlines():
+        if line.startswith(_MARK + " "):
+            word = line[len(_MARK) + 1:].split()
+            if word[:1] == ["rc"] and name is not None:
+                out[name] = (int(word[1]) if len(word) > 1 and word[1].isdigit() else None,
+                             "\n".join(lines))
+                name, lines = None, []
+            elif word and word[0].isdigit() and int(word[0]) < len(REPORT_SOURCES):
+                if name is not None:
+                    out[name] = (None, "\n".join(lines))
+                name, lines = REPORT_SOURCES[int(word[0])][0], []
+            continue
+        if name is not None:
+            lines.append(line)
+    if name is not None:
+        out[name] = (None, "\n".join(lines))
+    return out
+
+
+def tag_of(raw: bytes, magic_bytes: bytes | None = None) -> int | None:
+    """The tag a frame (or packet) carries after the tracer's magic, if any."""
+    from vm.wire import magic
+    m = magic_bytes or magic()
+    i = raw.find(m)
+    if i < 0 or i + len(m) + 4 > len(raw):
+        return None
+    return int.from_bytes(raw[i + len(m):i + len(m) + 4], "big")
+
+
+def frame_addrs(raw: bytes) -> tuple[str, str] | None:
+    """(src, dst) of an Ethernet frame's IPv4/IPv6 header, compressed like the
+    tracer prints them; None for anything else. No scapy."""
+    import ipaddress
+    if len(raw) < 14:
+        return None
+    et = raw[12:14]
+    if et == b"\x08\x00" and len(raw) >= 34:
+        return str(ipaddress.IPv4Address(raw[26:30])), str(ipaddress.IPv4Address(raw[30:34]))
+    if et == b"\x86\xdd" and len(raw) >= 54:
+        return str(ipaddress.IPv6Address(raw[22:38])), str(ipaddress.IPv6Address(raw[38:54]))
+    return None
+
+
+def walks(entries) -> list[list]:
+    """Split one tag's entries (log order) into walks: the visits of one packet
+    through the hooks, in order. An entry continues the open walk whose last
+    visit comes before it on a packet's way (a later priority of the same hook,
+    or a later hook) with the same addresses, or, for a NAT rewrite, one of them;
+    otherwise it starts a new walk (the next packet with this tag, the reply, a
+    second fragment)."""
+    out: list[list] = []
+    for e in entries:
+        best, best_rank = None, None
+        for i in range(len(out) - 1, -1, -1):
+            last = out[i][-1]
+            if last.l3 != e.l3 or not _continues(last, e):
+                continue
+            if (last.src, last.dst) == (e.src, e.dst):
+                rank = 0
+            elif last.src == e.src or last.dst == e.dst:
+                rank = 1
+            else:
+                continue
+            if best_rank is None or rank < best_rank:
+                best, best_rank = i, rank
+            if rank == 0:
+                break
+        if best is None:
+            out.append([e])
+        else:
+            out[best].append(e)
+    return out
+
+
+def _continues(a, b) -> bool:
+    """True if *b* can be the visit after *a* on one packet's walk."""
+    order = {h: i for i, h in enumerate(HOOK_ORDER)}
+    if a.hook == b.hook:
+        return b.priority > a.priority
+    if (a.hook, b.hook) in (("PRE_ROUTING", "LOCAL_OUT"), ("LOCAL_IN", "FORWARD"),
+                            ("LOCAL_IN", "LOCAL_OUT"), ("FORWARD", "LOCAL_OUT"),
+                            ("LOCAL_IN", "POST_ROUTING")):
+        return False            # different paths, not one after the other
+    return order.get(b.hook, 0) > order.get(a.hook, 0)
+
+
+def fate(flow, points, arrived: list[str] | None = None) -> str:
+    """What became of one direction of a packet, from the last tracer point it
+    reached and the wires it was seen on afterwards (*arrived*: side names)."""
+    if arrived:
+        return "arrived on the " + " and ".join(f"{s} wire" for s in arrived)
+    if not flow:
+        return "not seen by the tracer and not on any wire"
+    last = flow[-1]
+    same = sorted(p.priority for p in points if p.family == last.family and p.hook == last.hook)
+    later = [p for p in same if p > last.priority]
+    where = f"{last.hook}/{last.priority}"
+    if later:
+        if last.frag and last.priority < -400 < later[0]:
+            return (f"fragment held after {where} by defrag (-400), reassembled into the packet "
+                    "that goes on")
+        between = [f"{STOCK[p]} {p}" for p in sorted(STOCK) if last.priority < p < later[0]]
+        return (f"stopped after {where}: dropped, stolen or queued before {last.hook}/{later[0]} "
+                f"(the next tracer point){'; between them: ' + ', '.join(between) if between else ''}")
+    if last.hook == "LOCAL_IN":
+        return "delivered to the guest's local stack (passed every LOCAL_IN point)"
+    if last.hook == "POST_ROUTING":
+        return (f"left netfilter (passed POST_ROUTING/{last.priority}) on {last.outdev}, "
+                "not seen on a wire")
+    return f"stopped after {where}, the last point of {last.hook} (routing or a later hook dropped it)"

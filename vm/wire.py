@@ -150,13 +150,24 @@ def ipv6_equal(a: str, b: str) -> bool:
     return socket.inet_pton(socket.AF_INET6, a) == socket.inet_pton(socket.AF_INET6, b)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One frame the host sent (the report's "packets sent")."""
+    side: str
+    summary: str
+    raw: bytes
+
+    def __str__(self) -> str:
+        return f"{self.side} -> guest: {self.summary}"
+
+
 class Wire:
     """Both wires of one VM, host side. Use as a context manager or call close()."""
 
     def __init__(self, ports: dict, *, addr: str = "127.0.0.1"):
         """*ports*: guest NIC name -> ``vm.qemu.Wire`` (or a dict with guest/host)."""
         self.ports: dict[str, _Port] = {}
-        self.journal: list[str] = []
+        self.journal: list[Sent] = []
         try:
             for name, s in topology.SIDES.items():
                 w = ports.get(s.dev)
@@ -219,15 +230,31 @@ class Wire:
         n = 0
         for pkt in pkts:
             frame = self.frame(side, pkt)
-            port._send_raw(bytes(frame))
-            self.journal.append(f"{side} -> guest: {frame.summary()}")
+            raw = bytes(frame)
+            port._send_raw(raw)
+            self.journal.append(Sent(side, frame.summary(), raw))
             n += 1
         del self.journal[:-JOURNAL_MAX]
         return n
 
+    def take_sent(self) -> list["Sent"]:
+        """The frames sent since the last take (side, summary, bytes), for test reports."""
+        out, self.journal[:] = list(self.journal), []
+        return out
+
     def take_journal(self) -> list[str]:
         """Summaries of the frames sent since the last call (for test reports)."""
-        out, self.journal[:] = list(self.journal), []
+        return [str(s) for s in self.take_sent()]
+
+    def received_since(self, since: dict) -> list[tuple[str, bytes]]:
+        """(side, raw frame) of every frame still buffered that arrived after *since*
+        (a :meth:`mark`); nothing is parsed."""
+        out = []
+        for name, port in self.ports.items():
+            first = since.get(name, 0) if isinstance(since, dict) else 0
+            with port.cond:
+                frames = [f for f in port.frames if f.n >= first]
+            out += [(name, f.raw) for f in frames]
         return out
 
     def sniff(self, side: str, filter_fn=None, *, count: int = 1, timeout: float = 3.0,
