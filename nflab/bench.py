@@ -2,7 +2,25 @@
 
 Every measurement runs several times and reports median, min and max wall
 seconds. Commands are timed as a user runs them (``python -m invoke ...`` in a
-subprocess) unless noted. The JSON output is meant for comparing runs.
+subprocess) unless noted. The JSON output is meant for comparing runs; it
+records the host's load average before and after, since the numbers depend
+on it.
+
+Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
+
+* ``build``: warm ``build-module`` runs, warm ``fetch-kernel``;
+* ``boot``: cold boot to SSH ready, cold boot + ``uname -r`` + poweroff, QEMU RSS;
+* ``snapshot``: the same from a post-boot snapshot, and the CLI cycle;
+* ``vng``: virtme-ng on the generic flavour of the same kernel
+  (``vng --run <vmlinuz> --exec 'uname -r'``) against the kit's cold boot +
+  ``uname -r`` + poweroff, runs alternated, as the ratio vng/kit; the kit boots
+  the identical generic image when it can, else the cloud flavour of the same
+  ABI (the reason is recorded); a run that cannot happen is a row with
+  ``skipped: <reason>``;
+* ``test``: ``invoke test --name=iprange`` with no VM running;
+* ``workshop`` (``--workshop``): every exercise's reference solution on 6.1 and
+  6.12 as an attendee runs it (build from a clean tree, install, its suite), one
+  VM per kernel: seconds per exercise and the total (boot + exercises + poweroff).
 """
 
 from __future__ import annotations
@@ -71,15 +89,65 @@ def _peak_rss_kib(pid: int) -> int | None:
     return None
 
 
+GROUPS = ("build", "boot", "snapshot", "vng", "test", "workshop")
+DEFAULT_GROUPS = ("build", "boot", "snapshot", "vng", "test")
+WORKSHOP_KERNELS = ("6.1", "6.12")
+
+
+def groups_for(only: str | None, workshop: bool = False) -> list[str]:
+    """The measurement groups a run covers (``--only`` and ``--workshop``)."""
+    if only:
+        chosen = [g.strip() for g in only.split(",") if g.strip()]
+        bad = [g for g in chosen if g not in GROUPS]
+        if bad:
+            from nflab.errors import NflabError
+            raise NflabError(f"--only: unknown group(s) {', '.join(bad)}", hint="valid: " + ", ".join(GROUPS))
+    else:
+        chosen = list(DEFAULT_GROUPS)
+    if workshop and "workshop" not in chosen:
+        chosen.append("workshop")
+    return [g for g in GROUPS if g in chosen]
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bool = False,
-        progress=print) -> dict:
+        progress=print, *, only: str | None = None, workshop: bool = False) -> dict:
     from vm import kernels, lab
 
+    groups = groups_for(only, workshop)
     kern = kernels.get(kernel, progress=progress)
     spec = kern.abi
     results: list[Measurement] = []
-    extra: dict = {"kernel": kern.release, "runs": runs, "host_cpus": os.cpu_count()}
+    extra: dict = {"kernel": kern.release, "runs": runs, "host_cpus": os.cpu_count(),
+                   "groups": ",".join(groups), "loadavg_start": _load()}
+    if "build" in groups:
+        _build_group(spec, runs, cold, results, progress)
+    vm = "bench"
+    if "boot" in groups:
+        _boot_group(spec, runs, results, extra, progress)
+    if "snapshot" in groups:
+        _snapshot_group(spec, runs, results, progress)
+    if "vng" in groups:
+        results += vng_group(kern, runs, extra, progress)
+    if "test" in groups:
+        progress("warm test cycle")
+        results.append(_measure("invoke test --name=iprange (VM not running)",
+                                lambda: _invoke("test", "--name=iprange", f"--kernel={spec}"), runs))
+        if matrix:
+            results.append(_measure("invoke test (whole catalog)",
+                                    lambda: _invoke("test", f"--kernel={spec}"), 1))
+    if "workshop" in groups:
+        results += workshop_group(WORKSHOP_KERNELS, extra, progress)
+    lab.down(vm)
+    extra["loadavg_end"] = _load()
+    return {"measurements": [dict(asdict(m), median=m.median) for m in results],
+            "rows": [m.row() for m in results], "info": extra}
 
+
+def _build_group(spec, runs, cold, results, progress):
     progress("warm build-module")
     _invoke("build-module", "--name=iprange", f"--kernel={spec}")
     results.append(_measure("build-module iprange (warm)",
@@ -112,6 +180,22 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
                 shutil.rmtree(tmp, ignore_errors=True)
         results.append(_measure("rootfs build (cold)", cold_rootfs, 1))
 
+
+def _up_cmd_down(spec, vm, snapshot: bool):
+    from vm import lab
+
+    def once():
+        t0 = time.monotonic()
+        lab.up(spec, vm, snapshot=snapshot, progress=lambda *_: None)
+        lab.exec(vm, "uname -r")
+        lab.down(vm)
+        return time.monotonic() - t0
+    return once
+
+
+def _boot_group(spec, runs, results, extra, progress):
+    from vm import lab
+
     progress("boot-to-ready")
     vm = "bench"
     lab.down(vm)
@@ -130,19 +214,16 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         lab.down(vm)
         return elapsed
     results.append(_measure("boot to SSH ready (in-process)", boot_ready, runs))
+    results.append(_measure("boot + uname -r + poweroff", _up_cmd_down(spec, vm, False), runs))
+    if rss:
+        extra["qemu_peak_rss_mib"] = round(max(rss) / 1024, 1)
 
-    def up_cmd_down(snapshot: bool):
-        def once():
-            t0 = time.monotonic()
-            lab.up(spec, vm, snapshot=snapshot, progress=lambda *_: None)
-            lab.exec(vm, "uname -r")
-            lab.down(vm)
-            return time.monotonic() - t0
-        return once
-    m = _measure("boot + uname -r + poweroff", up_cmd_down(False), runs)
-    results.append(m)
-    kit_cmd = m.median
 
+def _snapshot_group(spec, runs, results, progress):
+    from vm import lab
+
+    vm = "bench"
+    lab.down(vm)
     # post-boot snapshot (vm/snapshot.py): the first up saves the state, untimed
     progress("snapshot restore")
     try:
@@ -161,9 +242,7 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         return elapsed
     results.append(_measure("snapshot restore to SSH ready", restore_ready, runs))
 
-    m = _measure("snapshot restore + uname -r + poweroff", up_cmd_down(True), runs)
-    results.append(m)
-    kit_snap_cmd = m.median
+    results.append(_measure("snapshot restore + uname -r + poweroff", _up_cmd_down(spec, vm, True), runs))
 
     def cli_cycle():
         t0 = time.monotonic()
@@ -174,36 +253,181 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
             _invoke("vm-down", f"--vm={vm}")
         return time.monotonic() - t0
     results.append(_measure("CLI vm-up + vm-exec + vm-down (snapshot)", cli_cycle, runs))
-    if rss:
-        extra["qemu_peak_rss_mib"] = round(max(rss) / 1024, 1)
+
+
+# ---------------------------------------------------------------- virtme-ng
+
+VNG_ROW = "vng --run <generic vmlinuz> --exec 'uname -r'"
+
+
+def _vng_argv(vng: str, vmlinuz, accel: str) -> list[str]:
+    # --force-9p: the root as 9p, as in shared/README (virtiofs needs a virtiofsd
+    # that can run here); --verbose: the guest console on stdout, the only place the
+    # command's output shows when virtme-ng-init finds no virtio-serial port for it
+    # (no udevd on the host, whose root the guest uses: it then runs the command on
+    # the console, prints "starting script (console fallback)", and exits 255)
+    return [vng, *(["--disable-kvm"] if accel == "tcg" else []), "--force-9p", "--verbose",
+            "--run", str(vmlinuz), "--exec", "uname -r"]
+
+
+def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]:
+    """virtme-ng against the kit on the same kernel version: ``vng --run <vmlinuz>
+    --exec 'uname -r'`` on the generic flavour (the cloud flavour has no 9p), and
+    the kit's cold boot + ``uname -r`` + poweroff, on that identical image when the
+    kit boots it, else on the cloud flavour of the same ABI. Runs alternate
+    (kit, vng, kit, vng, ...) so load changes hit both. Whatever cannot run is a
+    row saying ``skipped: <reason>``; the reasons also go to *extra*."""
+    from vm import kernels, lab
 
     vng = shutil.which("vng")
-    if vng:
-        def vng_run():
-            t0 = time.monotonic()
-            res = subprocess.run([vng, "--disable-kvm", "--run", kern.vmlinuz, "--exec", "uname -r"],
-                                 capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr.strip()[-200:])
-            return time.monotonic() - t0
-        vm_ = _measure("vng --run --exec 'uname -r'", vng_run, runs)
-        results.append(vm_)
-        if vm_.median and kit_cmd:
-            extra["vng_over_kit"] = round(vm_.median / kit_cmd, 2)
-        if vm_.median and kit_snap_cmd:
-            extra["vng_over_kit_snapshot"] = round(vm_.median / kit_snap_cmd, 2)
-    else:
-        results.append(Measurement("vng --run --exec 'uname -r'", note="virtme-ng not installed "
-                                   "(pip install virtme-ng; needs the generic amd64 kernel)"))
+    if not vng:
+        reason = "virtme-ng is not installed (pip install virtme-ng)"
+        extra["vng"] = f"skipped: {reason}"
+        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+    generic_spec = f"{kern.abi}-amd64"
+    try:
+        generic = kernels.get(generic_spec, progress=progress)
+    except Exception as exc:
+        reason = f"the generic kernel {generic_spec} is not available: {str(exc)[:200]}"
+        extra["vng"] = f"skipped: {reason}"
+        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+    vm = "bench-vng"
+    lab.down(vm)
+    # can the kit boot the generic image itself? (one try, untimed)
+    kit_spec, kit_flavour = generic_spec, "generic"
+    progress(f"kit boot of the generic flavour {generic.release}")
+    accel = None
+    try:
+        accel = lab.up(generic_spec, vm, snapshot=False, progress=lambda *_: None).accel
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300]
+        extra["kit_generic"] = f"skipped: the kit cannot boot {generic.release}: {first}"
+        kit_spec, kit_flavour = f"{kern.abi}-cloud-amd64", "cloud"
+        try:
+            accel = lab.up(kit_spec, vm, snapshot=False, progress=lambda *_: None).accel
+        except Exception as exc2:
+            extra["kit_cloud"] = f"the kit cannot boot {kit_spec} either: {str(exc2)[:300]}"
+    finally:
+        lab.down(vm)
+    if accel is None:
+        reason = f"the kit boots neither flavour of {kern.abi}: {extra.get('kit_cloud')}"
+        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+    extra["vng_kit_flavour"] = kit_flavour
+    kit = Measurement(f"kit boot + uname -r + poweroff ({kit_flavour} {kern.abi}, cold)",
+                      note="same ABI as vng" + (", identical image" if kit_flavour == "generic"
+                                                else ": the cloud image (see kit_generic)"))
+    vm_ = Measurement(VNG_ROW, note=f"{generic.release}, {'TCG' if accel == 'tcg' else 'KVM'}, 9p root")
+    kit_once = _up_cmd_down(kit_spec, vm, False)
+    argv = _vng_argv(vng, generic.vmlinuz, accel)
+    extra["vng_command"] = " ".join(argv)
+    rcs = []
 
-    progress("warm test cycle")
-    results.append(_measure("invoke test --name=iprange (VM not running)",
-                            lambda: _invoke("test", "--name=iprange", f"--kernel={spec}"), runs))
-    if matrix:
-        results.append(_measure("invoke test (whole catalog)",
-                                lambda: _invoke("test", f"--kernel={spec}"), 1))
-    return {"measurements": [dict(asdict(m), median=m.median) for m in results],
-            "rows": [m.row() for m in results], "info": extra}
+    def vng_once():
+        t0 = time.monotonic()
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
+                             stdin=subprocess.DEVNULL)
+        elapsed = time.monotonic() - t0
+        # success = the guest ran the command: its output is the release. vng's exit
+        # status is not used alone: when virtme-ng-init finds no virtio-serial script
+        # port it runs the command on the console and the status is lost (255)
+        if generic.release not in res.stdout.splitlines():
+            tail = (res.stderr.strip() or res.stdout.strip())[-300:].replace("\n", " | ")
+            raise RuntimeError(f"vng exit {res.returncode}, no `{generic.release}` line in its output: "
+                               f"{tail or '(no output at all)'}")
+        rcs.append(res.returncode)
+        if "console fallback" in res.stdout:
+            extra["vng_console_fallback"] = True
+        return elapsed
+
+    progress(f"vng vs kit on {kern.abi} ({runs} runs each, alternated)")
+    for _ in range(runs):
+        for m, fn in ((kit, kit_once), (vm_, vng_once)):
+            if m.error:
+                continue
+            try:
+                m.runs.append(fn())
+            except Exception as exc:
+                m.error = str(exc)[:300]
+                lab.down(vm)
+    if vm_.error and not vm_.runs:
+        vm_.note = f"skipped: {vm_.error}"
+        extra["vng"] = vm_.note
+    if rcs and any(rcs):
+        vm_.note += f"; vng exit status {sorted(set(rcs))} (the command ran: see vng_exit in info)"
+        extra["vng_exit"] = (f"vng exit status {sorted(set(rcs))} although the guest printed "
+                             "`uname -r`" + (": virtme-ng-init found no virtio-serial port for the "
+                                             "script (no udevd on this host), ran it on the console "
+                                             "(console fallback) and its status was lost"
+                                             if extra.get("vng_console_fallback") else ""))
+    if vm_.median and kit.median:
+        extra["vng_over_kit"] = round(vm_.median / kit.median, 2)
+        vm_.note += f"; vng/kit = {extra['vng_over_kit']}"
+    return [kit, vm_]
+
+
+# ---------------------------------------------------------------- the workshop
+
+def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
+                   progress=print) -> list[Measurement]:
+    """Every exercise's reference solution on each kernel, as an attendee runs them
+    one after the other in one kept VM (``invoke workshop --exercise=N --solution
+    --keep``): build from a clean tree (a fresh ``$NFLAB_BUILD``: the compile an
+    edit costs), install, its suite. One row per exercise and kernel, plus the
+    total per kernel: cold boot + every exercise + poweroff."""
+    from nflab import workshop as ws
+    from vm import kernels, lab
+
+    extra = extra if extra is not None else {}
+    out = []
+    exs = ws.exercises()
+    for spec in kernel_specs:
+        kern = kernels.get(spec, progress=progress)
+        vm = "bench-ws"
+        lab.down(vm)
+        tmp = tempfile.mkdtemp(prefix="nflab-bench-ws-")
+        old_build = os.environ.get("NFLAB_BUILD")
+        os.environ["NFLAB_BUILD"] = tmp
+        rows, failed = [], []
+        load0 = _load()
+        try:
+            t0 = time.monotonic()
+            lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
+            boot = time.monotonic() - t0
+            for ex in exs:
+                progress(f"workshop {spec}: exercise {ex.number} ({ex.name}), solution")
+                t1 = time.monotonic()
+                res = ws.run_suites([ex], vm, solution=True, junit=Path(tmp) / f"junit-{ex.name}.xml",
+                                    progress=lambda *_: None, capture=True)
+                secs = time.monotonic() - t1
+                verdict = res.verdicts.get(ex.number, "failed")
+                c = res.counts
+                passed = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+                if verdict != "passed":
+                    failed.append(ex.name)
+                rows.append(Measurement(f"workshop {spec} {ex.name} (solution)", [secs],
+                                        note=f"{verdict}: {passed}/{c['tests']} tests; build+install+suite"))
+            lab.down(vm)
+            total = time.monotonic() - t0
+        except Exception as exc:
+            lab.down(vm)
+            rows.append(Measurement(f"workshop {spec} total", error=f"stopped: {str(exc)[:250]}"))
+            out += rows
+            continue
+        finally:
+            if old_build is None:
+                os.environ.pop("NFLAB_BUILD", None)
+            else:
+                os.environ["NFLAB_BUILD"] = old_build
+            shutil.rmtree(tmp, ignore_errors=True)
+        out += rows
+        out.append(Measurement(f"workshop {spec} total ({kern.release})", [total],
+                               note=(f"boot {boot:.1f} s + {len(exs)} exercises + poweroff; "
+                                     + ("all passed" if not failed else "FAILED: " + ", ".join(failed))
+                                     + f"; load {load0} -> {_load()}")))
+        extra[f"workshop_{spec}"] = {"release": kern.release, "boot_s": round(boot, 2),
+                                     "total_s": round(total, 2), "failed": failed,
+                                     "per_exercise_s": {r.name.split()[2]: round(r.runs[0], 2) for r in rows}}
+    return out
 
 
 def write_json(data: dict, path: str):

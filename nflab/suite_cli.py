@@ -93,14 +93,18 @@ def doctor(c):
     "json": "write the results as JSON to this file",
     "cold": "also measure cold kernel fetch and cold rootfs build (slow, downloads)",
     "catalog": "also time `invoke test` over the whole catalog",
+    "workshop": "also time every workshop exercise's reference solution on 6.1 and 6.12 (per exercise and total)",
+    "only": "comma list of groups to run: build, boot, snapshot, vng, test, workshop (default: all but workshop)",
 })
 @friendly
-def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False):
-    """Benchmark build, boot, command and test cycles (reports, never asserts)."""
+def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop=False, only=None):
+    """Benchmark build, boot, command, test and workshop cycles (reports, never asserts)."""
     from nflab import bench as b
 
+    b.groups_for(only, workshop)        # an unknown group fails before anything runs
     with Progress(False) as progress:
-        data = b.run(kernel, int(runs), cold=cold, matrix=catalog, progress=progress)
+        data = b.run(kernel, int(runs), cold=cold, matrix=catalog, progress=progress, only=only,
+                     workshop=workshop)
     table(["measurement", "median s", "min s", "max s", "runs", "note"], data["rows"],
           title=f"nflab bench on {data['info']['kernel']}")
     for k, v in data["info"].items():
