@@ -330,12 +330,13 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
         # success = the guest ran the command: its output is the release. vng's exit
         # status is not used alone: when virtme-ng-init finds no virtio-serial script
         # port it runs the command on the console and the status is lost (255)
-        if generic.release not in res.stdout.splitlines():
+        console = res.stdout + "\n" + res.stderr          # --verbose puts the console on stderr
+        if generic.release not in [ln.strip() for ln in console.splitlines()]:
             tail = (res.stderr.strip() or res.stdout.strip())[-300:].replace("\n", " | ")
             raise RuntimeError(f"vng exit {res.returncode}, no `{generic.release}` line in its output: "
                                f"{tail or '(no output at all)'}")
         rcs.append(res.returncode)
-        if "console fallback" in res.stdout:
+        if "console fallback" in console:
             extra["vng_console_fallback"] = True
         return elapsed
 
