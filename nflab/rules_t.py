@@ -23,7 +23,8 @@ from pathlib import Path
 
 BACKENDS = ("legacy", "nft")
 _BEGIN, _END, _SAVE = "@@NFLAB-T", "@@NFLAB-T-END", "@@NFLAB-T-SAVE"
-_NS, _FALLBACK = "@@NFLAB-T-NETNS", "@@NFLAB-T-SLOW"
+_NS, _FALLBACK, _JOB = "@@NFLAB-T-NETNS", "@@NFLAB-T-SLOW", "@@NFLAB-T-JOB"
+MAX_COMMAND = 128 * 1024   # MAX_ARG_STRLEN: the longest single argv string Linux takes
 
 
 @dataclass
@@ -221,3 +222,78 @@ def run_file(host, path: Path, backend: str) -> list[RuleResult]:
     if all(r.passed for r in res):
         return res
     return _run(host, cases, family, backend, fast=False)
+
+
+def batch_command(scripts: list[str], jobs: int = 2) -> str:
+    """One command that runs every script in its own ``unshare --net``, at most
+    *jobs* at a time, and prints each one's output after an ``@@NFLAB-T-JOB k``
+    line, in order. One SSH round trip for a whole catalog's .t files, and
+    both vCPUs busy (each namespace has its own tables; iptables-legacy's
+    ``-w`` serialises on the xtables lock only while it commits)."""
+    files = "".join(f"{i}\n" for i in range(len(scripts)))
+    blob = "".join(f"echo {base64.b64encode(t.encode()).decode()} | base64 -d > $d/{i}.sh\n"
+                   for i, t in enumerate(scripts))
+    text = (f"d=$(mktemp -d /tmp/nflab-t.XXXXXX) || exit 91\n{blob}"
+            f"printf '{files}' | xargs -P {max(1, jobs)} -I@ sh -c "
+            f"'unshare --net sh $0/@.sh > $0/@.out 2>&1' $d\n"
+            f"for i in $(seq 0 {len(scripts) - 1}); do echo \"{_JOB} $i\"; cat $d/$i.out; done\n"
+            "rm -rf $d\n")
+    return f"echo {base64.b64encode(text.encode()).decode()} | base64 -d | sh"
+
+
+def _batches(scripts: list[str], limit: int = MAX_COMMAND // 2) -> list[list[str]]:
+    """*scripts* in consecutive groups whose batch command stays under *limit*
+    bytes (a command line is one argv string: Linux caps those at 128 KiB)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for text in scripts:
+        cost = len(text) * 4 // 3 + 64
+        if groups[-1] and size + cost > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(text)
+        size += cost
+    return [g for g in groups if g]
+
+
+def split_jobs(output: str, n: int) -> list[str]:
+    """The per-script outputs of :func:`batch_command`'s *output*."""
+    outs: list[list[str]] = [[] for _ in range(n)]
+    current = None
+    for line in output.splitlines():
+        if line.startswith(_JOB + " "):
+            current = int(line.split()[1])
+        elif current is not None:
+            outs[current].append(line)
+    return ["\n".join(o) for o in outs]
+
+
+def run_many(host, runs: list[tuple[Path, str]], jobs: int = 2) -> dict:
+    """Run several (.t file, backend) pairs in one round trip, *jobs* at a time.
+
+    Returns {(path, backend): [RuleResult] or an Exception}; a pair whose fast
+    run disagrees with its file is re-run alone and slowly, like
+    :func:`run_file`."""
+    plans = []
+    for path, backend in runs:
+        path = Path(path)
+        cases = parse(path.read_text(), str(path))
+        plans.append((path, backend, cases, family_of(path)))
+    texts = []
+    for batch in _batches([script(c, fam, b) for _, b, c, fam in plans]):
+        out = host.run(batch_command(batch, jobs))
+        if out.rc == 91:
+            raise RuntimeError(f"cannot create a scratch directory in the guest: {out.stderr.strip()}")
+        texts += split_jobs(out.stdout, len(batch))
+    done: dict = {}
+    for (path, backend, cases, fam), text in zip(plans, texts):
+        try:
+            if _NS not in text:
+                raise RuntimeError(f"cannot create a network namespace in the guest: {text.strip()[:300]}")
+            res = results(cases, backend, text)
+            if not all(r.passed for r in res):
+                res = _run(host, cases, fam, backend, fast=False)
+            done[(path, backend)] = res
+        except Exception as exc:        # reported by the test of that pair
+            done[(path, backend)] = exc
+    return done

@@ -1,7 +1,8 @@
 """Rule syntax: every extension's iptables ``.t`` files, on both backends.
 
 Each case adds a rule with iptables-legacy and iptables-nft (nft_compat) in a
-throwaway netns in the guest and checks the exit status and what
+throwaway netns in the guest (all files of the session in one round trip, two
+at a time) and checks the exit status and what
 ``iptables-save`` prints back, so parse/print/save of the kit's plugin and
 checkentry of its module are exercised together.
 """
@@ -31,9 +32,20 @@ def pytest_generate_tests(metafunc):
             reason="no --nflab-ext with .t files given"))])
 
 
-def test_rule_syntax(host, t_file):
+@pytest.fixture(scope="module")
+def t_results(request, host):
+    """Every (.t file, backend) pair of this session, run on *host* in one round
+    trip, two at a time (both vCPUs); each test then reports its own pair."""
+    exts = request.config.getoption("--nflab-ext") or []
+    runs = [(path, backend) for _, path in _files(exts) for backend in rules_t.BACKENDS]
+    return rules_t.run_many(host, runs, jobs=2)
+
+
+def test_rule_syntax(host, t_results, t_file):
     ext, path, backend = t_file
-    results = rules_t.run_file(host, path, backend)
+    results = t_results[(path, backend)]
+    if isinstance(results, Exception):
+        raise results
     assert results, f"{path} has no rules"
     bad = [f"{r.case.id} [{backend}] {r.case.rule!r}: {r.problem}" for r in results if not r.passed]
     assert not bad, "\n".join(bad)

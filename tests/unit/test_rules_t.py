@@ -152,3 +152,22 @@ def test_missing_netns_is_reported(tmp_path):
     path.write_text(":INPUT\n-m x --a;=;OK\n")
     with pytest.raises(RuntimeError, match="network namespace"):
         rules_t.run_file(_Guest("", ""), path, "legacy")
+
+
+def test_batches_keep_each_command_under_the_argv_limit():
+    scripts = ["x" * 30000] * 9 + ["y" * 10]
+    groups = rules_t._batches(scripts)
+    assert [s for g in groups for s in g] == scripts          # all of them, in order
+    assert len(groups) > 1
+    for g in groups:
+        assert len(rules_t.batch_command(g)) < rules_t.MAX_COMMAND
+
+
+def test_batch_output_splits_per_job_in_order():
+    out = "\n".join(["@@NFLAB-T-JOB 0", "@@NFLAB-T-NETNS", "a", "@@NFLAB-T-JOB 1", "b", "c",
+                     "@@NFLAB-T-JOB 2"])
+    assert rules_t.split_jobs(out, 3) == ["@@NFLAB-T-NETNS\na", "b\nc", ""]
+    cmd = rules_t.batch_command(["echo 1", "echo 2"], jobs=2)
+    import base64
+    text = base64.b64decode(cmd.split()[1]).decode()
+    assert "xargs -P 2" in text and "unshare --net" in text and "seq 0 1" in text
