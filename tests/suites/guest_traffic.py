@@ -1,0 +1,201 @@
+"""Traffic generated inside the guest on both vCPUs at once (stress tests of
+per-rule and global match state: quota, nth, connlimit).
+
+The lab VM runs with two vCPUs. :func:`blast_udp` and :func:`connect_burst`
+start one sender process per CPU (``taskset -c 0`` / ``-c 1``), hold them
+at a barrier until both are ready, then let them send at the same time
+through the guest's OUTPUT chain to a ``dummy`` interface (:data:`DEV`),
+which discards every packet: nothing leaves the VM. Each process reports
+the CPUs it was allowed to run on and how many sends succeeded; the tests
+count what matched with rule counters (``iptables-save -c``), never with
+clocks. Every wait in the guest is bounded.
+
+Everything runs in one ``host.run`` per call (one SSH round trip).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from tests.suites.catalog_helpers import BACKENDS, GUEST_DIR, TOOLS
+
+DEV = "nflabd0"
+LOCAL = {"ipv4": "10.99.0.1", "ipv6": "2001:db8:99::1"}
+REMOTE = {"ipv4": "10.99.0.2", "ipv6": "2001:db8:99::2"}
+HDR = {"ipv4": 20 + 8, "ipv6": 40 + 8}          # L3 + UDP header bytes: skb->len = HDR + payload
+SCRIPT = "/tmp/nflab_sender.py"
+
+# One sender. argv: mode (udp|tcp) family dst port size count barrier-dir index.
+# udp: `count` datagrams of `size` payload bytes; tcp: `count` non-blocking
+# connects (the SYN leaves inside connect(), on this CPU). Prints one line.
+SENDER = r'''
+import errno, os, socket, sys, time
+mode, fam, dst, port, size, count, bdir, idx = sys.argv[1:9]
+port, size, count = int(port), int(size), int(count)
+af = socket.AF_INET6 if fam == "ipv6" else socket.AF_INET
+socks, data, ok, err = [], b"n" * size, 0, {}
+if mode == "udp":
+    s = socket.socket(af, socket.SOCK_DGRAM)
+open(os.path.join(bdir, "ready." + idx), "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(bdir, "go")):
+    if time.monotonic() > deadline:
+        sys.exit("barrier: no go within 60 s")
+for i in range(count):
+    if mode == "udp":
+        try:
+            s.sendto(data, (dst, port))
+            ok += 1
+        except OSError as e:
+            err[e.errno] = err.get(e.errno, 0) + 1
+    else:
+        c = socket.socket(af, socket.SOCK_STREAM)
+        c.setblocking(False)
+        rc = c.connect_ex((dst, port))
+        ok += rc == errno.EINPROGRESS
+        if rc != errno.EINPROGRESS:
+            err[rc] = err.get(rc, 0) + 1
+        socks.append(c)
+cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+print(f"sender {idx} cpus={cpus} ok={ok} errors={err}")
+'''
+
+
+class Senders(list):
+    """Per-process results: dicts with ``cpus`` (set) and ``ok`` (int)."""
+
+    @property
+    def ok(self) -> int:
+        return sum(r["ok"] for r in self)
+
+
+def setup_script() -> str:
+    """Idempotent: the dummy interface with both families' addresses, and the sender."""
+    return "\n".join([
+        f"ip link show {DEV} >/dev/null 2>&1 || ip link add {DEV} type dummy",
+        f"ip link set {DEV} up",
+        f"sysctl -qw net.ipv6.conf.{DEV}.disable_ipv6=0 net.ipv6.conf.{DEV}.accept_dad=0",
+        f"ip addr replace {LOCAL['ipv4']}/24 dev {DEV}",
+        f"ip -6 addr replace {LOCAL['ipv6']}/64 dev {DEV} nodad",
+        f"cat > {SCRIPT} <<'NFLAB_EOF'\n{SENDER}\nNFLAB_EOF",
+    ])
+
+
+@pytest.fixture(scope="session")
+def sink(guest):
+    """The guest's dummy sink interface and sender script; the number of CPUs."""
+    res = guest.run("set -e\n" + setup_script() + "\nnproc")
+    assert res.rc == 0, f"cannot set up {DEV}: {res.stderr}"
+    cpus = int(res.stdout.split()[-1])
+    if cpus < 2:
+        pytest.fail(f"the guest has {cpus} CPU(s); the concurrency tests need 2 (the kit boots -smp 2)")
+    return DEV
+
+
+def parallel_script(mode: str, family: str, port: int, size: int, count: int,
+                    cpus=(0, 1), after: str = "") -> str:
+    """Shell: run one sender per CPU of *cpus* released together; then *after*."""
+    bdir = "/tmp/nflab_barrier"
+    args = f"{mode} {family} {REMOTE[family]} {port} {size} {count} {bdir}"
+    lines = [f"rm -rf {bdir}; mkdir -p {bdir}"]
+    for i, cpu in enumerate(cpus):
+        lines.append(f"taskset -c {cpu} python3 {SCRIPT} {args} {i} > {bdir}/out.{i} 2>&1 &")
+    n = len(cpus)
+    lines += [
+        # bounded wait for every sender to reach the barrier, then release them together
+        f"for i in $(seq 600); do [ $(ls {bdir} | grep -c '^ready') -ge {n} ] && break; sleep 0.05; done",
+        f"touch {bdir}/go",
+        "wait",
+        f"cat {bdir}/out.*",
+    ]
+    if after:
+        lines.append(after)
+    return "\n".join(lines)
+
+
+def parse_senders(text: str, cpus=(0, 1)) -> Senders:
+    res = Senders()
+    for m in re.finditer(r"^sender (\d+) cpus=([\d,]+) ok=(\d+) errors=(.*)$", text, re.M):
+        res.append({"idx": int(m.group(1)), "cpus": {int(c) for c in m.group(2).split(",")},
+                    "ok": int(m.group(3)), "errors": m.group(4)})
+    assert len(res) == len(cpus), f"expected {len(cpus)} sender reports, got:\n{text}"
+    got = sorted((r["idx"], r["cpus"]) for r in res)
+    want = [(i, {c}) for i, c in enumerate(cpus)]
+    assert got == want, f"senders ran on {got}, wanted one pinned to each of {cpus}"
+    return res
+
+
+def save_rules(text: str, chain: str):
+    """[(packets, bytes, rule text)] of *chain* from ``iptables-save -c`` output, in order."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"\[(\d+):(\d+)\] -A {chain} (.*)$", line)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), m.group(3)))
+    return out
+
+
+def flush_script(chains=("FORWARD", "OUTPUT")) -> str:
+    """Flush *chains* of the filter table (policy ACCEPT), all families and
+    backends: one restore per tool, all in one round trip."""
+    text = "*filter\\n" + "".join(f":{c} ACCEPT [0:0]\\n-F {c}\\n" for c in chains) + "COMMIT\\n"
+    return "; ".join(f"printf '{text}' | {tool}-{backend}-restore -w --noflush"
+                     for tool in TOOLS.values() for backend in BACKENDS)
+
+
+@pytest.fixture
+def clean_filter(host, routed, sink):
+    """FORWARD and OUTPUT of the filter table empty before and after the test."""
+    host.run(flush_script())
+    yield
+    host.run(flush_script())
+
+
+def reload_script(module: str, tries: int = 100) -> str:
+    """rmmod + insmod the kit's *module* (fresh global state). nf_tables releases
+    deleted rules' expressions from a work queue, so rmmod may need a few tries."""
+    return (f"for i in $(seq {tries}); do rmmod {module} 2>/dev/null && break; sleep 0.05; done; "
+            f"test ! -e /sys/module/{module} && insmod {GUEST_DIR}/{module}.ko && "
+            f"grep -q O /sys/module/{module}/taint")
+
+
+def q(s: str) -> str:
+    return shlex.quote(s)
+
+
+
+def tags_of(pkt) -> set:
+    """The tags a frame carries (``vm.wire.payload`` units), parsed once."""
+    from vm.wire import magic
+    m = magic()
+    raw, out, i = bytes(pkt), set(), 0
+    while (i := raw.find(m, i)) >= 0 and i + len(m) + 4 <= len(raw):
+        out.add(int.from_bytes(raw[i + len(m):i + len(m) + 4], "big"))
+        i += len(m) + 4
+    return out
+
+
+def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeout=5.0,
+                 settle=0.3) -> set:
+    """Send {tag: packet} in order from *out*; wait until every tag in *until*
+    arrived on *into* (bounded by *timeout*), then *settle* seconds more, so
+    packets that should be dropped had their chance. Returns the tags that arrived.
+
+    With *until* = the tags expected to arrive, or a sentinel sent last that no
+    rule drops (one RX queue forwards in order: once it is through, every
+    packet before it has had its verdict)."""
+    since = wire.mark(into)
+    wire.send(out, list(pkts.values()))
+    want, seen = set(until), set()
+
+    def keep(p):
+        tags = tags_of(p) & set(pkts)
+        seen.update(tags)
+        return bool(tags & want)
+
+    wire.sniff(into, keep, count=len(want), timeout=timeout, since=since)
+    wire.sniff(into, keep, count=10 ** 6, timeout=settle, since=wire.mark(into))
+    return seen

@@ -1,0 +1,151 @@
+"""quota: a byte budget per rule, proven with forwarded packets and with
+traffic from both vCPUs at once. Both families, both iptables backends.
+
+* exactness: a rule matches while the remaining quota covers the whole
+  packet (``skb->len``, the L3 packet), including the packet that uses it
+  up to the last byte; the first packet that does not fit zeroes the quota,
+  so no later packet matches, however small; ``! --quota`` is the
+  complement; ``--quota 0`` never matches. What arrives on the server wire
+  and the rule counters (packets and bytes) must say exactly that.
+* concurrency: two processes pinned to CPU 0 and CPU 1 send 3000 datagrams
+  through one quota rule at the same time; exactly the packets that fit
+  match (the state is locked), no more, no fewer.
+* rule replacement (the upstream ``xt_quota`` semantics: the remainder
+  lives in private state created by checkentry): iptables-legacy replaces
+  the whole table on every change, so adding any rule refills every quota
+  of the table; iptables-nft adds the rule alone, the others keep their
+  remainder; replacing the quota rule itself (``-R``) refills it on both.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.suites.catalog_helpers import BACKENDS, PEERS, TOOLS, assert_kit_module, l3
+from tests.suites.guest_traffic import (HDR, clean_filter, parallel_script, parse_senders,  # noqa: F401
+                                        save_rules, send_collect, sink)
+
+pytestmark = pytest.mark.vm
+FAMILIES = ["ipv4", "ipv6"]
+SIZES = [300, 120, 480, 200]          # L3 packet sizes, cycled
+
+
+@pytest.fixture(scope="module")
+def loaded(host):
+    assert_kit_module(host, "xt_quota")
+
+
+def _udp(family, port, tag, size):
+    from scapy.all import UDP
+    from vm.wire import payload
+    c, s = PEERS[family]
+    pkt = l3(family)(src=c, dst=s) / UDP(sport=33000, dport=port) / payload(tag, size - HDR[family])
+    assert len(pkt) == size
+    return pkt
+
+
+def _base(family, backend):
+    return 40900 + (20 if family == "ipv6" else 0) + (10 if backend == "nft" else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_budget_on_the_wire(host, wire, loaded, clean_filter, family, backend, tag):
+    sizes = [SIZES[i % len(SIZES)] for i in range(40)]
+    used = lambda k: sum(sizes[:k])                                   # noqa: E731
+    a, b, c, d = (_base(family, backend) + i for i in range(4))
+    # port: (quota option, packets sent, index of the first packet that does not match)
+    plan = {a: (f"--quota {used(20)}", 30, 20),                # the 20th packet fits exactly
+            b: (f"--quota {used(10) + sizes[10] - 1}", 14, 10),  # the 11th is 1 byte short: quota zeroed,
+            #                                                      the 12th (200 <= 479 left before) no longer fits
+            c: (f"! --quota {used(5)}", 8, 5),
+            d: ("--quota 0", 3, 0)}
+    assert sizes[11] < sizes[10] - 1
+    tool = f"{TOOLS[family]}-{backend} -w"
+    cmds = []
+    for port, (opt, _, _) in plan.items():
+        if opt.startswith("!"):
+            cmds.append(f"{tool} -A FORWARD -p udp --dport {port} -m quota {opt} -j DROP")
+        else:
+            cmds.append(f"{tool} -A FORWARD -p udp --dport {port} -m quota {opt} -j ACCEPT")
+            cmds.append(f"{tool} -A FORWARD -p udp --dport {port} -j DROP")
+    host.run_test(" && ".join(cmds))
+    pkts, meta = {}, {}
+    for port, (opt, n, first_out) in plan.items():
+        for i in range(n):
+            t = tag()
+            pkts[t] = _udp(family, port, t, sizes[i])
+            # ACCEPT while covered (then DROP), or ! --quota: DROP once not covered
+            meta[t] = (f"port {port} {opt} packet {i + 1} ({sizes[i]} B)", i < first_out)
+    expect = {t for t, (_, arrives) in meta.items() if arrives}
+    arrived = send_collect(wire, pkts, expect, timeout=8.0)
+    wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
+             if (t in arrived) != meta[t][1]]
+    assert not wrong, "\n".join(wrong)
+    rules = save_rules(host.check_output(f"{TOOLS[family]}-{backend}-save -c -t filter"), "FORWARD")
+    want = []
+    for port, (opt, n, first_out) in plan.items():
+        if opt.startswith("!"):   # one rule: matches (drops) the packets the quota did not cover
+            want.append((n - first_out, sum(sizes[first_out:n])))
+        else:                     # quota rule, then the DROP rule for the rest
+            want += [(first_out, used(first_out)), (n - first_out, sum(sizes[first_out:n]))]
+    got = [(p, b) for p, b, _ in rules]
+    assert got == want, "rule counters [packets, bytes]:\n" + "\n".join(
+        f"{g} want {w}: {r[2]}" for g, w, r in zip(got, want, rules))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rule_replacement(host, wire, loaded, clean_filter, family, backend, tag):
+    size = 200
+    port = _base(family, backend) + 5
+    other = port + 1                 # the rule added later; its packets are the batches' sentinel
+    tool = f"{TOOLS[family]}-{backend} -w"
+    rule = f"-p udp --dport {port} -m quota --quota {2 * size} -j ACCEPT"
+    host.run_test(f"{tool} -A FORWARD {rule} && {tool} -A FORWARD -p udp --dport {port} -j DROP")
+
+    def batch(n):
+        """n packets to the quota rule plus a sentinel after them; the tags that arrived, in order."""
+        ts = [tag() for _ in range(n)]
+        pkts = {t: _udp(family, port, t, size) for t in ts}
+        sentinel = tag()
+        pkts[sentinel] = _udp(family, other, sentinel, size)
+        got = send_collect(wire, pkts, {sentinel})
+        assert sentinel in got, "the sentinel packet (no rule drops it) did not arrive"
+        return [ts.index(t) + 1 for t in ts if t in got]
+
+    steps = {"fresh rule: 2 of 3 fit": batch(3)}
+    host.run_test(f"{tool} -A FORWARD -p udp --dport {other} -j ACCEPT")
+    steps["after adding another rule to the table"] = batch(2)
+    host.run_test(f"{tool} -R FORWARD 1 {rule}")
+    steps["after -R of the quota rule"] = batch(3)
+    refilled = [1, 2] if backend == "legacy" else []
+    assert steps == {"fresh rule: 2 of 3 fit": [1, 2],
+                     "after adding another rule to the table": refilled,
+                     "after -R of the quota rule": [1, 2]}, steps
+    save = host.check_output(f"{TOOLS[family]}-{backend}-save -t filter")
+    assert f"--quota {2 * size} -j ACCEPT" in save, "iptables-save shows the configured quota, not the remainder"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_cpus_never_exceed_the_quota(host, loaded, clean_filter, sink, family, backend):
+    payload, per_cpu = 100, 1500
+    size = HDR[family] + payload
+    fit = 1100                       # packets the quota covers: it holds 1100.99 packets' bytes
+    quota = fit * size + size - 1
+    port = _base(family, backend) + 8
+    tool = f"{TOOLS[family]}-{backend} -w"
+    match = f"-o {sink} -p udp --dport {port}"
+    host.run_test(f"{tool} -A OUTPUT {match} -m quota --quota {quota} && "
+                  f"{tool} -A OUTPUT {match} -m quota ! --quota {quota} && "
+                  f"{tool} -A OUTPUT {match}")
+    res = host.run(parallel_script("udp", family, port, payload, per_cpu,
+                                   after=f"{TOOLS[family]}-{backend}-save -c -t filter"))
+    assert res.rc == 0, res.stderr
+    senders = parse_senders(res.stdout)
+    total = 2 * per_cpu
+    assert senders.ok == total, f"not every datagram was sent: {senders}"
+    got = [(p, b) for p, b, _ in save_rules(res.stdout, "OUTPUT")]
+    assert got == [(fit, fit * size), (total - fit, (total - fit) * size), (total, total * size)], \
+        f"quota {quota} B, {size} B packets from 2 CPUs: counters {got}"
