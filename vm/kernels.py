@@ -293,6 +293,7 @@ def fetch(spec: str | None = None, *, progress=None, force=False) -> Kernel:
         problem = check_entry(entry)
         if not force and problem is None:
             return Kernel.load(entry)
+        _remove_debris(base, ref.key, progress)
         if entry.exists():
             _say(progress, f"kernel cache entry {entry} is damaged: {problem}; "
                            "removing it and fetching again" if problem else
@@ -509,6 +510,14 @@ def check_entry(entry: Path) -> str | None:
     if _digest(listing) != data["digest"]:
         return f"files under root/ changed since the fetch: {_listing_diff(entry, listing)}"
     return None
+
+
+def _remove_debris(base: Path, key: str, progress=None):
+    """Temporary entries of a fetch that was killed (kill -9, power loss); the
+    caller holds the kernel's lock, so no live fetch owns them."""
+    for old in base.glob(f".tmp-{key}-*"):
+        _say(progress, f"removing {old.name}, left by an interrupted fetch")
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _say(progress, message: str):
