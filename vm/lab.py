@@ -46,6 +46,7 @@ BOOT_BUDGET = {"tcg": 60.0, "kvm": 30.0}   # seconds from QEMU start to SSH read
 POLL = 0.03                                 # seconds between readiness / crash polls
 CONTROL_PERSIST = 60
 READY_LINE = "nflab-init: ready after"      # the guest init's console line once sshd runs
+BANNER_PROBE_AFTER = 10.0                   # s after launch: probe sshd directly (no READY_LINE)
 STATE = "vm.json"
 _children: dict[str, subprocess.Popen] = {}  # QEMUs this process started (to reap them)
 
@@ -410,7 +411,10 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
             ready = running or _qmp_status(state) == "running"
             running = ready
         else:
-            ready = READY_LINE in text or _ssh_banner(port)
+            # the banner probe blocks while slirp's SYN to a guest without a network
+            # goes unanswered: it must never delay noticing the console line
+            ready = READY_LINE in text or (time.monotonic() - t0 > BANNER_PROBE_AFTER
+                                           and _ssh_banner(port, timeout=0.2))
         if ready:
             # the first login becomes the ControlMaster that later commands reuse
             clock = time.time() if restored else None
