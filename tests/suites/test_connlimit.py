@@ -6,6 +6,16 @@ side never answers, so each stays a live SYN_SENT conntrack entry); a
 source through and drops the third; a source in another /32 has its own
 budget, a shared /24 (or /64) does not; an RST closes a connection and frees
 a slot; --connlimit-upto and --connlimit-daddr count the same way.
+
+Rule replacement (the upstream semantics: the count lives in the rule's
+nf_conncount tree, created by checkentry): iptables-legacy replaces the
+whole table on every change, so adding any rule gives every connlimit rule
+of the table a fresh, empty count; iptables-nft adds the rule alone and the
+others keep counting; replacing the connlimit rule (``-R``) starts afresh on
+both. Concurrency: two processes pinned to CPU 0 and CPU 1 open connections
+through one ``--connlimit-above`` rule at the same time (in the guest, to a
+dummy interface); the live connections never exceed the limit, and a
+single-CPU top-up afterwards reaches it exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import pytest
 
 from tests.suites.catalog_helpers import (BACKENDS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
                                           l3, send_one_by_one)
+from tests.suites.guest_traffic import (REMOTE, SCRIPT, clean_filter, parallel_script,  # noqa: F401
+                                        parse_senders, send_collect, sink)
 
 pytestmark = pytest.mark.vm
 NET = {"ipv4": ("192.0.2.{}", "198.51.100.{}", 24), "ipv6": ("2001:db8:1::{:x}", "2001:db8:2::{:x}", 64)}
@@ -74,3 +86,62 @@ def test_upto_and_daddr(host, wire, clean_forward, tag):
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) != meta[t][1]]
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_rule_replacement(host, wire, clean_filter, family, backend, tag):
+    cfmt, sfmt, _ = NET[family]
+    tool = f"{TOOLS[family]}-{backend} -w"
+    port = 40830 + (4 if family == "ipv6" else 0) + (2 if backend == "nft" else 0)
+    other = port + 1                # the rule added later; SYNs to it are the batches' sentinel
+    rule = f"-p tcp --syn --dport {port} -m connlimit --connlimit-above 1 -j DROP"
+    host.run_test(f"{tool} -A FORWARD {rule}")
+    src, server = cfmt.format(0x30), sfmt.format(2)
+    sport = iter(range(43000 + port % 100 * 20, 43000 + port % 100 * 20 + 20))
+
+    def batch(n):
+        """n SYNs (new connections) from one source, then the sentinel; 1-based positions that arrived."""
+        ts = [tag() for _ in range(n)]
+        pkts = {t: _syn(family, src, server, next(sport), port, t) for t in ts}
+        sentinel = tag()
+        pkts[sentinel] = _syn(family, src, server, next(sport), other, sentinel)
+        got = send_collect(wire, pkts, {sentinel})
+        assert sentinel in got, "the sentinel SYN (no rule drops it) did not arrive"
+        return [ts.index(t) + 1 for t in ts if t in got]
+
+    steps = {"fresh rule, limit 1": batch(2)}
+    host.run_test(f"{tool} -A FORWARD -p tcp --dport {other} -j ACCEPT")
+    steps["after adding another rule to the table"] = batch(1)
+    host.run_test(f"{tool} -R FORWARD 1 {rule}")
+    steps["after -R of the connlimit rule"] = batch(2)
+    assert steps == {"fresh rule, limit 1": [1],
+                     "after adding another rule to the table": [1] if backend == "legacy" else [],
+                     "after -R of the connlimit rule": [1]}, steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_two_cpus_never_exceed_the_limit(host, clean_filter, sink, family, backend):
+    limit, per_cpu = 5, 20
+    port = 40850 + (4 if family == "ipv6" else 0) + (2 if backend == "nft" else 0)
+    tool = f"{TOOLS[family]}-{backend} -w"
+    fam = "ipv6" if family == "ipv6" else "ipv4"
+    live = (f"conntrack -L -f {fam} -p tcp --dport {port} 2>/dev/null | grep -c SYN_SENT")
+    host.run_test(f"conntrack -D -f {fam} -p tcp --dport {port} >/dev/null 2>&1; "
+                  f"{tool} -A OUTPUT -o {sink} -p tcp --syn --dport {port} -m connlimit "
+                  f"--connlimit-above {limit} -j DROP")
+    # after the concurrent burst: what is live; then (past nf_conncount's 2-jiffy grace for
+    # the other CPU's unconfirmed entries) one CPU tops up with more attempts than the limit
+    after = (f"echo concurrent=$({live}); sleep 0.1; "
+             f"taskset -c 0 python3 {SCRIPT} tcp {family} {REMOTE[family]} {port} 0 {limit + 5} "
+             f"/tmp/nflab_barrier 9 >/dev/null; echo topped_up=$({live}); "
+             f"conntrack -D -f {fam} -p tcp --dport {port} >/dev/null 2>&1; true")
+    res = host.run(parallel_script("tcp", family, port, 0, per_cpu, after=after))
+    assert res.rc == 0, res.stderr
+    parse_senders(res.stdout)
+    concurrent = int(res.stdout.split("concurrent=")[1].split()[0])
+    topped_up = int(res.stdout.split("topped_up=")[1].split()[0])
+    assert 1 <= concurrent <= limit, \
+        f"{2 * per_cpu} connects from 2 CPUs through --connlimit-above {limit}: {concurrent} live"
+    assert topped_up == limit, f"after a one-CPU top-up {topped_up} connections are live, want {limit}"
