@@ -45,7 +45,7 @@ class Cell:
 
 def resolve_kernels(text: str | None) -> list[str]:
     """Expand groups: ``latest`` (newest 6.1 and 6.12), ``all-6.1``, ``all-6.12``, lists."""
-    from vm import kernels
+    from vm import kernels, source_kernels
 
     text = text or _project_kernels() or "6.1,6.12"
     out = []
@@ -58,6 +58,9 @@ def resolve_kernels(text: str | None) -> list[str]:
             if not refs:
                 raise SpecError(f"--kernels: no kernels found for {item}", hint="valid groups: latest, lts, all-6.1, all-6.12")
             out += refs
+        elif source_kernels.is_source_spec(item):
+            source_kernels.check_spec(item)     # built (minutes) by its cell, not here
+            out.append(item)
         else:
             kernels.parse_spec(item)
             out.append(item)
@@ -98,7 +101,8 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
     cell.log = (res.stdout + res.stderr)[-6000:]
     (out_dir / f"log-{vm}.txt").write_text(res.stdout + res.stderr)
     cell.junit = str(junit)
-    m = re.search(r"(6\.\d+\.\d+[-+]\S*?-(?:cloud-)?amd64)", res.stdout + res.stderr)
+    m = re.search(r"(6\.\d+\.\d+[-+]\S*?-(?:cloud-)?amd64|6\.\d+\.\d+-nflab-[0-9a-f]{8})",
+                  res.stdout + res.stderr)
     cell.release = m.group(1) if m else kernel
     for line in (res.stdout + res.stderr).splitlines():
         if line.startswith("BUILD FAILED "):

@@ -22,17 +22,27 @@ def kernels(c):
     table(["abi", "flavour", "line", "cached", "archive"], rows)
 
 
-@task(help={"kernel": "6.1, 6.12, or an exact ABI (default 6.12)",
-            "force": "re-download even if cached", "quiet": "no progress display"})
+@task(help={"kernel": "6.1, 6.12, or an exact ABI (default 6.12); source:6.1|6.12[+debug|+FILE] "
+                      "builds one from Debian's linux-source",
+            "config_fragment": "with --kernel=source:LINE: a Kconfig fragment merged over the kit's "
+                               "base config (e.g. vm/configs/debug.config)",
+            "force": "re-download (or rebuild) even if cached", "quiet": "no progress display"})
 @friendly
-def fetch_kernel(c, kernel=None, force=False, quiet=False):
-    """Download and unpack a Debian kernel (image, headers, kbuild) into the cache."""
+def fetch_kernel(c, kernel=None, config_fragment=None, force=False, quiet=False):
+    """Download and unpack a Debian kernel (image, headers, kbuild), or build one from
+    linux-source with a config fragment, into the cache."""
     from vm import kernels as k
+    from vm import source_kernels as sk
 
+    spec = sk.with_fragment_file(kernel, config_fragment)
     with Progress(quiet) as progress:
-        kern = k.fetch(kernel, progress=progress, force=force)
+        kern = k.fetch(spec, progress=progress, force=force)
     print(f"{kern.release}: vmlinuz {kern.vmlinuz}")
     print(f"{kern.release}: headers {kern.headers}")
+    built = sk.info(kern.release)
+    if built:
+        print(f"{kern.release}: from {built['package']} {built['version']}, fragment "
+              f"{built['fragment_hash']}; use --kernel={built['spec']} or --kernel={kern.release}")
 
 
 @task(help={"rebuild": "rebuild even if the cached image matches the recipe", "quiet": "no progress display"})

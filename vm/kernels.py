@@ -25,6 +25,8 @@ from nflab.errors import KernelError
 from nflab.paths import kernels_dir
 from nflab.proc import file_lock, run
 
+from . import source_kernels   # custom kernels: `source:6.12[+fragment]` specs
+
 DEFAULT_KERNEL = "6.12"
 DEFAULT_FLAVOUR = "cloud-amd64"
 FLAVOURS = ("cloud-amd64", "amd64")
@@ -47,7 +49,7 @@ class KernelRef:
 
     @property
     def line(self) -> str:
-        return "6.1" if self.abi.startswith("6.1.0-") else "6.12"
+        return "6.1" if self.abi.startswith("6.1.") else "6.12"
 
     @property
     def release(self) -> str:
@@ -64,7 +66,9 @@ class KernelRef:
 def abi_sort_key(abi: str):
     if abi.startswith("6.1.0-"):
         return (6, 1, int(abi.split("-")[1]))
-    return (6, 12, int(abi.split(".")[2].split("+")[0]))
+    # 6.12.117+deb12, or the upstream version of a kernel built from source (6.1.192)
+    m = re.match(r"^(\d+)\.(\d+)\.(\d+)", abi)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
 
 
 @dataclass
@@ -113,7 +117,8 @@ def parse_spec(spec: str | None) -> tuple[str, str]:
             f"invalid kernel spec {spec!r}",
             hint="use 6.1 or 6.12 (newest ABI of that line), an exact ABI such as "
                  "6.1.0-56 or 6.12.117+deb12, optionally with -cloud-amd64 or -amd64; "
-                 "`invoke kernels` lists them")
+                 "`invoke kernels` lists them; or a kernel built from source: "
+                 "source:6.12[+debug|+FILE]")
     flavour = m.group("flavour") or DEFAULT_FLAVOUR
     if flavour == "cloud":
         flavour = "cloud-amd64"
@@ -202,9 +207,9 @@ def _nearest(abi: str, refs: list[KernelRef]) -> str:
 
 def resolve(spec: str | None) -> KernelRef:
     """Turn a spec into a concrete KernelRef, preferring what is cached."""
-    if spec and spec.startswith("source:"):
-        raise KernelError(f"custom kernel {spec!r} is not supported by this build of nflab",
-                          hint="use a Debian kernel: 6.1, 6.12 or an exact ABI")
+    if source_kernels.is_source_spec(spec):
+        p = source_kernels.plan(spec)
+        return KernelRef(p.upstream, f"{source_kernels.FLAVOUR_PREFIX}{p.key}")
     abi, flavour = parse_spec(spec)
     if abi in LINES:
         refs = [r for r in archive_kernels() if r.line == abi and r.flavour == flavour]
@@ -283,6 +288,8 @@ def _unpack(debs: list[Path], root: Path, progress=None):
 
 def fetch(spec: str | None = None, *, progress=None, force=False) -> Kernel:
     """Make sure the kernel for *spec* is in the cache and return it."""
+    if source_kernels.is_source_spec(spec):
+        return source_kernels.fetch(spec, progress=progress, force=force)
     ref = resolve(spec)
     base = kernels_dir()
     entry = base / ref.key
@@ -348,6 +355,8 @@ def _record(ref: KernelRef, tmp: Path, entry: Path, pkgs: list[str], progress=No
 
 def get(spec: str | None = None, *, fetch_missing=True, progress=None) -> Kernel:
     """The cached kernel for *spec*, fetching it first when allowed."""
+    if source_kernels.is_source_spec(spec):
+        return source_kernels.get(spec, fetch_missing=fetch_missing, progress=progress)
     if fetch_missing:
         return fetch(spec, progress=progress)
     ref = resolve(spec)

@@ -279,6 +279,13 @@ def allocate_ports(exclude: set[int] = frozenset()) -> Ports:
 # reported as the oops, with its trace.
 FAULT_PATTERNS = (
     ("KASAN", re.compile(r"BUG: KASAN: .*|KASAN: .*")),
+    # lockdep (debug kernels built from source, vm/configs/debug.config): its splats
+    # are WARNINGs, but each is a real locking bug; a plain WARN_ON is not a fault
+    ("lockdep", re.compile(r"WARNING: (?:possible circular locking dependency detected|possible "
+                           r"recursive locking detected|inconsistent lock state|suspicious RCU usage"
+                           r"|bad unlock balance detected!|held lock freed!|lock held when returning "
+                           r"to user space!|possible irq lock inversion dependency detected"
+                           r"|\S+-safe -> \S+-unsafe lock order detected).*")),
     ("BUG", re.compile(r"\bBUG: .*|kernel BUG at .*")),
     ("Oops", re.compile(r"\bOops: .*|general protection fault.*|invalid opcode: .*")),
     ("sysrq crash", re.compile(r"sysrq: Trigger a crash.*")),

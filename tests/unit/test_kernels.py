@@ -40,9 +40,10 @@ def test_parse_spec_invalid_names_valid_forms(spec):
         assert form in err.hint
 
 
-def test_resolve_refuses_custom_kernel_source():
-    with pytest.raises(KernelError, match="not supported"):
+def test_resolve_refuses_a_malformed_source_spec():
+    with pytest.raises(KernelError, match="invalid custom kernel spec") as info:
         kernels.resolve("source:/tmp/linux")
+    assert "source:6.12" in info.value.hint and "+debug" in info.value.hint
 
 
 def test_kernelref_names():

@@ -1,0 +1,156 @@
+"""Custom kernels from Debian's linux-source: specs, fragments, cache keys, dropped
+options (pure parts; the real Kconfig runs are in tests/integration/test_source_kernels.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nflab import matrix
+from nflab.errors import KernelError
+from vm import kernels
+from vm import source_kernels as sk
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_fragment_lines_parse_including_unset_and_strings():
+    text = ('# a comment\n\nCONFIG_KASAN=y\n# CONFIG_KASAN_OUTLINE is not set\n'
+            'CONFIG_LOCALVERSION="-x y"\nCONFIG_NR_CPUS=8\nCONFIG_VETH=m\n')
+    assert sk.parse_fragment(text) == {"CONFIG_KASAN": "y", "CONFIG_KASAN_OUTLINE": "n",
+                                       "CONFIG_LOCALVERSION": '"-x y"', "CONFIG_NR_CPUS": "8",
+                                       "CONFIG_VETH": "m"}
+
+
+@pytest.mark.parametrize("bad", ["KASAN=y", "CONFIG_KASAN y", "make menuconfig", "CONFIG_=y"])
+def test_a_line_that_is_no_option_is_named(bad):
+    with pytest.raises(KernelError, match=r"frag.config:2: not a Kconfig option line") as info:
+        sk.parse_fragment(f"CONFIG_X=y\n{bad}\n", "frag.config")
+    assert "CONFIG_NAME=y" in info.value.hint
+
+
+def test_hashes_ignore_comments_and_blank_lines_but_not_values():
+    a = "CONFIG_KASAN=y\nCONFIG_DEBUG_LIST=y\n"
+    assert sk.fragment_hash(a) == sk.fragment_hash("# mine\n\n" + a + "\n# end\n")
+    assert sk.fragment_hash(a) != sk.fragment_hash(a.replace("DEBUG_LIST=y", "DEBUG_LIST=n"))
+    base = sk.BASE_FRAGMENT.read_text()
+    k = sk.cache_key("6.12.117-1~deb12u1", base, a)
+    assert len(k) == 8 and int(k, 16) >= 0
+    # the key moves with the source version, the kit's base fragment and the user's fragment
+    assert k != sk.cache_key("6.12.117-2~deb12u1", base, a)
+    assert k != sk.cache_key("6.12.117-1~deb12u1", base + "CONFIG_VETH=y\n", a)
+    assert k != sk.cache_key("6.12.117-1~deb12u1", base, a + "CONFIG_KMEMLEAK=y\n")
+    assert k == sk.cache_key("6.12.117-1~deb12u1", base, "# x\n" + a)
+
+
+def test_spec_forms():
+    assert sk.parse_spec("source:6.12") == sk.SourceSpec("6.12")
+    dbg = sk.parse_spec("source:6.1+debug")
+    assert dbg.line == "6.1" and "CONFIG_KASAN=y" in dbg.fragment and dbg.canonical == "source:6.1+debug"
+    for spec in ("source:6.12", "source:6.12+debug", "6.12.117-nflab-0123abcd"):
+        assert sk.is_source_spec(spec) and kernels.source_kernels.is_source_spec(spec)
+    for spec in ("6.12", "6.1.0-56", "6.12.117+deb12-cloud-amd64", None, ""):
+        assert not sk.is_source_spec(spec)
+
+
+def test_a_fragment_file_is_named_by_its_hash(tmp_path):
+    frag = tmp_path / "nl.config"
+    frag.write_text("CONFIG_NETFILTER_NETLINK_HOOK=y\n")
+    s = sk.parse_spec(f"source:6.1+{frag}")
+    assert s.fragment == frag.read_text() and s.canonical == f"source:6.1+{sk.fragment_hash(frag.read_text())}"
+    assert sk.with_fragment_file("source:6.1", str(frag)) == f"source:6.1+{frag.resolve()}"
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("source:5.10", "no linux-source-5.10"),
+    ("source:6.12+nosuchname", "ships no fragment 'nosuchname'"),
+    ("source:6.12+base", "ships no fragment 'base'"),
+    ("source:6.12+/nonexistent/x.config", "does not exist"),
+    ("source:6.12+deadbeef", "no fragment with hash deadbeef"),
+    ("source:", "invalid custom kernel spec"),
+    ("source:6.12+", "invalid custom kernel spec"),
+])
+def test_bad_source_specs_say_what_is_wrong(cache, spec, words):
+    with pytest.raises(KernelError) as info:
+        sk.parse_spec(spec)
+    assert words in info.value.message and info.value.hint
+
+
+def test_config_fragment_needs_a_bare_source_spec():
+    with pytest.raises(KernelError, match="needs a kernel built from source"):
+        sk.with_fragment_file("6.12", "x.config")
+    with pytest.raises(KernelError, match="already names a fragment"):
+        sk.with_fragment_file("source:6.12+debug", "x.config")
+    assert sk.with_fragment_file("6.12", None) == "6.12"
+
+
+def test_an_uncached_release_is_refused_with_the_way_to_build_it(cache):
+    with pytest.raises(KernelError, match="not in the cache") as info:
+        kernels.get("6.12.117-nflab-0123abcd", fetch_missing=False)
+    assert "source:6.12" in info.value.hint
+    with pytest.raises(KernelError, match="not in the cache"):
+        matrix.resolve_kernels("6.12.117-nflab-0123abcd")
+
+
+def test_matrix_accepts_source_specs_without_building_them(cache):
+    assert matrix.resolve_kernels("6.1,source:6.12+debug") == ["6.1", "source:6.12+debug"]
+    with pytest.raises(KernelError):
+        matrix.resolve_kernels("source:6.12+nosuchname")
+
+
+def test_dropped_options_name_the_value_and_dependencies():
+    requested = {"CONFIG_A": "y", "CONFIG_B": "m", "CONFIG_C": "n", "CONFIG_D": "y", "CONFIG_E": '"x"',
+                 "CONFIG_F": "m", "CONFIG_NOPE": "y"}
+    final = {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "n", "CONFIG_D": "m", "CONFIG_E": '"y"'}
+    symbols = {"A": [], "B": [], "C": [], "D": ["BRIDGE && NETFILTER"], "E": [], "F": ["USB"]}
+    lost = sk.dropped_options(requested, final, symbols)
+    assert lost == ["CONFIG_D=y: now m (depends on BRIDGE && NETFILTER)",
+                    'CONFIG_E="x": now "y"',
+                    "CONFIG_F=m: now not set (depends on USB)",
+                    "CONFIG_NOPE=y: no such option in this kernel source"]
+
+
+def test_kconfig_symbols_reads_definitions_and_depends(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "Kconfig").write_text(
+        "menuconfig NETFILTER\n\tbool \"nf\"\n\nconfig BRIDGE_NETFILTER\n\ttristate \"br\"\n"
+        "\tdepends on BRIDGE\n\tdepends on NETFILTER && INET\n\thelp\n\t  x\n"
+        "if NETFILTER\nconfig X\n\tbool\nendif\n")
+    syms = sk.kconfig_symbols(tmp_path)
+    assert syms == {"NETFILTER": [], "BRIDGE_NETFILTER": ["BRIDGE", "NETFILTER && INET"], "X": []}
+
+
+def test_cached_source_builds_are_found_and_debian_resolution_ignores_them(cache):
+    entry = cache / "kernels" / "6.12.117-nflab-0123abcd"
+    entry.mkdir(parents=True)
+    base = sk.BASE_FRAGMENT.read_text()
+    plan = sk.Plan(line="6.12", package="linux-source-6.12", version="6.12.117-1~deb12u1",
+                   upstream="6.12.117", key="0123abcd", fragment="", fragment_hash=sk.fragment_hash(""),
+                   base=base, spec="source:6.12")
+    sk._write_manifest(plan, entry, entry, {})
+    assert kernels.get("source:6.12", fetch_missing=False).release == "6.12.117-nflab-0123abcd"
+    assert kernels.get("6.12.117-nflab-0123abcd", fetch_missing=False).headers == str(entry / "build")
+    assert kernels.resolve("source:6.12").release == "6.12.117-nflab-0123abcd"
+    got = [k.release for k in kernels.cached_kernels()]
+    assert got == ["6.12.117-nflab-0123abcd"]
+    assert kernels.KernelRef("6.1.192", "nflab-0123abcd").line == "6.1"
+    data = json.loads((entry / sk.SOURCE_INFO).read_text())
+    assert data["version"] == "6.12.117-1~deb12u1" and data["key"] == "0123abcd"
+
+
+def test_lockdep_splats_are_faults_but_a_plain_warning_is_not():
+    from vm import qemu
+
+    splat = ("[   12.1] \n[   12.1] ======================================================\n"
+             "[   12.1] WARNING: possible circular locking dependency detected\n"
+             "[   12.1] 6.12.117-nflab-0123abcd #1 Tainted: G           O\n"
+             "[   12.1] insmod/231 is trying to acquire lock:\n")
+    fault = qemu.find_fault(splat)
+    assert fault.kind == "lockdep" and "circular locking" in fault.summary()
+    assert qemu.find_fault("[ 3.2] WARNING: suspicious RCU usage\n").kind == "lockdep"
+    assert qemu.find_fault("[ 3.2] WARNING: CPU: 0 PID: 1 at net/x.c:12 f+0x1/0x2\n") is None
