@@ -388,13 +388,20 @@ def ping(dst: str, tag: int, family: str = "ipv4", *, wait: float = 0.5) -> str:
 # What a test report collects after each test, in one guest command (one SSH
 # round trip): the tracer log (then cleared, so the next test sees only its own
 # packets), the rules with their counters on both iptables backends, and nftables.
+# A listing tool runs only where its backend has tables (shell builtins decide,
+# no extra process in the guest): the legacy tools when the kernel lists a
+# table of theirs (/proc/net/ip*_tables_names has a line; proc files have no
+# size, so `test -s` cannot tell), the nft ones when the ruleset ($NFT, listed
+# first) has a table of that family.
 REPORT_SOURCES = (
     ("tracer", "cat /proc/net/{module} && echo clear > /proc/net/{module}"),
-    ("iptables-legacy-save -c", "iptables-legacy-save -c"),
-    ("ip6tables-legacy-save -c", "ip6tables-legacy-save -c"),
-    ("iptables-nft-save -c", "iptables-nft-save -c"),
-    ("ip6tables-nft-save -c", "ip6tables-nft-save -c"),
-    ("nft list ruleset", "nft list ruleset"),
+    ("iptables-legacy-save -c",
+     "if read -r t 2>/dev/null < /proc/net/ip_tables_names; then iptables-legacy-save -c; fi"),
+    ("ip6tables-legacy-save -c",
+     "if read -r t 2>/dev/null < /proc/net/ip6_tables_names; then ip6tables-legacy-save -c; fi"),
+    ("iptables-nft-save -c", 'case "$NFT" in *"table ip "*) iptables-nft-save -c;; esac'),
+    ("ip6tables-nft-save -c", 'case "$NFT" in *"table ip6 "*) ip6tables-nft-save -c;; esac'),
+    ("nft list ruleset", 'printf "%s\\n" "$NFT"; exit $NFT_RC'),
 )
 _MARK = "@@nflab-report@@"
 
@@ -402,7 +409,7 @@ _MARK = "@@nflab-report@@"
 def report_command(module: str = MODULE) -> str:
     """The guest shell command that prints every REPORT_SOURCES section, each
     framed by a marker line and followed by its exit status."""
-    parts = []
+    parts = ["NFT=$(nft list ruleset 2>&1); NFT_RC=$?"]
     for i, (_name, cmd) in enumerate(REPORT_SOURCES):
         parts.append(f"echo '{_MARK} {i}'; ( {cmd.format(module=module)} ) 2>&1; "
                      f"echo \"{_MARK} rc $?\"")

@@ -347,3 +347,33 @@ def test_plugin_adds_a_section_per_test_only_with_html(tmp_path):
     res = subprocess.run(base + ["-p", "no:html"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and "2 passed" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("content,runs", [(None, False), ("", False), ("filter\n", True)])
+def test_legacy_listing_runs_only_when_the_kernel_lists_a_table(tmp_path, content, runs):
+    """The guard of the legacy listings, run by a real sh: /proc/net/ip_tables_names
+    missing (no ip_tables), empty, or naming a table. The listing tool itself is
+    swapped for an echo: this host must never run iptables."""
+    names = tmp_path / "ip_tables_names"
+    if content is not None:
+        names.write_text(content)
+    cmd = dict(tracing.REPORT_SOURCES)["iptables-legacy-save -c"]
+    assert "/proc/net/ip_tables_names" in cmd and "iptables-legacy-save -c" in cmd
+    cmd = cmd.replace("/proc/net/ip_tables_names", str(names)).replace("iptables-legacy-save -c", "echo RAN")
+    res = subprocess.run(["sh", "-c", f"( {cmd} ) 2>&1"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout == ("RAN\n" if runs else "")
+
+
+@pytest.mark.parametrize("ruleset,v4,v6", [("", False, False),
+                                           ("table inet nflab_ct {\n}", False, False),
+                                           ("table ip filter {\n}", True, False),
+                                           ("# Warning: table ip6 filter is managed by iptables-nft\ntable ip6 filter {\n}", False, True)])
+def test_nft_listings_run_only_for_a_family_with_tables(ruleset, v4, v6):
+    src = dict(tracing.REPORT_SOURCES)
+    out = {}
+    for name, tool in (("iptables-nft-save -c", "iptables-nft-save -c"),
+                       ("ip6tables-nft-save -c", "ip6tables-nft-save -c")):
+        cmd = src[name].replace(tool, "echo RAN")
+        res = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, env={"NFT": ruleset})
+        out[name] = res.stdout == "RAN\n"
+    assert out == {"iptables-nft-save -c": v4, "ip6tables-nft-save -c": v6}
