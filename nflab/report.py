@@ -72,6 +72,9 @@ def build(sent, log, received, *, magic_bytes: bytes | None = None) -> list[Pack
                 "not seen on any wire"
             if log is None:
                 why += " (no tracer: no path)"
+            elif log.dropped:
+                why += (f"; no path: the tracer log was full ({log.size} entries, {log.dropped} more "
+                        "not recorded), this packet came after")
             else:
                 why += "; the tracer saw none of it (it never reached a hook, or it was not tagged where the tracer looks)"
             view.walks.append(Walk([], why))
@@ -178,8 +181,8 @@ def render(views: list[PacketView], collected: dict, *, labels: dict | None = No
     for n in notes or []:
         parts.append(f'<div class="nflab-note">{_e(n)}</div>')
     if log is not None and log.dropped:
-        parts.append(f'<div class="nflab-note">the tracer log was full: {log.dropped} entries '
-                     "were not recorded</div>")
+        parts.append(f'<div class="nflab-note">the tracer log was full ({log.size} entries): '
+                     f"{log.dropped} more were not recorded, so the last packets have no path</div>")
     if not views:
         parts.append("<div>no packets sent and none traced</div>")
     for view in views[:MAX_PACKETS]:

@@ -377,3 +377,15 @@ def test_nft_listings_run_only_for_a_family_with_tables(ruleset, v4, v6):
         res = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, env={"NFT": ruleset})
         out[name] = res.stdout == "RAN\n"
     assert out == {"iptables-nft-save -c": v4, "ip6tables-nft-save -c": v6}
+
+
+def test_a_full_tracer_log_is_named_as_the_reason_for_a_missing_path(points):
+    tr = Trace(points)
+    tr.walk(1, "ipv4", tracing.FORWARD)
+    text = tr.text().replace("dropped=0", "dropped=75")
+    collected = {"tracer": (0, text)}
+    html = rep.section([sent("client", udp4(1)), sent("client", udp4(2))],
+                       [("server", bytes(udp4(2)))], collected)
+    assert "the tracer log was full (1024 entries): 75 more were not recorded" in html
+    assert ("verdict: arrived on the server wire; no path: the tracer log was full (1024 entries, "
+            "75 more not recorded), this packet came after") in html
