@@ -37,6 +37,35 @@ def pytest_addoption(parser):
                     help="extension installed for this run (repeatable)")
 
 
+GATE_MAX_WAIT = 1800.0     # seconds: a boot + installs never take this long
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """``invoke test`` starts pytest while the VM still boots (imports and
+    collection overlap the boot) and writes ``go`` into ``$NFLAB_START_GATE``
+    once the extensions are installed; ``abort`` (the boot or an install
+    failed: the parent reports why) ends the run before any test."""
+    from nflab.suites import GATE_ENV
+
+    gate = os.environ.get(GATE_ENV)
+    if not gate or session.config.option.collectonly:
+        return None
+    import time
+    from pathlib import Path
+    parent, deadline = os.getppid(), time.monotonic() + GATE_MAX_WAIT
+    while True:
+        try:
+            word = Path(gate).read_text().strip()
+        except FileNotFoundError:
+            word = ""
+        if word == "go":
+            return None
+        if word or os.getppid() != parent or time.monotonic() > deadline:
+            pytest.exit("nflab: no VM to test in (the run that started pytest says why)", returncode=3)
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="session")
 def nflab_vm(request):
     """Name of the kit VM, or None against a machine that is not a kit VM."""

@@ -97,17 +97,21 @@ def parse_junit(path: Path) -> tuple[dict, list]:
     return counts, failures
 
 
-def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5, quiet: bool = False) -> int:
-    """Run the pytest subprocess while watching the VM: a kernel fault on the console
-    (soft lockup, oops, panic...) or a dead QEMU ends the run at once with the console
-    excerpt, instead of every remaining test waiting out its SSH timeouts. With *quiet*
-    pytest's output is discarded (the JUnit file is the result)."""
-    import signal
+GATE_ENV = "NFLAB_START_GATE"   # pytest waits for "go" in this file before its first test
 
+
+def start_pytest(cmd: list, *, env: dict, quiet: bool = False) -> subprocess.Popen:
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=out)
+
+
+def watch(proc: subprocess.Popen, vm: str, *, poll: float = 0.5) -> int:
+    """Wait for the pytest subprocess *proc* while watching the VM: a kernel fault
+    on the console (soft lockup, oops, panic...) or a dead QEMU ends the run at
+    once with the console excerpt, instead of every remaining test waiting out
+    its SSH timeouts."""
     from vm import lab
 
-    out = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=out)
     try:
         while True:
             try:
@@ -118,13 +122,25 @@ def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5, quiet: bool
             if state is not None:
                 lab.check_health(state)      # raises VMError (and stops the VM) on a fault
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen):
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5, quiet: bool = False) -> int:
+    """Run the pytest subprocess *cmd* under :func:`watch`. With *quiet* pytest's
+    output is discarded (the JUnit file is the result)."""
+    return watch(start_pytest(cmd, env=env, quiet=quiet), vm, poll=poll)
 
 
 def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
@@ -151,34 +167,45 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
             # private to this process: concurrent runs never share (or stop) each other's VM
             vm = f"{vm_name_for(kernel.release)[:22]}-{os.getpid() % 100000}"
     booted_here = not (lab.load(vm) and lab.is_running(lab.load(vm)))
-    state = lab.up(kernel_spec if kernel_spec else None, vm, progress=progress)
+    files = suite_files([art.name for art in built])
+    if not files:
+        raise NflabError(f"no suites found for {', '.join(names)}",
+                         hint="add tests/suites/test_<name>.py or a lib*.t file")
+    reports = build_dir() / "reports" / kernel.release
+    reports.mkdir(parents=True, exist_ok=True)
+    junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin", "-q", "-rfEs",
+           f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
+           f"--hosts={lab.testinfra_spec_for(vm)}", f"--nflab-vm={vm}",
+           f"--junitxml={junit_path}", *[f"--nflab-ext={art.name}" for art in built],
+           *(["--html", html, "--self-contained-html"] if html else []),
+           *map(str, files), *(pytest_args or [])]
+    # pytest starts now: its imports and collection (~1 s) overlap the boot and the
+    # installs, and it waits at the gate before its first test
+    gate = reports / f".gate-{os.getpid()}"
+    gate.unlink(missing_ok=True)
+    proc = start_pytest(cmd, env=dict(os.environ, NFLAB_VM=vm, **{GATE_ENV: str(gate)}))
     try:
-        installed = []
+        state = lab.up(kernel_spec if kernel_spec else None, vm, progress=progress)
+        if state.testinfra_spec != lab.testinfra_spec_for(vm):
+            raise NflabError(f"VM {vm!r} answers at {state.testinfra_spec}, "
+                             f"not {lab.testinfra_spec_for(vm)}", hint="run `invoke vm-down --vm={vm}`")
         for art in built:
             progress(f"installing {art.name} in VM {vm}")
             vm_install.install(art.name, vm)
-            installed.append(art.name)
-        files = suite_files(installed)
-        reports = build_dir() / "reports" / kernel.release
-        reports.mkdir(parents=True, exist_ok=True)
-        junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
-        if not files:
-            raise NflabError(f"no suites found for {', '.join(names)}",
-                             hint=f"add tests/suites/test_<name>.py or a lib*.t file")
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin", "-q", "-rfEs",
-               f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
-               f"--hosts={state.testinfra_spec}", f"--nflab-vm={vm}",
-               f"--junitxml={junit_path}", *[f"--nflab-ext={n}" for n in installed],
-               *(["--html", html, "--self-contained-html"] if html else []),
-               *map(str, files), *(pytest_args or [])]
         progress(f"running {len(files)} suite file(s) on {kernel.release}")
-        started = time.monotonic()
-        rc = run_watched(cmd, vm, env=dict(os.environ, NFLAB_VM=vm))
+        gate.write_text("go")
+        rc = watch(proc, vm)
         counts, failures = parse_junit(junit_path)
-        return SuiteOutcome(kernel.release, vm, junit_path, rc,
-                            time.monotonic() - t0 if started else 0.0, counts, failures,
-                            [(n, build_reason(e)) for n, e in failed])
+        return SuiteOutcome(kernel.release, vm, junit_path, rc, time.monotonic() - t0,
+                            counts, failures, [(n, build_reason(e)) for n, e in failed])
+    except BaseException:
+        if not gate.exists():
+            gate.write_text("abort")
+        stop(proc)
+        raise
     finally:
+        gate.unlink(missing_ok=True)
         if booted_here and not keep:
             progress(f"stopping VM {vm}")
             lab.down(vm)

@@ -107,6 +107,11 @@ def vm_dir(vm: str) -> Path:
     return vms_dir() / check_name(vm)
 
 
+def testinfra_spec_for(vm: str) -> str:
+    """The testinfra spec VM *vm* will have once it is up (known before it boots)."""
+    return f"ssh://nflab-{vm}?ssh_config={vm_dir(vm) / 'ssh_config'}"
+
+
 def ssh_key() -> tuple[Path, str]:
     """The per-lab ed25519 key in ``cache_dir()/ssh/`` (made on first use):
     (private key path, base64 blob of the public key)."""
