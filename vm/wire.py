@@ -20,6 +20,7 @@ Every wait is bounded: :meth:`Wire.sniff` returns what it has at its timeout.
 from __future__ import annotations
 
 import collections
+import functools
 import socket
 import threading
 import time
@@ -301,8 +302,10 @@ class Wire:
 MAGIC_DEFAULT = b"NFLbTRC!"
 
 
+@functools.lru_cache(maxsize=None)
 def magic() -> bytes:
-    """The tracer's payload magic, from its definition (``test.magic``)."""
+    """The tracer's payload magic, from its definition (``test.magic``); read once
+    (suites match thousands of frames against tags)."""
     try:
         from kmods import spec
         return spec.load("tracer").test["magic"].encode("ascii")
