@@ -119,3 +119,21 @@ def clean_forward(host, routed):
     flush_chains(host)
     yield
     flush_chains(host)
+
+
+SENTINEL_PORT = 40999    # no catalog suite has a rule for it
+
+
+def sentinel(family, tag: int, dport=SENTINEL_PORT):
+    """``(tag, packet)`` for ``send_tagged(sentinel=...)``: tagged UDP from the
+    client to the server peer on a port no suite's rules match."""
+    from scapy.all import UDP
+    from vm.wire import payload
+    c, s = PEERS[family]
+    return tag, l3(family)(src=c, dst=s) / UDP(sport=33000, dport=dport) / payload(tag, 48)
+
+
+def add_rules(host, cmds):
+    """Run iptables commands in one SSH round trip (each costs ~0.1 s under TCG);
+    the first that fails fails the test, with the command in the message."""
+    host.run_test(" && ".join(cmds))

@@ -25,7 +25,7 @@ import pytest
 from kmods import spec
 from kmods.spec import CATALOG
 from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
-                                          l3, rule_counters, send_tagged)
+                                          add_rules, l3, rule_counters, send_tagged, sentinel)
 
 pytestmark = pytest.mark.vm
 DB_DIR = spec.load("geoip").test["db_dir"]
@@ -86,8 +86,8 @@ def db(host):
 
 @pytest.fixture
 def routes(host, routed):
-    for fam, (net, via) in DST_ROUTE.items():
-        host.run_test(f"ip {'-6 ' if fam == 'ipv6' else ''}route replace {net} via {via}")
+    host.run_test(" && ".join(f"ip {'-6 ' if fam == 'ipv6' else ''}route replace {net} via {via}"
+                              for fam, (net, via) in DST_ROUTE.items()))
 
 
 def _clauses(opts: str):
@@ -112,8 +112,8 @@ def _run(host, wire, family, backend, rules, b, parsed, tag):
     from vm.wire import payload
 
     tool = f"{TOOLS[family]}-{backend} -w"
-    for port, opts in rules.items():
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -m geoip {opts} -j DROP")
+    add_rules(host, [f"{tool} -A FORWARD -p udp --dport {port} -m geoip {opts} -j DROP"
+                     for port, opts in rules.items()])
     srcs, dsts = ADDRS[family]
     pkts, meta = {}, {}
     for port, opts in rules.items():
@@ -123,8 +123,7 @@ def _run(host, wire, family, backend, rules, b, parsed, tag):
                 pkts[t] = l3(family)(src=s, dst=d) / UDP(sport=33000, dport=port) / payload(t, 48)
                 meta[t] = (port, f"-m geoip {opts}: {s} ({b.lookup(parsed, s)}) -> {d} ({b.lookup(parsed, d)})",
                            _expect(b, parsed, opts, s, d))
-    keep = [t for t in pkts if not meta[t][2]]
-    arrived = send_tagged(wire, pkts, expect=len(keep), timeout=8.0, settle=1.0)
+    arrived = send_tagged(wire, pkts, timeout=8.0, sentinel=sentinel(family, tag()))
     wrong = [f"{meta[t][1]}: {'arrived' if t in arrived else 'dropped'}, expected "
              f"{'dropped' if meta[t][2] else 'to arrive'}" for t in pkts if (t in arrived) == meta[t][2]]
     assert not wrong, "\n".join(wrong)

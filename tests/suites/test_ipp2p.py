@@ -18,7 +18,7 @@ import struct
 import pytest
 
 from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
-                                          l3, rule_counters)
+                                          SENTINEL_PORT, add_rules, l3, rule_counters)
 
 pytestmark = pytest.mark.vm
 
@@ -127,13 +127,22 @@ def _sport(p):
     return None
 
 
-def _send_keyed(wire, pkts: dict, expect: int, timeout=8.0, settle=1.0) -> set:
-    """Send {sport: packet} from the client wire; the set of sports that arrived."""
+SENTINEL_SPORT = 19999
+
+
+def _send_keyed(wire, pkts: dict, family: str, timeout=8.0) -> set:
+    """Send {sport: packet} from the client wire, then a sentinel no rule drops
+    (UDP to the sentinel port, sport 19999): frames keep their order through the
+    guest, so once it is out, every verdict is in. The set of sports that arrived."""
+    from scapy.all import UDP
+    c, s = PEERS[family]
     since = wire.mark("server")
-    wire.send("client", list(pkts.values()))
-    match = lambda p: _sport(p) in pkts      # noqa: E731
-    got = wire.sniff("server", match, count=max(expect, 1), timeout=timeout, since=since)
-    got += wire.sniff("server", match, count=len(pkts) + 1, timeout=settle, since=wire.mark("server"))
+    wire.send("client", list(pkts.values())
+              + [l3(family)(src=c, dst=s) / UDP(sport=SENTINEL_SPORT, dport=SENTINEL_PORT) / b"nflab"])
+    if not wire.sniff("server", lambda p: _sport(p) == SENTINEL_SPORT, timeout=timeout, since=since):
+        raise AssertionError(f"the sentinel (UDP {SENTINEL_SPORT} -> {SENTINEL_PORT}), which no rule "
+                             f"drops, did not come out on the server wire within {timeout}s")
+    got = wire.sniff("server", lambda p: _sport(p) in pkts, count=len(pkts) + 1, timeout=0, since=since)
     return {_sport(p) for p in got}
 
 
@@ -142,9 +151,8 @@ def _send_keyed(wire, pkts: dict, expect: int, timeout=8.0, settle=1.0) -> set:
 def test_handshakes_and_look_alikes(host, wire, loaded, clean_forward, family, backend):
     tool = TOOLS[family]
     ipt = f"{tool}-{backend} -w"
-    for port, (opts, _) in RULES.items():
-        for l4 in ("tcp", "udp"):
-            host.run_test(f"{ipt} -A FORWARD -p {l4} --dport {port} -m ipp2p {opts} -j DROP")
+    add_rules(host, [f"{ipt} -A FORWARD -p {l4} --dport {port} -m ipp2p {opts} -j DROP"
+                     for port, (opts, _) in RULES.items() for l4 in ("tcp", "udp")])
     pkts, meta = {}, {}
     sport = 20000 + (1000 if family == "ipv6" else 0) + (500 if backend == "nft" else 0)
     for label, proto, l4, data, flags in SAMPLES:
@@ -152,8 +160,7 @@ def test_handshakes_and_look_alikes(host, wire, loaded, clean_forward, family, b
             sport += 1
             pkts[sport] = _packet(family, sport, port, l4, data, flags)
             meta[sport] = (f"{label} -> -m ipp2p {opts}", port, proto in names)
-    keep = [s for s in pkts if not meta[s][2]]
-    arrived = _send_keyed(wire, pkts, expect=len(keep))
+    arrived = _send_keyed(wire, pkts, family)
     wrong = [f"{meta[s][0]}: {'arrived' if s in arrived else 'dropped'}, expected "
              f"{'dropped' if meta[s][2] else 'to arrive'}" for s in pkts if (s in arrived) == meta[s][2]]
     assert not wrong, "\n".join(wrong)

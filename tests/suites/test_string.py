@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
-                                          l3, rule_counters, send_tagged)
+                                          add_rules, l3, rule_counters, send_tagged, sentinel)
 
 pytestmark = pytest.mark.vm
 NEEDLE = b"nflab-needle"
@@ -37,15 +37,14 @@ def _udp(family, port, tag, data):
 def _run(host, wire, family, backend, rules, cases, tag):
     """rules: {port: match options}; cases: [(label, port, data_fn(tag) -> bytes, dropped)]"""
     tool = f"{TOOLS[family]}-{backend} -w"
-    for port, opts in rules.items():
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -m string {opts} -j DROP")
+    add_rules(host, [f"{tool} -A FORWARD -p udp --dport {port} -m string {opts} -j DROP"
+                     for port, opts in rules.items()])
     pkts, meta = {}, {}
     for label, port, data_fn, dropped in cases:
         t = tag()
         pkts[t] = _udp(family, port, t, data_fn(t))
         meta[t] = (label, dropped)
-    keep = [t for t in pkts if not meta[t][1]]
-    arrived = send_tagged(wire, pkts, expect=len(keep))
+    arrived = send_tagged(wire, pkts, sentinel=sentinel(family, tag()))
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) == meta[t][1]]
     assert not wrong, "\n".join(wrong)
@@ -100,8 +99,8 @@ def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, c
 
     bm, kmp = 40621, 40622
     tool = "iptables-legacy -w"
-    for port, algo in ((bm, "bm"), (kmp, "kmp")):
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -m string --string nflab-needle --algo {algo} -j DROP")
+    add_rules(host, [f"{tool} -A FORWARD -p udp --dport {port} -m string --string nflab-needle --algo {algo} -j DROP"
+                     for port, algo in ((bm, "bm"), (kmp, "kmp"))])
     c, s = PEERS["ipv4"]
     boundary = 256 - UDP_LEN
     results = {}
@@ -125,4 +124,4 @@ def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, c
         t1, t2 = tag(), tag()
         pkts[t1] = IP(src=c, dst=s) / UDP(sport=33001, dport=port) / (payload(t1, 40) + NEEDLE[:6])
         pkts[t2] = IP(src=c, dst=s) / UDP(sport=33001, dport=port) / (NEEDLE[6:] + payload(t2, 40))
-    assert send_tagged(wire, pkts) == set(pkts)
+    assert send_tagged(wire, pkts, sentinel=sentinel("ipv4", tag())) == set(pkts)
