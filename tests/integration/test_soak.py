@@ -14,6 +14,15 @@ refcount/leak line, both modules' refcounts are 0, and slab usage did not grow
 beyond the tolerance below. kmemleak is scanned when the kernel has it (Debian's
 kernels do not: CONFIG_DEBUG_KMEMLEAK is not set); the test says which.
 
+Slab tolerance: SLUB merges caches and counts per-CPU slabs as in use, so the
+kmalloc totals move with ordinary activity (process spawns, sockets): 19-60 KiB
+measured between the warm-up (5 cycles) and the end, both taken with the
+generator stopped and the caches shrunk. The tolerance is 512 KiB over the 200
+cycles: a leak of more than ~2.6 KiB per cycle (a 4 KiB buffer per tracer load)
+or of a small object per packet (hundreds flow per cycle) exceeds it; smaller
+leaks need kmemleak, i.e. a debug kernel
+(``NFLAB_SOAK_KERNEL=source:6.12+debug`` once that kernel is built).
+
 Kernel: 6.12 (``NFLAB_SOAK_KERNEL=6.1`` picks the other line). Found while
 writing this test, under TCG: when each cycle flips the kernel's hook static keys
 (the tracer's netdev INGRESS hook is the only user of ``ingress_needed_key``),
@@ -40,7 +49,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vm]
 KERNEL = os.environ.get("NFLAB_SOAK_KERNEL", "6.12")
 CYCLES = int(os.environ.get("NFLAB_SOAK_CYCLES", "200"))
 VM = "it-soak"
-KMALLOC_TOLERANCE = 2 * 1024 * 1024       # bytes of growth over all kmalloc-* caches
+KMALLOC_TOLERANCE = 512 * 1024             # bytes of growth over all kmalloc-* caches
 CONNTRACK_TOLERANCE = 64                  # nf_conntrack objects (a leak per packet is thousands)
 BAD_LOG = re.compile(r"WARNING|BUG|Oops|Call Trace|refcount|leak", re.I)
 
