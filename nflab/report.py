@@ -80,13 +80,34 @@ def build(sent, log, received, *, magic_bytes: bytes | None = None) -> list[Pack
             view.walks.append(Walk([], why))
             continue
         for walk in tracing.walks(entries):
-            view.walks.append(Walk(walk, tracing.fate(walk, points, _arrived(walk, frames, points))))
+            arrived = _arrived(walk, frames, points)
+            fate = tracing.fate(walk, points, arrived)
+            if not arrived and _maybe_cut(walk, log):
+                fate += (f" (uncertain: the tracer log filled up at entry {log.entries[-1].seq}, "
+                         "right after this packet's last recorded visit; later visits were not recorded)")
+            view.walks.append(Walk(walk, fate))
     out = list(views.values())
     if untagged.sent:
         untagged.walks.append(Walk([], "untagged: the tracer records only packets that carry the "
                                        "test magic and a tag (vm.wire.payload)"))
         out.append(untagged)
     return out
+
+
+CUT_WINDOW = 64     # entries: a walk that ends this close to a full log's end may be cut short
+
+
+def _maybe_cut(walk, log) -> bool:
+    """True if the log was full and *walk* ends among its last entries: the visits
+    after the fill point were not recorded, so where it "stopped" is unknown."""
+    if log is None or not log.dropped or not log.entries or not walk:
+        return False
+    last = walk[-1]
+    if last.hook in ("LOCAL_IN", "POST_ROUTING"):
+        prios = [p.priority for p in log.points if p.family == last.family and p.hook == last.hook]
+        if prios and last.priority == max(prios):
+            return False            # it finished its way through the hooks
+    return log.entries[-1].seq - last.seq < CUT_WINDOW
 
 
 def _arrived(walk, frames, points) -> list[str]:

@@ -389,3 +389,18 @@ def test_a_full_tracer_log_is_named_as_the_reason_for_a_missing_path(points):
     assert "the tracer log was full (1024 entries): 75 more were not recorded" in html
     assert ("verdict: arrived on the server wire; no path: the tracer log was full (1024 entries, "
             "75 more not recorded), this packet came after") in html
+
+
+def test_a_walk_ending_where_the_log_filled_up_is_uncertain(points):
+    tr = Trace(points)
+    for t in range(1, 40):                               # 39 x 25 = 975 entries, all finished
+        tr.walk(t, "ipv4", tracing.FORWARD)
+    tr.walk(40, "ipv4", tracing.FORWARD, upto=("ipv4", "FORWARD", -75))   # cut by the full log
+    log = tracing.parse(tr.text().replace("dropped=0", "dropped=300"))
+    views = rep.build([sent("client", udp4(t)) for t in (1, 40)], log, [])
+    early, cut = views[0].walks[0].fate, views[1].walks[0].fate
+    assert early.startswith("left netfilter") and "uncertain" not in early
+    assert cut.startswith("stopped after FORWARD/-75") and "(uncertain: the tracer log filled up" in cut
+    # the same end without a full log is a drop, said plainly
+    views = rep.build([sent("client", udp4(40))], tr.log(), [])
+    assert "uncertain" not in views[0].walks[0].fate
