@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from nflab.paths import cache_dir
 
@@ -149,6 +150,12 @@ def check_cache() -> list[Check]:
             if missing:
                 checks.append(Check(f"kernel {k.release}", FAIL, f"missing {missing}",
                                     f"invoke fetch-kernel --kernel={k.abi} --force"))
+            elif k.flavour in kernels.FLAVOURS and hasattr(kernels, "check_entry"):
+                # a Debian entry against what its fetch recorded (listing, vmlinuz hash)
+                problem = kernels.check_entry(Path(k.root).parent)
+                if problem:
+                    checks.append(Check(f"kernel {k.release}", FAIL, f"damaged: {problem}",
+                                        f"invoke fetch-kernel --kernel={k.abi}-{k.flavour}"))
     except Exception as exc:
         checks.append(Check("kernels cached", WARN, f"cannot read cache: {exc}"))
     try:

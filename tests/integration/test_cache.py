@@ -161,6 +161,9 @@ def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref,
             kernels.get(spec, fetch_missing=False)
         assert "damaged" in info.value.message and re.search(said, info.value.message)
         assert "invoke fetch-kernel" in info.value.hint
+        from nflab import doctor
+        fails = [c for c in doctor.check_cache() if c.status == doctor.FAIL]
+        assert any(kernel_ref.release in c.name and re.search(said, c.detail) for c in fails), fails
     # what a fetch killed with SIGKILL would have left beside the entry
     debris = entry.parent / f".tmp-{kernel_ref.key}-killed"
     (debris / "root").mkdir(parents=True)
