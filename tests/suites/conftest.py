@@ -170,22 +170,35 @@ def trace(tracer):
 
 
 class Rules:
-    """iptables rules a test adds; removed again at teardown (nobody else's are touched)."""
+    """iptables rules a test adds; removed again at teardown (nobody else's are
+    touched). Each call is one SSH round trip, however many rules it adds."""
 
     def __init__(self, host):
         self.host = host
         self.added = []
 
+    @staticmethod
+    def _tool(family, backend):
+        return {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
+
     def add(self, family, table, chain, spec, backend="legacy"):
-        tool = {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
-        cmd = f"{tool} -w -t {table} -A {chain} {spec}"
-        res = self.host.run(cmd)
-        assert res.rc == 0, f"`{cmd}`: {res.stderr.strip()}"
-        self.added.append((tool, table, chain, spec))
+        self.add_many(family, [(table, chain, spec)], backend)
+
+    def add_many(self, family, specs, backend="legacy"):
+        """Append every (table, chain, spec) in order; the first that fails fails the test."""
+        tool = self._tool(family, backend)
+        cmds = [f"{tool} -w -t {table} -A {chain} {spec}" for table, chain, spec in specs]
+        # print the index of each rule added, so a failure names its rule
+        script = "; ".join(f"{c} || {{ echo \"failed {i}\"; exit 1; }}" for i, c in enumerate(cmds))
+        res = self.host.run(script)
+        done = len(cmds) if res.rc == 0 else int(res.stdout.split()[-1]) if "failed" in res.stdout else 0
+        self.added += [(tool, *s) for s in specs[:done]]
+        assert res.rc == 0, f"`{cmds[done] if done < len(cmds) else script}`: {res.stderr.strip()}"
 
     def remove_all(self):
-        for tool, table, chain, spec in reversed(self.added):
-            self.host.run(f"{tool} -w -t {table} -D {chain} {spec}")
+        if self.added:
+            self.host.run("; ".join(f"{tool} -w -t {table} -D {chain} {spec}"
+                                    for tool, table, chain, spec in reversed(self.added)))
         self.added = []
 
 
