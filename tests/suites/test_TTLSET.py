@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, flush_chains,
-                                          l3, rule_counters)
+                                          add_rules, l3, rule_counters)
 
 pytestmark = pytest.mark.vm
 SENT_TTL = 64
@@ -33,9 +33,10 @@ def test_ttl_rewritten_and_continues(host, wire, mangle, family, backend, tag):
     from vm.wire import has_tag, payload
 
     tool = f"{TOOLS[family]}-{backend} -w -t mangle"
-    for port, (opts, _) in CASES.items():
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -j TTLSET {opts}")
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port}")        # counts: proves XT_CONTINUE
+    # per port: TTLSET, then a rule that only counts (it sees the packet: XT_CONTINUE)
+    add_rules(host, [cmd for port, (opts, _) in CASES.items()
+                     for cmd in (f"{tool} -A FORWARD -p udp --dport {port} -j TTLSET {opts}",
+                                 f"{tool} -A FORWARD -p udp --dport {port}")])
     client, server = PEERS[family]
     hop = {"ttl": SENT_TTL} if family == "ipv4" else {"hlim": SENT_TTL}
     pkts = {}

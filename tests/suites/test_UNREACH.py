@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
-                                          l3, rule_counters)
+                                          add_rules, l3, rule_counters, sentinel)
 
 pytestmark = pytest.mark.vm
 # port -> (--reject-with, ICMP code, ICMPv6 code)
@@ -35,22 +35,25 @@ def test_rejected_with_icmp(host, wire, clean_forward, no_icmp_ratelimit, family
 
     assert_kit_module(host, "xt_UNREACH")
     tool = f"{TOOLS[family]}-{backend} -w"
-    for port, (kind, _, _) in CASES.items():
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port} -j UNREACH"
-                      + (f" --reject-with {kind}" if kind else ""))
-    for port in CASES:
-        host.run_test(f"{tool} -A FORWARD -p udp --dport {port}")    # never reached
+    add_rules(host, [f"{tool} -A FORWARD -p udp --dport {port} -j UNREACH"
+                     + (f" --reject-with {kind}" if kind else "") for port, (kind, _, _) in CASES.items()]
+              + [f"{tool} -A FORWARD -p udp --dport {port}" for port in CASES])   # never reached
     client, server = PEERS[family]
     pkts = {}
     for port in CASES:
         t = tag()
         pkts[t] = (port, l3(family)(src=client, dst=server) / UDP(sport=33000, dport=port) / payload(t, 48))
     since = wire.mark()
-    wire.send("client", [p for _, p in pkts.values()])
+    stag, spkt = sentinel(family, tag())
+    wire.send("client", [p for _, p in pkts.values()] + [spkt])
     errors = wire.sniff("client", lambda p: any(has_tag(p, t) for t in pkts), count=len(pkts),
                         timeout=5.0, since=since["client"])
+    # the sentinel, sent last and rejected by no rule, reaching the server means
+    # every rejected packet had its chance to leak before it
+    assert wire.sniff("server", lambda p: has_tag(p, stag), timeout=5.0, since=since["server"]), \
+        "the sentinel packet never reached the server: the forward path is broken"
     leaked = wire.sniff("server", lambda p: any(has_tag(p, t) for t in pkts), count=1,
-                        timeout=0.5, since=since["server"])
+                        timeout=0, since=since["server"])
     assert not leaked, "a rejected packet reached the server"
     codes = {}
     for p in errors:
