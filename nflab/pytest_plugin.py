@@ -51,8 +51,13 @@ def pytest_runtestloop(session):
     gate = os.environ.get(GATE_ENV)
     if not gate or session.config.option.collectonly:
         return None
+    import threading
     import time
     from pathlib import Path
+
+    from vm import wire
+    # the suites' scapy import (~1 s) happens while the VM boots, not in the first test
+    threading.Thread(target=wire._scapy, name="nflab-scapy-import", daemon=True).start()
     parent, deadline = os.getppid(), time.monotonic() + GATE_MAX_WAIT
     while True:
         try:
