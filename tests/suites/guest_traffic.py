@@ -28,22 +28,23 @@ REMOTE = {"ipv4": "10.99.0.2", "ipv6": "2001:db8:99::2"}
 HDR = {"ipv4": 20 + 8, "ipv6": 40 + 8}          # L3 + UDP header bytes: skb->len = HDR + payload
 SCRIPT = "/tmp/nflab_sender.py"
 
-# One sender. argv: mode (udp|tcp) family dst port size count barrier-dir index.
+# One sender. argv: mode (udp|tcp) family dst port size count barrier-dir (or -) index.
 # udp: `count` datagrams of `size` payload bytes; tcp: `count` non-blocking
 # connects (the SYN leaves inside connect(), on this CPU). Prints one line.
 SENDER = r'''
-import errno, os, socket, sys, time
+import errno, os, socket, sys
 mode, fam, dst, port, size, count, bdir, idx = sys.argv[1:9]
 port, size, count = int(port), int(size), int(count)
 af = socket.AF_INET6 if fam == "ipv6" else socket.AF_INET
 socks, data, ok, err = [], b"n" * size, 0, {}
 if mode == "udp":
     s = socket.socket(af, socket.SOCK_DGRAM)
-open(os.path.join(bdir, "ready." + idx), "w").close()
-deadline = time.monotonic() + 60
-while not os.path.exists(os.path.join(bdir, "go")):
-    if time.monotonic() > deadline:
-        sys.exit("barrier: no go within 60 s")
+if bdir != "-":   # barrier: say ready on one FIFO, block until the go byte on the other
+    with open(os.path.join(bdir, "ready"), "wb", buffering=0) as f:
+        f.write(b"r")
+    with open(os.path.join(bdir, "go"), "rb", buffering=0) as f:
+        if f.read(1) != b"g":
+            sys.exit("barrier: no go")
 for i in range(count):
     if mode == "udp":
         try:
@@ -97,18 +98,24 @@ def sink(guest):
 
 def parallel_script(mode: str, family: str, port: int, size: int, count: int,
                     cpus=(0, 1), after: str = "") -> str:
-    """Shell: run one sender per CPU of *cpus* released together; then *after*."""
+    """Shell: run one sender per CPU of *cpus*, released together; then *after*.
+
+    The barrier is two FIFOs the shell holds open read-write: each sender
+    writes a byte to ``ready`` and blocks reading ``go``; the shell reads one
+    ready byte per sender (bounded by ``timeout``), then writes one go byte
+    per sender. Nothing polls."""
     bdir = "/tmp/nflab_barrier"
     args = f"{mode} {family} {REMOTE[family]} {port} {size} {count} {bdir}"
-    lines = [f"rm -rf {bdir}; mkdir -p {bdir}"]
+    n = len(cpus)
+    lines = [f"rm -rf {bdir}; mkdir -p {bdir} && mkfifo {bdir}/ready {bdir}/go",
+             f"exec 3<>{bdir}/ready 4<>{bdir}/go"]
     for i, cpu in enumerate(cpus):
         lines.append(f"taskset -c {cpu} python3 {SCRIPT} {args} {i} > {bdir}/out.{i} 2>&1 &")
-    n = len(cpus)
     lines += [
-        # bounded wait for every sender to reach the barrier, then release them together
-        f"for i in $(seq 600); do [ $(ls {bdir} | grep -c '^ready') -ge {n} ] && break; sleep 0.05; done",
-        f"touch {bdir}/go",
+        f"timeout 60 head -c {n} <&3 >/dev/null",
+        f"printf '{'g' * n}' >&4",
         "wait",
+        "exec 3>&- 4>&-",
         f"cat {bdir}/out.*",
     ]
     if after:
@@ -138,20 +145,30 @@ def save_rules(text: str, chain: str):
     return out
 
 
-def flush_script(chains=("FORWARD", "OUTPUT")) -> str:
-    """Flush *chains* of the filter table (policy ACCEPT), all families and
-    backends: one restore per tool, all in one round trip."""
+def flush_script(chains=("FORWARD", "OUTPUT"), families=tuple(TOOLS), backends=BACKENDS) -> str:
+    """Flush *chains* of the filter table (policy ACCEPT) for *families* x
+    *backends* (default: all): one restore per tool, all in one round trip."""
     text = "*filter\\n" + "".join(f":{c} ACCEPT [0:0]\\n-F {c}\\n" for c in chains) + "COMMIT\\n"
-    return "; ".join(f"printf '{text}' | {tool}-{backend}-restore -w --noflush"
-                     for tool in TOOLS.values() for backend in BACKENDS)
+    return "; ".join(f"printf '{text}' | {TOOLS[f]}-{b}-restore -w --noflush"
+                     for f in families for b in backends)
+
+
+def param_scope(request) -> dict:
+    """The family/backend a parametrized test uses (all of them when it does not say)."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    return {"families": [params["family"]] if "family" in params else list(TOOLS),
+            "backends": [params["backend"]] if "backend" in params else list(BACKENDS)}
 
 
 @pytest.fixture
-def clean_filter(host, routed, sink):
-    """FORWARD and OUTPUT of the filter table empty before and after the test."""
-    host.run(flush_script())
+def clean_filter(request, host, routed, sink):
+    """FORWARD and OUTPUT of the filter table empty before and after the test,
+    for the family and backend it is parametrized with (each test cleans up
+    its own; suites that use other tables clean theirs)."""
+    script = flush_script(**param_scope(request))
+    host.run(script)
     yield
-    host.run(flush_script())
+    host.run(script)
 
 
 def reload_script(module: str, tries: int = 100) -> str:

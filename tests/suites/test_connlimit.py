@@ -135,7 +135,7 @@ def test_two_cpus_never_exceed_the_limit(host, clean_filter, sink, family, backe
     # the other CPU's unconfirmed entries) one CPU tops up with more attempts than the limit
     after = (f"echo concurrent=$({live}); sleep 0.1; "
              f"taskset -c 0 python3 {SCRIPT} tcp {family} {REMOTE[family]} {port} 0 {limit + 5} "
-             f"/tmp/nflab_barrier 9 >/dev/null; echo topped_up=$({live}); "
+             f"- 9 >/dev/null; echo topped_up=$({live}); "
              f"conntrack -D -f {fam} -p tcp --dport {port} >/dev/null 2>&1; true")
     res = host.run(parallel_script("tcp", family, port, 0, per_cpu, after=after))
     assert res.rc == 0, res.stderr

@@ -7,7 +7,7 @@ traffic from both vCPUs at once. Both families, both iptables backends.
   so no later packet matches, however small; ``! --quota`` is the
   complement; ``--quota 0`` never matches. What arrives on the server wire
   and the rule counters (packets and bytes) must say exactly that.
-* concurrency: two processes pinned to CPU 0 and CPU 1 send 3000 datagrams
+* concurrency: two processes pinned to CPU 0 and CPU 1 send 2400 datagrams
   through one quota rule at the same time; exactly the packets that fit
   match (the state is locked), no more, no fewer.
 * rule replacement (the upstream ``xt_quota`` semantics: the remainder
@@ -130,9 +130,9 @@ def test_rule_replacement(host, wire, loaded, clean_filter, family, backend, tag
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_cpus_never_exceed_the_quota(host, loaded, clean_filter, sink, family, backend):
-    payload, per_cpu = 100, 1500
+    payload, per_cpu = 100, 1200
     size = HDR[family] + payload
-    fit = 1100                       # packets the quota covers: it holds 1100.99 packets' bytes
+    fit = 900                        # packets the quota covers: it holds 900.99 packets' bytes
     quota = fit * size + size - 1
     port = _base(family, backend) + 8
     tool = f"{TOOLS[family]}-{backend} -w"
