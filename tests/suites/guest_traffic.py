@@ -1,11 +1,11 @@
 """Traffic generated inside the guest on both vCPUs at once (stress tests of
 per-rule and global match state: quota, nth, connlimit).
 
-The lab VM runs with two vCPUs. :func:`blast_udp` and :func:`connect_burst`
-start one sender process per CPU (``taskset -c 0`` / ``-c 1``), hold them
-at a barrier until both are ready, then let them send at the same time
-through the guest's OUTPUT chain to a ``dummy`` interface (:data:`DEV`),
-which discards every packet: nothing leaves the VM. Each process reports
+The lab VM runs with two vCPUs. :func:`parallel_script` starts one sender
+process per CPU (``taskset -c 0`` / ``-c 1``; UDP datagrams or non-blocking
+TCP connects), holds them at a barrier until both are ready, then lets them
+send at the same time through the guest's OUTPUT chain to a ``dummy``
+interface (:data:`DEV`), which discards every packet: nothing leaves the VM. Each process reports
 the CPUs it was allowed to run on and how many sends succeeded; the tests
 count what matched with rule counters (``iptables-save -c``), never with
 clocks. Every wait in the guest is bounded.
@@ -16,7 +16,6 @@ Everything runs in one ``host.run`` per call (one SSH round trip).
 from __future__ import annotations
 
 import re
-import shlex
 
 import pytest
 
@@ -177,10 +176,6 @@ def reload_script(module: str, tries: int = 100) -> str:
     return (f"for i in $(seq {tries}); do rmmod {module} 2>/dev/null && break; sleep 0.05; done; "
             f"test ! -e /sys/module/{module} && insmod {GUEST_DIR}/{module}.ko && "
             f"grep -q O /sys/module/{module}/taint")
-
-
-def q(s: str) -> str:
-    return shlex.quote(s)
 
 
 
