@@ -17,7 +17,8 @@ Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
   the identical generic image when it can, else the cloud flavour of the same
   ABI (the reason is recorded); a run that cannot happen is a row with
   ``skipped: <reason>``;
-* ``test``: ``invoke test --name=iprange`` with no VM running;
+* ``test``: ``invoke test --name=iprange`` with no VM running, plain and with
+  ``--html`` (the per-test packet report: its cost);
 * ``workshop`` (``--workshop``): every exercise's reference solution on 6.1 and
   6.12 as an attendee runs it (build from a clean tree, install, its suite), one
   VM per kernel: seconds per exercise and the total (boot + exercises + poweroff).
@@ -134,8 +135,17 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         results += vng_group(kern, runs, extra, progress)
     if "test" in groups:
         progress("warm test cycle")
-        results.append(_measure("invoke test --name=iprange (VM not running)",
-                                lambda: _invoke("test", "--name=iprange", f"--kernel={spec}"), runs))
+        plain = _measure("invoke test --name=iprange (VM not running)",
+                         lambda: _invoke("test", "--name=iprange", f"--kernel={spec}"), runs)
+        html_dir = tempfile.mkdtemp(prefix="nflab-bench-html-")
+        html = _measure("invoke test --name=iprange --html (VM not running)",
+                        lambda: _invoke("test", "--name=iprange", f"--kernel={spec}",
+                                        f"--html={html_dir}/report.html"), runs,
+                        note="per test: packets, tracer paths, verdicts, rules with counters")
+        shutil.rmtree(html_dir, ignore_errors=True)
+        if plain.median and html.median:
+            html.note += f"; +{html.median - plain.median:.1f} s over the plain run"
+        results += [plain, html]
         if matrix:
             results.append(_measure("invoke test (whole catalog)",
                                     lambda: _invoke("test", f"--kernel={spec}"), 1))
