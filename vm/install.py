@@ -18,6 +18,7 @@ import io
 import shlex
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,20 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
     return res.stdout
 
 
+_facts: dict = {}
+
+
+def _guest_facts(vm: str, state) -> tuple[str, str]:
+    """(kernel release, libxtables package version) of the running VM, asked once
+    per VM boot: neither changes while it runs."""
+    key = (vm, state.pid, state.started_at)
+    if key not in _facts:
+        out = _sh(vm, f"uname -r; dpkg-query -W -f='${{Version}}\\n' {XTABLES_PKG} 2>/dev/null || echo -",
+                  "uname").split()
+        _facts[key] = (out[0], out[1] if len(out) > 1 else "-")
+    return _facts[key]
+
+
 def guest_files(name: str) -> dict[str, bytes]:
     """Extra files an extension needs in the guest (e.g. geoip's database).
 
@@ -103,7 +118,7 @@ def _copy_files(vm: str, files: dict[str, bytes]):
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for path, data in sorted(files.items()):
             info = tarfile.TarInfo(path.lstrip("/"))
-            info.size, info.mode = len(data), 0o644
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
             tar.addfile(info, io.BytesIO(data))
     lab.exec(vm, "tar -xzf - -C /", input=buf.getvalue(), timeout=120, check=True)
 
@@ -130,24 +145,23 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
     state = lab.require(vm)
     kernel = kernels.get(state.release)
     art = build_extension(name, kernel)
-    facts = _sh(vm, f"uname -r; dpkg-query -W -f='${{Version}}\\n' {XTABLES_PKG} 2>/dev/null || echo -",
-                "uname").split()
-    guest_release, guest_xtables = facts[0], (facts[1] if len(facts) > 1 else "-")
+    guest_release, guest_xtables = _guest_facts(vm, state)
     magic = art.vermagic.split()[0] if art.vermagic else ""
     if magic != guest_release:
         raise NflabError(f"{art.ko.name} was built for {magic!r} but VM {vm!r} runs {guest_release!r}; "
                          "refusing to insmod", hint=f"invoke build-module --name={art.name} --kernel={state.spec or guest_release}")
     if art.so:
         check_plugin_xtables(art.so, guest_xtables, f"VM {vm!r}", name=art.name)
-    if progress:
-        progress(f"copying {art.ko.name}{' and ' + art.so.name if art.so else ''} into VM {vm}")
-    _sh(vm, f"mkdir -p {GUEST_DIR}", "mkdir")
-    lab.copy_to(vm, art.ko, f"{GUEST_DIR}/{art.ko.name}", mode=0o644)
+    # module, plugin and the extension's guest files: one tar stream, one round trip
+    files = {f"{GUEST_DIR}/{art.ko.name}": art.ko.read_bytes()}
+    if art.so:
+        files[f"{GUEST_DIR}/{art.so.name}"] = art.so.read_bytes()
     extra = guest_files(art.name) if isinstance(name, str) else {}
-    if extra:
-        if progress:
-            progress(f"copying {len(extra)} file(s) {name} needs into VM {vm}")
-        _copy_files(vm, extra)
+    files.update(extra)
+    if progress:
+        progress(f"copying {art.ko.name}{' and ' + art.so.name if art.so else ''}"
+                 f"{f' and {len(extra)} file(s) {art.name} needs' if extra else ''} into VM {vm}")
+    _copy_files(vm, files)
     mod = art.module
     deps = " ".join(shlex.quote(d) for d in art.deps)
     script = [
@@ -161,7 +175,6 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
     ]
     if art.so:
         so = f"{XTLIBDIR}/{art.so.name}"
-        lab.copy_to(vm, art.so, f"{GUEST_DIR}/{art.so.name}", mode=0o644)
         script[1:1] = [f"if [ -f {so} ] && [ ! -f {so}.nflab-orig ]; then cp -p {so} {so}.nflab-orig; fi",
                        f"install -m 0644 {GUEST_DIR}/{art.so.name} {so}"]
     out = _sh(vm, "\n".join(script), f"loading {mod}", timeout=timeout).split()
