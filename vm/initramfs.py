@@ -39,8 +39,11 @@ GUEST_DIR = Path(__file__).resolve().parent / "guest"
 INIT_SCRIPT = GUEST_DIR / "initramfs-init.sh"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 # what the initramfs needs, in wish order; only those the kernel has as modules
-# are included (built-in ones need nothing), dependencies come from modules.dep
-WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "overlay")
+# are included (built-in ones need nothing), dependencies come from modules.dep.
+# ext4 (and the crc32c its metadata checksums need) is built into the cloud
+# flavour, a module in the generic -amd64 one: listing it lets the kit boot both.
+WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "overlay",
+                  "crc32c_generic", "ext4")
 MODULES_LABEL = "nflab-mods"
 MANIFEST = "boot.json"
 RECIPE_VERSION = 3
