@@ -14,7 +14,9 @@ traffic from both vCPUs at once. Both families, both iptables backends.
   lives in private state created by checkentry): iptables-legacy replaces
   the whole table on every change, so adding any rule refills every quota
   of the table; iptables-nft adds the rule alone, the others keep their
-  remainder; replacing the quota rule itself (``-R``) refills it on both.
+  remainder; replacing the quota rule itself (``-R``) refills it on both,
+  and so does zeroing the counters (``-Z``: iptables-nft zeroes a rule's
+  counters by replacing the rule).
 """
 
 from __future__ import annotations
@@ -119,10 +121,13 @@ def test_rule_replacement(host, wire, loaded, clean_filter, family, backend, tag
     steps["after adding another rule to the table"] = batch(2)
     host.run_test(f"{tool} -R FORWARD 1 {rule}")
     steps["after -R of the quota rule"] = batch(3)
+    host.run_test(f"{tool} -Z FORWARD")     # legacy: a table replacement; nft: each rule replaced
+    steps["after -Z"] = batch(1)
     refilled = [1, 2] if backend == "legacy" else []
     assert steps == {"fresh rule: 2 of 3 fit": [1, 2],
                      "after adding another rule to the table": refilled,
-                     "after -R of the quota rule": [1, 2]}, steps
+                     "after -R of the quota rule": [1, 2],
+                     "after -Z": [1]}, steps
     save = host.check_output(f"{TOOLS[family]}-{backend}-save -t filter")
     assert f"--quota {2 * size} -j ACCEPT" in save, "iptables-save shows the configured quota, not the remainder"
 
