@@ -426,9 +426,14 @@ def configure(src: Path, out: Path, p: Plan, progress=None, symbols=None) -> Pat
     run(make + ["olddefconfig"], env=env, timeout=600)
     final = read_config(out / ".config")
     symbols = symbols if symbols is not None else kconfig_symbols(src)
-    base = {k: v for k, v in parse_fragment(p.base).items() if k[len("CONFIG_"):] in symbols}
+    user = parse_fragment(p.fragment)
+    # the user's fragment wins over the base for the symbols it names; the base's other
+    # options must survive (an option the lab needs that the fragment took away by
+    # dependency is an error too)
+    base = {k: v for k, v in parse_fragment(p.base).items()
+            if k[len("CONFIG_"):] in symbols and k not in user}
     lost_base = dropped_options(base, final, symbols)
-    lost_user = dropped_options(parse_fragment(p.fragment), final, symbols)
+    lost_user = dropped_options(user, final, symbols)
     if lost_user or lost_base:
         detail = []
         if lost_user:
