@@ -11,7 +11,8 @@ Rule replacement (the upstream semantics: the count lives in the rule's
 nf_conncount tree, created by checkentry): iptables-legacy replaces the
 whole table on every change, so adding any rule gives every connlimit rule
 of the table a fresh, empty count; iptables-nft adds the rule alone and the
-others keep counting; replacing the connlimit rule (``-R``) starts afresh on
+others keep counting; replacing the connlimit rule (``-R``) or zeroing the
+counters (``-Z``: iptables-nft replaces the rule to zero it) starts afresh on
 both. Concurrency: two processes pinned to CPU 0 and CPU 1 open connections
 through one ``--connlimit-above`` rule at the same time (in the guest, to a
 dummy interface); the live connections never exceed the limit, and a
@@ -115,9 +116,12 @@ def test_rule_replacement(host, wire, clean_filter, family, backend, tag):
     steps["after adding another rule to the table"] = batch(1)
     host.run_test(f"{tool} -R FORWARD 1 {rule}")
     steps["after -R of the connlimit rule"] = batch(2)
+    host.run_test(f"{tool} -Z FORWARD")     # legacy: a table replacement; nft: each rule replaced
+    steps["after -Z"] = batch(1)
     assert steps == {"fresh rule, limit 1": [1],
                      "after adding another rule to the table": [1] if backend == "legacy" else [],
-                     "after -R of the connlimit rule": [1]}, steps
+                     "after -R of the connlimit rule": [1],
+                     "after -Z": [1]}, steps
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

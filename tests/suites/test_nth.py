@@ -15,8 +15,9 @@ they need to know where the counters stand.
   datagrams through ``--every 7`` rules at the same time: exactly 300 match
   per rule, whatever the counter stood at (no step lost or taken twice);
 * rule replacement: the counters are global, so adding a rule to the table
-  (iptables-legacy replaces the whole table) and replacing the nth rule
-  itself (``-R``) do not restart the count, on both backends.
+  (iptables-legacy replaces the whole table), replacing the nth rule itself
+  (``-R``) and zeroing the counters (``-Z``) do not restart the count, on
+  both backends.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def test_counter_survives_rule_replacement(host, wire, fresh, family, backend, t
         return [ts.index(t) + 1 for t in ts if t in got]
 
     first = batch(2)                        # steps 0, 1: the first is dropped
-    host.run_test(f"{tool} -A FORWARD -p udp --dport {other} -j ACCEPT && {tool} -R FORWARD 1 {rule}")
+    host.run_test(f"{tool} -A FORWARD -p udp --dport {other} -j ACCEPT && {tool} -R FORWARD 1 {rule} && "
+                  f"{tool} -Z FORWARD")
     second = batch(3)                       # steps 2, 3, 4: only the third is dropped
     assert (first, second) == ([2], [1, 2]), \
         f"before replacement {first}, after {second}; a counter restarted by the replacement " \
