@@ -98,6 +98,10 @@ class _HtmlReport:
         self.config = config
         self.started = False
         self.tracer_note: str | None = None
+        # the wire's frame numbers when the sent-frame journal was last taken: the
+        # frames received since then are matched with the frames sent since then
+        # (both include the fixtures' setup and the previous test's teardown)
+        self.wire_mark: dict | None = None
 
     def vm(self):
         return self.config.getoption("--nflab-vm")
@@ -165,9 +169,11 @@ def _html_section(item, state, sent) -> str:
 
     wire = item.funcargs.get("wire")
     received = []
-    mark = getattr(item, "_nflab_wire_mark", None)
+    mark = state.wire_mark or getattr(item, "_nflab_wire_mark", None)
     if wire is not None and mark is not None and hasattr(wire, "received_since"):
+        now = wire.mark()
         received = wire.received_since(mark)
+        state.wire_mark = now
     try:
         _rc, out = state.run(item, tracing.report_command())
         collected = tracing.parse_report(out)
