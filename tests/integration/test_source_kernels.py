@@ -96,7 +96,9 @@ def test_debug_kernel_runs_the_iprange_suite(debug_kernel, tmp_path):
 
 
 UAF = """{% extends "hook.c.j2" %}
-{% block includes %}#include <linux/slab.h>{% endblock %}
+{% block includes %}
+#include <linux/slab.h>
+{% endblock %}
 {% block hook_body %}
 	return NF_ACCEPT;
 {% endblock %}
