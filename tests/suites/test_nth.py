@@ -2,18 +2,25 @@
 traffic from both vCPUs at once. Both families, both iptables backends.
 
 The kit's nth keeps 16 global counters (module state: they start at 0 when
-the module loads and are never reset by a rule). Every evaluation of a
-rule naming counter c takes the next step n of c; the rule matches when
-``(n + start) % every == packet``. The tests reload the module first where
-they need to know where the counters stand.
+the module loads and are never reset by a rule). Without ``--packet`` every
+evaluation of a rule naming counter c takes the next step n of c and the
+rule matches when ``(n + start) % every == 0``. With ``--packet P`` (the
+patch-o-matic load-balancing form: one rule per P on one counter) a rule
+matches only while the counter stands at P, and only that match moves the
+counter on. The tests reload the module first where they need to know where
+the counters stand.
 
-* positions: ``--every 3`` matches packets 1, 4, 7; ``--packet 3`` of 4
-  matches 4 and 8; ``--start 3`` of 5 matches 3 and 8; rules on different
-  counters step independently, two rules on one counter share its steps;
-  arrivals on the server wire and the rule counters must agree exactly;
+* positions: ``--every 3`` matches packets 1, 4, 7; three ``--packet 0/1/2``
+  rules of ``--every 3`` on one counter take the packets round robin (each
+  packet matches exactly one of them, 3 each of 9); ``--start 3`` of 5
+  matches 3 and 8; rules on different counters step independently, two
+  rules on one counter share its steps; arrivals on the server wire and the
+  rule counters must agree exactly;
 * concurrency: two processes pinned to CPU 0 and CPU 1 send 7 * 300
-  datagrams through ``--every 7`` rules at the same time: exactly 300 match
-  per rule, whatever the counter stood at (no step lost or taken twice);
+  datagrams through a ``--every 7`` rule and a set of seven ``--packet``
+  rules at the same time: exactly 300 match the first, and the set's
+  matches are the consecutive positions 0..S-1 dealt out round robin (no
+  position taken twice or skipped), whatever the interleaving;
 * rule replacement: the counters are global, so adding a rule to the table
   (iptables-legacy replaces the whole table), replacing the nth rule itself
   (``-R``) and zeroing the counters (``-Z``) do not restart the count, on
@@ -66,32 +73,38 @@ def _base(family, backend):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_positions_on_the_wire(host, wire, fresh, family, backend, tag):
     a, b, c, d, e, f, g = (_base(family, backend) + i for i in range(7))
-    # port: (nth options, 1-based positions among that port's packets it matches (drops))
-    rules = {a: ("--every 3", {1, 4, 7}),
-             b: ("--every 4 --counter 1 --packet 3", {4, 8}),
-             c: ("--every 5 --counter 2 --start 3", {3, 8}),
-             d: ("--every 2 --counter 3", {1, 3}),              # d and e interleaved, own counters
-             e: ("--every 2 --counter 4 --packet 1", {2, 4}),
-             f: ("--every 2 --counter 5", {1, 2, 3}),           # f and g interleaved, ONE counter:
-             g: ("--every 2 --counter 5", set())}               # f takes the even steps, g the odd
-    order = [a] * 9 + [b] * 8 + [c] * 10 + [d, e] * 4 + [f, g] * 3
+    # (port, nth options, target, 1-based positions among that port's packets the rule matches)
+    rules = [(a, "--every 3", "DROP", {1, 4, 7}),
+             # patch-o-matic's load balancing: one rule per --packet value on one counter,
+             # each packet matches exactly one of them, round robin
+             (b, "--every 3 --counter 1 --packet 0", "DROP", {1, 4, 7}),
+             (b, "--every 3 --counter 1 --packet 1", "ACCEPT", {2, 5, 8}),
+             (b, "--every 3 --counter 1 --packet 2", "DROP", {3, 6, 9}),
+             (c, "--every 5 --counter 2 --start 3", "DROP", {3, 8}),
+             (d, "--every 2 --counter 3", "DROP", {1, 3}),           # d and e interleaved,
+             (e, "--every 2 --counter 4 --start 1", "DROP", {2, 4}),  # own counters
+             (f, "--every 2 --counter 5", "DROP", {1, 2, 3}),         # f and g interleaved, ONE
+             (g, "--every 2 --counter 5", "DROP", set())]             # counter: f takes the even steps
+    order = [a] * 9 + [b] * 9 + [c] * 10 + [d, e] * 4 + [f, g] * 3
     tool = f"{TOOLS[family]}-{backend} -w"
-    host.run_test(" && ".join(f"{tool} -A FORWARD -p udp --dport {p} -m nth {o} -j DROP"
-                              for p, (o, _) in rules.items()))
+    host.run_test(" && ".join(f"{tool} -A FORWARD -p udp --dport {p} -m nth {o} -j {target}"
+                              for p, o, target, _ in rules))
     pkts, meta, seen = {}, {}, {}
     for port in order:
-        seen[port] = seen.get(port, 0) + 1
+        k = seen[port] = seen.get(port, 0) + 1
         t = tag()
         pkts[t] = _udp(family, port, t)
-        meta[t] = (f"{rules[port][0]} (port {port}) packet {seen[port]}", seen[port] not in rules[port][1])
+        # the first rule of the port that matches position k decides
+        first = next(((o, target) for p, o, target, m in rules if p == port and k in m), ("", "ACCEPT"))
+        meta[t] = (f"port {port} packet {k} (-m nth {first[0] or '...: no match'})", first[1] != "DROP")
     expect = {t for t, (_, arrives) in meta.items() if arrives}
     arrived = send_collect(wire, pkts, expect, timeout=8.0)
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) != meta[t][1]]
     assert not wrong, "\n".join(wrong)
-    counts = [p for p, _, _ in save_rules(host.check_output(f"{TOOLS[family]}-{backend}-save -c -t filter"),
+    counts = [n for n, _, _ in save_rules(host.check_output(f"{TOOLS[family]}-{backend}-save -c -t filter"),
                                           "FORWARD")]
-    assert counts == [len(m) for _, m in rules.values()], f"rule counters {counts}"
+    assert counts == [len(m) for _, _, _, m in rules], f"rule counters {counts}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,17 +115,26 @@ def test_two_cpus_take_every_step_once(host, loaded, clean_filter, sink, family,
     port = _base(family, backend) + 10
     tool = f"{TOOLS[family]}-{backend} -w"
     match = f"-o {sink} -p udp --dport {port}"
-    host.run_test(f"{tool} -A OUTPUT {match} -m nth --every {every} --counter 6 && "
-                  f"{tool} -A OUTPUT {match} -m nth --every {every} --counter 7 --packet 3 && "
-                  f"{tool} -A OUTPUT {match}")
+    rules = [f"{tool} -A OUTPUT {match} -m nth --every {every} --counter 6"]
+    rules += [f"{tool} -A OUTPUT {match} -m nth --every {every} --counter 7 --packet {p} -j ACCEPT"
+              for p in range(every)]
+    rules.append(f"{tool} -A OUTPUT {match}")            # what no --packet rule took
+    host.run_test(" && ".join(rules))
     res = host.run(parallel_script("udp", family, port, 64, total // 2,
                                    after=f"{TOOLS[family]}-{backend}-save -c -t filter"))
     assert res.rc == 0, res.stderr
     senders = parse_senders(res.stdout)
     assert senders.ok == total, f"not every datagram was sent: {senders}"
-    got = [p for p, _, _ in save_rules(res.stdout, "OUTPUT")]
-    assert got == [rounds, rounds, total], \
-        f"{total} packets from 2 CPUs through --every {every}: counters {got}, want [{rounds}, {rounds}, {total}]"
+    got = [n for n, _, _ in save_rules(res.stdout, "OUTPUT")]
+    assert got[0] == rounds, f"{total} packets from 2 CPUs through --every {every}: {got[0]} matched, want {rounds}"
+    dealt, rest = got[1:every + 1], got[-1]
+    taken = sum(dealt)
+    # the set took consecutive positions s..s+taken-1 (s: where counter 7 stood; other
+    # parametrizations used it), each once, position i by the rule --packet i % every
+    rr = [[sum(1 for i in range(s, s + taken) if i % every == p) for p in range(every)] for s in range(every)]
+    assert dealt in rr and taken + rest == total, \
+        f"--packet 0..{every - 1} matched {dealt} and {rest} fell through: not {taken} consecutive " \
+        f"positions dealt round robin"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
