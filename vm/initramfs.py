@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nflab import integrity
 from nflab.errors import VMError
 from nflab.paths import cache_dir
 from nflab.proc import file_lock, run
@@ -326,12 +327,6 @@ def ensure(kernel, *, progress=print) -> BootFiles:
 BOOT_FILES = ("initramfs.cpio", "modules.img", "vmlinux")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def record_files(entry: Path) -> dict:
@@ -340,8 +335,7 @@ def record_files(entry: Path) -> dict:
     for name in BOOT_FILES:
         path = entry / name
         if path.is_file():
-            st = path.stat()
-            out[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+            out[name] = integrity.record(path)
     return out
 
 
@@ -360,12 +354,7 @@ def check_files(entry: Path, data: dict) -> str | None:
         if name not in recorded:
             return f"{name} was never recorded"
     for name, rec in recorded.items():
-        path = entry / name
-        if not path.is_file():
-            return f"{name} is missing"
-        st = path.stat()
-        if st.st_size != rec["size"]:
-            return f"{name} has {st.st_size} bytes, {rec['size']} were recorded (truncated or replaced)"
-        if st.st_mtime_ns != rec["mtime_ns"] and _sha256(path) != rec["sha256"]:
-            return f"{name} does not match its recorded sha256"
+        wrong = integrity.check(entry / name, rec, name=name)
+        if wrong:
+            return wrong
     return None

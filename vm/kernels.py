@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nflab import integrity
 from nflab.errors import KernelError
 from nflab.paths import kernels_dir
 from nflab.proc import file_lock, run
@@ -401,13 +402,6 @@ INTEGRITY = "nflab-integrity.json"
 LISTING = "nflab-files.gz"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _walk(root: Path) -> dict[str, str]:
@@ -448,10 +442,8 @@ def record_integrity(entry: Path, kernel: "Kernel | None" = None):
     vmlinuz = root / "boot" / f"vmlinuz-{kernel.release}" if kernel else None
     if vmlinuz is None:
         vmlinuz = next(iter(sorted((root / "boot").glob("vmlinuz-*"))))
-    st = vmlinuz.stat()
     data = {
-        "vmlinuz": {"path": str(vmlinuz.relative_to(root)), "size": st.st_size,
-                    "mtime_ns": st.st_mtime_ns, "sha256": _sha256(vmlinuz)},
+        "vmlinuz": {"path": str(vmlinuz.relative_to(root)), **integrity.record(vmlinuz)},
         "files": len(listing),
         "bytes": sum(int(v) for v in listing.values() if not v.startswith("->")),
         "digest": _digest(listing),
@@ -509,12 +501,9 @@ def check_entry(entry: Path) -> str | None:
         return f"its {INTEGRITY} is unreadable ({exc})"
     vm = data["vmlinuz"]
     vmlinuz = entry / "root" / vm["path"]
-    st = vmlinuz.stat()
-    if st.st_size != vm["size"]:
-        return (f"{vmlinuz.relative_to(entry)} has {st.st_size} bytes, {vm['size']} were recorded "
-                "(truncated or replaced)")
-    if st.st_mtime_ns != vm["mtime_ns"] and _sha256(vmlinuz) != vm["sha256"]:
-        return f"{vmlinuz.relative_to(entry)} does not match its recorded sha256"
+    wrong = integrity.check(vmlinuz, vm, name=str(vmlinuz.relative_to(entry)))
+    if wrong:
+        return wrong
     listing = _walk(entry / "root")
     if _digest(listing) != data["digest"]:
         return f"files under root/ changed since the fetch: {_listing_diff(entry, listing)}"

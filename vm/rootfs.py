@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nflab import integrity
 from nflab.errors import VMError
 from nflab.paths import rootfs_dir
 from nflab.proc import file_lock, run
@@ -112,12 +113,6 @@ def recipe_hash(rec: dict | None = None) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _guest_versions(root: Path, pkgs) -> dict:
@@ -196,7 +191,7 @@ def build(*, progress=print) -> Path:
         manifest = {
             "recipe_hash": key, "recipe": rec, "packages": versions,
             "image": IMAGE, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": sha256_file(img), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sha256": integrity.sha256_file(img), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.monotonic() - t0, 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -226,20 +221,15 @@ def check(entry: Path, *, full=False) -> str | None:
     img = entry / IMAGE
     if manifest is None:
         return f"it has no readable {MANIFEST} (an interrupted build, or it was deleted)"
-    if not img.is_file():
-        return f"{IMAGE} is missing"
+    wrong = integrity.check(img, manifest, name=IMAGE, full=full)
+    if wrong:
+        return wrong
     st = img.stat()
-    if st.st_size != manifest.get("size"):
-        return (f"{IMAGE} has {st.st_size} bytes, {manifest.get('size')} were recorded "
-                "(truncated or replaced)")
-    if full or st.st_mtime_ns != manifest.get("mtime_ns"):
-        if sha256_file(img) != manifest.get("sha256"):
-            return f"{IMAGE} does not match its recorded sha256 (its content changed)"
-        if st.st_mtime_ns != manifest.get("mtime_ns"):
-            manifest["mtime_ns"] = st.st_mtime_ns
-            tmp = entry / f".{MANIFEST}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp, entry / MANIFEST)
+    if st.st_mtime_ns != manifest.get("mtime_ns"):          # same bytes, touched: re-record
+        manifest["mtime_ns"] = st.st_mtime_ns
+        tmp = entry / f".{MANIFEST}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, entry / MANIFEST)
     return None
 
 
