@@ -211,3 +211,37 @@ def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeou
     wire.sniff(into, keep, count=len(want), timeout=timeout, since=since)
     wire.sniff(into, keep, count=10 ** 6, timeout=settle, since=wire.mark(into))
     return seen
+
+
+def positions_batch(wire, tag, make, sentinel_make):
+    """``batch(n)``: send n packets ``make(tag)`` from the client wire, then a
+    sentinel ``sentinel_make(tag)`` that no rule drops (frames keep their
+    order, so once it is out every verdict is in); the 1-based positions of
+    the n packets that arrived."""
+    def batch(n):
+        ts = [tag() for _ in range(n)]
+        pkts = {t: make(t) for t in ts}
+        sentinel = tag()
+        pkts[sentinel] = sentinel_make(sentinel)
+        got = send_collect(wire, pkts, {sentinel})
+        assert sentinel in got, "the sentinel packet (no rule drops it) did not arrive"
+        return [ts.index(t) + 1 for t in ts if t in got]
+    return batch
+
+
+REPLACEMENTS = ("fresh rule", "after adding another rule to the table",
+                "after -R of the rule", "after -Z")
+
+
+def replacement_steps(host, tool, rule, other_rule, batch, sizes) -> dict:
+    """The rule-replacement walk of the stateful suites, rule 1 of FORWARD being
+    *rule*: ``batch(n)`` fresh, after *other_rule* is appended (iptables-legacy
+    replaces the whole table, nft adds one rule), after ``-R`` of rule 1 and
+    after ``-Z`` (legacy: a table replacement; nft: each rule replaced); *sizes*
+    gives n per step. Returns {step name (REPLACEMENTS): positions that arrived}."""
+    steps = {REPLACEMENTS[0]: batch(sizes[0])}
+    for name, cmd, n in zip(REPLACEMENTS[1:], (f"-A FORWARD {other_rule}", f"-R FORWARD 1 {rule}",
+                                               "-Z FORWARD"), sizes[1:]):
+        host.run_test(f"{tool} {cmd}")
+        steps[name] = batch(n)
+    return steps

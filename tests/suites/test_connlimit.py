@@ -26,7 +26,8 @@ import pytest
 from tests.suites.catalog_helpers import (BACKENDS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
                                           l3, send_one_by_one)
 from tests.suites.guest_traffic import (REMOTE, SCRIPT, clean_filter, parallel_script,  # noqa: F401
-                                        parse_senders, send_collect, sink)
+                                        REPLACEMENTS, parse_senders, positions_batch, replacement_steps,
+                                        sink)
 
 pytestmark = pytest.mark.vm
 NET = {"ipv4": ("192.0.2.{}", "198.51.100.{}", 24), "ipv6": ("2001:db8:1::{:x}", "2001:db8:2::{:x}", 64)}
@@ -101,27 +102,11 @@ def test_rule_replacement(host, wire, clean_filter, family, backend, tag):
     src, server = cfmt.format(0x30), sfmt.format(2)
     sport = iter(range(43000 + port % 100 * 20, 43000 + port % 100 * 20 + 20))
 
-    def batch(n):
-        """n SYNs (new connections) from one source, then the sentinel; 1-based positions that arrived."""
-        ts = [tag() for _ in range(n)]
-        pkts = {t: _syn(family, src, server, next(sport), port, t) for t in ts}
-        sentinel = tag()
-        pkts[sentinel] = _syn(family, src, server, next(sport), other, sentinel)
-        got = send_collect(wire, pkts, {sentinel})
-        assert sentinel in got, "the sentinel SYN (no rule drops it) did not arrive"
-        return [ts.index(t) + 1 for t in ts if t in got]
-
-    steps = {"fresh rule, limit 1": batch(2)}
-    host.run_test(f"{tool} -A FORWARD -p tcp --dport {other} -j ACCEPT")
-    steps["after adding another rule to the table"] = batch(1)
-    host.run_test(f"{tool} -R FORWARD 1 {rule}")
-    steps["after -R of the connlimit rule"] = batch(2)
-    host.run_test(f"{tool} -Z FORWARD")     # legacy: a table replacement; nft: each rule replaced
-    steps["after -Z"] = batch(1)
-    assert steps == {"fresh rule, limit 1": [1],
-                     "after adding another rule to the table": [1] if backend == "legacy" else [],
-                     "after -R of the connlimit rule": [1],
-                     "after -Z": [1]}, steps
+    batch = positions_batch(wire, tag, lambda t: _syn(family, src, server, next(sport), port, t),
+                            lambda t: _syn(family, src, server, next(sport), other, t))
+    steps = replacement_steps(host, tool, rule, f"-p tcp --dport {other} -j ACCEPT", batch, (2, 1, 2, 1))
+    # limit 1: the first new connection of a fresh count passes, the next is dropped
+    assert steps == dict(zip(REPLACEMENTS, ([1], [1] if backend == "legacy" else [], [1], [1]))), steps
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -34,7 +34,7 @@ import pytest
 from tests.suites.catalog_helpers import BACKENDS, PEERS, TOOLS, assert_kit_module, l3
 from tests.suites.guest_traffic import (clean_filter, flush_script, parallel_script,  # noqa: F401
                                         parse_senders, reload_script, save_rules, send_collect, sink,
-                                        param_scope)
+                                        param_scope, positions_batch)
 
 pytestmark = pytest.mark.vm
 FAMILIES = ["ipv4", "ipv6"]
@@ -146,16 +146,7 @@ def test_counter_survives_rule_replacement(host, wire, fresh, family, backend, t
     rule = f"-p udp --dport {port} -m nth --every 4 --counter 8 -j DROP"
     host.run_test(f"{tool} -A FORWARD {rule}")
 
-    def batch(n):
-        """n packets to the nth rule, then the sentinel; 1-based positions that arrived."""
-        ts = [tag() for _ in range(n)]
-        pkts = {t: _udp(family, port, t) for t in ts}
-        sentinel = tag()
-        pkts[sentinel] = _udp(family, other, sentinel)
-        got = send_collect(wire, pkts, {sentinel})
-        assert sentinel in got, "the sentinel packet (no rule drops it) did not arrive"
-        return [ts.index(t) + 1 for t in ts if t in got]
-
+    batch = positions_batch(wire, tag, lambda t: _udp(family, port, t), lambda t: _udp(family, other, t))
     first = batch(2)                        # steps 0, 1: the first is dropped
     host.run_test(f"{tool} -A FORWARD -p udp --dport {other} -j ACCEPT && {tool} -R FORWARD 1 {rule} && "
                   f"{tool} -Z FORWARD")

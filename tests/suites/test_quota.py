@@ -25,7 +25,8 @@ import pytest
 
 from tests.suites.catalog_helpers import BACKENDS, PEERS, TOOLS, assert_kit_module, l3
 from tests.suites.guest_traffic import (HDR, clean_filter, parallel_script, parse_senders,  # noqa: F401
-                                        save_rules, send_collect, sink)
+                                        REPLACEMENTS, positions_batch, replacement_steps, save_rules,
+                                        send_collect, sink)
 
 pytestmark = pytest.mark.vm
 FAMILIES = ["ipv4", "ipv6"]
@@ -106,28 +107,12 @@ def test_rule_replacement(host, wire, loaded, clean_filter, family, backend, tag
     rule = f"-p udp --dport {port} -m quota --quota {2 * size} -j ACCEPT"
     host.run_test(f"{tool} -A FORWARD {rule} && {tool} -A FORWARD -p udp --dport {port} -j DROP")
 
-    def batch(n):
-        """n packets to the quota rule plus a sentinel after them; the tags that arrived, in order."""
-        ts = [tag() for _ in range(n)]
-        pkts = {t: _udp(family, port, t, size) for t in ts}
-        sentinel = tag()
-        pkts[sentinel] = _udp(family, other, sentinel, size)
-        got = send_collect(wire, pkts, {sentinel})
-        assert sentinel in got, "the sentinel packet (no rule drops it) did not arrive"
-        return [ts.index(t) + 1 for t in ts if t in got]
-
-    steps = {"fresh rule: 2 of 3 fit": batch(3)}
-    host.run_test(f"{tool} -A FORWARD -p udp --dport {other} -j ACCEPT")
-    steps["after adding another rule to the table"] = batch(2)
-    host.run_test(f"{tool} -R FORWARD 1 {rule}")
-    steps["after -R of the quota rule"] = batch(3)
-    host.run_test(f"{tool} -Z FORWARD")     # legacy: a table replacement; nft: each rule replaced
-    steps["after -Z"] = batch(1)
+    batch = positions_batch(wire, tag, lambda t: _udp(family, port, t, size),
+                            lambda t: _udp(family, other, t, size))
+    steps = replacement_steps(host, tool, rule, f"-p udp --dport {other} -j ACCEPT", batch, (3, 2, 3, 1))
+    # 2 of 3 fit a fresh quota; legacy refills it when the table is replaced, nft does not
     refilled = [1, 2] if backend == "legacy" else []
-    assert steps == {"fresh rule: 2 of 3 fit": [1, 2],
-                     "after adding another rule to the table": refilled,
-                     "after -R of the quota rule": [1, 2],
-                     "after -Z": [1]}, steps
+    assert steps == dict(zip(REPLACEMENTS, ([1, 2], refilled, [1, 2], [1]))), steps
     save = host.check_output(f"{TOOLS[family]}-{backend}-save -t filter")
     assert f"--quota {2 * size} -j ACCEPT" in save, "iptables-save shows the configured quota, not the remainder"
 
