@@ -531,7 +531,8 @@ def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
         vmlinuz=str(final / "boot" / f"vmlinuz-{rel}"), headers=str(entry / "build"),
         config=str(final / "boot" / f"config-{rel}"), modules=str(final / "lib/modules" / rel),
         system_map=str(final / "boot" / f"System.map-{rel}"),
-        packages={p.package: p.version, "nflab-config": p.key})
+        # the build's time: a --force rebuild of the same release gets a fresh boot cache
+        packages={p.package: p.version, "nflab-config": p.key, "nflab-build": f"{time.time():.0f}"})
     (tmp / SOURCE_INFO).write_text(json.dumps({**asdict(p), "seconds": times,
                                                "built_at": time.time()}, indent=2) + "\n")
     (tmp / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, **asdict(kernel)},
