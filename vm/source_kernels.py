@@ -535,8 +535,23 @@ def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
         packages={p.package: p.version, "nflab-config": p.key, "nflab-build": f"{time.time():.0f}"})
     (tmp / SOURCE_INFO).write_text(json.dumps({**asdict(p), "seconds": times,
                                                "built_at": time.time()}, indent=2) + "\n")
+    from vm import kernels as kernels_mod
+    if hasattr(kernels_mod, "record_integrity"):     # the same records as a Debian entry
+        kernels_mod.record_integrity(tmp, kernel)
     (tmp / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, **asdict(kernel)},
                                            indent=2) + "\n")
+
+
+def _load_checked(entry: Path, spec: str):
+    """Kernel.load of a complete entry, after the integrity check Debian entries get."""
+    from vm import kernels as kernels_mod
+
+    check = getattr(kernels_mod, "check_entry", None)
+    problem = check(entry) if check else None
+    if problem:
+        raise KernelError(f"the cache entry {entry} is damaged: {problem}",
+                          hint=f"rebuild it: `invoke fetch-kernel --kernel={spec} --force`")
+    return kernels_mod.Kernel.load(entry)
 
 
 def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = None):
@@ -546,19 +561,19 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
     if RELEASE_RE.match(spec.strip()):
         entry = kernels_dir() / spec.strip()
         if (entry / MANIFEST).is_file() and not force:
-            return Kernel.load(entry)
+            return _load_checked(entry, spec.strip())
     p = plan(spec, prefer_cached=not force)
     base = kernels_dir()
     entry = base / p.release
     if not force and (entry / MANIFEST).is_file():
-        return Kernel.load(entry)
+        return _load_checked(entry, p.spec)
     base.mkdir(parents=True, exist_ok=True)
     store = fragments_store()
     store.mkdir(exist_ok=True)
     (store / f"{p.fragment_hash}.config").write_text(p.fragment)
     with file_lock(base / f".{p.release}.lock"):
         if not force and (entry / MANIFEST).is_file():
-            return Kernel.load(entry)
+            return _load_checked(entry, p.spec)
         src = source_tree(p, progress)
         # a fixed work directory, not a random one: an interrupted or failed build is
         # resumed by the next fetch (make is incremental); it has no manifest, so it
@@ -586,7 +601,7 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
                 progress(f"replacing {entry}")
             shutil.rmtree(entry)
         work.rename(entry)
-    return Kernel.load(entry)
+    return _load_checked(entry, p.spec)
 
 
 def get(spec: str, *, fetch_missing: bool = True, progress=None):
@@ -599,7 +614,7 @@ def get(spec: str, *, fetch_missing: bool = True, progress=None):
     if not (entry / MANIFEST).is_file():
         raise KernelError(f"custom kernel {p.release} is not in the cache",
                           hint=f"build it: `invoke fetch-kernel --kernel={p.spec}`")
-    return Kernel.load(entry)
+    return _load_checked(entry, p.spec)
 
 
 def info(release: str) -> dict | None:

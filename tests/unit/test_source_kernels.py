@@ -127,7 +127,12 @@ def test_kconfig_symbols_reads_definitions_and_depends(tmp_path):
 
 def test_cached_source_builds_are_found_and_debian_resolution_ignores_them(cache):
     entry = cache / "kernels" / "6.12.117-nflab-0123abcd"
-    entry.mkdir(parents=True)
+    rel = entry.name
+    for path in (f"root/boot/vmlinuz-{rel}", f"root/boot/config-{rel}", f"root/lib/modules/{rel}/modules.dep",
+                 "build/Makefile", "build/.config", "build/Module.symvers",
+                 "build/include/generated/utsrelease.h", "build/include/generated/autoconf.h"):
+        (entry / path).parent.mkdir(parents=True, exist_ok=True)
+        (entry / path).write_text(f"{path}\n")
     base = sk.BASE_FRAGMENT.read_text()
     plan = sk.Plan(line="6.12", package="linux-source-6.12", version="6.12.117-1~deb12u1",
                    upstream="6.12.117", key="0123abcd", fragment="", fragment_hash=sk.fragment_hash(""),
@@ -141,6 +146,12 @@ def test_cached_source_builds_are_found_and_debian_resolution_ignores_them(cache
     assert kernels.KernelRef("6.1.192", "nflab-0123abcd").line == "6.1"
     data = json.loads((entry / sk.SOURCE_INFO).read_text())
     assert data["version"] == "6.12.117-1~deb12u1" and data["key"] == "0123abcd"
+    # the same integrity records as a Debian entry: a damaged one says what and how to fix it
+    if hasattr(kernels, "check_entry"):
+        (entry / f"root/lib/modules/{rel}/modules.dep").unlink()
+        with pytest.raises(KernelError, match="damaged: .*modules.dep is missing") as info:
+            kernels.get("source:6.12", fetch_missing=False)
+        assert "--force" in info.value.hint and "source:6.12" in info.value.hint
 
 
 def test_lockdep_splats_are_faults_but_a_plain_warning_is_not():
