@@ -148,8 +148,10 @@ def check_cache() -> list[Check]:
         for k in cached:
             missing = [p for p in (k.vmlinuz, k.headers, k.config) if not os.path.exists(p)]
             if missing:
+                # a Debian kernel is refetched by its ABI, a custom one by its release
+                again = k.abi if k.flavour in kernels.FLAVOURS else k.release
                 checks.append(Check(f"kernel {k.release}", FAIL, f"missing {missing}",
-                                    f"invoke fetch-kernel --kernel={k.abi} --force"))
+                                    f"invoke fetch-kernel --kernel={again} --force"))
             elif k.flavour in kernels.FLAVOURS and hasattr(kernels, "check_entry"):
                 # a Debian entry against what its fetch recorded (listing, vmlinuz hash)
                 problem = kernels.check_entry(Path(k.root).parent)
