@@ -73,6 +73,21 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
     return res.stdout
 
 
+# A netdev INGRESS hook is the only user of the kernel's ingress static keys
+# (nf_hooks_needed[NETDEV][INGRESS], ingress_needed_key): registering the first
+# one and unregistering the last re-patch the branch in __netif_receive_skb_core
+# with int3-based text poking. Under TCG, when the other vCPU runs that branch
+# meanwhile (packets in flight), the guest ends in "Oops: int3" (6.12) or a soft
+# lockup of both vCPUs (6.1): most likely QEMU's emulation of cross-modifying
+# code (see tests/integration/test_soak.py). An empty ingress chain on eth0, the
+# management NIC no test path uses, holds the keys on for the VM's life, so
+# loading and unloading such a module changes a count, not code.
+PIN_INGRESS = """nft list table netdev nflab_pin >/dev/null 2>&1 || nft -f - <<'EOF'
+table netdev nflab_pin {
+  chain ingress { type filter hook ingress device "eth0" priority 0; }
+}
+EOF"""
+
 _facts: dict = {}
 
 
@@ -139,6 +154,7 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
             timeout: float = 60) -> Installed:
     """Build *name* (a catalog name or a kmods.spec.Extension, e.g. a workshop
     exercise) for VM *vm*'s kernel, load it there (with module *params*), prove it."""
+    from kmods import spec
     from kmods.build import build_extension
     from vm import kernels, lab
 
@@ -164,8 +180,10 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
     _copy_files(vm, files)
     mod = art.module
     deps = " ".join(shlex.quote(d) for d in art.deps)
+    ext = name if not isinstance(name, str) else spec.load(name)
     script = [
         "set -e",
+        PIN_INGRESS if any(h.family == "netdev" for h in ext.hooks) else ":",
         f"for d in {deps}; do modprobe $d; done" if deps else ":",
         # an in-tree or older kit module of the same name must go first
         f"if [ -d /sys/module/{mod} ]; then rmmod {mod}; fi",
