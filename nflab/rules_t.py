@@ -130,9 +130,10 @@ def script(cases: list[RuleCase], family: str, backend: str, *, fast: bool = Tru
       accepted in a chain is the n-th ``-A CHAIN`` line iptables-save prints.
     """
     tool = {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
-    lines = ["#!/bin/sh", f"echo '{_NS}'",
-             "err() { while IFS= read -r l || [ -n \"$l\" ]; do echo \"err $l\"; done < /tmp/nflab-t.err; }",
-             f"ipt() {{ {tool} -w \"$@\" 2>/tmp/nflab-t.err; echo \"rc $?\"; err; }}"]
+    # scratch files per shell ($$): run_many runs several scripts at once
+    lines = ["#!/bin/sh", f"echo '{_NS}'", "tmp=/tmp/nflab-t.$$", "trap 'rm -f $tmp.err $tmp.rules' EXIT",
+             "err() { while IFS= read -r l || [ -n \"$l\" ]; do echo \"err $l\"; done < $tmp.err; }",
+             f"ipt() {{ {tool} -w \"$@\" 2>$tmp.err; echo \"rc $?\"; err; }}"]
 
     def one_by_one(i: int, c: RuleCase) -> list[str]:
         return [f"echo '{_BEGIN} {i}'",
@@ -144,8 +145,8 @@ def script(cases: list[RuleCase], family: str, backend: str, *, fast: bool = Tru
         ok = [(i, c) for i, c in enumerate(cases) if c.table == table and c.ok]
         if fast and ok:
             body = [f"*{table}"] + [f"-A {c.chain} {c.rule}" for _, c in ok] + ["COMMIT"]
-            lines += ["cat > /tmp/nflab-t.restore <<'@@NFLAB-T-EOF'", *body, "@@NFLAB-T-EOF",
-                      f"if {tool}-restore -w -n < /tmp/nflab-t.restore 2>/tmp/nflab-t.err; then"]
+            lines += ["cat > $tmp.rules <<'@@NFLAB-T-EOF'", *body, "@@NFLAB-T-EOF",
+                      f"if {tool}-restore -w -n < $tmp.rules 2>$tmp.err; then"]
             lines += [f"  echo '{_BEGIN} {i}'; echo 'rc 0'; echo '{_END}'" for i, _ in ok]
             lines += ["else", f"  echo '{_FALLBACK} {table}'; err"]
             lines += ["  " + ln for i, c in ok for ln in one_by_one(i, c)]
