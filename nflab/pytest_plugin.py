@@ -191,10 +191,8 @@ def pytest_runtest_makereport(item, call):
         return
     wire = item.funcargs.get("wire")
     sent = []
-    if wire is not None and hasattr(wire, "take_sent"):
+    if wire is not None:
         sent = wire.take_sent()
-    elif wire is not None and hasattr(wire, "take_journal"):
-        sent = wire.take_journal()
     if sent:
         report.sections.append(("packets sent (scapy)", "\n".join(map(str, sent))))
     if report.failed:

@@ -243,10 +243,6 @@ class Wire:
         out, self.journal[:] = list(self.journal), []
         return out
 
-    def take_journal(self) -> list[str]:
-        """Summaries of the frames sent since the last call (for test reports)."""
-        return [str(s) for s in self.take_sent()]
-
     def received_since(self, since: dict) -> list[tuple[str, bytes]]:
         """(side, raw frame) of every frame still buffered that arrived after *since*
         (a :meth:`mark`); nothing is parsed."""
