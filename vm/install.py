@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nflab.errors import NflabError, VMError
+from vm import qemu
 
 GUEST_DIR = "/root/nflab"
 XTLIBDIR = "/usr/lib/x86_64-linux-gnu/xtables"
@@ -79,13 +80,13 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
 # with int3-based text poking. Under TCG, when the other vCPU runs that branch
 # meanwhile (packets in flight), the guest ends in "Oops: int3" (6.12) or a soft
 # lockup of both vCPUs (6.1): most likely QEMU's emulation of cross-modifying
-# code (see tests/integration/test_soak.py). An empty ingress chain on eth0, the
-# management NIC no test path uses, holds the keys on for the VM's life, so
+# code (see tests/integration/test_soak.py). An empty ingress chain on the
+# management NIC (eth0), which no test path uses, holds the keys on for the VM's life, so
 # loading and unloading such a module changes a count, not code.
-PIN_INGRESS = """nft list table netdev nflab_pin >/dev/null 2>&1 || nft -f - <<'EOF'
-table netdev nflab_pin {
-  chain ingress { type filter hook ingress device "eth0" priority 0; }
-}
+PIN_INGRESS = f"""nft list table netdev nflab_pin >/dev/null 2>&1 || nft -f - <<'EOF'
+table netdev nflab_pin {{
+  chain ingress {{ type filter hook ingress device "{qemu.SSH_NIC.name}" priority 0; }}
+}}
 EOF"""
 
 _facts: dict = {}
