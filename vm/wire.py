@@ -321,3 +321,14 @@ def has_tag(pkt, tag: int, *, magic_bytes: bytes | None = None) -> bool:
     """True if *pkt*'s bytes carry the magic + *tag* unit."""
     unit = (magic_bytes or magic()) + int(tag).to_bytes(4, "big")
     return unit in bytes(pkt)
+
+
+def tags_in(pkt, *, magic_bytes: bytes | None = None) -> set[int]:
+    """Every tag *pkt* carries (its magic + 4-byte tag units), in one pass over
+    its bytes: for matching many frames against many tags."""
+    m = magic_bytes or magic()
+    raw, out, i = bytes(pkt), set(), 0
+    while (i := raw.find(m, i)) >= 0 and i + len(m) + 4 <= len(raw):
+        out.add(int.from_bytes(raw[i + len(m):i + len(m) + 4], "big"))
+        i += len(m) + 4
+    return out

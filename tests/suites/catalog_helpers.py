@@ -58,10 +58,10 @@ def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", in
     before it has either arrived or been dropped, and no settle time is
     needed. A sentinel that does not arrive fails the test: the path itself
     is broken, whatever the rules say."""
-    from vm.wire import has_tag
+    from vm.wire import has_tag, tags_in
 
     since = wire.mark(into)
-    match = lambda p: any(has_tag(p, t) for t in pkts)          # noqa: E731
+    match = lambda p: bool(tags_in(p) & pkts.keys())            # noqa: E731
     if sentinel is not None:
         stag, spkt = sentinel
         wire.send(out, list(pkts.values()) + [spkt])
@@ -71,13 +71,13 @@ def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", in
                 f"drops, did not come out on the {into} wire within {timeout}s: the {out} -> "
                 f"{into} path through the guest is broken")
         got = wire.sniff(into, match, count=len(pkts) + 1, timeout=0, since=since)
-        return {t for t in pkts for p in got if has_tag(p, t)}
+        return {t for p in got for t in tags_in(p)} & pkts.keys()
     wire.send(out, list(pkts.values()))
     want = len(pkts) if expect is None else expect
     got = wire.sniff(into, match, count=max(want, 1), timeout=timeout if want else settle,
                      since=since)
     got += wire.sniff(into, match, count=len(pkts) + 1, timeout=settle, since=wire.mark(into))
-    return {t for t in pkts for p in got if has_tag(p, t)}
+    return {t for p in got for t in tags_in(p)} & pkts.keys()
 
 
 def send_one_by_one(wire, pkts: dict, *, out="client", into="server", timeout=1.5) -> set:

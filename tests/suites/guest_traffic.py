@@ -19,7 +19,8 @@ import re
 
 import pytest
 
-from tests.suites.catalog_helpers import BACKENDS, GUEST_DIR, TOOLS
+from tests.suites.catalog_helpers import BACKENDS, GUEST_DIR, TOOLS, send_tagged
+from vm.wire import tags_in
 
 DEV = "nflabd0"
 LOCAL = {"ipv4": "10.99.0.1", "ipv6": "2001:db8:99::1"}
@@ -179,17 +180,6 @@ def reload_script(module: str, tries: int = 100) -> str:
 
 
 
-def tags_of(pkt) -> set:
-    """The tags a frame carries (``vm.wire.payload`` units), parsed once."""
-    from vm.wire import magic
-    m = magic()
-    raw, out, i = bytes(pkt), set(), 0
-    while (i := raw.find(m, i)) >= 0 and i + len(m) + 4 <= len(raw):
-        out.add(int.from_bytes(raw[i + len(m):i + len(m) + 4], "big"))
-        i += len(m) + 4
-    return out
-
-
 def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeout=5.0,
                  settle=0.3) -> set:
     """Send {tag: packet} in order from *out*; wait until every tag in *until*
@@ -204,7 +194,7 @@ def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeou
     want, seen = set(until), set()
 
     def keep(p):
-        tags = tags_of(p) & set(pkts)
+        tags = tags_in(p) & set(pkts)
         seen.update(tags)
         return bool(tags & want)
 
@@ -220,11 +210,8 @@ def positions_batch(wire, tag, make, sentinel_make):
     the n packets that arrived."""
     def batch(n):
         ts = [tag() for _ in range(n)]
-        pkts = {t: make(t) for t in ts}
         sentinel = tag()
-        pkts[sentinel] = sentinel_make(sentinel)
-        got = send_collect(wire, pkts, {sentinel})
-        assert sentinel in got, "the sentinel packet (no rule drops it) did not arrive"
+        got = send_tagged(wire, {t: make(t) for t in ts}, sentinel=(sentinel, sentinel_make(sentinel)))
         return [ts.index(t) + 1 for t in ts if t in got]
     return batch
 

@@ -137,3 +137,11 @@ def test_missing_nic_is_a_clear_error():
     from nflab.errors import VMError
     with pytest.raises(VMError, match="no wire for eth1"):
         Wire({})
+
+
+def test_tags_in_finds_every_tag_a_frame_carries():
+    from vm.wire import has_tag, payload, tags_in
+    data = payload(7, 48) + b"xx" + payload(0x01020304, 30)
+    assert tags_in(data) == {7, 0x01020304}
+    assert tags_in(b"no magic here") == set()
+    assert all(has_tag(data, t) for t in tags_in(data))
