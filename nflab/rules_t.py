@@ -21,6 +21,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from vm import remote
+
 BACKENDS = ("legacy", "nft")
 _BEGIN, _END, _SAVE = "@@NFLAB-T", "@@NFLAB-T-END", "@@NFLAB-T-SAVE"
 _NS, _FALLBACK, _JOB = "@@NFLAB-T-NETNS", "@@NFLAB-T-SLOW", "@@NFLAB-T-JOB"
@@ -203,7 +205,7 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
 
 
 def _run(host, cases, family, backend, fast):
-    out = host.run(remote_command(script(cases, family, backend, fast=fast)))
+    out = remote.run(host, remote_command(script(cases, family, backend, fast=fast)))
     if _NS not in out.stdout:
         raise RuntimeError(f"cannot create a network namespace in the guest "
                            f"(unshare --net exited {out.rc}): {out.stderr.strip()}")
@@ -282,7 +284,8 @@ def run_many(host, runs: list[tuple[Path, str]], jobs: int = 2) -> dict:
         plans.append((path, backend, cases, family_of(path)))
     texts = []
     for batch in _batches([script(c, fam, b) for _, b, c, fam in plans]):
-        out = host.run(batch_command(batch, jobs))
+        # ~80 KiB: over the guest SSH server's exec limit, so it goes over stdin
+        out = remote.run(host, batch_command(batch, jobs))
         if out.rc == 91:
             raise RuntimeError(f"cannot create a scratch directory in the guest: {out.stderr.strip()}")
         texts += split_jobs(out.stdout, len(batch))

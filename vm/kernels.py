@@ -395,7 +395,7 @@ def table_rows() -> list[dict]:
 # ``nflab-files.gz`` (the listing itself: path, size or symlink target), so a
 # damaged entry says *what* is wrong. Every use checks the vmlinuz's size and
 # mtime (full sha256 when the mtime moved) and walks the tree (~14k files,
-# ~0.05 s); an entry from before these records gets the key-file checks and
+# ~0.04 s); an entry from before these records gets the key-file checks and
 # its records written then.
 
 INTEGRITY = "nflab-integrity.json"
@@ -405,16 +405,22 @@ LISTING = "nflab-files.gz"
 
 
 def _walk(root: Path) -> dict[str, str]:
-    """relative path -> size (regular files) or '->target' (symlinks), dirs left out."""
+    """relative path -> size (regular files) or '->target' (symlinks), dirs left out.
+    One lstat per file at most (``os.scandir`` knows types from the directory
+    listing): ~0.04 s for a kernel entry's ~14k files, paid by every `vm-up`."""
     out = {}
-    base = str(root)
-    for dirpath, dirnames, filenames in os.walk(base):
-        rel = os.path.relpath(dirpath, base)
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            key = name if rel == "." else f"{rel}/{name}"
-            out[key] = ("->" + os.readlink(full)) if os.path.islink(full) else str(st.st_size)
+    stack = [("", str(root))]
+    while stack:
+        rel, path = stack.pop()
+        with os.scandir(path) as it:
+            for e in it:
+                key = f"{rel}/{e.name}" if rel else e.name
+                if e.is_symlink():
+                    out[key] = "->" + os.readlink(e.path)
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append((key, e.path))
+                else:
+                    out[key] = str(e.stat(follow_symlinks=False).st_size)
     return out
 
 

@@ -38,7 +38,7 @@ from nflab.errors import VMError
 from nflab.paths import cache_dir, vms_dir
 from nflab.proc import file_lock, run
 
-from . import initramfs, kernels, qemu, rootfs
+from . import initramfs, kernels, qemu, remote, rootfs
 from . import snapshot as snapshot_mod
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -467,12 +467,14 @@ class _BootPlan:
     accel: str
     machine: str
     progress: object
+    sshd: str = "dropbear"
 
     def launch_spec(self, ports: qemu.Ports, incoming: Path | None = None) -> qemu.LaunchSpec:
         return qemu.LaunchSpec(
             name=self.vm, vmdir=self.vmdir, kernel=self.boot.kernel, initrd=self.boot.initrd,
             rootfs=self.image, modules_img=self.boot.modules_img, ssh_pubkey=self.pub,
             ports=ports, accel=self.accel, machine=self.machine, incoming=incoming,
+            extra_cmdline=qemu.sshd_cmdline(self.sshd),
             tsc_khz=qemu.host_tsc_khz() if self.accel == "tcg" and self.machine == "microvm"
             else None)
 
@@ -617,6 +619,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         boot = initramfs.ensure(kernel, progress=progress)
         accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
         machine = os.environ.get("NFLAB_MACHINE", "microvm")
+        sshd = qemu.sshd_choice()
         budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[accel]))
         use_snapshot = snapshot_mod.enabled(snapshot)
         progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
@@ -625,7 +628,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         vmdir.mkdir(parents=True, exist_ok=True)
         plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
                          image=image, key=key, pub=pub, accel=accel, machine=machine,
-                         progress=progress)
+                         progress=progress, sshd=sshd)
         if use_snapshot:
             state = _up_from_snapshot(plan, budget)
             if state is not None:
@@ -757,6 +760,13 @@ def exec(vm: str, cmd: str | list[str], timeout: float | None = None, *, capture
     command = cmd if isinstance(cmd, str) else shlex.join(cmd)
     argv = state.ssh_argv() + [command]
     data = input.encode() if isinstance(input, str) else input
+    if remote.needs_stdin(command):
+        # over the guest SSH server's exec limit: the command goes over stdin
+        if data is not None:
+            raise VMError(f"a {len(command.encode())}-byte command cannot also take stdin "
+                          f"(commands over {remote.MAX_EXEC} bytes are sent over it)",
+                          hint="put the command in a file (copy_to) and run that")
+        argv, data = state.ssh_argv() + [remote.STDIN_RUNNER], command.encode()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)

@@ -154,6 +154,24 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
     return " ".join(parts)
 
 
+SSHDS = ("dropbear", "openssh")
+
+
+def sshd_choice(env: str | None = None) -> str:
+    """The guest's SSH server: ``$NFLAB_SSHD`` (``dropbear``, the default: fastest to
+    start and log in to under TCG; ``openssh``: the guest's OpenSSH sshd)."""
+    value = (os.environ.get("NFLAB_SSHD", "") if env is None else env).strip() or SSHDS[0]
+    if value not in SSHDS:
+        raise VMError(f"NFLAB_SSHD={value!r} is not an SSH server the guest has",
+                      hint=f"use one of {', '.join(SSHDS)} (or leave it unset for {SSHDS[0]})")
+    return value
+
+
+def sshd_cmdline(sshd: str) -> tuple[str, ...]:
+    """Kernel command line words that make the guest init start *sshd*."""
+    return () if sshd == SSHDS[0] else (f"nflab.sshd={sshd}",)
+
+
 def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     """The host's TSC rate in kHz, which is also the guest's under TCG (QEMU's rdtsc
     reads the host TSC).

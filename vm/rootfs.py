@@ -23,6 +23,7 @@ kernel command line (``nflab.key=``), so the image does not depend on the key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ from nflab.proc import file_lock, run
 SUITE = "bookworm"
 PACKAGES = (
     "python3", "python3-scapy", "python3-pytest", "iptables", "nftables", "iproute2",
-    "openssh-server", "kmod", "procps", "iputils-ping", "conntrack", "tcpdump",
+    "openssh-server", "dropbear-bin", "kmod", "procps", "iputils-ping", "conntrack", "tcpdump",
     "netcat-openbsd", "ethtool",
 )
 IMAGE_SIZE = "1G"
@@ -53,14 +54,29 @@ GUEST_FILES = {
     "poweroff.sh": ("usr/local/sbin/poweroff", 0o755),
     "sshd.conf": ("etc/ssh/sshd_config.d/nflab.conf", 0o644),
 }
-GUEST_LINKS = {"usr/local/sbin/reboot": "poweroff", "usr/local/sbin/halt": "poweroff"}
+GUEST_LINKS = {"usr/local/sbin/reboot": "poweroff", "usr/local/sbin/halt": "poweroff",
+               # dropbear runs its sftp subsystem from here: scp/sftp work as with OpenSSH
+               "usr/lib/sftp-server": "openssh/sftp-server"}
+# the guest's SSH server (vm/guest/init.sh) is dropbear; its host key is made once,
+# at build time, so every boot presents the same one and spends nothing on it
+DROPBEAR_KEY = "etc/dropbear/dropbear_ed25519_host_key"
 XTABLES_PKG = "libxtables12"
 MANIFEST = "manifest.json"
 IMAGE = "rootfs.img"
 
 
 def host_xtables_version() -> str:
-    """Version of the host's libxtables (plugins are built against it)."""
+    """Version of the host's libxtables (plugins are built against it); asked of
+    dpkg once per process and change of dpkg's status file."""
+    try:
+        stamp = os.stat("/var/lib/dpkg/status").st_mtime_ns
+    except OSError:
+        stamp = None
+    return _dpkg_xtables_version(stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _dpkg_xtables_version(_stamp) -> str:
     res = run(["dpkg-query", "-W", "-f=${Version}", XTABLES_PKG], check=False)
     if res.returncode != 0 or not res.stdout.strip():
         raise VMError(f"the host has no {XTABLES_PKG} package",
@@ -144,6 +160,10 @@ def _install_guest_files(root: Path):
                     shutil.rmtree(child)
                 elif child.name not in ("lock", "partial"):
                     child.unlink()
+    key = root / DROPBEAR_KEY
+    if not key.is_file():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        run(["chroot", root, "dropbearkey", "-t", "ed25519", "-f", "/" + DROPBEAR_KEY], timeout=120)
     (root / "etc/hostname").write_text("nflab\n")
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 nflab\n")
     (root / "etc/fstab").write_text("# nflab: mounts are done by /sbin/nflab-init\n")
@@ -172,7 +192,7 @@ def build(*, progress=print) -> Path:
                           hint="check the network to the Debian mirror or set NFLAB_MIRROR",
                           detail="\n".join(tail) or (res.stderr or "")[-2000:])
         versions = _guest_versions(root, [XTABLES_PKG, "iptables", "nftables", "openssh-server",
-                                          "python3", "python3-scapy"])
+                                          "dropbear-bin", "python3", "python3-scapy"])
         if versions.get(XTABLES_PKG) != rec["xtables"]:
             raise VMError(
                 f"guest {XTABLES_PKG} {versions.get(XTABLES_PKG)} differs from the host's "

@@ -143,6 +143,53 @@ def test_copy_to(booted, tmp_path):
     assert out.split()[-1] == "600"
 
 
+def test_commands_over_the_ssh_servers_exec_limit(booted, host_of):
+    """dropbear refuses exec requests over 9000 bytes; lab.exec and vm.remote.run
+    send longer commands over stdin with the same meaning (status, output)."""
+    from vm import remote
+    body = "".join(f"echo line{i}\n" for i in range(2500))  # ~25 KB of shell
+    command = f"{body}echo $((6 * 7)) >&2; exit 5"
+    assert remote.needs_stdin(command)
+    res = lab.exec(booted.name, command)
+    assert res.returncode == 5 and res.stderr == "42\n"
+    assert res.stdout.splitlines() == [f"line{i}" for i in range(2500)]
+    out = remote.run(host_of(booted), command)
+    assert (out.rc, out.stderr) == (5, "42\n") and len(out.stdout.splitlines()) == 2500
+    with pytest.raises(VMError, match="cannot also take stdin"):
+        lab.exec(booted.name, command, input="x")
+
+
+def test_ssh_server_serves_scp_sftp_and_a_pty(booted, tmp_path):
+    """What users do with `ssh -F ssh_config`: scp (sftp protocol) both ways, a pty."""
+    src = tmp_path / "up"
+    src.write_bytes(os.urandom(50_000))
+    ssh_config, host = booted.ssh_config, booted.host
+    subprocess.run(["scp", "-q", "-F", ssh_config, str(src), f"{host}:/tmp/up"], check=True, timeout=60)
+    subprocess.run(["scp", "-q", "-F", ssh_config, f"{host}:/tmp/up", str(tmp_path / "down")],
+                   check=True, timeout=60)
+    assert (tmp_path / "down").read_bytes() == src.read_bytes()
+    res = subprocess.run(["ssh", "-F", ssh_config, "-tt", host, "tty; test -t 0 && echo pty"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "/dev/pts/" in res.stdout and "pty" in res.stdout
+
+
+def test_openssh_instead_of_dropbear(monkeypatch):
+    """NFLAB_SSHD=openssh: the guest starts OpenSSH's sshd, which takes long commands."""
+    monkeypatch.setenv("NFLAB_SSHD", "openssh")
+    name = "it-openssh"
+    try:
+        st = lab.up("6.1", name, snapshot=False, progress=lambda m: None)
+        assert "starting sshd (OpenSSH)" in (st.vmdir / "console.log").read_text()
+        ps = lab.exec(name, "ps -eo comm", check=True).stdout.split()
+        assert "sshd" in ps and "dropbear" not in ps
+        long = "true " + "x" * 20_000
+        res = subprocess.run(st.ssh_argv() + [long], capture_output=True, timeout=60)
+        assert res.returncode == 0, "OpenSSH takes exec requests over dropbear's 9000 bytes"
+    finally:
+        lab.down(name)
+    assert not qemu_pids_of(lab.vm_dir(name))
+
+
 def test_pytest_hosts_accepts_the_spec(booted, tmp_path):
     (tmp_path / "test_trivial.py").write_text(textwrap.dedent(f"""
         def test_kernel(host):

@@ -12,6 +12,8 @@ import re
 
 import pytest
 
+from vm import remote
+
 GUEST_DIR = "/root/nflab"          # where vm/install.py puts the .ko and .so
 CLIENT4, SERVER4 = "192.0.2.2", "198.51.100.2"
 CLIENT6, SERVER6 = "2001:db8:1::2", "2001:db8:2::2"
@@ -136,4 +138,6 @@ def sentinel(family, tag: int, dport=SENTINEL_PORT):
 def add_rules(host, cmds):
     """Run iptables commands in one SSH round trip (each costs ~0.1 s under TCG);
     the first that fails fails the test, with the command in the message."""
-    host.run_test(" && ".join(cmds))
+    script = " && ".join(cmds)
+    res = remote.run(host, script)
+    assert res.rc == 0, f"`{script}` exited {res.rc}: {(res.stderr or res.stdout).strip()}"

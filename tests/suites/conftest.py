@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from vm import tracing
+from vm import remote, tracing
 
 SUITES_DIR = os.path.dirname(os.path.abspath(__file__))
 _SPEC_VM = re.compile(r"^ssh://nflab-([A-Za-z0-9][A-Za-z0-9_-]*)\?")
@@ -190,14 +190,14 @@ class Rules:
         cmds = [f"{tool} -w -t {table} -A {chain} {spec}" for table, chain, spec in specs]
         # print the index of each rule added, so a failure names its rule
         script = "; ".join(f"{c} || {{ echo \"failed {i}\"; exit 1; }}" for i, c in enumerate(cmds))
-        res = self.host.run(script)
+        res = remote.run(self.host, script)
         done = len(cmds) if res.rc == 0 else int(res.stdout.split()[-1]) if "failed" in res.stdout else 0
         self.added += [(tool, *s) for s in specs[:done]]
         assert res.rc == 0, f"`{cmds[done] if done < len(cmds) else script}`: {res.stderr.strip()}"
 
     def remove_all(self):
         if self.added:
-            self.host.run("; ".join(f"{tool} -w -t {table} -D {chain} {spec}"
+            remote.run(self.host, "; ".join(f"{tool} -w -t {table} -D {chain} {spec}"
                                     for tool, table, chain, spec in reversed(self.added)))
         self.added = []
 
