@@ -78,16 +78,22 @@ def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", in
     want = len(pkts) if expect is None else expect
     got = wire.sniff(into, match, count=max(want, 1), timeout=timeout if want else settle,
                      since=since)
+    arrived = {t for p in got for t in tags_in(p)} & pkts.keys()
+    if arrived == pkts.keys():      # all in: nothing is left to settle
+        return arrived
     got += wire.sniff(into, match, count=len(pkts) + 1, timeout=settle, since=wire.mark(into))
     return {t for p in got for t in tags_in(p)} & pkts.keys()
 
 
-def send_one_by_one(wire, pkts: dict, *, out="client", into="server", timeout=1.5) -> set:
-    """Like send_tagged but one packet at a time, in order (stateful matches)."""
+def send_one_by_one(wire, pkts: dict, sentinels, *, out="client", into="server",
+                    timeout=4.0) -> set:
+    """Like send_tagged but one packet at a time, in order (stateful matches),
+    each followed by a fresh sentinel ``sentinels()`` (see :func:`sentinel`):
+    a dropped packet costs one sentinel round trip, not a timeout."""
     arrived = set()
     for tag, pkt in pkts.items():
-        arrived |= send_tagged(wire, {tag: pkt}, expect=1, out=out, into=into,
-                               timeout=timeout, settle=0.0)
+        arrived |= send_tagged(wire, {tag: pkt}, out=out, into=into, timeout=timeout,
+                               sentinel=sentinels())
     return arrived
 
 

@@ -181,14 +181,16 @@ def reload_script(module: str, tries: int = 100) -> str:
 
 
 def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeout=5.0,
-                 settle=0.3) -> set:
+                 settle=0.3, sentinel=None) -> set:
     """Send {tag: packet} in order from *out*; wait until every tag in *until*
     arrived on *into* (bounded by *timeout*), then *settle* seconds more, so
     packets that should be dropped had their chance. Returns the tags that arrived.
 
-    With *until* = the tags expected to arrive, or a sentinel sent last that no
-    rule drops (one RX queue forwards in order: once it is through, every
-    packet before it has had its verdict)."""
+    With a *sentinel* ``(tag, packet)`` that no rule drops, sent last, there is
+    no settle time: one RX queue forwards in order, so once it is through every
+    packet before it has had its verdict (see ``catalog_helpers.send_tagged``)."""
+    if sentinel is not None:
+        return send_tagged(wire, pkts, out=out, into=into, timeout=timeout, sentinel=sentinel)
     since = wire.mark(into)
     wire.send(out, list(pkts.values()))
     want, seen = set(until), set()
@@ -199,7 +201,8 @@ def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeou
         return bool(tags & want)
 
     wire.sniff(into, keep, count=len(want), timeout=timeout, since=since)
-    wire.sniff(into, keep, count=10 ** 6, timeout=settle, since=wire.mark(into))
+    if seen != set(pkts):           # all in: nothing is left to settle
+        wire.sniff(into, keep, count=10 ** 6, timeout=settle, since=wire.mark(into))
     return seen
 
 

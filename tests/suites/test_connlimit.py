@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 
 from tests.suites.catalog_helpers import (BACKENDS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
-                                          l3, send_one_by_one)
+                                          l3, send_one_by_one, sentinel)
 from tests.suites.guest_traffic import (REMOTE, SCRIPT, clean_filter, parallel_script,  # noqa: F401
                                         REPLACEMENTS, parse_senders, positions_batch, replacement_steps,
                                         sink)
@@ -65,7 +65,7 @@ def test_above_two_per_source(host, wire, clean_forward, family, backend, tag):
         t = tag()
         pkts[t] = _syn(family, src, server, sport, dport, t, flags)
         meta[t] = (label, ok)
-    arrived = send_one_by_one(wire, pkts)
+    arrived = send_one_by_one(wire, pkts, lambda: sentinel(family, tag()))
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) != meta[t][1]]
     assert not wrong, "\n".join(wrong)
@@ -84,7 +84,7 @@ def test_upto_and_daddr(host, wire, clean_forward, tag):
         t = tag()
         pkts[t] = _syn("ipv4", src, s, sport, 40820, t)
         meta[t] = (f"{src}:{sport}", ok)
-    arrived = send_one_by_one(wire, pkts)
+    arrived = send_one_by_one(wire, pkts, lambda: sentinel("ipv4", tag()))
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) != meta[t][1]]
     assert not wrong, "\n".join(wrong)
