@@ -41,10 +41,12 @@ def _extra_catalog(folder):
     "pytest": "extra pytest arguments, e.g. \"-k fragment -x\"",
     "quiet": "no progress display",
     "extensions_dir": EXT_DIR_HELP,
+    "jobs": "VMs of the kernel to split the suite files over (default auto: 2 on a 2-core host "
+            "when the run is long and the kit boots its own VMs; 1: one VM; also $NFLAB_TEST_JOBS)",
 })
 @friendly
 def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
-         quiet=False, extensions_dir=None):
+         quiet=False, extensions_dir=None, jobs=None):
     """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
     import shlex
 
@@ -55,7 +57,8 @@ def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None,
     with Progress(quiet) as progress:
         selected = [name] if name else ([n for n in names.split(",") if n] if names else None)
         outcome = suites.run(selected, kernel, vm=vm, keep=keep, junit=junit,
-                             html=html, pytest_args=shlex.split(pytest or ""), progress=progress)
+                             html=html, pytest_args=shlex.split(pytest or ""), jobs=jobs,
+                             progress=progress)
     c_ = outcome.counts
     passed = c_["tests"] - c_["failures"] - c_["errors"] - c_["skipped"]
     table(["kernel", "passed", "failed", "errors", "skipped", "seconds", "junit"],

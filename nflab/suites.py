@@ -100,29 +100,42 @@ def parse_junit(path: Path) -> tuple[dict, list]:
 GATE_ENV = "NFLAB_START_GATE"   # pytest waits for "go" in this file before its first test
 
 
-def start_pytest(cmd: list, *, env: dict, quiet: bool = False) -> subprocess.Popen:
+def start_pytest(cmd: list, *, env: dict, quiet: bool = False, log: Path | None = None) -> subprocess.Popen:
+    """Start pytest *cmd*; its output goes to the terminal, or to *log*, or nowhere (*quiet*)."""
+    if log is not None:
+        with open(log, "wb") as out:
+            return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out,
+                                    stderr=subprocess.STDOUT)
     out = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=out)
 
 
-def watch(proc: subprocess.Popen, vm: str, *, poll: float = 0.5) -> int:
-    """Wait for the pytest subprocess *proc* while watching the VM: a kernel fault
-    on the console (soft lockup, oops, panic...) or a dead QEMU ends the run at
-    once with the console excerpt, instead of every remaining test waiting out
-    its SSH timeouts."""
+def watch_all(runs: list[tuple[subprocess.Popen, str]], *, poll: float = 0.5) -> list[int]:
+    """Wait for the pytest subprocesses of *runs* ``(proc, vm)`` while watching their
+    VMs: a kernel fault on a console (soft lockup, oops, panic...) or a dead QEMU
+    ends the run at once with the console excerpt, instead of every remaining test
+    waiting out its SSH timeouts. Returns their exit codes."""
     from vm import lab
 
     try:
         while True:
-            try:
-                return proc.wait(timeout=poll)
-            except subprocess.TimeoutExpired:
-                pass
-            state = lab.load(vm)
-            if state is not None:
-                lab.check_health(state)      # raises VMError (and stops the VM) on a fault
+            codes = [proc.poll() for proc, _ in runs]
+            if all(rc is not None for rc in codes):
+                return codes
+            for (proc, vm), rc in zip(runs, codes):
+                if rc is None:
+                    state = lab.load(vm)
+                    if state is not None:
+                        lab.check_health(state)      # raises VMError (and stops the VM) on a fault
+            time.sleep(poll)
     finally:
-        stop(proc)
+        for proc, _ in runs:
+            stop(proc)
+
+
+def watch(proc: subprocess.Popen, vm: str, *, poll: float = 0.5) -> int:
+    """:func:`watch_all` for one pytest subprocess."""
+    return watch_all([(proc, vm)], poll=poll)[0]
 
 
 def stop(proc: subprocess.Popen):
@@ -143,10 +156,139 @@ def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5, quiet: bool
     return watch(start_pytest(cmd, env=env, quiet=quiet), vm, poll=poll)
 
 
+# ---------------------------------------------------------------- shards
+#
+# One VM runs one test at a time, and a TCG guest keeps about one host core
+# busy, so on a 2-core host a long run (the whole catalog) is split by suite
+# file over two VMs of the same kernel, each with its own pytest. Files are
+# dealt longest first to the shard that will finish first (the second shard
+# starts after the first one's boot and installs); durations come from the
+# previous run on that kernel (``suite-seconds.json`` beside the reports).
+
+SHARD_MIN_SECONDS = 40.0     # expected suite time below which one VM is quicker
+VM_MEMORY_GIB = 1.5          # what one more VM may take of the host's memory
+DEFAULT_FILE_SECONDS = 10.0  # a suite file never timed before
+JOBS_ENV = "NFLAB_TEST_JOBS"
+
+
+def durations_path(release: str) -> Path:
+    return build_dir() / "reports" / release / "suite-seconds.json"
+
+
+def load_durations(release: str) -> dict[str, float]:
+    try:
+        import json
+        return {k: float(v) for k, v in json.loads(durations_path(release).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_durations(release: str, junit: Path):
+    """Add the per-file seconds of *junit* to the kernel's durations file."""
+    import json
+    times: dict[str, float] = {}
+    if junit.is_file():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            f = case.get("file")
+            if f:
+                times[Path(f).name] = times.get(Path(f).name, 0.0) + float(case.get("time") or 0)
+    if times:
+        data = {**load_durations(release), **{k: round(v, 2) for k, v in times.items()}}
+        path = durations_path(release)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def _available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return 0.0
+
+
+def shard_count(jobs, files: list[Path], seconds: dict[str, float], *, own_vms: bool) -> int:
+    """How many VMs run *files*: *jobs* if given (``--jobs``, ``$NFLAB_TEST_JOBS``),
+    else 2 when the kit boots its own VMs, the host has 2 cores and the memory,
+    and the files are expected to take over ``SHARD_MIN_SECONDS``."""
+    if jobs is None:
+        jobs = os.environ.get(JOBS_ENV) or None
+    if jobs is not None and str(jobs) != "auto":
+        try:
+            n = int(jobs)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise NflabError(f"--jobs={jobs!r} is not a number of VMs", hint="use 1, 2, ... or auto")
+        if n > 1 and not own_vms:
+            raise NflabError(f"--jobs={n} runs the suites in {n} VMs the kit boots itself",
+                             hint="drop --vm, --keep and --html, or use --jobs=1")
+        return max(1, min(n, len(files)))
+    if not own_vms or len(files) < 2:
+        return 1
+    expected = sum(seconds.get(f.name, DEFAULT_FILE_SECONDS) for f in files)
+    if expected < SHARD_MIN_SECONDS:
+        return 1
+    return max(1, min(2, os.cpu_count() or 1, int(_available_gib() // VM_MEMORY_GIB), len(files)))
+
+
+def plan_shards(files: list[Path], n: int, seconds: dict[str, float],
+                start_delay: float = 0.0) -> list[list[Path]]:
+    """*files* in *n* groups: longest first to the group that is free first, shard
+    i starting *start_delay* × i late; each group keeps the files' given order."""
+    known = sorted(seconds.values())
+    default = known[len(known) // 2] if known else DEFAULT_FILE_SECONDS
+    cost = {f: seconds.get(f.name, default) for f in files}
+    loads = [i * start_delay for i in range(n)]
+    groups: list[list[Path]] = [[] for _ in range(n)]
+    for f in sorted(files, key=lambda f: -cost[f]):
+        i = min(range(n), key=lambda i: loads[i])
+        groups[i].append(f)
+        loads[i] += cost[f]
+    order = {f: k for k, f in enumerate(files)}
+    return [sorted(g, key=order.__getitem__) for g in groups if g]
+
+
+def merge_junit(parts: list[Path], out: Path):
+    """One JUnit file with every ``<testsuite>`` of *parts* (missing ones skipped)."""
+    root = ET.Element("testsuites")
+    for part in parts:
+        if part.is_file():
+            top = ET.parse(part).getroot()
+            root.extend([top] if top.tag == "testsuite" else list(top.iter("testsuite")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)
+
+
+def merged_exit(codes: list[int]) -> int:
+    """pytest's exit code for the shards together: 5 (nothing collected) only if no
+    shard ran anything, else the first code that is neither 0 nor 5."""
+    bad = [c for c in codes if c not in (0, 5)]
+    if bad:
+        return bad[0]
+    return 5 if codes and all(c == 5 for c in codes) else 0
+
+
+@dataclass
+class _Shard:
+    vm: str
+    files: list[Path]
+    junit: Path
+    gate: Path
+    log: Path | None = None
+    proc: subprocess.Popen | None = None
+    booted_here: bool = False
+
+
 def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
         keep: bool = False, junit: str | None = None, html: str | None = None,
-        pytest_args: list | None = None, progress=print) -> SuiteOutcome:
-    """Build, boot/reuse, install and run the suites of *names* on one kernel."""
+        pytest_args: list | None = None, jobs=None, progress=print) -> SuiteOutcome:
+    """Build, boot/reuse, install and run the suites of *names* on one kernel, in
+    one VM or (see :func:`shard_count`) split over several."""
     from kmods import build, spec
     from vm import kernels, lab
     from vm import install as vm_install
@@ -157,55 +299,87 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
     kernel = kernels.get(kernel_spec, progress=progress)
     t0 = time.monotonic()
     built, failed = build.build_many(names, kernel, progress=lambda n: progress(f"building {n}"))
-    if vm is None:
-        default = lab.load("default")
-        if default is not None and lab.is_running(default) and default.release == kernel.release:
-            vm = "default"
-        elif keep:
-            vm = vm_name_for(kernel.release)          # a fixed name the next run reuses
-        else:
-            # private to this process: concurrent runs never share (or stop) each other's VM
-            vm = f"{vm_name_for(kernel.release)[:22]}-{os.getpid() % 100000}"
-    booted_here = not (lab.load(vm) and lab.is_running(lab.load(vm)))
     files = suite_files([art.name for art in built])
     if not files:
         raise NflabError(f"no suites found for {', '.join(names)}",
                          hint="add tests/suites/test_<name>.py or a lib*.t file")
+    if vm is None:
+        default = lab.load("default")
+        if default is not None and lab.is_running(default) and default.release == kernel.release:
+            vm = "default"
+    seconds = load_durations(kernel.release)
+    n = shard_count(jobs, files, seconds, own_vms=vm is None and not keep and not html)
+    base = vm_name_for(kernel.release)
+    if vm is not None:
+        vms = [vm]
+    elif keep:
+        vms = [base]                        # a fixed name the next run reuses
+    else:
+        # private to this process: concurrent runs never share (or stop) each other's VM
+        tag = f"{base[:20 if n > 1 else 22]}-{os.getpid() % 100000}"
+        vms = [tag] if n == 1 else [f"{tag}-{i}" for i in range(n)]
+    groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.4 * len(built)) if n > 1 else [files]
     reports = build_dir() / "reports" / kernel.release
     reports.mkdir(parents=True, exist_ok=True)
     junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin", "-q", "-rfEs",
-           f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
-           f"--hosts={lab.testinfra_spec_for(vm)}", f"--nflab-vm={vm}",
-           f"--junitxml={junit_path}", *[f"--nflab-ext={art.name}" for art in built],
-           *(["--html", html, "--self-contained-html"] if html else []),
-           *map(str, files), *(pytest_args or [])]
-    # pytest starts now: its imports and collection (~1 s) overlap the boot and the
-    # installs, and it waits at the gate before its first test
-    gate = reports / f".gate-{os.getpid()}"
-    gate.unlink(missing_ok=True)
-    proc = start_pytest(cmd, env=dict(os.environ, NFLAB_VM=vm, **{GATE_ENV: str(gate)}))
+    shards = [_Shard(vm=v, files=g,
+                     junit=junit_path if n == 1 else junit_path.with_name(f".{junit_path.stem}.{i}.xml"),
+                     gate=reports / f".gate-{os.getpid()}-{i}",
+                     log=None if n == 1 else reports / f"pytest-{i + 1}-of-{n}.log")
+              for i, (v, g) in enumerate(zip(vms, groups))]
+
+    def command(sh: _Shard) -> list:
+        return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin",
+                "-q", "-rfEs", f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
+                f"--hosts={lab.testinfra_spec_for(sh.vm)}", f"--nflab-vm={sh.vm}",
+                f"--junitxml={sh.junit}", *[f"--nflab-ext={art.name}" for art in built],
+                *(["--html", html, "--self-contained-html"] if html else []),
+                *map(str, sh.files), *(pytest_args or [])]
+
     try:
-        state = lab.up(kernel_spec if kernel_spec else None, vm, progress=progress)
-        if state.testinfra_spec != lab.testinfra_spec_for(vm):
-            raise NflabError(f"VM {vm!r} answers at {state.testinfra_spec}, "
-                             f"not {lab.testinfra_spec_for(vm)}", hint="run `invoke vm-down --vm={vm}`")
-        for art in built:
-            progress(f"installing {art.name} in VM {vm}")
-            vm_install.install(art.name, vm)
-        progress(f"running {len(files)} suite file(s) on {kernel.release}")
-        gate.write_text("go")
-        rc = watch(proc, vm)
+        # pytest starts now: its imports and collection (~1 s) overlap the boots and
+        # the installs, and each waits at its gate before its first test
+        for sh in shards:
+            sh.gate.unlink(missing_ok=True)
+            sh.proc = start_pytest(command(sh), log=sh.log,
+                                   env=dict(os.environ, NFLAB_VM=sh.vm, **{GATE_ENV: str(sh.gate)}))
+        for i, sh in enumerate(shards):
+            sh.booted_here = not (lab.load(sh.vm) and lab.is_running(lab.load(sh.vm)))
+            state = lab.up(kernel_spec if kernel_spec else None, sh.vm, progress=progress)
+            if state.testinfra_spec != lab.testinfra_spec_for(sh.vm):
+                raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "
+                                 f"not {lab.testinfra_spec_for(sh.vm)}", hint=f"run `invoke vm-down --vm={sh.vm}`")
+            for art in built:
+                progress(f"installing {art.name} in VM {sh.vm}")
+                vm_install.install(art.name, sh.vm)
+            where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
+            progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
+            sh.gate.write_text("go")
+        codes = watch_all([(sh.proc, sh.vm) for sh in shards])
+        if n > 1:
+            merge_junit([sh.junit for sh in shards], junit_path)
+            for sh in shards:
+                print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
+                print(sh.log.read_text(errors="replace").rstrip(), flush=True)
+        if not pytest_args:
+            record_durations(kernel.release, junit_path)
         counts, failures = parse_junit(junit_path)
-        return SuiteOutcome(kernel.release, vm, junit_path, rc, time.monotonic() - t0,
-                            counts, failures, [(n, build_reason(e)) for n, e in failed])
+        return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
+                            time.monotonic() - t0, counts, failures,
+                            [(n_, build_reason(e)) for n_, e in failed])
     except BaseException:
-        if not gate.exists():
-            gate.write_text("abort")
-        stop(proc)
+        for sh in shards:
+            if not sh.gate.exists():
+                sh.gate.write_text("abort")
+            if sh.proc is not None:
+                stop(sh.proc)
         raise
     finally:
-        gate.unlink(missing_ok=True)
-        if booted_here and not keep:
-            progress(f"stopping VM {vm}")
-            lab.down(vm)
+        for sh in shards:
+            sh.gate.unlink(missing_ok=True)
+            if n > 1:
+                sh.junit.unlink(missing_ok=True)
+        for sh in shards:
+            if sh.booted_here and not keep:
+                progress(f"stopping VM {sh.vm}")
+                lab.down(sh.vm)
