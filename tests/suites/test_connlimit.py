@@ -109,6 +109,9 @@ def test_rule_replacement(host, wire, clean_filter, family, backend, tag):
     assert steps == dict(zip(REPLACEMENTS, ([1], [1] if backend == "legacy" else [], [1], [1]))), steps
 
 
+STALL_BUDGET = 2   # connections over the limit a stalled vCPU can let in (see below)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_two_cpus_never_exceed_the_limit(host, clean_filter, sink, family, backend):
@@ -131,6 +134,12 @@ def test_two_cpus_never_exceed_the_limit(host, clean_filter, sink, family, backe
     parse_senders(res.stdout)
     concurrent = int(res.stdout.split("concurrent=")[1].split()[0])
     topped_up = int(res.stdout.split("topped_up=")[1].split()[0])
-    assert 1 <= concurrent <= limit, \
+    # nf_conncount keeps an entry another CPU added but has not confirmed yet for 2
+    # jiffies (8 ms), then evicts it: a vCPU the host deschedules for longer between
+    # the match and the confirmation lets one more connection in, and that one is never
+    # counted (seen with two TCG VMs on a 2-core host). A missing lock would let in ~35.
+    assert 1 <= concurrent <= limit + STALL_BUDGET, \
         f"{2 * per_cpu} connects from 2 CPUs through --connlimit-above {limit}: {concurrent} live"
-    assert topped_up == limit, f"after a one-CPU top-up {topped_up} connections are live, want {limit}"
+    # one CPU alone is exact: it fills up to the limit, and adds nothing past it
+    want = max(limit, concurrent)
+    assert topped_up == want, f"after a one-CPU top-up {topped_up} connections are live, want {want}"
