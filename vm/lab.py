@@ -376,8 +376,8 @@ def _used_ports(exclude_vm: str) -> set[int]:
 
 def _ready_command(smp: int, clock: float | None = None) -> str:
     """Guest side of readiness, shell builtins only (every exec costs under TCG): all
-    vCPUs online (the init onlines those held back by ``maxcpus=1``; waits at most
-    5 s), then print the kernel release. With *clock* (a restored snapshot, whose
+    vCPUs online (they come up at boot; waits at most 5 s for a late one), then
+    print the kernel release. With *clock* (a restored snapshot, whose
     clock stopped when it was saved), first set the guest's wall clock to it."""
     online = "0" if smp <= 1 else f"0-{smp - 1}"
     cmd = ""

@@ -6,13 +6,6 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 
-# CPUs held back by maxcpus=1 (faster boot under TCG) come online now, in the
-# background and with shell builtins only: the boot CPU mostly waits for the new
-# one, so this overlaps with starting the SSH server instead of following it
-for cpu in /sys/devices/system/cpu/cpu[0-9]*; do
-    [ -w "$cpu/online" ] && read -r on < "$cpu/online" && [ "$on" = 0 ] && echo 1 > "$cpu/online"
-done &
-
 # the SSH server: dropbear (7 libraries; under TCG it starts in 0.05 s where
 # OpenSSH's sshd, linked against 27, takes 0.28 s, and its logins are cheaper);
 # nflab.sshd=openssh on the kernel command line (NFLAB_SSHD=openssh on the host)
