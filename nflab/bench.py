@@ -114,6 +114,9 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+MATRIX_KERNELS = "6.1,6.12"
+
+
 def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bool = False,
         progress=print, *, only: str | None = None, workshop: bool = False) -> dict:
     from vm import kernels, lab
@@ -149,6 +152,9 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         if matrix:
             results.append(_measure("invoke test (whole catalog)",
                                     lambda: _invoke("test", f"--kernel={spec}"), 1))
+            results.append(_measure(f"invoke matrix --kernels={MATRIX_KERNELS} -j 2 (whole catalog)",
+                                    lambda: _invoke("matrix", f"--kernels={MATRIX_KERNELS}", "-j", "2"), 1,
+                                    note="one VM per kernel, both at once"))
     if "workshop" in groups:
         results += workshop_group(WORKSHOP_KERNELS, extra, progress)
     lab.down(vm)
@@ -257,7 +263,7 @@ def _snapshot_group(spec, runs, results, progress):
     def cli_cycle():
         t0 = time.monotonic()
         try:
-            _invoke("vm-up", f"--kernel={spec}", f"--vm={vm}")
+            _invoke("vm-up", f"--kernel={spec}", f"--vm={vm}", "--snapshot")
             _invoke("vm-exec", f"--vm={vm}", "--cmd=uname -r")
         finally:
             _invoke("vm-down", f"--vm={vm}")

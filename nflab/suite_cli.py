@@ -95,7 +95,7 @@ def doctor(c):
     "runs": "runs per measurement (median, min, max reported)",
     "json": "write the results as JSON to this file",
     "cold": "also measure cold kernel fetch and cold rootfs build (slow, downloads)",
-    "catalog": "also time `invoke test` over the whole catalog",
+    "catalog": "also time `invoke test` over the whole catalog and `invoke matrix --kernels=6.1,6.12 -j 2`",
     "workshop": "also time every workshop exercise's reference solution on 6.1 and 6.12 (per exercise and total)",
     "only": "comma list of groups to run: build, boot, snapshot, vng, test, workshop (default: all but workshop)",
 })

@@ -58,8 +58,8 @@ def rootfs(c, rebuild=False, quiet=False):
 
 @task(help={"kernel": "kernel spec (default 6.12)", "vm": VM_HELP,
             "replace": "stop a running VM of that name with another kernel first",
-            "snapshot": "restore the saved state of a freshly booted VM (~1 s; experimental, "
-                        "off by default; NFLAB_SNAPSHOT=1 makes it the default)"})
+            "snapshot": "restore the saved state of a freshly booted VM (~0.6 s instead of a "
+                        "~2.2 s boot; off by default; NFLAB_SNAPSHOT=1 makes it the default)"})
 @friendly
 def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False):
     """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
