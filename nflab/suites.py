@@ -361,7 +361,7 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
             for sh in shards:
                 print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
                 print(sh.log.read_text(errors="replace").rstrip(), flush=True)
-        if not pytest_args:
+        if not pytest_args and not html:      # only plain, whole runs plan the next split
             record_durations(kernel.release, junit_path)
         counts, failures = parse_junit(junit_path)
         return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
