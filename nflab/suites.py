@@ -318,7 +318,7 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         # private to this process: concurrent runs never share (or stop) each other's VM
         tag = f"{base[:20 if n > 1 else 22]}-{os.getpid() % 100000}"
         vms = [tag] if n == 1 else [f"{tag}-{i}" for i in range(n)]
-    groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.4 * len(built)) if n > 1 else [files]
+    groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
     reports = build_dir() / "reports" / kernel.release
     reports.mkdir(parents=True, exist_ok=True)
     junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
@@ -349,9 +349,8 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
             if state.testinfra_spec != lab.testinfra_spec_for(sh.vm):
                 raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "
                                  f"not {lab.testinfra_spec_for(sh.vm)}", hint=f"run `invoke vm-down --vm={sh.vm}`")
-            for art in built:
-                progress(f"installing {art.name} in VM {sh.vm}")
-                vm_install.install(art.name, sh.vm)
+            progress(f"installing {len(built)} extension(s) in VM {sh.vm}")
+            vm_install.install_many([art.name for art in built], sh.vm)
             where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
             progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
             sh.gate.write_text("go")
