@@ -41,6 +41,27 @@ def ccomment(value) -> str:
     return text.replace("*/", "* /").replace("/*", "/ *")
 
 
+class _SharedBytecode(jinja2.BytecodeCache):
+    """Compiled templates shared by every environment of the process: each
+    extension folder has its own environment (its overrides come first on the
+    search path), but the kit's templates are the same files for all of them.
+    Jinja keys a template by name and file and checks its source's checksum."""
+
+    def __init__(self):
+        self._code: dict[str, bytes] = {}
+
+    def load_bytecode(self, bucket):
+        code = self._code.get(bucket.key)
+        if code is not None:
+            bucket.bytecode_from_string(code)
+
+    def dump_bytecode(self, bucket):
+        self._code[bucket.key] = bucket.bytecode_to_string()
+
+
+_BYTECODE = _SharedBytecode()
+
+
 @functools.lru_cache(maxsize=64)
 def environment(ext_dir: Path | None = None) -> jinja2.Environment:
     """The Jinja2 environment for an extension folder, one per folder and process:
@@ -54,6 +75,7 @@ def environment(ext_dir: Path | None = None) -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,
+        bytecode_cache=_BYTECODE,
     )
     env.filters["cstr"] = cstr
     env.filters["ccomment"] = ccomment

@@ -253,3 +253,21 @@ def test_rendered_files_are_kernel_style(ext):
             if indent.startswith(" ") and not name == "Kbuild":
                 assert line.lstrip().startswith("*") or line.lstrip().startswith(")"), \
                     f"{name}:{no}: space indentation {line!r}"
+
+
+def test_compiled_templates_are_shared_but_never_mixed_up(tmp_path):
+    """Every extension folder has its own environment; the compiled kit templates
+    are shared between them, a folder's own template of the same name is not."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, word in ((a, "alpha"), (b, "beta")):
+        d.mkdir()
+        (d / "Kbuild.j2").write_text(f"# {word}\n")
+    assert render.environment(a).get_template("Kbuild.j2").render() == "# alpha\n"
+    assert render.environment(b).get_template("Kbuild.j2").render() == "# beta\n"
+    # a template file that changes is compiled again
+    (a / "Kbuild.j2").write_text("# gamma, a longer text\n")
+    render.environment.cache_clear()
+    assert render.environment(a).get_template("Kbuild.j2").render() == "# gamma, a longer text\n"
+    # the kit's own template, compiled once, renders the same from any folder
+    base = render.environment(None).get_template("shared_header.h.j2")
+    assert render.environment(a).get_template("shared_header.h.j2").filename == base.filename
