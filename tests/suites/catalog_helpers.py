@@ -64,6 +64,7 @@ def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", in
 
     since = wire.mark(into)
     match = lambda p: bool(tags_in(p) & pkts.keys())            # noqa: E731
+    arrived_in = lambda got: {t for p in got for t in tags_in(p)} & pkts.keys()  # noqa: E731
     if sentinel is not None:
         stag, spkt = sentinel
         wire.send(out, list(pkts.values()) + [spkt])
@@ -72,17 +73,16 @@ def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", in
                 f"the sentinel packet (tag {stag}: {spkt.summary()}), which no rule of the test "
                 f"drops, did not come out on the {into} wire within {timeout}s: the {out} -> "
                 f"{into} path through the guest is broken")
-        got = wire.sniff(into, match, count=len(pkts) + 1, timeout=0, since=since)
-        return {t for p in got for t in tags_in(p)} & pkts.keys()
+        return arrived_in(wire.sniff(into, match, count=len(pkts) + 1, timeout=0, since=since))
     wire.send(out, list(pkts.values()))
     want = len(pkts) if expect is None else expect
     got = wire.sniff(into, match, count=max(want, 1), timeout=timeout if want else settle,
                      since=since)
-    arrived = {t for p in got for t in tags_in(p)} & pkts.keys()
+    arrived = arrived_in(got)
     if arrived == pkts.keys():      # all in: nothing is left to settle
         return arrived
-    got += wire.sniff(into, match, count=len(pkts) + 1, timeout=settle, since=wire.mark(into))
-    return {t for p in got for t in tags_in(p)} & pkts.keys()
+    return arrived | arrived_in(wire.sniff(into, match, count=len(pkts) + 1, timeout=settle,
+                                           since=wire.mark(into)))
 
 
 def send_one_by_one(wire, pkts: dict, sentinels, *, out="client", into="server",

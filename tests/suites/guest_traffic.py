@@ -20,7 +20,6 @@ import re
 import pytest
 
 from tests.suites.catalog_helpers import BACKENDS, GUEST_DIR, TOOLS, send_tagged
-from vm.wire import tags_in
 
 DEV = "nflabd0"
 LOCAL = {"ipv4": "10.99.0.1", "ipv6": "2001:db8:99::1"}
@@ -178,32 +177,6 @@ def reload_script(module: str, tries: int = 100) -> str:
             f"test ! -e /sys/module/{module} && insmod {GUEST_DIR}/{module}.ko && "
             f"grep -q O /sys/module/{module}/taint")
 
-
-
-def send_collect(wire, pkts: dict, until, *, out="client", into="server", timeout=5.0,
-                 settle=0.3, sentinel=None) -> set:
-    """Send {tag: packet} in order from *out*; wait until every tag in *until*
-    arrived on *into* (bounded by *timeout*), then *settle* seconds more, so
-    packets that should be dropped had their chance. Returns the tags that arrived.
-
-    With a *sentinel* ``(tag, packet)`` that no rule drops, sent last, there is
-    no settle time: one RX queue forwards in order, so once it is through every
-    packet before it has had its verdict (see ``catalog_helpers.send_tagged``)."""
-    if sentinel is not None:
-        return send_tagged(wire, pkts, out=out, into=into, timeout=timeout, sentinel=sentinel)
-    since = wire.mark(into)
-    wire.send(out, list(pkts.values()))
-    want, seen = set(until), set()
-
-    def keep(p):
-        tags = tags_in(p) & set(pkts)
-        seen.update(tags)
-        return bool(tags & want)
-
-    wire.sniff(into, keep, count=len(want), timeout=timeout, since=since)
-    if seen != set(pkts):           # all in: nothing is left to settle
-        wire.sniff(into, keep, count=10 ** 6, timeout=settle, since=wire.mark(into))
-    return seen
 
 
 def positions_batch(wire, tag, make, sentinel_make):

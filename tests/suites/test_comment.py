@@ -20,8 +20,8 @@ import shlex
 
 import pytest
 
-from tests.suites.catalog_helpers import BACKENDS, PEERS, TOOLS, assert_kit_module, l3, sentinel
-from tests.suites.guest_traffic import clean_filter, save_rules, send_collect, sink  # noqa: F401
+from tests.suites.catalog_helpers import BACKENDS, PEERS, TOOLS, assert_kit_module, l3, send_tagged, sentinel
+from tests.suites.guest_traffic import clean_filter, save_rules, sink  # noqa: F401
 
 pytestmark = pytest.mark.vm
 FAMILIES = ["ipv4", "ipv6"]
@@ -68,7 +68,7 @@ def test_matches_every_packet_verdict_is_the_rules(host, wire, loaded, clean_fil
             pkts[t] = l3(family)(src=c, dst=s) / UDP(sport=33000, dport=port) / payload(t, 48)
             port_of[t] = port
     expect = {t for t, p in port_of.items() if p != drop}
-    arrived = send_collect(wire, pkts, expect, sentinel=sentinel(family, tag()))
+    arrived = send_tagged(wire, pkts, timeout=5.0, sentinel=sentinel(family, tag()))
     assert arrived == expect, \
         f"arrived: {sorted(port_of[t] for t in arrived)}; want 3 each on {count} and {accept}, none on {drop}"
     got = [p for p, _, _ in save_rules(host.check_output(f"{TOOLS[family]}-{backend}-save -c -t filter"),

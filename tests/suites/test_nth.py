@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import BACKENDS, PEERS, TOOLS, assert_kit_module, l3, sentinel
+from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, l3, send_tagged,
+                                          sentinel)
 from tests.suites.guest_traffic import (clean_filter, flush_script, parallel_script,  # noqa: F401
-                                        parse_senders, reload_script, save_rules, send_collect, sink,
+                                        parse_senders, reload_script, save_rules, sink,
                                         param_scope, positions_batch)
 
 pytestmark = pytest.mark.vm
@@ -97,8 +98,7 @@ def test_positions_on_the_wire(host, wire, fresh, family, backend, tag):
         # the first rule of the port that matches position k decides
         first = next(((o, target) for p, o, target, m in rules if p == port and k in m), ("", "ACCEPT"))
         meta[t] = (f"port {port} packet {k} (-m nth {first[0] or '...: no match'})", first[1] != "DROP")
-    expect = {t for t, (_, arrives) in meta.items() if arrives}
-    arrived = send_collect(wire, pkts, expect, timeout=8.0, sentinel=sentinel(family, tag()))
+    arrived = send_tagged(wire, pkts, timeout=8.0, sentinel=sentinel(family, tag()))
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) != meta[t][1]]
     assert not wrong, "\n".join(wrong)
