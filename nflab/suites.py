@@ -344,7 +344,8 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
             sh.proc = start_pytest(command(sh), log=sh.log,
                                    env=dict(os.environ, NFLAB_VM=sh.vm, **{GATE_ENV: str(sh.gate)}))
         for i, sh in enumerate(shards):
-            sh.booted_here = not (lab.load(sh.vm) and lab.is_running(lab.load(sh.vm)))
+            old = lab.load(sh.vm)
+            sh.booted_here = not (old and lab.is_running(old))
             state = lab.up(kernel_spec if kernel_spec else None, sh.vm, progress=progress)
             if state.testinfra_spec != lab.testinfra_spec_for(sh.vm):
                 raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "

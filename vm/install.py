@@ -166,11 +166,19 @@ class _Plan:
     script: list
 
 
+def _key(name) -> str:
+    """The name an extension (catalog name or kmods.spec.Extension) goes by in *params*."""
+    return name if isinstance(name, str) else getattr(name, "name", name)
+
+
 def _plan(name, vm: str, kernel, guest_release: str, guest_xtables: str, params: dict | None,
-          spec_of, build, kernel_spec: str) -> _Plan:
+          kernel_spec: str) -> _Plan:
     """Build *name* for *kernel* and check it against the guest before anything is
     copied: vermagic against ``uname -r``, the plugin's libxtables against the guest's."""
-    art = build(name, kernel)
+    from kmods import spec
+    from kmods.build import build_extension
+
+    art = build_extension(name, kernel)
     magic = art.vermagic.split()[0] if art.vermagic else ""
     if magic != guest_release:
         raise NflabError(f"{art.ko.name} was built for {magic!r} but VM {vm!r} runs {guest_release!r}; "
@@ -184,7 +192,7 @@ def _plan(name, vm: str, kernel, guest_release: str, guest_xtables: str, params:
     files.update(extra)
     mod = art.module
     deps = " ".join(shlex.quote(d) for d in art.deps)
-    ext = spec_of(name) if isinstance(name, str) else name
+    ext = spec.load(name) if isinstance(name, str) else name
     script = [
         PIN_INGRESS if any(h.family == "netdev" for h in ext.hooks) else ":",
         f"for d in {deps}; do modprobe $d; done" if deps else ":",
@@ -211,18 +219,13 @@ def install_many(names: list, vm: str = "default", *, params: dict | None = None
     files go in one tar stream and all loads in one script: two SSH round trips
     however many extensions. The first load that fails stops the rest and is
     named in the error."""
-    from kmods import spec
-    from kmods.build import build_extension
     from vm import kernels, lab
 
     state = lab.require(vm)
     kernel = kernels.get(state.release)
     guest_release, guest_xtables = _guest_facts(vm, state)
-    plans = []
-    for name in names:
-        key = name if isinstance(name, str) else getattr(name, "name", name)
-        plans.append(_plan(name, vm, kernel, guest_release, guest_xtables, (params or {}).get(key),
-                           spec.load, build_extension, state.spec or guest_release))
+    plans = [_plan(name, vm, kernel, guest_release, guest_xtables, (params or {}).get(_key(name)),
+                   state.spec or guest_release) for name in names]
     files = {k: v for p in plans for k, v in p.files.items()}
     if progress:
         what = ", ".join(p.art.ko.name + (f" + {p.art.so.name}" if p.art.so else "") for p in plans)
@@ -261,6 +264,5 @@ def install(name, vm: str = "default", *, params: dict | None = None, progress=N
             timeout: float = 60) -> Installed:
     """Build *name* (a catalog name or a kmods.spec.Extension, e.g. a workshop
     exercise) for VM *vm*'s kernel, load it there (with module *params*), prove it."""
-    key = name if isinstance(name, str) else getattr(name, "name", name)
-    return install_many([name], vm, params={key: params} if params else None, progress=progress,
-                        timeout=timeout)[0]
+    return install_many([name], vm, params={_key(name): params} if params else None,
+                        progress=progress, timeout=timeout)[0]

@@ -758,15 +758,16 @@ def exec(vm: str, cmd: str | list[str], timeout: float | None = None, *, capture
     with *check*, also if the command exits non-zero."""
     state = require(vm)
     command = cmd if isinstance(cmd, str) else shlex.join(cmd)
-    argv = state.ssh_argv() + [command]
     data = input.encode() if isinstance(input, str) else input
-    if remote.needs_stdin(command):
-        # over the guest SSH server's exec limit: the command goes over stdin
+    # over the guest SSH server's exec limit the command itself goes over stdin
+    request, as_input = remote.exec_request(command)
+    if as_input is not None:
         if data is not None:
             raise VMError(f"a {len(command.encode())}-byte command cannot also take stdin "
                           f"(commands over {remote.MAX_EXEC} bytes are sent over it)",
                           hint="put the command in a file (copy_to) and run that")
-        argv, data = state.ssh_argv() + [remote.STDIN_RUNNER], command.encode()
+        data = as_input
+    argv = state.ssh_argv() + [request]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)

@@ -27,6 +27,14 @@ def needs_stdin(command: str) -> bool:
     return len(command.encode()) > MAX_EXEC
 
 
+def exec_request(command: str) -> tuple[str, bytes | None]:
+    """(what the exec request carries, what goes on stdin) for *command*: the
+    command itself, or past the limit the stdin reader and the command as its input."""
+    if needs_stdin(command):
+        return STDIN_RUNNER, command.encode()
+    return command, None
+
+
 def ssh_argv(backend) -> list[str]:
     """``ssh`` argv (without the remote command) for a testinfra SSH *backend*,
     with the options testinfra itself would pass."""
@@ -49,7 +57,7 @@ def run(host, command: str, timeout: float | None = None):
     backend = getattr(host, "backend", None)
     if not needs_stdin(command) or backend is None or backend.get_connection_type() != "ssh":
         return host.run(command)
-    argv = ssh_argv(backend) + [STDIN_RUNNER]
-    data = backend.encode(command)
-    res = subprocess.run(argv, input=data, capture_output=True, timeout=timeout, check=False)
+    request, data = exec_request(command)
+    res = subprocess.run(ssh_argv(backend) + [request], input=data, capture_output=True,
+                         timeout=timeout, check=False)
     return backend.result(res.returncode, data, res.stdout, res.stderr)

@@ -28,7 +28,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(install, "_guest_facts", lambda vm, state: ("r1", "1.8.9-2"))
     monkeypatch.setattr(install, "_copy_files", lambda vm, files: calls["copies"].append(dict(files)))
 
-    def plan(name, vm, kernel, rel, xt, params, spec_of, build, kernel_spec):
+    def plan(name, vm, kernel, rel, xt, params, kernel_spec):
         art = _art(name, f"xt_{name}")
         calls.setdefault("params", {})[name] = params
         return install._Plan(art, {f"/root/nflab/xt_{name}.ko": b"ko"}, 0,

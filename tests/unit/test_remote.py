@@ -81,3 +81,9 @@ def test_sshd_choice_refuses_unknown_servers():
     with pytest.raises(VMError) as exc:
         qemu.sshd_choice("tinysshd")
     assert "tinysshd" in exc.value.message and "openssh" in exc.value.hint
+
+
+def test_exec_request_short_as_is_long_over_stdin():
+    assert remote.exec_request("true") == ("true", None)
+    long = "echo " + "x" * remote.MAX_EXEC
+    assert remote.exec_request(long) == (remote.STDIN_RUNNER, long.encode())
