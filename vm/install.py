@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nflab.errors import NflabError, VMError
-from vm import qemu
 
 GUEST_DIR = "/root/nflab"
 XTLIBDIR = "/usr/lib/x86_64-linux-gnu/xtables"
@@ -51,7 +50,7 @@ def check_plugin_xtables(so: Path, guest_version: str, where: str, *, name: str 
     if guest_version in ("", "-"):
         raise NflabError(f"{where} has no {XTABLES_PKG} package: iptables there cannot load "
                          f"{so.name}; refusing to install it",
-                         hint=f"install iptables in the guest (`invoke rootfs --rebuild`)")
+                         hint="install iptables in the guest (`invoke rootfs --rebuild`)")
     guest = plugin.upstream_version(guest_version)
     if built is None:
         raise NflabError(f"{so.name} has no recorded libxtables version "
@@ -73,21 +72,6 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
                       detail=(res.stderr or res.stdout).strip()[-2000:])
     return res.stdout
 
-
-# A netdev INGRESS hook is the only user of the kernel's ingress static keys
-# (nf_hooks_needed[NETDEV][INGRESS], ingress_needed_key): registering the first
-# one and unregistering the last re-patch the branch in __netif_receive_skb_core
-# with int3-based text poking. Under TCG, when the other vCPU runs that branch
-# meanwhile (packets in flight), the guest ends in "Oops: int3" (6.12) or a soft
-# lockup of both vCPUs (6.1): most likely QEMU's emulation of cross-modifying
-# code (see tests/integration/test_soak.py). An empty ingress chain on the
-# management NIC (eth0), which no test path uses, holds the keys on for the VM's life, so
-# loading and unloading such a module changes a count, not code.
-PIN_INGRESS = f"""nft list table netdev nflab_pin >/dev/null 2>&1 || nft -f - <<'EOF'
-table netdev nflab_pin {{
-  chain ingress {{ type filter hook ingress device "{qemu.SSH_NIC.name}" priority 0; }}
-}}
-EOF"""
 
 _facts: dict = {}
 
@@ -175,7 +159,6 @@ def _plan(name, vm: str, kernel, guest_release: str, guest_xtables: str, params:
           kernel_spec: str) -> _Plan:
     """Build *name* for *kernel* and check it against the guest before anything is
     copied: vermagic against ``uname -r``, the plugin's libxtables against the guest's."""
-    from kmods import spec
     from kmods.build import build_extension
 
     art = build_extension(name, kernel)
@@ -192,9 +175,7 @@ def _plan(name, vm: str, kernel, guest_release: str, guest_xtables: str, params:
     files.update(extra)
     mod = art.module
     deps = " ".join(shlex.quote(d) for d in art.deps)
-    ext = spec.load(name) if isinstance(name, str) else name
     script = [
-        PIN_INGRESS if any(h.family == "netdev" for h in ext.hooks) else ":",
         f"for d in {deps}; do modprobe $d; done" if deps else ":",
         # an in-tree or older kit module of the same name must go first
         f"if [ -d /sys/module/{mod} ]; then rmmod {mod}; fi",
@@ -232,7 +213,7 @@ def install_many(names: list, vm: str = "default", *, params: dict | None = None
         extra = sum(p.extra for p in plans)
         progress(f"copying {what}{f' and {extra} file(s) they need' if extra else ''} into VM {vm}")
     _copy_files(vm, files)
-    script = [f"( set -e\n" + "\n".join(p.script) + f"\n) || {{ echo '{_FAILED} {p.art.module}'; exit 1; }}"
+    script = ["( set -e\n" + "\n".join(p.script) + f"\n) || {{ echo '{_FAILED} {p.art.module}'; exit 1; }}"
               for p in plans]
     res = lab.exec(vm, "\n".join(script), timeout=timeout * len(plans))
     done = {}

@@ -468,12 +468,14 @@ class _BootPlan:
     machine: str
     progress: object
     sshd: str = "dropbear"
+    tcg_thread: str = "single"
 
     def launch_spec(self, ports: qemu.Ports, incoming: Path | None = None) -> qemu.LaunchSpec:
         return qemu.LaunchSpec(
             name=self.vm, vmdir=self.vmdir, kernel=self.boot.kernel, initrd=self.boot.initrd,
             rootfs=self.image, modules_img=self.boot.modules_img, ssh_pubkey=self.pub,
-            ports=ports, accel=self.accel, machine=self.machine, incoming=incoming,
+            ports=ports, accel=self.accel, tcg_thread=self.tcg_thread, machine=self.machine,
+            incoming=incoming,
             extra_cmdline=qemu.sshd_cmdline(self.sshd),
             tsc_khz=qemu.host_tsc_khz() if self.accel == "tcg" and self.machine == "microvm"
             else None)
@@ -620,15 +622,17 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
         machine = os.environ.get("NFLAB_MACHINE", "microvm")
         sshd = qemu.sshd_choice()
+        tcg_thread = qemu.tcg_threading()
         budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[accel]))
         use_snapshot = snapshot_mod.enabled(snapshot)
         progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
-                 f"with {accel.upper()} ({reason}), -M {machine}")
+                 f"with {accel.upper()} ({reason}"
+                 f"{', ' + tcg_thread + '-threaded' if accel == 'tcg' else ''}), -M {machine}")
         key, pub = ssh_key()
         vmdir.mkdir(parents=True, exist_ok=True)
         plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
                          image=image, key=key, pub=pub, accel=accel, machine=machine,
-                         progress=progress, sshd=sshd)
+                         progress=progress, sshd=sshd, tcg_thread=tcg_thread)
         if use_snapshot:
             state = _up_from_snapshot(plan, budget)
             if state is not None:

@@ -98,6 +98,7 @@ class LaunchSpec:
     ssh_pubkey: str           # base64 blob of the lab's ssh-ed25519 public key
     ports: Ports
     accel: str = "tcg"        # "tcg" or "kvm"
+    tcg_thread: str = "single"  # TCG: "single" (one host thread for all vCPUs) or "multi"
     machine: str = "microvm"  # "microvm" or "pc"
     memory: str = "1G"
     smp: int = 2
@@ -217,12 +218,43 @@ def _pci_opts(machine: str) -> str:
     return ",romfile=" if machine == "pc" else ""
 
 
+# TCG runs every vCPU on one host thread by default. With one thread per vCPU
+# ("multi", QEMU's default) QEMU 7.2 does not keep cross-modifying code coherent:
+# when the kernel flips a static key (a netfilter hook registered or removed:
+# nf_hooks_needed, ingress_needed_key) it patches the branch with an int3 and
+# IPIs, and a vCPU executing that branch meanwhile later runs a stale
+# translation of the int3 ("Oops: int3" on 6.12) or spins in it (soft lockup on
+# 6.1). tests/integration/test_soak.py flips those keys 200 times under traffic:
+# with "multi" 6.12 oopses within 5 s and 6.1 locks up within 40 s, with
+# "single" all 200 cycles pass on both; a CI run saw the same oops while 6.12
+# booted. "single" still gives the guest two CPUs (SMP code, per-CPU data,
+# races between CPUs at time-slice granularity); it costs ~0.07 s of boot and
+# ~1 s of a one-VM iprange cycle, and a run split over two VMs is faster with it
+# (2 host threads on 2 cores instead of 4).
+TCG_THREADS = ("single", "multi")
+
+
+def tcg_threading(env: str | None = None) -> str:
+    """TCG threading: ``$NFLAB_TCG_THREAD`` (``single``, the default; ``multi`` is
+    faster for one VM's CPU-bound work but crashes guests that patch kernel text
+    while running, see above)."""
+    value = (os.environ.get("NFLAB_TCG_THREAD", "") if env is None else env).strip() \
+        or TCG_THREADS[0]
+    if value not in TCG_THREADS:
+        raise VMError(f"NFLAB_TCG_THREAD={value!r} is not a TCG threading mode",
+                      hint=f"use one of {', '.join(TCG_THREADS)} "
+                           f"(or leave it unset for {TCG_THREADS[0]})")
+    return value
+
+
 def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
     """The full QEMU argv for *spec*; a pure function (no I/O)."""
     if spec.machine not in MACHINES:
         raise VMError(f"unknown machine type {spec.machine!r}", hint=f"use one of {MACHINES}")
     if spec.accel not in ("tcg", "kvm"):
         raise VMError(f"unknown accelerator {spec.accel!r}", hint="use tcg or kvm")
+    if spec.tcg_thread not in TCG_THREADS:
+        raise VMError(f"unknown TCG threading {spec.tcg_thread!r}", hint=f"use one of {TCG_THREADS}")
     m = spec.machine
     machine = "microvm,acpi=on" if m == "microvm" else \
         "pc,hpet=off,usb=off,vmport=off,smbus=off,sata=off"
@@ -230,7 +262,7 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         qemu, "-name", f"nflab-{spec.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
         "-M", machine,
-        "-accel", "kvm" if spec.accel == "kvm" else "tcg,thread=multi",
+        "-accel", "kvm" if spec.accel == "kvm" else f"tcg,thread={spec.tcg_thread}",
         # TCG: the plain qemu64 model (+rdrand so the guest's RNG is ready at once,
         # sshd does not wait for entropy) boots faster than "max", whose AVX paths
         # in glibc and the kernel are slower to emulate

@@ -23,17 +23,17 @@ or of a small object per packet (hundreds flow per cycle) exceeds it; smaller
 leaks need kmemleak, i.e. a debug kernel
 (``NFLAB_SOAK_KERNEL=source:6.12+debug`` once that kernel is built).
 
-Kernel: 6.12 (``NFLAB_SOAK_KERNEL=6.1`` picks the other line). Found while
-writing this test, under TCG: when each cycle flips the kernel's hook static keys
-(the tracer's netdev INGRESS hook is the only user of ``ingress_needed_key``),
-6.1.0-56 soft-locks both vCPUs at that branch in ``__netif_receive_skb_core``
-within 20-40 cycles and 6.12.117 oopses there on a stale ``int3`` of the text
-patching. With the tracer's ``ingress_dev`` set to a missing device 60 cycles
-on 6.1 run clean, and with the keys held on (below) 80 cycles on 6.1 and 200 on
-6.12 do. Both point at the text patching of a hot branch while the
-other vCPU executes it, most likely QEMU's emulation of cross-modifying code
-(not confirmed: KVM is not usable on the machine it was found on). The soak
-therefore holds the keys on (``PIN_KEYS``) so it measures the modules.
+Kernel: 6.12 (``NFLAB_SOAK_KERNEL=6.1`` picks the other line).
+
+Every cycle also flips kernel code: the tracer's netdev INGRESS hook is the only
+user of the ingress static keys (``nf_hooks_needed[NETDEV][INGRESS]``,
+``ingress_needed_key``), so its insmod and rmmod re-patch the branch in
+``__netif_receive_skb_core`` (int3, IPIs, final byte) while the other vCPU runs
+it for the generator's packets. That is how this test found a QEMU fault: with
+multi-threaded TCG (one host thread per vCPU), 6.12.117 oopses on a stale
+``int3`` within 5 s and 6.1.0-56 soft-locks both vCPUs there within 40 s; with
+the kit's single-threaded TCG (``vm.qemu.tcg_threading``) all 200 cycles pass
+on both. ``NFLAB_TCG_THREAD=multi`` reproduces it.
 """
 
 from __future__ import annotations
@@ -156,33 +156,11 @@ def _run_cycles(vm: str, cycles: int) -> str:
                     timeout=900, check=True).stdout
 
 
-# Empty nftables base chains on every inet hook and a netdev ingress chain keep
-# the kernel's hook static keys (nf_hooks_needed[][], ingress_needed_key) on for
-# the whole soak, so loading and unloading the tracer changes a count, not code.
-# Without them every cycle re-patches those branch sites with int3-based text
-# poking while the other vCPU runs them, and under TCG that ends in "Oops: int3"
-# (6.12) or a soft lockup of both vCPUs (6.1) at the ingress branch of
-# __netif_receive_skb_core within a few dozen cycles (see the module docstring).
-PIN_KEYS = """nft -f - <<'EOF'
-table inet nflab_soak_pin {
-  chain pin_pre { type filter hook prerouting priority 0; }
-  chain pin_in { type filter hook input priority 0; }
-  chain pin_fwd { type filter hook forward priority 0; }
-  chain pin_out { type filter hook output priority 0; }
-  chain pin_post { type filter hook postrouting priority 0; }
-}
-table netdev nflab_soak_pin {
-  chain pin_ingress { type filter hook ingress device "eth1" priority 0; }
-}
-EOF"""
-
-
 @pytest.fixture(scope="module")
 def soak_vm():
     lab.down(VM)
     lab.up(KERNEL, VM, progress=lambda m: None)
     try:
-        lab.exec(VM, PIN_KEYS, check=True)
         for name in ("tracer", "iprange"):
             install.install(name, VM)
         yield VM
@@ -192,6 +170,9 @@ def soak_vm():
 
 def test_tracer_and_iprange_load_unload_cycles_under_traffic(soak_vm, record_property):
     vm = soak_vm
+    # nothing else holds the ingress keys on (an nftables ingress chain would), so
+    # every tracer load and unload below really re-patches the ingress branch
+    assert "hook ingress" not in lab.exec(vm, "nft list ruleset", check=True).stdout
     lab.exec(vm, f"cat > /root/soak-traffic.py <<'EOF'\n{TRAFFIC}\nEOF\n"
                  f"cat > /root/soak-cycles.py <<'EOF'\n{CYCLES_PY}\nEOF", check=True)
     start = "setsid python3 /root/soak-traffic.py </dev/null >/dev/null 2>&1 & echo $!"

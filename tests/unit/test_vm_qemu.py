@@ -31,7 +31,7 @@ def test_microvm_command_shape():
     assert opt_values(cmd, "-M") == ["microvm,acpi=on"]
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in cmd
-    assert opt_values(cmd, "-accel") == ["tcg,thread=multi"]
+    assert opt_values(cmd, "-accel") == ["tcg,thread=single"]
     assert opt_values(cmd, "-m") == ["1G"] and opt_values(cmd, "-smp") == ["2"]
     assert opt_values(cmd, "-kernel") == ["/k/vmlinuz"]
     assert opt_values(cmd, "-initrd") == ["/b/initrd"]
@@ -91,7 +91,23 @@ def test_pc_machine_uses_pci_devices_without_roms():
     assert "pci=off" not in qemu.kernel_cmdline(spec(machine="pc"))
 
 
-@pytest.mark.parametrize("kw", [{"machine": "q35"}, {"accel": "hvf"}])
+def test_tcg_threading_is_single_unless_asked(monkeypatch):
+    monkeypatch.delenv("NFLAB_TCG_THREAD", raising=False)
+    assert qemu.tcg_threading() == "single"
+    monkeypatch.setenv("NFLAB_TCG_THREAD", " multi ")
+    assert qemu.tcg_threading() == "multi"
+    cmd = qemu.build_command(spec(tcg_thread=qemu.tcg_threading()))
+    assert opt_values(cmd, "-accel") == ["tcg,thread=multi"]
+    assert opt_values(qemu.build_command(spec(accel="kvm", tcg_thread="multi")), "-accel") == ["kvm"]
+
+
+def test_tcg_threading_refuses_unknown_modes():
+    with pytest.raises(VMError) as exc:
+        qemu.tcg_threading("mttcg")
+    assert "NFLAB_TCG_THREAD='mttcg'" in exc.value.message and "single, multi" in exc.value.hint
+
+
+@pytest.mark.parametrize("kw", [{"machine": "q35"}, {"accel": "hvf"}, {"tcg_thread": "two"}])
 def test_bad_machine_or_accel(kw):
     with pytest.raises(VMError):
         qemu.build_command(spec(**kw))
