@@ -45,7 +45,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-import shlex
 import shutil
 import subprocess
 import time

@@ -556,7 +556,7 @@ def _load_checked(entry: Path, spec: str):
 
 def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = None):
     """The cached kernel for a ``source:`` spec or release, built first when missing."""
-    from vm.kernels import MANIFEST, Kernel
+    from vm.kernels import MANIFEST
 
     if RELEASE_RE.match(spec.strip()):
         entry = kernels_dir() / spec.strip()
@@ -605,7 +605,7 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
 
 
 def get(spec: str, *, fetch_missing: bool = True, progress=None):
-    from vm.kernels import MANIFEST, Kernel
+    from vm.kernels import MANIFEST
 
     if fetch_missing:
         return fetch(spec, progress=progress)
