@@ -10,6 +10,7 @@ same suites run against any real machine with ``pytest --hosts=...``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -177,7 +178,6 @@ def durations_path(release: str) -> Path:
 
 def load_durations(release: str) -> dict[str, float]:
     try:
-        import json
         return {k: float(v) for k, v in json.loads(durations_path(release).read_text()).items()}
     except (OSError, ValueError, AttributeError):
         return {}
@@ -185,7 +185,6 @@ def load_durations(release: str) -> dict[str, float]:
 
 def record_durations(release: str, junit: Path):
     """Add the per-file seconds of *junit* to the kernel's durations file."""
-    import json
     times: dict[str, float] = {}
     if junit.is_file():
         for case in ET.parse(junit).getroot().iter("testcase"):

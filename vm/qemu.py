@@ -161,17 +161,23 @@ def kernel_cmdline(spec: LaunchSpec) -> str:
     return " ".join(parts)
 
 
+def env_choice(var: str, choices: tuple[str, ...], what: str, env: str | None = None) -> str:
+    """``$var`` (or *env* when given), stripped, one of *choices*; unset or empty
+    means the first. Anything else is an error naming the variable and the choices."""
+    value = (os.environ.get(var, "") if env is None else env).strip() or choices[0]
+    if value not in choices:
+        raise VMError(f"{var}={value!r} is not {what}",
+                      hint=f"use one of {', '.join(choices)} (or leave it unset for {choices[0]})")
+    return value
+
+
 SSHDS = ("dropbear", "openssh")
 
 
 def sshd_choice(env: str | None = None) -> str:
     """The guest's SSH server: ``$NFLAB_SSHD`` (``dropbear``, the default: fastest to
     start and log in to under TCG; ``openssh``: the guest's OpenSSH sshd)."""
-    value = (os.environ.get("NFLAB_SSHD", "") if env is None else env).strip() or SSHDS[0]
-    if value not in SSHDS:
-        raise VMError(f"NFLAB_SSHD={value!r} is not an SSH server the guest has",
-                      hint=f"use one of {', '.join(SSHDS)} (or leave it unset for {SSHDS[0]})")
-    return value
+    return env_choice("NFLAB_SSHD", SSHDS, "an SSH server the guest has", env)
 
 
 def sshd_cmdline(sshd: str) -> tuple[str, ...]:
@@ -238,13 +244,7 @@ def tcg_threading(env: str | None = None) -> str:
     """TCG threading: ``$NFLAB_TCG_THREAD`` (``single``, the default; ``multi`` is
     faster for one VM's CPU-bound work but crashes guests that patch kernel text
     while running, see above)."""
-    value = (os.environ.get("NFLAB_TCG_THREAD", "") if env is None else env).strip() \
-        or TCG_THREADS[0]
-    if value not in TCG_THREADS:
-        raise VMError(f"NFLAB_TCG_THREAD={value!r} is not a TCG threading mode",
-                      hint=f"use one of {', '.join(TCG_THREADS)} "
-                           f"(or leave it unset for {TCG_THREADS[0]})")
-    return value
+    return env_choice("NFLAB_TCG_THREAD", TCG_THREADS, "a TCG threading mode", env)
 
 
 def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:

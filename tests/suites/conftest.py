@@ -198,7 +198,7 @@ class Rules:
     def remove_all(self):
         if self.added:
             remote.run(self.host, "; ".join(f"{tool} -w -t {table} -D {chain} {spec}"
-                                    for tool, table, chain, spec in reversed(self.added)))
+                                            for tool, table, chain, spec in reversed(self.added)))
         self.added = []
 
 
