@@ -6,9 +6,9 @@
 
 from invoke import Collection
 
-from kmods import cli as kmods_cli
-from nflab import atlas_cli, suite_cli, workshop_cli
-from vm import cli as vm_cli
+from cli import build as kmods_cli
+from cli import atlas as atlas_cli, suite as suite_cli, workshop as workshop_cli
+from cli import lab as vm_cli
 
 ns = Collection()
 for _module in (kmods_cli, vm_cli, suite_cli, atlas_cli, workshop_cli):

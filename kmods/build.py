@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmods import render, spec
-from nflab.errors import BuildError, NflabError
-from nflab.paths import build_dir
+from ground.errors import BuildError, NflabError
+from ground.paths import build_dir
 from userspace_ext import plugin
 
 _DIAG_RE = re.compile(r"^(?P<file>[^\s:]+\.(?:c|h)):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<sev>error|warning|fatal error):(?P<msg>.*)$")
@@ -108,7 +108,7 @@ def _kbuild(kernel, out: Path, jobs: int) -> subprocess.CompletedProcess:
 
 def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = None,
                     with_plugin: bool = True) -> Artifacts:
-    """Render and build *name* for *kernel* (a vm.kernels.Kernel)."""
+    """Render and build *name* for *kernel* (a supply.kernels.Kernel)."""
     ext = spec.load(name) if isinstance(name, str) else name
     started = time.monotonic()
     out = build_dir() / kernel.release / ext.name

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 from kmods import spec
-from nflab.errors import SpecError
+from ground.errors import SpecError
 
 _MATCH_BODY = """{% extends "match.c.j2" %}
 {# A starter match: packets at least --min-len bytes long. Edit freely. #}

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nflab.errors import SpecError
+from ground.errors import SpecError
 
 CATALOG = Path(__file__).resolve().parent / "catalog"
 # more catalog folders (each holding <name>/ext.toml), separated by ':'; set by

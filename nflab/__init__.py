@@ -1,12 +1,12 @@
 """nflab: a lab kit for Linux netfilter kernel extensions.
 
-The architecture is visible in the top-level folders:
+Layers, top to bottom (a package imports only from the layers below it):
 
-* ``kmods/``          extension definitions, kernel-side templates, Kbuild driver
-* ``userspace_ext/``  iptables plugin templates and the libxtables build
-* ``vm/``             kernels, guest rootfs, initramfs, QEMU launcher, packet wire
-* ``tests/``          unit, integration and testinfra suites
-* ``nflab/``          glue shared by all of them (paths, errors, subprocess)
+* ``tasks.py``, ``cli/``        the invoke tasks (thin)
+* ``nflab/``                     orchestration: suites, matrix, atlas, bench, workshop, reports
+* ``vm/``  |  ``kmods/`` + ``userspace_ext/``   the lab  |  the build (independent of each other)
+* ``supply/``                    kernels, kernels built from source, toolchain build roots
+* ``ground/``                    errors, paths, processes and locks, integrity, output
 """
 
 __version__ = "0.1.0"

@@ -688,7 +688,7 @@ class _Guest:
         return res.returncode, res.stdout, res.stderr
 
     def sh(self, cmd: str, what: str = "", timeout: float = 90) -> str:
-        from nflab.errors import NflabError
+        from ground.errors import NflabError
         rc, out, err = self.run(cmd, timeout)
         if rc != 0:     # a command failed; a dead or crashed VM raises VMError in lab.exec
             raise NflabError(f"{what or cmd[:60]} failed in VM {self.vm!r} (exit {rc})",
@@ -829,7 +829,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     *modules*: catalog hook modules to install first (they appear as "your
     modules"); any ``nflab_*`` hook module already loaded appears too. Every rule
     the measurement adds is removed again; the tracer stays loaded."""
-    from nflab.errors import NflabError, VMError
+    from ground.errors import NflabError, VMError
     from vm import tracing
     from vm import install, lab, topology
     from vm.wire import Wire, magic

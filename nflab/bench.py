@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nflab.paths import REPO
+from ground.paths import REPO
 
 
 @dataclass
@@ -101,7 +101,7 @@ def groups_for(only: str | None, workshop: bool = False) -> list[str]:
         chosen = [g.strip() for g in only.split(",") if g.strip()]
         bad = [g for g in chosen if g not in GROUPS]
         if bad:
-            from nflab.errors import NflabError
+            from ground.errors import NflabError
             raise NflabError(f"--only: unknown group(s) {', '.join(bad)}", hint="valid: " + ", ".join(GROUPS))
     else:
         chosen = list(DEFAULT_GROUPS)
@@ -119,7 +119,8 @@ MATRIX_KERNELS = "6.1,6.12"
 
 def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bool = False,
         progress=print, *, only: str | None = None, workshop: bool = False) -> dict:
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     groups = groups_for(only, workshop)
     kern = kernels.get(kernel, progress=progress)
@@ -293,7 +294,8 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
     kit boots it, else on the cloud flavour of the same ABI. Runs alternate
     (kit, vng, kit, vng, ...) so load changes hit both. Whatever cannot run is a
     row saying ``skipped: <reason>``; the reasons also go to *extra*."""
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     vng = shutil.which("vng")
     if not vng:
@@ -392,7 +394,8 @@ def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
     edit costs), install, its suite. One row per exercise and kernel, plus the
     total per kernel: cold boot + every exercise + poweroff."""
     from nflab import workshop as ws
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     extra = extra if extra is not None else {}
     out = []

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from nflab.paths import cache_dir
+from ground.paths import cache_dir
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -92,7 +92,7 @@ def check_compiler() -> list[Check]:
     host = out.splitlines()[0]
     checks = []
     try:
-        from vm import kernels
+        from supply import kernels
         cached = kernels.cached_kernels()
     except Exception:
         cached = []
@@ -140,7 +140,7 @@ def check_disk() -> list[Check]:
 def check_cache() -> list[Check]:
     checks = []
     try:
-        from vm import kernels
+        from supply import kernels
         cached = kernels.cached_kernels()
         checks.append(Check("kernels cached", OK if cached else WARN,
                             ", ".join(k.release for k in cached) or "none",

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nflab.errors import SpecError
-from nflab.paths import REPO, build_dir
+from ground.errors import SpecError
+from ground.paths import REPO, build_dir
 
 VM_MEMORY_MIB = 1024
 
@@ -45,7 +45,7 @@ class Cell:
 
 def resolve_kernels(text: str | None) -> list[str]:
     """Expand groups: ``latest`` (newest 6.1 and 6.12), ``all-6.1``, ``all-6.12``, lists."""
-    from vm import kernels, source_kernels
+    from supply import kernels, source_kernels
 
     text = text or _project_kernels() or "6.1,6.12"
     out = []

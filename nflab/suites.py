@@ -20,8 +20,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nflab.errors import NflabError
-from nflab.paths import REPO, build_dir
+from ground.errors import NflabError
+from ground.paths import REPO, build_dir
 
 SUITES = REPO / "tests" / "suites"
 # suites that belong to an extension beyond tests/suites/test_<name>.py
@@ -289,7 +289,8 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
     """Build, boot/reuse, install and run the suites of *names* on one kernel, in
     one VM or (see :func:`shard_count`) split over several."""
     from kmods import build, spec
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
     from vm import install as vm_install
 
     names = names or spec.catalog_names()

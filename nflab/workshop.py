@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nflab.errors import NflabError, SpecError
-from nflab.paths import REPO, build_dir
+from ground.errors import NflabError, SpecError
+from ground.paths import REPO, build_dir
 
 WORKSHOP = REPO / "kmods" / "workshop"
 SOLUTIONS = WORKSHOP / "solutions"
@@ -224,7 +224,8 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
         vm: str | None = None, keep: bool = False, junit: str | None = None,
         pytest_args=None, progress=print) -> Outcome:
     """Build, boot (or reuse) a VM, install and test the chosen exercises on one kernel."""
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     exs = select(selection)
     for ex in exs:                       # validate both variants before anything slow

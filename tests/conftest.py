@@ -73,7 +73,7 @@ _kernels = {}
 def get_kernel(line: str):
     """The cached Debian kernel of *line* (fetched into $NFLAB_CACHE when missing)."""
     if line not in _kernels:
-        from vm import kernels
+        from supply import kernels
         _kernels[line] = kernels.get(line)
     return _kernels[line]
 
@@ -138,7 +138,7 @@ def _tasks_import_ok() -> bool:
 
 
 _INVOKE_KMODS_ONLY = (
-    "import sys; from invoke import Collection, Program; from kmods import cli; "
+    "import sys; from invoke import Collection, Program; from cli import build as cli; "
     "ns = Collection(); [ns.add_task(t) for t in cli.TASKS]; "
     "Program(namespace=ns, name='invoke', binary='invoke').run(['invoke'] + sys.argv[1:])"
 )
@@ -147,7 +147,7 @@ _INVOKE_KMODS_ONLY = (
 def run_invoke(args, env_extra=None, timeout=600):
     """Run `invoke ARGS` from the repo root; returns CompletedProcess.
 
-    Uses the real `invoke` (tasks.py) when it imports; while vm/cli.py does not
+    Uses the real `invoke` (tasks.py) when it imports; while cli/lab.py does not
     exist yet, an invoke Program over the kmods tasks alone (same task functions,
     same argument parser, same exit codes).
     """

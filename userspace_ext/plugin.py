@@ -16,7 +16,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from nflab.errors import BuildError
+from ground.errors import BuildError
 
 HERE = Path(__file__).resolve().parent
 SHARED_HEADER = HERE / "templates" / "nflab_xt.h"

@@ -31,10 +31,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nflab import integrity
-from nflab.errors import VMError
-from nflab.paths import cache_dir
-from nflab.proc import file_lock, run
+from ground import integrity
+from ground.errors import VMError
+from ground.paths import cache_dir
+from ground.proc import file_lock, run
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 INIT_SCRIPT = GUEST_DIR / "initramfs-init.sh"
@@ -263,7 +263,7 @@ def write_modules_image(out: Path, kernel):
 
 
 def ensure(kernel, *, progress=print) -> BootFiles:
-    """Initramfs and modules image for *kernel* (a ``vm.kernels.Kernel``), built if stale."""
+    """Initramfs and modules image for *kernel* (a ``supply.kernels.Kernel``), built if stale."""
     busybox = _busybox()
     dep_file = Path(kernel.modules) / "modules.dep"
     if not dep_file.is_file():

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nflab.errors import NflabError, VMError
+from ground.errors import NflabError, VMError
 
 GUEST_DIR = "/root/nflab"
 XTLIBDIR = "/usr/lib/x86_64-linux-gnu/xtables"
@@ -200,7 +200,8 @@ def install_many(names: list, vm: str = "default", *, params: dict | None = None
     files go in one tar stream and all loads in one script: two SSH round trips
     however many extensions. The first load that fails stops the rest and is
     named in the error."""
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     state = lab.require(vm)
     kernel = kernels.get(state.release)

@@ -34,11 +34,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nflab.errors import VMError
-from nflab.paths import cache_dir, vms_dir
-from nflab.proc import file_lock, run
+from ground.errors import VMError
+from ground.paths import cache_dir, vms_dir
+from ground.proc import file_lock, run
 
-from . import initramfs, kernels, qemu, remote, rootfs
+from supply import kernels
+
+from . import initramfs, qemu, remote, rootfs
 from . import snapshot as snapshot_mod
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")

@@ -36,9 +36,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nflab.errors import VMError
-from nflab.paths import cache_dir
-from nflab.proc import file_lock
+from ground.errors import VMError
+from ground.paths import cache_dir
+from ground.proc import file_lock
 
 QEMU = "qemu-system-x86_64"
 MACHINES = ("microvm", "pc")

@@ -33,10 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from nflab import integrity
-from nflab.errors import VMError
-from nflab.paths import rootfs_dir
-from nflab.proc import file_lock, run
+from ground import integrity
+from ground.errors import VMError
+from ground.paths import rootfs_dir
+from ground.proc import file_lock, run
 
 SUITE = "bookworm"
 PACKAGES = (

@@ -43,7 +43,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from nflab.errors import VMError
+from ground.errors import VMError
 
 from . import initramfs, qemu
 

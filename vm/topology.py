@@ -24,7 +24,7 @@ import ipaddress
 import shlex
 from dataclasses import dataclass
 
-from nflab.errors import VMError
+from ground.errors import VMError
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,8 @@ def ensure_loaded(vm: str, module: str = MODULE) -> str | None:
     fixture checks too, so they do not insert it again). Returns a note for the
     report when it had to load it, None when it was there."""
     from kmods import build, spec
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     st = lab.require(vm)
     art = build.build_extension(spec.load("tracer"), kernels.get(st.release), with_plugin=False)

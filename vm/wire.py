@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from nflab.errors import VMError
+from ground.errors import VMError
 from vm import topology
 
 BUFFER_FRAMES = 20000

@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from nflab import atlas as A
-from nflab.paths import REPO
+from ground.paths import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 

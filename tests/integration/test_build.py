@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from kmods import build, scaffold, spec
-from nflab.errors import BuildError
+from ground.errors import BuildError
 from tests.conftest import KERNEL_LINES, STOCK_IPRANGE_SO, get_kernel
 from userspace_ext import plugin
-from vm import kernels
+from supply import kernels
 
 pytestmark = pytest.mark.slow
 

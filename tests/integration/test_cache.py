@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from nflab.errors import KernelError, VMError
-from nflab.paths import REPO
+from ground.errors import KernelError, VMError
+from ground.paths import REPO
 
 pytestmark = [pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def kcache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kernel_ref(kcache):
     """The newest 6.12 cloud kernel apt offers (fetched into the temporary cache)."""
-    from vm import kernels
+    from supply import kernels
     return kernels.resolve("6.12")
 
 
@@ -97,7 +97,7 @@ def fetched(kcache, kernel_ref):
 
 
 def test_two_processes_fetching_one_kernel_share_one_download(fetched, kernel_ref):
-    from vm import kernels
+    from supply import kernels
     (out1, err1, rc1), (out2, err2, rc2) = fetched["results"]
     assert (rc1, rc2) == (0, 0), err1 + err2
     assert fetched["waited"], "the second fetch never waited on the first one's lock"
@@ -127,7 +127,7 @@ def _truncate_vmlinuz(entry):
 
 
 def _delete_manifest(entry):
-    from vm import kernels
+    from supply import kernels
     (entry / kernels.MANIFEST).unlink()
     return r"no nflab-kernel\.json"
 
@@ -148,7 +148,7 @@ def _delete_symvers(entry):
 @pytest.mark.parametrize("damage", [_truncate_vmlinuz, _delete_manifest, _delete_common_header,
                                     _delete_symvers], ids=lambda f: f.__name__.lstrip("_"))
 def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref, damage):
-    from vm import kernels
+    from supply import kernels
     entry = fetched["entry"]
     assert kernels.check_entry(entry) is None
     said = damage(entry)
@@ -179,7 +179,7 @@ def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref,
 
 
 def test_same_vmlinuz_with_a_new_mtime_is_not_refetched_but_changed_bytes_are(fetched, kernel_ref):
-    from vm import kernels
+    from supply import kernels
     entry = fetched["entry"]
     path = _vmlinuz(entry)
     os.utime(path, (1, 1))
@@ -200,7 +200,8 @@ def test_same_vmlinuz_with_a_new_mtime_is_not_refetched_but_changed_bytes_are(fe
 # ---------------------------------------------------------------- boot files
 
 def test_damaged_boot_files_are_rebuilt(tmp_path, monkeypatch):
-    from vm import initramfs, kernels
+    from supply import kernels
+    from vm import initramfs
     monkeypatch.setenv("NFLAB_CACHE", str(SHARED))
     cached = [k for k in kernels.cached_kernels() if k.abi.startswith("6.12.")]
     if not cached:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nflab.errors import NflabError, VMError
+from ground.errors import NflabError, VMError
 from vm import install, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]

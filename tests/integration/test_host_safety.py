@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nflab.paths import REPO
+from ground.paths import REPO
 
 LOADERS = {"insmod", "modprobe", "rmmod", "kmod"}
 PACKAGES = ("kmods", "userspace_ext", "vm", "nflab")
@@ -28,7 +28,7 @@ def _host_exec_calls(tree: ast.AST):
             continue
         func = node.func
         # host-side execution: subprocess.*/os.* calls, or helpers imported by name
-        # (nflab.proc.run); guest.run()/host.run() methods run inside the VM
+        # (ground.proc.run); guest.run()/host.run() methods run inside the VM
         if isinstance(func, ast.Attribute):
             if not (isinstance(func.value, ast.Name) and func.value.id in {"subprocess", "os"}):
                 continue
@@ -78,7 +78,7 @@ def test_build_never_calls_a_loader(tmp_path):
 
 
 def test_scanner_catches_host_calls_and_ignores_guest_calls():
-    src = ("import subprocess, os\nfrom nflab.proc import run\n"
+    src = ("import subprocess, os\nfrom ground.proc import run\n"
            "subprocess.run(['modprobe', 'x'])\nrun(['insmod', 'a.ko'])\n"
            "guest.run('modprobe y')\nhost.run('rmmod z')\nos.system('rmmod z')\n")
     assert [c for _, c in _host_exec_calls(ast.parse(src))] == ["modprobe", "insmod", "rmmod"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from nflab.errors import NflabError
+from ground.errors import NflabError
 from userspace_ext import plugin
 from vm import install, lab
 

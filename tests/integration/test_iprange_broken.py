@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from kmods import spec
-from nflab.paths import REPO
+from ground.paths import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nflab.paths import REPO, build_dir
+from ground.paths import REPO, build_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from kmods import build, render, spec
-from nflab.errors import BuildError, SpecError
+from ground.errors import BuildError, SpecError
 from tests.conftest import HOOK_RAW, MATCH_RAW, TARGET_RAW, get_kernel
 
 pytestmark = pytest.mark.slow

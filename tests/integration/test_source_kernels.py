@@ -18,10 +18,10 @@ import sys
 import pytest
 
 from kmods import scaffold, spec
-from nflab.errors import KernelError, VMError
-from nflab.paths import REPO
-from vm import kernels
-from vm import source_kernels as sk
+from ground.errors import KernelError, VMError
+from ground.paths import REPO
+from supply import kernels
+from supply import source_kernels as sk
 
 pytestmark = [pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from nflab.paths import REPO
+from ground.paths import REPO
 from nflab.suites import parse_junit
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]

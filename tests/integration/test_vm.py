@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from nflab.errors import VMError
-from nflab.paths import REPO
+from ground.errors import VMError
+from ground.paths import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 

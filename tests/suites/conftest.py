@@ -128,7 +128,8 @@ def _install_tracer(guest, vm, *, module="nflab_tracer", ext=None):
     """Build *ext* (default: the catalog's tracer) for the VM's kernel and insert it
     without parameters: the definition's defaults apply (checked after loading)."""
     from kmods import build, spec
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
 
     st = lab.require(vm)
     ext = ext or spec.load("tracer")

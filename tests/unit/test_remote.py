@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from nflab.errors import VMError
+from ground.errors import VMError
 from vm import qemu, remote
 
 

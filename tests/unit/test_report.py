@@ -321,7 +321,7 @@ def test_plugin_adds_a_section_per_test_only_with_html(tmp_path):
     import os
     import sys
 
-    from nflab.paths import REPO
+    from ground.paths import REPO
     (tmp_path / "test_inner.py").write_text(INNER)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     env = {k: v for k, v in os.environ.items() if k != "NFLAB_VM"}

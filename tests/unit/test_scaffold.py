@@ -7,7 +7,7 @@ import tomllib
 import pytest
 
 from kmods import render, scaffold, spec
-from nflab.errors import SpecError
+from ground.errors import SpecError
 
 
 def _tree(path):

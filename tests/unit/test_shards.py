@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nflab import suites
-from nflab.errors import NflabError
+from ground.errors import NflabError
 
 F = [Path(f"/s/test_{c}.py") for c in "abcdef"]
 

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from nflab import matrix
-from nflab.errors import KernelError
-from vm import kernels
-from vm import source_kernels as sk
+from ground.errors import KernelError
+from supply import kernels
+from supply import source_kernels as sk
 
 
 @pytest.fixture

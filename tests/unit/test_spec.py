@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kmods import spec
-from nflab.errors import NflabError, SpecError
+from ground.errors import NflabError, SpecError
 from tests.conftest import HOOK_RAW, MATCH_RAW, TARGET_RAW
 
 

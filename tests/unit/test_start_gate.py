@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from nflab.paths import REPO
+from ground.paths import REPO
 from nflab.suites import GATE_ENV
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nflab.errors import VMError
+from ground.errors import VMError
 from vm import initramfs, lab, rootfs
 
 DEP_61 = """\

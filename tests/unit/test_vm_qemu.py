@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nflab.errors import VMError
+from ground.errors import VMError
 from vm import qemu
 
 

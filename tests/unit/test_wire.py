@@ -128,13 +128,13 @@ def test_answers_neighbour_solicitation_for_the_peer(fake):
 
 def test_bind_clash_is_a_clear_error(fake):
     g, _ = fake
-    from nflab.errors import VMError
+    from ground.errors import VMError
     with pytest.raises(VMError, match="cannot bind"):
         Wire(g.ports.wire)
 
 
 def test_missing_nic_is_a_clear_error():
-    from nflab.errors import VMError
+    from ground.errors import VMError
     with pytest.raises(VMError, match="no wire for eth1"):
         Wire({})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nflab.errors import VMError
+from ground.errors import VMError
 from vm import topology
 
 

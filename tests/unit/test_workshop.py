@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nflab import workshop as ws
-from nflab.errors import SpecError
+from ground.errors import SpecError
 
 
 def test_exercises_found_by_number_and_name():
@@ -74,7 +74,8 @@ def test_every_task_has_a_summary_and_documented_options():
 
 
 def test_new_module_prints_the_next_three_commands(monkeypatch, tmp_path, capsys):
-    from kmods import cli, spec
+    from cli import build as cli
+    from kmods import spec
     monkeypatch.setattr(spec, "CATALOG", tmp_path)
     cli.new_module.body(None, kind="hook", name="nextsteps")
     out = capsys.readouterr().out.splitlines()

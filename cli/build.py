@@ -7,8 +7,8 @@ from pathlib import Path
 
 from invoke import task
 
-from nflab.cli import Progress, friendly, table
-from nflab.errors import NflabError, SpecError
+from ground.output import Progress, friendly, table
+from ground.errors import NflabError, SpecError
 
 
 @task(help={
@@ -21,7 +21,7 @@ from nflab.errors import NflabError, SpecError
 def build_module(c, name=None, kernel=None, all=False, quiet=False):
     """Render and build an extension's .ko and libxt_*.so for a kernel."""
     from kmods import build, spec
-    from vm import kernels
+    from supply import kernels
 
     if bool(name) == bool(all):
         raise SpecError("give exactly one of --name=NAME or --all",

@@ -49,11 +49,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nflab.errors import KernelError
-from nflab.paths import kernels_dir
-from nflab.proc import file_lock, run
+from ground.errors import KernelError
+from ground.paths import REPO, kernels_dir
+from ground.proc import file_lock, run
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = REPO / "vm" / "configs"   # lab VM kernel configs live with the lab
 BASE_FRAGMENT = CONFIGS / "base.config"
 LINES = ("6.1", "6.12")
 PREFIX = "source:"
@@ -522,7 +522,7 @@ def build(p: Plan, tmp: Path, src: Path, progress=None, jobs: int | None = None)
 
 
 def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
-    from vm.kernels import MANIFEST, MANIFEST_VERSION, Kernel
+    from supply.kernels import MANIFEST, MANIFEST_VERSION, Kernel
 
     final = entry / "root"
     rel = p.release
@@ -535,7 +535,7 @@ def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
         packages={p.package: p.version, "nflab-config": p.key, "nflab-build": f"{time.time():.0f}"})
     (tmp / SOURCE_INFO).write_text(json.dumps({**asdict(p), "seconds": times,
                                                "built_at": time.time()}, indent=2) + "\n")
-    from vm import kernels as kernels_mod
+    from supply import kernels as kernels_mod
     if hasattr(kernels_mod, "record_integrity"):     # the same records as a Debian entry
         kernels_mod.record_integrity(tmp, kernel)
     (tmp / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, **asdict(kernel)},
@@ -544,7 +544,7 @@ def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
 
 def _load_checked(entry: Path, spec: str):
     """Kernel.load of a complete entry, after the integrity check Debian entries get."""
-    from vm import kernels as kernels_mod
+    from supply import kernels as kernels_mod
 
     check = getattr(kernels_mod, "check_entry", None)
     problem = check(entry) if check else None
@@ -556,7 +556,7 @@ def _load_checked(entry: Path, spec: str):
 
 def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = None):
     """The cached kernel for a ``source:`` spec or release, built first when missing."""
-    from vm.kernels import MANIFEST
+    from supply.kernels import MANIFEST
 
     if RELEASE_RE.match(spec.strip()):
         entry = kernels_dir() / spec.strip()
@@ -605,7 +605,7 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
 
 
 def get(spec: str, *, fetch_missing: bool = True, progress=None):
-    from vm.kernels import MANIFEST
+    from supply.kernels import MANIFEST
 
     if fetch_missing:
         return fetch(spec, progress=progress)

@@ -6,8 +6,8 @@ import shlex
 
 from invoke import task
 
-from nflab.cli import Progress, friendly, table
-from nflab.errors import NflabError
+from ground.output import Progress, friendly, table
+from ground.errors import NflabError
 
 
 @task(help={

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from invoke import task
 
-from nflab.cli import Progress, friendly, table
-from nflab.errors import NflabError
+from ground.output import Progress, friendly, table
+from ground.errors import NflabError
 
 
 @task(help={

@@ -8,7 +8,7 @@ import sys
 
 from invoke import Exit
 
-from .errors import NflabError
+from ground.errors import NflabError
 
 
 def quiet_wanted(quiet: bool = False) -> bool:

@@ -6,7 +6,7 @@ import sys
 
 from invoke import Exit, task
 
-from nflab.cli import Progress, friendly, table
+from ground.output import Progress, friendly, table
 
 VM_HELP = "VM name (default `default`); several named VMs can run at once"
 
@@ -15,7 +15,7 @@ VM_HELP = "VM name (default `default`); several named VMs can run at once"
 @friendly
 def kernels(c):
     """List kernels: cached and offered by Debian's archive, newest first."""
-    from vm import kernels as k
+    from supply import kernels as k
 
     rows = [[r["abi"], r["flavour"], r["line"], "yes" if r["cached"] else "",
              "yes" if r["archive"] else ""] for r in k.table_rows()]
@@ -31,8 +31,8 @@ def kernels(c):
 def fetch_kernel(c, kernel=None, config_fragment=None, force=False, quiet=False):
     """Download and unpack a Debian kernel (image, headers, kbuild), or build one from
     linux-source with a config fragment, into the cache."""
-    from vm import kernels as k
-    from vm import source_kernels as sk
+    from supply import kernels as k
+    from supply import source_kernels as sk
 
     spec = sk.with_fragment_file(kernel, config_fragment)
     with Progress(quiet) as progress:

@@ -6,7 +6,7 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import NflabError
+from ground.errors import NflabError
 
 
 def run(cmd, *, cwd=None, env=None, check=True, capture=True, timeout=None, input=None):

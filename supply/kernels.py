@@ -21,10 +21,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nflab import integrity
-from nflab.errors import KernelError
-from nflab.paths import kernels_dir
-from nflab.proc import file_lock, run
+from ground import integrity
+from ground.errors import KernelError
+from ground.paths import kernels_dir
+from ground.proc import file_lock, run
 
 from . import source_kernels   # custom kernels: `source:6.12[+fragment]` specs
 

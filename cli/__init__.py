@@ -1,0 +1,1 @@
+"""The invoke task modules (the tasks layer): thin wrappers over nflab/, vm/, kmods/."""
