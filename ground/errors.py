@@ -37,3 +37,8 @@ class VMError(NflabError):
     """The lab VM failed: did not boot, crashed, or stopped answering."""
 
     exit_code = 3
+
+
+class ArchiveError(NflabError):
+    """The Debian archive cannot be used: a mirror is unreachable, a signature,
+    checksum or size does not match, a suite is unknown, a .deb is unsafe."""

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ground import integrity
+from ground import aptsources, integrity
 from ground.errors import VMError
 from ground.paths import rootfs_dir
 from ground.proc import file_lock, run
@@ -87,26 +87,7 @@ def _dpkg_xtables_version(_stamp) -> str:
 def mirror(sources: list[Path] | None = None) -> str | None:
     """Debian mirror for debootstrap: $NFLAB_MIRROR, else the host's apt source for
     the suite (one-line or deb822 format), else None (debootstrap's default)."""
-    env = os.environ.get("NFLAB_MIRROR")
-    if env:
-        return env
-    if sources is None:
-        sources = [Path("/etc/apt/sources.list"),
-                   *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in sources:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        for m in re.finditer(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", text, re.M):
-            return m.group(1)
-        # deb822: a stanza with URIs: ... and Suites: bookworm
-        for stanza in re.split(r"\n\s*\n", text):
-            uri = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
-            suites = re.search(r"^Suites:\s*(.*)$", stanza, re.M)
-            if uri and suites and SUITE in suites.group(1).split():
-                return uri.group(1)
-    return None
+    return aptsources.env_mirror("NFLAB_MIRROR") or aptsources.find(lambda s: s == SUITE, sources)
 
 
 def recipe() -> dict:

@@ -1,0 +1,117 @@
+"""Streamed HTTP downloads into a cache: a temporary file beside the target,
+size and sha256 checked (and any other check the caller adds) before an
+``os.replace`` puts it in place, so a failed or partial download never enters
+the cache. Conditional GETs (ETag, Last-Modified) report 304 instead of
+downloading. urllib honours ``http_proxy``/``https_proxy``/``no_proxy``."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ground.errors import ArchiveError
+
+TIMEOUT = 60
+CHUNK = 1 << 20
+Progress = Callable[[str, int, "int | None"], None]
+
+
+class Unreachable(ArchiveError):
+    """The server did not answer (refused, no route, DNS, timeout)."""
+
+
+@dataclass
+class Fetched:
+    """What a GET gave: 200 (the file is in place) or 304 (not modified)."""
+
+    status: int
+    etag: str | None = None
+    last_modified: str | None = None
+    size: int = 0
+    sha256: str = ""
+    headers: dict = field(default_factory=dict, repr=False)
+
+
+def conditional(etag: str | None, last_modified: str | None) -> dict:
+    """Request headers that turn a GET into a conditional one."""
+    out = {}
+    if etag:
+        out["If-None-Match"] = etag
+    if last_modified:
+        out["If-Modified-Since"] = last_modified
+    return out
+
+
+def fetch(url: str, dest: Path, *, size: int | None = None, sha256: str | None = None,
+          headers: dict | None = None, check: Callable[[Path], None] | None = None,
+          progress: Progress | None = None, timeout: float = TIMEOUT) -> Fetched:
+    """GET *url* into *dest*; *size*/*sha256* (when given) and *check(tmp)*
+    must pass before the file replaces *dest*. Raises ArchiveError naming the
+    URL and the reason (Unreachable when nothing answered)."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304:
+            return Fetched(304, exc.headers.get("ETag"), exc.headers.get("Last-Modified"))
+        raise ArchiveError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    with resp:
+        expected = size if size is not None else _length(resp)
+        got, digest = _stream(resp, url, dest, expected, sha256, check, progress)
+        return Fetched(resp.status, resp.headers.get("ETag"), resp.headers.get("Last-Modified"),
+                       got, digest, dict(resp.headers))
+
+
+def _length(resp) -> int | None:
+    value = resp.headers.get("Content-Length")
+    return int(value) if value and value.isdigit() else None
+
+
+def _stream(resp, url, dest: Path, expected, sha256, check, progress) -> tuple[int, str]:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            got, digest = _copy(resp, out, url, expected, progress)
+        _verify(url, got, digest, expected, sha256)
+        if check:
+            check(Path(tmp))
+        os.replace(tmp, dest)
+        return got, digest
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _copy(resp, out, url, expected, progress) -> tuple[int, str]:
+    h, got = hashlib.sha256(), 0
+    while True:
+        try:
+            block = resp.read(CHUNK)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ArchiveError(f"{url}: truncated download ({got} bytes, then {exc})") from None
+        if not block:
+            return got, h.hexdigest()
+        h.update(block)
+        out.write(block)
+        got += len(block)
+        if progress:
+            progress(url, got, expected)
+
+
+def _verify(url, got, digest, expected, sha256):
+    if expected is not None and got != expected:
+        raise ArchiveError(f"{url}: truncated download ({got} of {expected} bytes)"
+                           if got < expected else
+                           f"{url}: size mismatch ({got} bytes, {expected} expected)")
+    if sha256 and digest != sha256:
+        raise ArchiveError(f"{url}: sha256 mismatch (got {digest}, expected {sha256})")
