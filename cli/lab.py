@@ -11,38 +11,51 @@ from ground.output import Progress, friendly, table
 VM_HELP = "VM name (default `default`); several named VMs can run at once"
 
 
-@task
+@task(help={"all": "every ABI Debian serves, not only the newest of each line",
+            "refresh": "ask the mirror again even if the cached index is fresh"})
 @friendly
-def kernels(c):
-    """List kernels: cached and offered by Debian's archive, newest first."""
+def kernels(c, all=False, refresh=False):
+    """List kernels: line, ABI, suite, compiler, flavours, what is cached; newest first."""
+    from supply import debian_kernels as dk
     from supply import kernels as k
 
-    rows = [[r["abi"], r["flavour"], r["line"], "yes" if r["cached"] else "",
-             "yes" if r["archive"] else ""] for r in k.table_rows()]
-    table(["abi", "flavour", "line", "cached", "archive"], rows)
+    if refresh:
+        dk.offers(refresh=True)
+    rows = [[r["line"], r["abi"], r["suite"], r["compiler"], " ".join(r["flavours"]),
+             " ".join(r["cached"])] for r in k.table_rows(every=all)]
+    table(["line", "abi", "suite", "compiler", "flavours", "cached"], rows)
+    print(f"groups: lts = {', '.join(dk.group('lts', dk.offers()))}; stable = "
+          f"{dk.group('stable', dk.offers())[0]}; supported = lts + stable + rc")
 
 
-@task(help={"kernel": "6.1, 6.12, or an exact ABI (default 6.12); source:6.1|6.12[+debug|+FILE] "
+@task(help={"kernel": "a line (5.10, 6.1, 6.12, 6.18, 7.3), rc, an exact ABI (6.12.118+deb13), "
+                      "optionally -amd64/-rt-amd64 (default 6.12); source:LINE[+debug|+FILE] "
                       "builds one from Debian's linux-source",
+            "kernels": "several: a comma list of specs and groups (lts, stable, rc, supported)",
             "config_fragment": "with --kernel=source:LINE: a Kconfig fragment merged over the kit's "
                                "base config (e.g. vm/configs/debug.config)",
             "force": "re-download (or rebuild) even if cached", "quiet": "no progress display"})
 @friendly
-def fetch_kernel(c, kernel=None, config_fragment=None, force=False, quiet=False):
-    """Download and unpack a Debian kernel (image, headers, kbuild), or build one from
-    linux-source with a config fragment, into the cache."""
+def fetch_kernel(c, kernel=None, kernels=None, config_fragment=None, force=False, quiet=False):
+    """Download and unpack a Debian kernel (image, headers, kbuild) and make its toolchain
+    build root, or build one from linux-source with a config fragment, into the cache."""
+    from supply import buildroot
     from supply import kernels as k
     from supply import source_kernels as sk
 
-    spec = sk.with_fragment_file(kernel, config_fragment)
+    specs = k.expand(kernels) if kernels else [sk.with_fragment_file(kernel, config_fragment)]
     with Progress(quiet) as progress:
-        kern = k.fetch(spec, progress=progress, force=force)
-    print(f"{kern.release}: vmlinuz {kern.vmlinuz}")
-    print(f"{kern.release}: headers {kern.headers}")
-    built = sk.info(kern.release)
-    if built:
-        print(f"{kern.release}: from {built['package']} {built['version']}, fragment "
-              f"{built['fragment_hash']}; use --kernel={built['spec']} or --kernel={kern.release}")
+        for spec in specs:
+            kern = k.fetch(spec, progress=progress, force=force)
+            root = buildroot.for_kernel(kern, progress=progress)
+            print(f"{kern.release}: vmlinuz {kern.vmlinuz}")
+            print(f"{kern.release}: headers {kern.headers} ({kern.compiler} in the "
+                  f"{root.release} build root)")
+            built = sk.info(kern.release)
+            if built:
+                print(f"{kern.release}: from {built['package']} {built['version']}, fragment "
+                      f"{built['fragment_hash']}; use --kernel={built['spec']} or "
+                      f"--kernel={kern.release}")
 
 
 @task(help={"rebuild": "rebuild even if the cached image matches the recipe", "quiet": "no progress display"})

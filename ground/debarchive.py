@@ -34,6 +34,7 @@ import lzma
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,23 @@ def ttl() -> float:
         return float(value) if value else TTL
     except ValueError:
         raise ArchiveError(f"NFLAB_ARCHIVE_TTL={value!r} is not a number of seconds") from None
+
+
+def strict_validity() -> bool:
+    """Refuse an InRelease past its Valid-Until ($NFLAB_ARCHIVE_STRICT=1). By default
+    it is used with a warning, as debootstrap does (a mirror that lags behind, such
+    as a snapshot, still serves correctly signed indexes)."""
+    return os.environ.get("NFLAB_ARCHIVE_STRICT", "") not in ("", "0")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_expired(url: str, rel: Release):
+    if rel.expired() and url not in _WARNED:
+        _WARNED.add(url)
+        print(f"nflab: warning: {url} expired on {rel.valid_until:%Y-%m-%d} (Valid-Until); "
+              "using it (NFLAB_ARCHIVE_STRICT=1 refuses it)", file=sys.stderr)
 
 
 class _Expired(Exception):
@@ -158,7 +176,8 @@ class Archive:
 
     @staticmethod
     def _fresh(rel: Release, meta: dict) -> bool:
-        return not rel.expired() and time.time() - meta.get("fetched", 0) < ttl()
+        return (not rel.expired() or not strict_validity()) and \
+            time.time() - meta.get("fetched", 0) < ttl()
 
     def _refresh_release(self, suite, rel, meta, forced) -> Release:
         """Ask the mirror (conditionally when *rel* is cached); an expired
@@ -178,7 +197,8 @@ class Archive:
                     return rel
                 raise
             rel = got_release[0] if got.status == 200 else rel
-            if not rel.expired():
+            if not rel.expired() or not strict_validity():
+                _warn_expired(url, rel)
                 self._save_meta(suite, url, got, meta)
                 return rel
             headers = {}
@@ -191,7 +211,7 @@ class Archive:
         not expired before the new InRelease replaces the cached one."""
         def check(tmp: Path):
             rel = Release.parse(verify(tmp, self.keyring, url))
-            if rel.expired():
+            if rel.expired() and strict_validity():
                 raise _Expired(rel)
             out.append(rel)
         return check

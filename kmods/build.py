@@ -11,18 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmods import render, spec
+from ground.compiler import diagnostics
 from ground.errors import BuildError, NflabError
-from ground.paths import build_dir
+from ground.paths import build_dir, kernels_dir
+from kmods import render, spec
+from supply import buildroot
 from userspace_ext import plugin
 
-_DIAG_RE = re.compile(r"^(?P<file>[^\s:]+\.(?:c|h)):(?P<line>\d+):(?:(?P<col>\d+):)?\s*(?P<sev>error|warning|fatal error):(?P<msg>.*)$")
 
 
 @dataclass
@@ -56,21 +56,6 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def diagnostics(output: str, src_dir: Path) -> list[str]:
-    """Compiler errors as ``file:line: message`` lines, paths relative to the build dir."""
-    found = []
-    for line in output.splitlines():
-        m = _DIAG_RE.match(line.strip())
-        if m and m.group("sev") != "warning":
-            path = m.group("file")
-            try:
-                path = str(Path(path).resolve().relative_to(src_dir.resolve()))
-            except ValueError:
-                pass
-            found.append(f"{src_dir / path}:{m.group('line')}: {m.group('sev')}:{m.group('msg')}")
-    return found
-
-
 def stock_deps(ext: spec.Extension) -> list[str]:
     """Stock modules that must be loaded before the extension (symbols it uses)."""
     if ext.kind == "hook":
@@ -101,9 +86,10 @@ def render_into(ext: spec.Extension, out: Path) -> bool:
 
 
 def _kbuild(kernel, out: Path, jobs: int) -> subprocess.CompletedProcess:
+    """Kbuild for *out* against *kernel*, inside the build root of the kernel's release."""
+    root = buildroot.for_kernel(kernel)
     cmd = ["make", "-C", kernel.headers, f"M={out}", f"-j{jobs}", "modules"]
-    env = dict(os.environ, LC_ALL="C")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return root.run(cmd, rw=[out], ro=[kernels_dir()])
 
 
 def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ground.errors import SpecError
 from ground.paths import REPO, build_dir
+from supply import debian_kernels, kernels, source_kernels
 
 VM_MEMORY_MIB = 1024
 
@@ -44,27 +45,36 @@ class Cell:
 
 
 def resolve_kernels(text: str | None) -> list[str]:
-    """Expand groups: ``latest`` (newest 6.1 and 6.12), ``all-6.1``, ``all-6.12``, lists."""
-    from supply import kernels, source_kernels
-
-    text = text or _project_kernels() or "6.1,6.12"
+    """Expand groups: ``lts``, ``stable``, ``rc``, ``supported`` (lts + stable + rc),
+    ``latest`` (= supported), ``all-<line>`` (every ABI of a line), and lists; every
+    Debian item is checked against the archive, so a bad one fails before any VM."""
+    text = text or _project_kernels() or "supported"
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        if item in ("latest", "lts"):
-            out += ["6.1", "6.12"] if item == "latest" else ["6.1"]
-        elif item.startswith("all-"):
-            line = item[4:]
-            refs = [r.abi for r in kernels.archive_kernels() if r.line == line and r.flavour == "cloud-amd64"]
-            if not refs:
-                raise SpecError(f"--kernels: no kernels found for {item}", hint="valid groups: latest, lts, all-6.1, all-6.12")
-            out += refs
+        if item == "latest":
+            item = "supported"
+        if item.startswith("all-"):
+            out += _all_of_line(item)
         elif source_kernels.is_source_spec(item):
             source_kernels.check_spec(item)     # built (minutes) by its cell, not here
             out.append(item)
+        elif item in debian_kernels.GROUPS:
+            out += kernels.expand(item)
         else:
-            kernels.parse_spec(item)
+            kernels.resolve(item)
             out.append(item)
     return list(dict.fromkeys(out))
+
+
+def _all_of_line(item: str) -> list[str]:
+    line = item[4:]
+    offers = debian_kernels.offers()
+    abis = [o.abi for o in offers if o.buildable and o.line == line and o.flavour == "cloud-amd64"]
+    if not abis:
+        raise SpecError(f"--kernels: no kernels found for {item}; lines: "
+                        f"{', '.join(debian_kernels.lines(offers))}",
+                        hint="groups: lts, stable, rc, supported, all-<line>")
+    return list(dict.fromkeys(abis))
 
 
 def _project_kernels() -> str | None:

@@ -38,6 +38,7 @@ the initramfs loads no modules.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -49,17 +50,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ground import deb, debarchive, debversion
 from ground.errors import KernelError
 from ground.paths import REPO, kernels_dir
 from ground.proc import file_lock, run
 
+from . import buildroot
+from .debian_kernels import KERNEL_SUITES, RELEASE_ORDER
+from .entry import MANIFEST, Kernel, check_entry, record_integrity
+
 CONFIGS = REPO / "vm" / "configs"   # lab VM kernel configs live with the lab
 BASE_FRAGMENT = CONFIGS / "base.config"
-LINES = ("6.1", "6.12")
 PREFIX = "source:"
 FLAVOUR_PREFIX = "nflab-"
 SOURCE_INFO = "nflab-source.json"   # beside the manifest: what the build was made from
 ARCH = "x86_64"
+BUILD_ENV = {"KBUILD_BUILD_USER": "nflab", "KBUILD_BUILD_HOST": "nflab"}
 
 _SPEC_RE = re.compile(r"^source:(?P<line>\d+\.\d+)(?:\+(?P<frag>.+))?$")
 RELEASE_RE = re.compile(r"^(?P<version>\d+\.\d+\.\d+)-nflab-(?P<key>[0-9a-f]{8})$")
@@ -157,9 +163,6 @@ def parse_spec(spec: str) -> SourceSpec:
     if not m:
         raise KernelError(f"invalid custom kernel spec {spec!r}", hint=SPEC_HINT)
     line, frag = m.group("line"), m.group("frag")
-    if line not in LINES:
-        raise KernelError(f"{spec!r}: no linux-source-{line} in this kit",
-                          hint=f"valid lines: {', '.join(LINES)}")
     if not frag:
         return SourceSpec(line)
     if _HASH_RE.match(frag) and not (CONFIGS / f"{frag}.config").is_file():
@@ -229,6 +232,11 @@ class Plan:
     fragment_hash: str
     base: str
     spec: str             # canonical spec
+    suite: str = "bookworm"   # the Debian suite linux-source came from (its build root's release)
+
+    @property
+    def debian_release(self) -> str:
+        return KERNEL_SUITES.get(self.suite, "bookworm")
 
     @property
     def release(self) -> str:
@@ -244,16 +252,26 @@ def _upstream(version: str) -> str:
     return up if up.count(".") == 2 else up + ".0"
 
 
-def apt_source_version(line: str) -> str:
-    """The candidate version of linux-source-<line> in apt's lists."""
-    pkg = f"linux-source-{line}"
-    res = subprocess.run(["apt-cache", "show", "--no-all-versions", pkg],
-                         capture_output=True, text=True, check=False)
-    for l in res.stdout.splitlines():
-        if l.startswith("Version:"):
-            return l.split(":", 1)[1].strip()
-    raise KernelError(f"apt knows no {pkg}", hint="run `apt-get update` (bookworm carries "
-                                                  "linux-source-6.1 and, in bookworm-security, 6.12)")
+_vkey = functools.cmp_to_key(debversion.compare)
+
+
+def source_offer(line: str):
+    """(suite, package) of the newest linux-source-<line>, from the newest Debian
+    release that carries it (through the kit's archive client, not the host's apt)."""
+    archive = debarchive.Archive()
+    name = f"linux-source-{line}"
+    found = []
+    for suite, release in KERNEL_SUITES.items():
+        for pkg in archive.packages(suite).get(name) or []:
+            found.append((RELEASE_ORDER.index(release), pkg.version, suite, pkg))
+    if not found:
+        lines = sorted({n[len("linux-source-"):] for s in KERNEL_SUITES
+                        for n in archive.packages(s).search(r"^linux-source-")
+                        if re.match(r"^linux-source-\d+\.\d+$", n)})
+        raise KernelError(f"Debian's archive has no {name}",
+                          hint=f"lines with linux-source: {', '.join(lines)}")
+    best = max(found, key=lambda f: (f[0], _vkey(f[1])))
+    return best[2], best[3]
 
 
 def cached_builds() -> list[dict]:
@@ -285,7 +303,7 @@ def plan(spec: str, *, prefer_cached: bool = True) -> Plan:
             raise KernelError(f"custom kernel {spec} is not in the cache",
                               hint="build it: `invoke fetch-kernel --kernel=source:6.12[+fragment]`")
         data = json.loads(info.read_text())
-        return Plan(**{k: data[k] for k in Plan.__dataclass_fields__})
+        return _plan_of(data)
     want = parse_spec(spec)
     base = BASE_FRAGMENT.read_text()
     base_norm = normalize(base, str(BASE_FRAGMENT))
@@ -293,12 +311,12 @@ def plan(spec: str, *, prefer_cached: bool = True) -> Plan:
         for data in cached_builds():
             if data.get("line") == want.line and data.get("fragment_hash") == want.fragment_hash \
                     and normalize(data.get("base", "")) == base_norm:
-                return Plan(**{k: data[k] for k in Plan.__dataclass_fields__})
-    version = apt_source_version(want.line)
-    key = cache_key(version, base, want.fragment)
-    return Plan(line=want.line, package=f"linux-source-{want.line}", version=version,
-                upstream=_upstream(version), key=key, fragment=want.fragment,
-                fragment_hash=want.fragment_hash, base=base, spec=want.canonical)
+                return _plan_of(data)
+    suite, pkg = source_offer(want.line)
+    key = cache_key(pkg.version, base, want.fragment)
+    return Plan(line=want.line, package=pkg.name, version=pkg.version,
+                upstream=_upstream(pkg.version), key=key, fragment=want.fragment,
+                fragment_hash=want.fragment_hash, base=base, spec=want.canonical, suite=suite)
 
 
 # ---------------------------------------------------------------- source tree
@@ -318,24 +336,15 @@ def source_tree(p: Plan, progress=None) -> Path:
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{p.version}-", dir=root))
         try:
-            if progress:
-                progress(f"apt-get download {p.package}={p.version}")
-            run(["apt-get", "download", "-q", f"{p.package}={p.version}"], cwd=tmp, timeout=1800)
-            debs = list(tmp.glob("*.deb"))
-            if len(debs) != 1:
-                raise KernelError(f"apt-get download {p.package}={p.version} left {len(debs)} .deb files")
-            if progress:
-                progress(f"dpkg -x {debs[0].name}")
-            run(["dpkg", "-x", debs[0], tmp / "pkg"], timeout=1800)
+            debfile = _download_source(p, progress)
+            deb.extract(debfile, tmp / "pkg")
             tarball = tmp / "pkg/usr/src" / f"linux-source-{p.line}.tar.xz"
             if not tarball.is_file():
-                raise KernelError(f"{debs[0].name} has no usr/src/{tarball.name}")
+                raise KernelError(f"{debfile.name} has no usr/src/{tarball.name}")
             if progress:
                 progress(f"unpacking {tarball.name}")
             run(["tar", "-xJf", tarball, "-C", tmp], timeout=3600)
             shutil.rmtree(tmp / "pkg")
-            for deb in debs:
-                deb.unlink()
             if not (tmp / tree.name / "Makefile").is_file():
                 raise KernelError(f"{tarball.name} did not unpack to {tree.name}/")
             tmp.rename(final)
@@ -343,6 +352,37 @@ def source_tree(p: Plan, progress=None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return tree
+
+
+def _plan_of(data: dict) -> Plan:
+    return Plan(**{k: data[k] for k in Plan.__dataclass_fields__ if k in data})
+
+
+def _download_source(p: Plan, progress=None) -> Path:
+    archive = debarchive.Archive()
+    pkg = next((x for x in archive.packages(p.suite).get(p.package) or []
+                if x.version == p.version), None)
+    if pkg is None:
+        raise KernelError(f"{p.package} {p.version} is no longer in {p.suite}",
+                          hint=f"rebuild from the newest: `invoke fetch-kernel --kernel={p.spec} --force`")
+    if progress:
+        progress(f"downloading {p.package} {p.version} from {p.suite}")
+    return archive.download(pkg)
+
+
+def toolchain(p: Plan, progress=None) -> buildroot.BuildRoot:
+    """The build root that compiles a whole kernel of *p*'s Debian release."""
+    return buildroot.ensure(p.debian_release, extra=buildroot.KERNEL_BUILD_PACKAGES,
+                            progress=progress)
+
+
+def _in_root(root: buildroot.BuildRoot, cmd, *, cwd=None, timeout=600):
+    res = root.run(cmd, rw=[kernels_dir()], cwd=cwd, timeout=timeout)
+    if res.returncode != 0:
+        raise KernelError(f"`{' '.join(map(str, cmd))}` failed with exit {res.returncode} "
+                          f"in the {root.release} build root",
+                          detail="\n".join((res.stdout + res.stderr).strip().splitlines()[-15:]))
+    return res
 
 
 # ---------------------------------------------------------------- configure
@@ -416,14 +456,14 @@ def configure(src: Path, out: Path, p: Plan, progress=None, symbols=None) -> Pat
     (frags / "release.config").write_text(
         f'CONFIG_LOCALVERSION="-nflab-{p.key}"\n# CONFIG_LOCALVERSION_AUTO is not set\n')
     make = ["make", "-s", "-C", src, f"O={out}", f"ARCH={ARCH}"]
-    env = dict(os.environ, LC_ALL="C")
+    root = toolchain(p, progress)
     if progress:
-        progress(f"configuring {p.release}: allnoconfig + kit base + fragment, olddefconfig")
-    run(make + ["allnoconfig"], env=env, timeout=600)
-    run([src / "scripts/kconfig/merge_config.sh", "-m", "-O", out, out / ".config",
-         frags / "base.config", frags / "user.config", frags / "release.config"],
-        cwd=src, env=env, timeout=600)
-    run(make + ["olddefconfig"], env=env, timeout=600)
+        progress(f"configuring {p.release}: allnoconfig + kit base + fragment, olddefconfig "
+                 f"(in the {root.release} build root)")
+    _in_root(root, make + ["allnoconfig"])
+    _in_root(root, [src / "scripts/kconfig/merge_config.sh", "-m", "-O", out, out / ".config",
+                    frags / "base.config", frags / "user.config", frags / "release.config"], cwd=src)
+    _in_root(root, make + ["olddefconfig"])
     final = read_config(out / ".config")
     symbols = symbols if symbols is not None else kconfig_symbols(src)
     user = parse_fragment(p.fragment)
@@ -451,13 +491,14 @@ def configure(src: Path, out: Path, p: Plan, progress=None, symbols=None) -> Pat
 
 # ---------------------------------------------------------------- build
 
-def _make_logged(cmd: list, log: Path, what: str, progress=None, env=None) -> float:
+def _make_logged(cmd: list, log: Path, what: str, progress=None, root=None) -> float:
     """Run a long make, output to *log*; progress every 60 s; KernelError with the tail."""
     t0 = time.monotonic()
     with open(log, "a") as fh:
         fh.write(f"\n$ {' '.join(map(str, cmd))}\n")
         fh.flush()
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        argv = root.command(cmd, rw=[kernels_dir()], env=BUILD_ENV)
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
         try:
             last = t0
             while proc.poll() is None:
@@ -489,16 +530,17 @@ def build(p: Plan, tmp: Path, src: Path, progress=None, jobs: int | None = None)
     configure(src, out, p, progress)
     times["configure"] = round(time.monotonic() - t0, 1)
     jobs = jobs or os.cpu_count() or 2
-    env = dict(os.environ, LC_ALL="C", KBUILD_BUILD_USER="nflab", KBUILD_BUILD_HOST="nflab")
     make = ["nice", "-n", "19", "make", "-C", src, f"O={out}", f"ARCH={ARCH}", f"-j{jobs}"]
+    tools = toolchain(p, progress)
     if progress:
-        progress(f"compiling {p.release} with {jobs} job(s) under nice -n 19 (log: {log})")
+        progress(f"compiling {p.release} with {jobs} job(s) under nice -n 19 in the "
+                 f"{tools.release} build root (log: {log})")
     times["compile"] = round(_make_logged(make + ["bzImage", "modules"], log,
-                                          f"building {p.release}", progress, env), 1)
+                                          f"building {p.release}", progress, tools), 1)
     root = tmp / "root"
     t1 = time.monotonic()
     _make_logged(make + ["modules_install", f"INSTALL_MOD_PATH={root}", "INSTALL_MOD_STRIP=1",
-                         "DEPMOD=/sbin/depmod"], log, f"modules_install of {p.release}", progress, env)
+                         "DEPMOD=/sbin/depmod"], log, f"modules_install of {p.release}", progress, tools)
     rel = (out / "include/config/kernel.release").read_text().strip()
     if rel != p.release:
         raise KernelError(f"the build produced release {rel!r}, expected {p.release!r}",
@@ -522,8 +564,6 @@ def build(p: Plan, tmp: Path, src: Path, progress=None, jobs: int | None = None)
 
 
 def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
-    from supply.kernels import MANIFEST, MANIFEST_VERSION, Kernel
-
     final = entry / "root"
     rel = p.release
     kernel = Kernel(
@@ -532,32 +572,25 @@ def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
         config=str(final / "boot" / f"config-{rel}"), modules=str(final / "lib/modules" / rel),
         system_map=str(final / "boot" / f"System.map-{rel}"),
         # the build's time: a --force rebuild of the same release gets a fresh boot cache
-        packages={p.package: p.version, "nflab-config": p.key, "nflab-build": f"{time.time():.0f}"})
+        packages={p.package: p.version, "nflab-config": p.key, "nflab-build": f"{time.time():.0f}"},
+        suite=p.suite, toolchain=p.debian_release, extra={"compiler": "gcc"})
     (tmp / SOURCE_INFO).write_text(json.dumps({**asdict(p), "seconds": times,
                                                "built_at": time.time()}, indent=2) + "\n")
-    from supply import kernels as kernels_mod
-    if hasattr(kernels_mod, "record_integrity"):     # the same records as a Debian entry
-        kernels_mod.record_integrity(tmp, kernel)
-    (tmp / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, **asdict(kernel)},
-                                           indent=2) + "\n")
+    record_integrity(tmp, kernel)     # the same records as a Debian entry
+    (tmp / MANIFEST).write_text(kernel.manifest())
 
 
 def _load_checked(entry: Path, spec: str):
     """Kernel.load of a complete entry, after the integrity check Debian entries get."""
-    from supply import kernels as kernels_mod
-
-    check = getattr(kernels_mod, "check_entry", None)
-    problem = check(entry) if check else None
+    problem = check_entry(entry)
     if problem:
         raise KernelError(f"the cache entry {entry} is damaged: {problem}",
                           hint=f"rebuild it: `invoke fetch-kernel --kernel={spec} --force`")
-    return kernels_mod.Kernel.load(entry)
+    return Kernel.load(entry)
 
 
 def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = None):
     """The cached kernel for a ``source:`` spec or release, built first when missing."""
-    from supply.kernels import MANIFEST
-
     if RELEASE_RE.match(spec.strip()):
         entry = kernels_dir() / spec.strip()
         if (entry / MANIFEST).is_file() and not force:
@@ -605,8 +638,6 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
 
 
 def get(spec: str, *, fetch_missing: bool = True, progress=None):
-    from supply.kernels import MANIFEST
-
     if fetch_missing:
         return fetch(spec, progress=progress)
     p = plan(spec)

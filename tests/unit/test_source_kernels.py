@@ -67,7 +67,6 @@ def test_a_fragment_file_is_named_by_its_hash(tmp_path):
 
 
 @pytest.mark.parametrize("spec,words", [
-    ("source:5.10", "no linux-source-5.10"),
     ("source:6.12+nosuchname", "ships no fragment 'nosuchname'"),
     ("source:6.12+base", "ships no fragment 'base'"),
     ("source:6.12+/nonexistent/x.config", "does not exist"),
@@ -79,6 +78,13 @@ def test_bad_source_specs_say_what_is_wrong(cache, spec, words):
     with pytest.raises(KernelError) as info:
         sk.parse_spec(spec)
     assert words in info.value.message and info.value.hint
+
+
+def test_a_line_without_linux_source_is_refused_with_the_lines_that_have_one():
+    with pytest.raises(KernelError) as info:
+        sk.plan("source:4.19")
+    assert "no linux-source-4.19" in info.value.message
+    assert "6.12" in info.value.hint and "7.3" in info.value.hint
 
 
 def test_config_fragment_needs_a_bare_source_spec():
