@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ground import aptsources, debindex, debsource, http, integrity
 from ground.debindex import Package, PackageIndex, SourceIndex, SourcePackage, closure
-from ground.debrelease import Release, verify
+from ground.debrelease import Release, keyring_missing, verify
 from ground.errors import ArchiveError
 from ground.paths import cache_dir
 from ground.proc import file_lock
@@ -140,6 +140,8 @@ class Archive:
         suite = canonical_suite(suite)
         if suite in self._releases and not refresh:
             return self._releases[suite]
+        if not self.keyring.is_file():
+            raise keyring_missing(self.keyring)
         folder = self.suite_dir(suite)
         with file_lock(folder / ".lock"):
             rel, meta = self._cached_release(suite)

@@ -229,7 +229,8 @@ def closure(indexes: list[PackageIndex], names, exclude=(), skip_required: bool 
     """*names* and everything they need (Pre-Depends and Depends), over the
     *indexes* together: for each group of alternatives, one already chosen (or
     provided, or in *exclude*) satisfies it, else the first alternative that
-    exists as a package or is provided by one. The newest version is taken
+    exists as a package or is provided by one (a provider also named in the
+    group first, then by priority). The newest version is taken
     unless a versioned relation needs an older one. With *skip_required*,
     Essential and priority-required packages count as present and are left
     out. Unresolvable dependencies raise ArchiveError."""
@@ -269,8 +270,9 @@ class _Closure:
         if any(r.name in self.chosen or r.name in self.provided or r.name in self.exclude
                for r in group):
             return True
+        named = {r.name for r in group}
         for rel in group:
-            pkg = self.real(rel) or self.provider(rel.name)
+            pkg = self.real(rel) or self.provider(rel.name, named)
             if pkg is not None:
                 self.take(pkg)
                 return True
@@ -282,9 +284,11 @@ class _Closure:
         good = [p for p in found if debversion.satisfies(p.version, rel.op, rel.version)]
         return (good or found or [None])[0]
 
-    def provider(self, name: str) -> Package | None:
+    def provider(self, name: str, named=frozenset()) -> Package | None:
+        """A package providing *name*: one also named in the group, else the
+        one of highest priority (then by name)."""
         found = [p for ix in self.indexes for p in ix.providers(name) if p.name not in self.exclude]
-        found.sort(key=lambda p: (_RANK.get(p.priority, 5), p.name))
+        found.sort(key=lambda p: (p.name not in named, _RANK.get(p.priority, 5), p.name))
         return found[0] if found else None
 
     def take(self, pkg: Package, requested: bool = False):
