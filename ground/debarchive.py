@@ -116,7 +116,7 @@ class Archive:
         self.cache = Path(cache) if cache else cache_dir() / "debian"
         self.progress = progress
         self._releases: dict[str, Release] = {}
-        self._indexes: dict[tuple, debindex._Index] = {}
+        self._indexes: dict[tuple, debindex.Index] = {}
 
     def __repr__(self):
         return f"Archive({self.mirror}, security={self.security_mirror or None})"
@@ -310,13 +310,19 @@ class Archive:
             rec = self._record(target)
         return rec.get("size") == size and rec.get("sha256") == sha256
 
-    def fetch_source(self, suite: str, name: str, dest: Path) -> Path:
+    def fetch_source(self, suite: str, name: str, dest: Path, upstream_only: bool = False
+                     ) -> Path:
         """Unpack the newest source of *name* in *suite* into
-        ``dest/<name>-<version>/`` (see :func:`ground.debsource.unpack`:
-        debian/patches are applied with ``patch -p1`` when ``patch`` exists)."""
+        ``dest/<name>-<version>/``: every file of the .dsc's Checksums-Sha256
+        is downloaded and checked, the tarballs are extracted in Python and
+        debian/patches/series is applied with ``patch -p1`` when ``patch``
+        exists (else the tree stays unpatched; ``.nflab-source.json`` in the
+        tree records version, files and patches). *upstream_only* fetches and
+        extracts only the upstream tarball(s)."""
         src = self.sources(suite).newest(name)
         if src is None:
             raise ArchiveError(f"no source package {name} in {canonical_suite(suite)}")
         files = {fname: self.fetch_file(src.suite, f"{src.directory}/{fname}", sha, size)
-                 for sha, size, fname in src.files}
-        return debsource.unpack(src, files, Path(dest))
+                 for sha, size, fname in src.files
+                 if not upstream_only or debsource.is_upstream(fname)}
+        return debsource.unpack(src, files, Path(dest), upstream_only)

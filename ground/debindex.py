@@ -15,6 +15,7 @@ import marshal
 import os
 import re
 import tempfile
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,13 +108,15 @@ def scan_sources(data: bytes) -> list[tuple]:
             for s, e in deb822.spans(data)]
 
 
-class _Index(Mapping):
+class Index(Mapping):
     """name -> list of entries (newest version first), over cached rows."""
 
     def __init__(self, rows: list[tuple], text: Path, suite: str):
         self.suite = suite
         self._rows = rows
-        self._text = open(text, "rb")  # kept open: a newer index may replace the file
+        # kept open: a newer index may replace the file while this one is used
+        self._fd = os.open(text, os.O_RDONLY)
+        self.close = weakref.finalize(self, os.close, self._fd)
         self._by_name: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             self._by_name.setdefault(row[0], []).append(i)
@@ -123,8 +126,7 @@ class _Index(Mapping):
         raise NotImplementedError
 
     def _stanza(self, offset: int, length: int) -> Callable[[], str]:
-        fd = self._text.fileno()
-        return lambda: os.pread(fd, length, offset).decode("utf-8", "replace")
+        return lambda: os.pread(self._fd, length, offset).decode("utf-8", "replace")
 
     def __getitem__(self, name: str) -> list:
         if name not in self._made:
@@ -148,11 +150,8 @@ class _Index(Mapping):
         rx = re.compile(pattern)
         return sorted(n for n in self._by_name if rx.match(n))
 
-    def close(self):
-        self._text.close()
 
-
-class PackageIndex(_Index):
+class PackageIndex(Index):
     """A suite's ``Packages``: name -> list of :class:`Package`."""
 
     def _make(self, row: tuple) -> Package:
@@ -172,7 +171,7 @@ class PackageIndex(_Index):
         return [self.newest(n) for n in sorted(set(self._provided.get(name, ())))]
 
 
-class SourceIndex(_Index):
+class SourceIndex(Index):
     """A suite's ``Sources``: name -> list of :class:`SourcePackage`."""
 
     def _make(self, row: tuple) -> SourcePackage:

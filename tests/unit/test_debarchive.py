@@ -340,7 +340,12 @@ def test_fetch_source_unpacks_and_patches(mirror, archive, tmp_path):
     assert (tree / "main.c").read_text() == "int x = 2;\n"
     info = json.loads((tree / ".nflab-source.json").read_text())
     assert info["version"] == "1:1.2-3" and info["patches"] == ["fix.patch"]
+    assert info["files"]["tool_1.2-3.dsc"] == files[2][0] and info["patched"]
     assert archive().fetch_source("bookworm", "tool", tmp_path / "src") == tree
+    plain = archive().fetch_source("bookworm", "tool", tmp_path / "plain", upstream_only=True)
+    assert (plain / "main.c").read_text() == "int x = 1;\n" and not (plain / "debian").exists()
+    assert list(json.loads((plain / ".nflab-source.json").read_text())["files"]) == \
+        ["tool_1.2.orig.tar.xz"]
 
 
 def test_host_apt_sources_pick_debian_and_security(tmp_path, monkeypatch):
