@@ -25,7 +25,11 @@ Mirrors: *mirror*, else ``$NFLAB_DEBIAN_MIRROR``, else the host's apt source
 for Debian, else debootstrap's default. Suites ``*-security`` come from
 *security_mirror*, ``$NFLAB_DEBIAN_SECURITY_MIRROR``, the host's apt source for
 them, or the main mirror with its last path component ``debian`` replaced by
-``debian-security``."""
+``debian-security``.
+
+An InRelease past its Valid-Until is refused (after one more fetch) unless
+*check_valid_until* is false or ``$NFLAB_DEBIAN_CHECK_VALID_UNTIL=0`` (apt's
+``Check-Valid-Until``): for a frozen mirror; its signature is still checked."""
 
 from __future__ import annotations
 
@@ -96,6 +100,15 @@ def ttl() -> float:
         raise ArchiveError(f"NFLAB_ARCHIVE_TTL={value!r} is not a number of seconds") from None
 
 
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("0", "1", "yes", "no", "true", "false"):
+        raise ArchiveError(f"{name}={value!r} is not 0 or 1")
+    return value in ("1", "yes", "true")
+
+
 class _Expired(Exception):
     """An InRelease whose signature is good but whose Valid-Until has passed."""
 
@@ -108,13 +121,15 @@ class Archive:
     """A Debian mirror (and its security mirror) with a local, checked cache."""
 
     def __init__(self, mirror=None, security_mirror=None, keyring=None, cache=None,
-                 progress=None):
+                 progress=None, check_valid_until=None):
         self.mirror = (mirror or default_mirror()).rstrip("/")
         self.security_mirror = (security_mirror or default_security_mirror(self.mirror) or "")
         self.security_mirror = self.security_mirror.rstrip("/")
         self.keyring = Path(keyring or os.environ.get("NFLAB_DEBIAN_KEYRING") or KEYRING)
         self.cache = Path(cache) if cache else cache_dir() / "debian"
         self.progress = progress
+        self.check_valid_until = (check_valid_until if check_valid_until is not None
+                                  else env_flag("NFLAB_DEBIAN_CHECK_VALID_UNTIL", True))
         self._releases: dict[str, Release] = {}
         self._indexes: dict[tuple, debindex.Index] = {}
 
@@ -158,9 +173,11 @@ class Archive:
         except (OSError, ValueError, ArchiveError):
             return None, {}
 
-    @staticmethod
-    def _fresh(rel: Release, meta: dict) -> bool:
-        return not rel.expired() and time.time() - meta.get("fetched", 0) < ttl()
+    def _expired(self, rel: Release) -> bool:
+        return self.check_valid_until and rel.expired()
+
+    def _fresh(self, rel: Release, meta: dict) -> bool:
+        return not self._expired(rel) and time.time() - meta.get("fetched", 0) < ttl()
 
     def _refresh_release(self, suite, rel, meta, forced) -> Release:
         """Ask the mirror (conditionally when *rel* is cached); an expired
@@ -176,24 +193,25 @@ class Archive:
                 rel, headers = exc.release, {}
                 continue
             except http.Unreachable:
-                if rel is not None and not rel.expired() and not forced:
+                if rel is not None and not self._expired(rel) and not forced:
                     return rel
                 raise
             rel = got_release[0] if got.status == 200 else rel
-            if not rel.expired():
+            if not self._expired(rel):
                 self._save_meta(suite, url, got, meta)
                 return rel
             headers = {}
         raise ArchiveError(f"{url}: expired on {rel.valid_until:%Y-%m-%d %H:%M %Z} (Valid-Until), "
                            "also when fetched again",
-                           hint="the mirror is out of date: set NFLAB_DEBIAN_MIRROR to another")
+                           hint="the mirror is out of date: set NFLAB_DEBIAN_MIRROR to another, "
+                                "or NFLAB_DEBIAN_CHECK_VALID_UNTIL=0 to accept it")
 
     def _verifier(self, url: str, out: list):
         """A check for http.fetch: the signature must be good and the Release
         not expired before the new InRelease replaces the cached one."""
         def check(tmp: Path):
             rel = Release.parse(verify(tmp, self.keyring, url))
-            if rel.expired():
+            if self._expired(rel):
                 raise _Expired(rel)
             out.append(rel)
         return check

@@ -216,6 +216,13 @@ def test_expired_valid_until_is_fetched_again_then_refused(mirror, archive, tmp_
     assert cached_files(tmp_path / "cache") == []
 
 
+def test_expired_valid_until_accepted_when_the_check_is_off(mirror, archive, monkeypatch):
+    publish_hello(mirror, valid_days=-1)
+    monkeypatch.setenv("NFLAB_DEBIAN_CHECK_VALID_UNTIL", "0")
+    assert "hello" in archive().packages("bookworm")
+    assert mirror.requests[f"{DISTS}/InRelease"] == 1
+
+
 def test_cached_expired_inrelease_is_replaced_by_a_fresh_one(mirror, archive, tmp_path):
     a = archive()
     publish_hello(mirror, valid_days=-1)
