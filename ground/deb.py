@@ -113,12 +113,11 @@ def extract(deb: Path, dest: Path) -> list[str]:
 def extract_tarball(path: Path, dest: Path, strip: int = 0) -> list[str]:
     """Safely unpack a tarball file (any compression tarfile reads, or zstd)."""
     dest.mkdir(parents=True, exist_ok=True)
-    with _named(path):
+    with _named(path), open(path, "rb") as raw:
         if str(path).endswith(".zst"):
-            stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-            tf = tarfile.open(fileobj=stream, mode="r|")
+            tf = tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|")
         else:
-            tf = tarfile.open(path, mode="r|*")
+            tf = tarfile.open(fileobj=raw, mode="r|*")
         with tf:
             return extract_tar(tf, dest, strip)
 

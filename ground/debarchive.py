@@ -25,7 +25,11 @@ Mirrors: *mirror*, else ``$NFLAB_DEBIAN_MIRROR``, else the host's apt source
 for Debian, else debootstrap's default. Suites ``*-security`` come from
 *security_mirror*, ``$NFLAB_DEBIAN_SECURITY_MIRROR``, the host's apt source for
 them, or the main mirror with its last path component ``debian`` replaced by
-``debian-security``."""
+``debian-security``.
+
+An InRelease past its Valid-Until is used with a warning (as debootstrap does), or refused (after one more fetch) when
+*check_valid_until* is true or ``$NFLAB_DEBIAN_CHECK_VALID_UNTIL=1`` (apt's
+``Check-Valid-Until``); either way its signature is checked."""
 
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from pathlib import Path
 
 from ground import aptsources, debindex, debsource, http, integrity
 from ground.debindex import Package, PackageIndex, SourceIndex, SourcePackage, closure
-from ground.debrelease import Release, verify
+from ground.debrelease import Release, keyring_missing, verify
 from ground.errors import ArchiveError
 from ground.paths import cache_dir
 from ground.proc import file_lock
@@ -97,21 +101,16 @@ def ttl() -> float:
         raise ArchiveError(f"NFLAB_ARCHIVE_TTL={value!r} is not a number of seconds") from None
 
 
-def strict_validity() -> bool:
-    """Refuse an InRelease past its Valid-Until ($NFLAB_ARCHIVE_STRICT=1). By default
-    it is used with a warning, as debootstrap does (a mirror that lags behind, such
-    as a snapshot, still serves correctly signed indexes)."""
-    return os.environ.get("NFLAB_ARCHIVE_STRICT", "") not in ("", "0")
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("0", "1", "yes", "no", "true", "false"):
+        raise ArchiveError(f"{name}={value!r} is not 0 or 1")
+    return value in ("1", "yes", "true")
 
 
 _WARNED: set[str] = set()
-
-
-def _warn_expired(url: str, rel: Release):
-    if rel.expired() and url not in _WARNED:
-        _WARNED.add(url)
-        print(f"nflab: warning: {url} expired on {rel.valid_until:%Y-%m-%d} (Valid-Until); "
-              "using it (NFLAB_ARCHIVE_STRICT=1 refuses it)", file=sys.stderr)
 
 
 class _Expired(Exception):
@@ -126,15 +125,17 @@ class Archive:
     """A Debian mirror (and its security mirror) with a local, checked cache."""
 
     def __init__(self, mirror=None, security_mirror=None, keyring=None, cache=None,
-                 progress=None):
+                 progress=None, check_valid_until=None):
         self.mirror = (mirror or default_mirror()).rstrip("/")
         self.security_mirror = (security_mirror or default_security_mirror(self.mirror) or "")
         self.security_mirror = self.security_mirror.rstrip("/")
         self.keyring = Path(keyring or os.environ.get("NFLAB_DEBIAN_KEYRING") or KEYRING)
         self.cache = Path(cache) if cache else cache_dir() / "debian"
         self.progress = progress
+        self.check_valid_until = (check_valid_until if check_valid_until is not None
+                                  else env_flag("NFLAB_DEBIAN_CHECK_VALID_UNTIL", False))
         self._releases: dict[str, Release] = {}
-        self._indexes: dict[tuple, debindex._Index] = {}
+        self._indexes: dict[tuple, debindex.Index] = {}
 
     def __repr__(self):
         return f"Archive({self.mirror}, security={self.security_mirror or None})"
@@ -158,6 +159,8 @@ class Archive:
         suite = canonical_suite(suite)
         if suite in self._releases and not refresh:
             return self._releases[suite]
+        if not self.keyring.is_file():
+            raise keyring_missing(self.keyring)
         folder = self.suite_dir(suite)
         with file_lock(folder / ".lock"):
             rel, meta = self._cached_release(suite)
@@ -174,10 +177,18 @@ class Archive:
         except (OSError, ValueError, ArchiveError):
             return None, {}
 
-    @staticmethod
-    def _fresh(rel: Release, meta: dict) -> bool:
-        return (not rel.expired() or not strict_validity()) and \
-            time.time() - meta.get("fetched", 0) < ttl()
+    def _expired(self, rel: Release) -> bool:
+        """Past Valid-Until and refused; past it but accepted is said once, on stderr."""
+        if rel.expired() and not self.check_valid_until and rel.suite not in _WARNED:
+            _WARNED.add(rel.suite)
+            print(f"nflab: warning: the {rel.suite} InRelease expired on "
+                  f"{rel.valid_until:%Y-%m-%d} (Valid-Until): the mirror lags behind; using it, "
+                  "its signature checked (NFLAB_DEBIAN_CHECK_VALID_UNTIL=1 refuses it)",
+                  file=sys.stderr)
+        return self.check_valid_until and rel.expired()
+
+    def _fresh(self, rel: Release, meta: dict) -> bool:
+        return not self._expired(rel) and time.time() - meta.get("fetched", 0) < ttl()
 
     def _refresh_release(self, suite, rel, meta, forced) -> Release:
         """Ask the mirror (conditionally when *rel* is cached); an expired
@@ -193,25 +204,25 @@ class Archive:
                 rel, headers = exc.release, {}
                 continue
             except http.Unreachable:
-                if rel is not None and not rel.expired() and not forced:
+                if rel is not None and not self._expired(rel) and not forced:
                     return rel
                 raise
             rel = got_release[0] if got.status == 200 else rel
-            if not rel.expired() or not strict_validity():
-                _warn_expired(url, rel)
+            if not self._expired(rel):
                 self._save_meta(suite, url, got, meta)
                 return rel
             headers = {}
         raise ArchiveError(f"{url}: expired on {rel.valid_until:%Y-%m-%d %H:%M %Z} (Valid-Until), "
                            "also when fetched again",
-                           hint="the mirror is out of date: set NFLAB_DEBIAN_MIRROR to another")
+                           hint="the mirror is out of date: set NFLAB_DEBIAN_MIRROR to another, "
+                                "or NFLAB_DEBIAN_CHECK_VALID_UNTIL=0 to accept it")
 
     def _verifier(self, url: str, out: list):
         """A check for http.fetch: the signature must be good and the Release
         not expired before the new InRelease replaces the cached one."""
         def check(tmp: Path):
             rel = Release.parse(verify(tmp, self.keyring, url))
-            if rel.expired() and strict_validity():
+            if self._expired(rel):
                 raise _Expired(rel)
             out.append(rel)
         return check
@@ -328,13 +339,19 @@ class Archive:
             rec = self._record(target)
         return rec.get("size") == size and rec.get("sha256") == sha256
 
-    def fetch_source(self, suite: str, name: str, dest: Path) -> Path:
+    def fetch_source(self, suite: str, name: str, dest: Path, upstream_only: bool = False
+                     ) -> Path:
         """Unpack the newest source of *name* in *suite* into
-        ``dest/<name>-<version>/`` (see :func:`ground.debsource.unpack`:
-        debian/patches are applied with ``patch -p1`` when ``patch`` exists)."""
+        ``dest/<name>-<version>/``: every file of the .dsc's Checksums-Sha256
+        is downloaded and checked, the tarballs are extracted in Python and
+        debian/patches/series is applied with ``patch -p1`` when ``patch``
+        exists (else the tree stays unpatched; ``.nflab-source.json`` in the
+        tree records version, files and patches). *upstream_only* fetches and
+        extracts only the upstream tarball(s)."""
         src = self.sources(suite).newest(name)
         if src is None:
             raise ArchiveError(f"no source package {name} in {canonical_suite(suite)}")
         files = {fname: self.fetch_file(src.suite, f"{src.directory}/{fname}", sha, size)
-                 for sha, size, fname in src.files}
-        return debsource.unpack(src, files, Path(dest))
+                 for sha, size, fname in src.files
+                 if not upstream_only or debsource.is_upstream(fname)}
+        return debsource.unpack(src, files, Path(dest), upstream_only)

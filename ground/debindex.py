@@ -15,6 +15,7 @@ import marshal
 import os
 import re
 import tempfile
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,13 +108,15 @@ def scan_sources(data: bytes) -> list[tuple]:
             for s, e in deb822.spans(data)]
 
 
-class _Index(Mapping):
+class Index(Mapping):
     """name -> list of entries (newest version first), over cached rows."""
 
     def __init__(self, rows: list[tuple], text: Path, suite: str):
         self.suite = suite
         self._rows = rows
-        self._text = open(text, "rb")  # kept open: a newer index may replace the file
+        # kept open: a newer index may replace the file while this one is used
+        self._fd = os.open(text, os.O_RDONLY)
+        self.close = weakref.finalize(self, os.close, self._fd)
         self._by_name: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             self._by_name.setdefault(row[0], []).append(i)
@@ -123,8 +126,7 @@ class _Index(Mapping):
         raise NotImplementedError
 
     def _stanza(self, offset: int, length: int) -> Callable[[], str]:
-        fd = self._text.fileno()
-        return lambda: os.pread(fd, length, offset).decode("utf-8", "replace")
+        return lambda: os.pread(self._fd, length, offset).decode("utf-8", "replace")
 
     def __getitem__(self, name: str) -> list:
         if name not in self._made:
@@ -148,11 +150,8 @@ class _Index(Mapping):
         rx = re.compile(pattern)
         return sorted(n for n in self._by_name if rx.match(n))
 
-    def close(self):
-        self._text.close()
 
-
-class PackageIndex(_Index):
+class PackageIndex(Index):
     """A suite's ``Packages``: name -> list of :class:`Package`."""
 
     def _make(self, row: tuple) -> Package:
@@ -172,7 +171,7 @@ class PackageIndex(_Index):
         return [self.newest(n) for n in sorted(set(self._provided.get(name, ())))]
 
 
-class SourceIndex(_Index):
+class SourceIndex(Index):
     """A suite's ``Sources``: name -> list of :class:`SourcePackage`."""
 
     def _make(self, row: tuple) -> SourcePackage:
@@ -229,7 +228,8 @@ def closure(indexes: list[PackageIndex], names, exclude=(), skip_required: bool 
     """*names* and everything they need (Pre-Depends and Depends), over the
     *indexes* together: for each group of alternatives, one already chosen (or
     provided, or in *exclude*) satisfies it, else the first alternative that
-    exists as a package or is provided by one. The newest version is taken
+    exists as a package or is provided by one (a provider also named in the
+    group first, then by priority). The newest version is taken
     unless a versioned relation needs an older one. With *skip_required*,
     Essential and priority-required packages count as present and are left
     out. Unresolvable dependencies raise ArchiveError."""
@@ -269,8 +269,9 @@ class _Closure:
         if any(r.name in self.chosen or r.name in self.provided or r.name in self.exclude
                for r in group):
             return True
+        named = {r.name for r in group}
         for rel in group:
-            pkg = self.real(rel) or self.provider(rel.name)
+            pkg = self.real(rel) or self.provider(rel.name, named)
             if pkg is not None:
                 self.take(pkg)
                 return True
@@ -282,9 +283,11 @@ class _Closure:
         good = [p for p in found if debversion.satisfies(p.version, rel.op, rel.version)]
         return (good or found or [None])[0]
 
-    def provider(self, name: str) -> Package | None:
+    def provider(self, name: str, named=frozenset()) -> Package | None:
+        """A package providing *name*: one also named in the group, else the
+        one of highest priority (then by name)."""
         found = [p for ix in self.indexes for p in ix.providers(name) if p.name not in self.exclude]
-        found.sort(key=lambda p: (_RANK.get(p.priority, 5), p.name))
+        found.sort(key=lambda p: (p.name not in named, _RANK.get(p.priority, 5), p.name))
         return found[0] if found else None
 
     def take(self, pkg: Package, requested: bool = False):

@@ -38,7 +38,10 @@ class Release:
 
     @classmethod
     def parse(cls, text: str) -> "Release":
-        f = deb822.parse(text)
+        try:
+            f = deb822.parse(text)
+        except ValueError as exc:
+            raise ArchiveError(f"InRelease is not a Release file ({exc})") from None
         files = {name: (sha, size) for sha, size, name in deb822.checksums(f.get("SHA256", ""))}
         return cls(f.get("Suite", ""), f.get("Codename", ""), _date(f.get("Date")),
                    _date(f.get("Valid-Until")), files,

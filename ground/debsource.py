@@ -28,23 +28,30 @@ def tree_name(name: str, version: str) -> str:
     return f"{name}-{version.split(':', 1)[-1]}"
 
 
-def unpack(src, files: dict[str, Path], dest: Path) -> Path:
+def is_upstream(fname: str) -> bool:
+    """Whether *fname* of a source package is an upstream (or native) tarball."""
+    return bool(_TAR.search(fname)) and ".debian.tar." not in fname
+
+
+def unpack(src, files: dict[str, Path], dest: Path, upstream_only: bool = False) -> Path:
     """Extract *src* (a SourcePackage) from its downloaded *files* into
     ``dest/<name>-<version>``, replacing an older tree; an existing tree of
-    the same version is reused."""
+    the same version is reused (a full one also when *upstream_only*)."""
     out = dest / tree_name(src.name, src.version)
     record = _read_record(out)
-    if record.get("version") == src.version and record.get("name") == src.name:
+    if (record.get("version"), record.get("name")) == (src.version, src.name) \
+            and (upstream_only or not record.get("upstream_only")):
         return out
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=f".{out.name}.") as tmp:
         tree = Path(tmp) / out.name
         tree.mkdir()
         _extract(files, tree, src.name)
-        patches = _patch(tree, files)
+        patches = [] if upstream_only else _patch(tree, files)
+        sha = {fname: h for h, _, fname in src.files}
         info = {"name": src.name, "version": src.version, "suite": src.suite,
-                "files": {n: p.name for n, p in sorted(files.items())},
-                "patched": patches is not None, "patches": patches or []}
+                "upstream_only": upstream_only, "files": {n: sha[n] for n in sorted(files)},
+                "patched": patches is not None and not upstream_only, "patches": patches or []}
         (tree / RECORD).write_text(json.dumps(info, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -55,8 +55,8 @@ def fetch(url: str, dest: Path, *, size: int | None = None, sha256: str | None =
     """GET *url* into *dest*; *size*/*sha256* (when given) and *check(tmp)*
     must pass before the file replaces *dest*. Raises ArchiveError naming the
     URL and the reason (Unreachable when nothing answered)."""
-    req = urllib.request.Request(url, headers=headers or {})
     try:
+        req = urllib.request.Request(url, headers=headers or {})
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
@@ -64,6 +64,8 @@ def fetch(url: str, dest: Path, *, size: int | None = None, sha256: str | None =
         raise ArchiveError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:
+        raise ArchiveError(f"{url}: not a URL the kit can fetch ({exc})") from None
     with resp:
         expected = size if size is not None else _length(resp)
         got, digest = _stream(resp, url, dest, expected, sha256, check, progress)

@@ -27,7 +27,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
