@@ -9,19 +9,24 @@ from invoke import task
 
 from ground.output import Progress, friendly, table
 from ground.errors import NflabError, SpecError
+from supply import buildroot
 
 
 @task(help={
     "name": "extension to build (see `invoke catalog`)",
-    "kernel": "kernel spec: 6.1, 6.12, or an exact ABI like 6.12.117+deb12 (default 6.12)",
+    "kernel": "kernel spec: a line (5.10, 6.1, 6.12, 7.3), rc, or an exact ABI like "
+              "6.12.118+deb13, optionally -amd64/-rt-amd64 (default 6.12)",
     "all": "build every catalog extension",
     "quiet": "no progress display",
+    "userland": buildroot.USERLAND_HELP,
 })
 @friendly
-def build_module(c, name=None, kernel=None, all=False, quiet=False):
+def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=None):
     """Render and build an extension's .ko and libxt_*.so for a kernel."""
     from kmods import build, spec
     from supply import kernels
+
+    buildroot.use_userland(userland)
 
     if bool(name) == bool(all):
         raise SpecError("give exactly one of --name=NAME or --all",

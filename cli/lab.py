@@ -7,6 +7,7 @@ import sys
 from invoke import Exit, task
 
 from ground.output import Progress, friendly, table
+from supply import buildroot
 
 VM_HELP = "VM name (default `default`); several named VMs can run at once"
 
@@ -39,7 +40,6 @@ def kernels(c, all=False, refresh=False):
 def fetch_kernel(c, kernel=None, kernels=None, config_fragment=None, force=False, quiet=False):
     """Download and unpack a Debian kernel (image, headers, kbuild) and make its toolchain
     build root, or build one from linux-source with a config fragment, into the cache."""
-    from supply import buildroot
     from supply import kernels as k
     from supply import source_kernels as sk
 
@@ -58,11 +58,14 @@ def fetch_kernel(c, kernel=None, kernels=None, config_fragment=None, force=False
                       f"--kernel={kern.release}")
 
 
-@task(help={"rebuild": "rebuild even if the cached image matches the recipe", "quiet": "no progress display"})
+@task(help={"rebuild": "rebuild even if the cached image matches the recipe", "quiet": "no progress display",
+            "userland": buildroot.USERLAND_HELP})
 @friendly
-def rootfs(c, rebuild=False, quiet=False):
-    """Build (once) the guest root filesystem image: Debian 12 minbase + lab tools."""
+def rootfs(c, rebuild=False, quiet=False, userland=None):
+    """Build (once) the guest root filesystem image: Debian minbase + lab tools."""
     from vm import rootfs as r
+
+    buildroot.use_userland(userland)
 
     with Progress(quiet) as progress:
         img = r.ensure(rebuild=rebuild, progress=progress)
@@ -72,11 +75,14 @@ def rootfs(c, rebuild=False, quiet=False):
 @task(help={"kernel": "kernel spec (default 6.12)", "vm": VM_HELP,
             "replace": "stop a running VM of that name with another kernel first",
             "snapshot": "restore the saved state of a freshly booted VM (~0.6 s instead of a "
-                        "~2.2 s boot; off by default; NFLAB_SNAPSHOT=1 makes it the default)"})
+                        "~2.2 s boot; off by default; NFLAB_SNAPSHOT=1 makes it the default)",
+            "userland": buildroot.USERLAND_HELP})
 @friendly
-def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False):
+def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False, userland=None):
     """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
     from vm import lab
+
+    buildroot.use_userland(userland)
 
     state = lab.up(kernel, vm, replace=replace, snapshot=True if snapshot else None,
                    progress=lambda m: print(m, file=sys.stderr))

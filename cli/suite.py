@@ -6,6 +6,7 @@ from invoke import task
 
 from ground.output import Progress, friendly, table
 from ground.errors import NflabError
+from supply import buildroot
 
 
 EXT_DIR_HELP = ("another folder of extension definitions (<name>/ext.toml) beside the kit's "
@@ -33,7 +34,7 @@ def _extra_catalog(folder):
 @task(help={
     "name": "extension to test (default: the whole catalog)",
     "names": "several extensions, comma-separated",
-    "kernel": "kernel spec: 6.1, 6.12 or an exact ABI (default 6.12)",
+    "kernel": "kernel spec: a line (5.10, 6.1, 6.12, 7.3), rc or an exact ABI (default 6.12)",
     "vm": "VM to use (default: `default` if it runs that kernel, else a per-kernel test VM)",
     "keep": "leave a VM this task booted running afterwards",
     "junit": "JUnit XML path (default build/reports/<release>/junit-<name>.xml)",
@@ -43,14 +44,17 @@ def _extra_catalog(folder):
     "extensions_dir": EXT_DIR_HELP,
     "jobs": "VMs of the kernel to split the suite files over (default auto: 2 on a 2-core host "
             "when the run is long and the kit boots its own VMs; 1: one VM; also $NFLAB_TEST_JOBS)",
+    "userland": buildroot.USERLAND_HELP,
 })
 @friendly
 def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
-         quiet=False, extensions_dir=None, jobs=None):
+         quiet=False, extensions_dir=None, jobs=None, userland=None):
     """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
     import shlex
 
     from nflab import suites
+
+    buildroot.use_userland(userland)
 
     _extra_catalog(extensions_dir)
 

@@ -61,6 +61,11 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 TTL = 6 * 3600
 
 
+def default_keyring() -> Path:
+    """The keyring InRelease files are checked against ($NFLAB_DEBIAN_KEYRING)."""
+    return Path(os.environ.get("NFLAB_DEBIAN_KEYRING") or KEYRING)
+
+
 def canonical_suite(suite: str) -> str:
     """The suite's name in the archive (``unstable`` -> ``sid``); an unknown
     suite raises ArchiveError listing the known ones."""
@@ -129,7 +134,7 @@ class Archive:
         self.mirror = (mirror or default_mirror()).rstrip("/")
         self.security_mirror = (security_mirror or default_security_mirror(self.mirror) or "")
         self.security_mirror = self.security_mirror.rstrip("/")
-        self.keyring = Path(keyring or os.environ.get("NFLAB_DEBIAN_KEYRING") or KEYRING)
+        self.keyring = Path(keyring) if keyring else default_keyring()
         self.cache = Path(cache) if cache else cache_dir() / "debian"
         self.progress = progress
         self.check_valid_until = (check_valid_until if check_valid_until is not None

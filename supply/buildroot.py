@@ -210,3 +210,14 @@ def userland(name: str | None = None) -> str:
         raise BuildError(f"unknown guest userland {chosen!r}",
                          hint="use " + " or ".join(f"{k} ({v})" for k, v in USERLANDS.items()))
     return chosen
+
+
+USERLAND_HELP = ("guest userland: bookworm (iptables 1.8.9, default) or trixie (iptables 1.8.11); "
+                 "also $NFLAB_USERLAND")
+
+
+def use_userland(name: str | None) -> str:
+    """Choose the guest userland for this process and its children (``--userland``)."""
+    chosen = userland(name)
+    os.environ["NFLAB_USERLAND"] = chosen
+    return chosen

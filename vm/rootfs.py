@@ -23,7 +23,6 @@ kernel command line (``nflab.key=``), so the image does not depend on the key.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -32,12 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ground import aptsources, integrity
+from ground import aptsources, deb822, debarchive, integrity
 from ground.errors import VMError
 from ground.paths import rootfs_dir
 from ground.proc import file_lock, run
+from supply import buildroot
 
-SUITE = "bookworm"
 PACKAGES = (
     "python3", "python3-scapy", "python3-pytest", "iptables", "nftables", "iproute2",
     "openssh-server", "dropbear-bin", "kmod", "procps", "iputils-ping", "conntrack", "tcpdump",
@@ -64,43 +63,42 @@ MANIFEST = "manifest.json"
 IMAGE = "rootfs.img"
 
 
-def host_xtables_version() -> str:
-    """Version of the host's libxtables (plugins are built against it); asked of
-    dpkg once per process and change of dpkg's status file."""
-    try:
-        stamp = os.stat("/var/lib/dpkg/status").st_mtime_ns
-    except OSError:
-        stamp = None
-    return _dpkg_xtables_version(stamp)
+def suite() -> str:
+    """The guest userland's Debian release (``--userland`` / $NFLAB_USERLAND)."""
+    return buildroot.userland()
 
 
-@functools.lru_cache(maxsize=4)
-def _dpkg_xtables_version(_stamp) -> str:
-    res = run(["dpkg-query", "-W", "-f=${Version}", XTABLES_PKG], check=False)
-    if res.returncode != 0 or not res.stdout.strip():
-        raise VMError(f"the host has no {XTABLES_PKG} package",
-                      hint="apt-get install libxtables-dev iptables")
-    return res.stdout.strip()
+def plugin_xtables_version() -> str:
+    """The Debian version of libxtables12 plugins are built against: the one in the
+    build root of the guest userland's release (made on first use)."""
+    root = buildroot.ensure(suite())
+    version = root.packages.get(XTABLES_PKG)
+    if not version:
+        raise VMError(f"the {suite()} build root has no {XTABLES_PKG}",
+                      hint="delete $NFLAB_CACHE/buildroots and build again")
+    return version
 
 
 def mirror(sources: list[Path] | None = None) -> str | None:
-    """Debian mirror for debootstrap: $NFLAB_MIRROR, else the host's apt source for
+    """Debian mirror for debootstrap, the one the kit's archive client uses:
+    $NFLAB_DEBIAN_MIRROR (or the older $NFLAB_MIRROR), else the host's apt source for
     the suite (one-line or deb822 format), else None (debootstrap's default)."""
-    return aptsources.env_mirror("NFLAB_MIRROR") or aptsources.find(lambda s: s == SUITE, sources)
+    return (aptsources.env_mirror("NFLAB_DEBIAN_MIRROR") or aptsources.env_mirror("NFLAB_MIRROR")
+            or aptsources.find(lambda s: s == suite(), sources))
 
 
 def recipe() -> dict:
     """Everything that determines the image; its hash names the cache entry."""
     return {
         "version": RECIPE_VERSION,
-        "suite": SUITE,
+        "suite": suite(),
         "packages": sorted(PACKAGES),
         "image_size": IMAGE_SIZE,
         "label": LABEL,
         "guest_files": {name: hashlib.sha256((GUEST_DIR / name).read_bytes()).hexdigest()
                         for name in sorted(GUEST_FILES)},
         "guest_links": GUEST_LINKS,
-        "xtables": host_xtables_version(),
+        "xtables": plugin_xtables_version(),
     }
 
 
@@ -112,12 +110,13 @@ def recipe_hash(rec: dict | None = None) -> str:
 
 
 def _guest_versions(root: Path, pkgs) -> dict:
-    res = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f=${Package} ${Version}\n",
-               *pkgs], check=False)
+    """Versions of installed packages, read from the image's dpkg status (no host dpkg)."""
+    status = (root / "var/lib/dpkg/status").read_text(errors="replace")
     out = {}
-    for line in res.stdout.splitlines():
-        name, _, ver = line.partition(" ")
-        out[name.split(":")[0]] = ver
+    for stanza in status.split("\n\n"):
+        fields = deb822.parse(stanza)
+        if fields.get("Package") in pkgs and "installed" in fields.get("Status", ""):
+            out[fields["Package"]] = fields.get("Version", "")
     return out
 
 
@@ -158,11 +157,12 @@ def build(*, progress=print) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
     try:
         root = tmp / "root"
-        cmd = ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE, root]
+        cmd = ["debootstrap", "--variant=minbase", f"--keyring={debarchive.default_keyring()}",
+               "--include=" + ",".join(PACKAGES), suite(), root]
         src = mirror()
         if src:
             cmd.append(src)
-        progress(f"debootstrap {SUITE} minbase + {len(PACKAGES)} packages (about 45 s)")
+        progress(f"debootstrap {suite()} minbase + {len(PACKAGES)} packages (about 45 s)")
         t0 = time.monotonic()
         res = run(cmd, check=False, timeout=1800)
         if res.returncode != 0:
@@ -175,10 +175,10 @@ def build(*, progress=print) -> Path:
                                           "dropbear-bin", "python3", "python3-scapy"])
         if versions.get(XTABLES_PKG) != rec["xtables"]:
             raise VMError(
-                f"guest {XTABLES_PKG} {versions.get(XTABLES_PKG)} differs from the host's "
-                f"{rec['xtables']}: plugins built on the host would not load in the guest",
-                hint="upgrade the host (`apt-get update && apt-get upgrade iptables "
-                     "libxtables-dev`) so both come from the same Debian point release")
+                f"guest {XTABLES_PKG} {versions.get(XTABLES_PKG)} differs from the build root's "
+                f"{rec['xtables']}: plugins built there would not load in the guest",
+                hint="the mirror moved on between the two: delete $NFLAB_CACHE/buildroots/"
+                     f"{suite()}-* and run `invoke rootfs` again")
         _install_guest_files(root)
         (root / "etc/nflab-rootfs.json").write_text(
             json.dumps({"recipe": key, "xtables": rec["xtables"]}) + "\n")
@@ -261,9 +261,13 @@ def ensure(*, rebuild=False, full_verify=False, progress=print) -> Path:
 
 
 def prune(keep: str, progress=print):
-    """Delete images of older recipes (a running VM keeps its open image until it stops)."""
+    """Delete images of older recipes of the same userland (a running VM keeps its
+    open image until it stops); the other userland's image stays."""
     for old in rootfs_dir().iterdir():
         if old.is_dir() and not old.name.startswith(".") and old.name != keep:
+            manifest = load_manifest(old) or {}
+            if manifest.get("recipe", {}).get("suite", suite()) != suite():
+                continue
             progress(f"removing rootfs of an older recipe: {old}")
             shutil.rmtree(old, ignore_errors=True)
 
@@ -282,10 +286,10 @@ def cached_entries() -> list[dict]:
 
 
 def check_guest_xtables(manifest: dict):
-    """Raise if the host's libxtables moved away from the image's."""
-    host = host_xtables_version()
+    """Raise if the plugins' libxtables (the userland build root's) is not the image's."""
+    host = plugin_xtables_version()
     guest = manifest.get("packages", {}).get(XTABLES_PKG)
     if guest != host:
-        raise VMError(f"guest {XTABLES_PKG} {guest} differs from the host's {host}",
+        raise VMError(f"guest {XTABLES_PKG} {guest} differs from the build root's {host}",
                       hint="run `invoke rootfs --rebuild`")
 

@@ -96,7 +96,7 @@ def test_pvh_note_detection_rejects_non_elf():
 
 
 def test_rootfs_recipe_hash_follows_recipe(monkeypatch):
-    monkeypatch.setattr(rootfs, "host_xtables_version", lambda: "1.8.9-2")
+    monkeypatch.setattr(rootfs, "plugin_xtables_version", lambda: "1.8.9-2")
     base = rootfs.recipe()
     assert rootfs.recipe_hash(base) == rootfs.recipe_hash(rootfs.recipe())
     more = dict(base, packages=sorted(base["packages"] + ["strace"]))
@@ -109,6 +109,8 @@ def test_rootfs_recipe_hash_follows_recipe(monkeypatch):
 
 def test_rootfs_mirror_from_host_apt_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("NFLAB_MIRROR", raising=False)
+    monkeypatch.delenv("NFLAB_DEBIAN_MIRROR", raising=False)
+    monkeypatch.delenv("NFLAB_USERLAND", raising=False)
     deb822 = tmp_path / "debian.sources"
     deb822.write_text("Types: deb\nURIs: http://other.example/x\nSuites: trixie\n\n"
                       "Types: deb\nURIs: http://mirror.example/debian\n"
