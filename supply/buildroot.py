@@ -48,7 +48,8 @@ RELEASE_SUITES = {
 # what Kbuild for an out-of-tree module and an iptables plugin need
 PACKAGES = ("bash", "coreutils", "dash", "diffutils", "findutils", "grep", "sed", "tar",
             "gzip", "xz-utils", "mawk", "make", "binutils", "gcc", "libc6-dev", "libelf-dev",
-            "bc", "flex", "bison", "dwarves", "pkg-config", "libxtables-dev", "kmod")
+            "bc", "flex", "bison", "dwarves", "pkg-config", "libxtables-dev", "kmod",
+            "iptables")   # the userland's stock plugins: what the kit's are compared with
 # what a whole kernel build (source: specs) needs on top
 KERNEL_BUILD_PACKAGES = ("perl", "cpio", "python3", "libssl-dev", "openssl", "zstd", "rsync")
 # links maintainer scripts or alternatives would have made: link -> target
@@ -188,10 +189,12 @@ def _check(root: BuildRoot):
 
 
 def for_kernel(kernel, *, progress=None) -> BuildRoot:
-    """The root that compiles modules for *kernel* (its release, its compiler)."""
+    """The root that compiles modules for *kernel* (its release, its compiler): the
+    release's plain root when its default gcc is the one, else one with that gcc added."""
     compiler = kernel.compiler
-    extra = [compiler] if compiler.startswith("gcc-") else []
-    root = ensure(kernel.build_release, extra=extra, progress=progress)
+    root = ensure(kernel.build_release, progress=progress)
+    if not root.has(compiler) and compiler.startswith("gcc-"):
+        root = ensure(kernel.build_release, extra=[compiler], progress=progress)
     if not root.has(compiler):
         raise BuildError(f"the {root.release} build root has no {compiler}, which the headers "
                          f"of {kernel.release} ask for",

@@ -17,7 +17,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_LINES = ("6.1", "6.12")
-STOCK_IPRANGE_SO = Path("/usr/lib/x86_64-linux-gnu/xtables/libxt_iprange.so")
 
 
 # ---- valid definitions the tests mutate -----------------------------------

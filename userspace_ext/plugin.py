@@ -59,8 +59,20 @@ def xtlibdir() -> str:
 
 
 def _binds(*paths: Path) -> list[Path]:
-    """Paths the compiler inside the root must see: the build tree and the caches."""
-    return sorted({build_dir(), *(p.resolve() for p in paths)})
+    """Paths the compiler inside the root must see: the build tree and the caches.
+    A path elsewhere (``/usr/lib/.../xtables``) is the root's own, not the host's."""
+    mine = (build_dir(), cache_dir())
+    return sorted({build_dir(), *(p.resolve() for p in paths
+                                  if any(p.resolve().is_relative_to(m) for m in mine))})
+
+
+def stock_plugin(name: str) -> Path:
+    """Where the userland's own iptables keeps ``libxt_NAME.so`` (inside its root)."""
+    return Path(xtlibdir()) / f"libxt_{name}.so"
+
+
+def has_stock_plugin(name: str) -> bool:
+    return (root().path / stock_plugin(name).relative_to("/")).is_file()
 
 
 def build(ext, out: Path, *, force: bool = False) -> Path:

@@ -16,7 +16,7 @@ import pytest
 
 from kmods import build, scaffold, spec
 from ground.errors import BuildError
-from tests.conftest import KERNEL_LINES, STOCK_IPRANGE_SO, get_kernel
+from tests.conftest import KERNEL_LINES, get_kernel
 from userspace_ext import plugin
 from supply import kernels
 
@@ -119,9 +119,9 @@ def test_iprange_plugin_matches_stock_revision_1(kernel, iprange_builds, probe_c
     regs = check_plugin(art, ext, probe_cache, kind="match")
     assert {r["size"] for r in regs} == {72}
     assert {r["userspacesize"] for r in regs} == {72}
-    if not STOCK_IPRANGE_SO.is_file():
-        pytest.skip("stock libxt_iprange.so not installed")
-    stock = [r for r in plugin.probe(STOCK_IPRANGE_SO, probe_cache) if r["revision"] == 1]
+    # the stock plugin of the same userland (its build root has the iptables package)
+    assert plugin.has_stock_plugin("iprange")
+    stock = [r for r in plugin.probe(plugin.stock_plugin("iprange"), probe_cache) if r["revision"] == 1]
     key = lambda r: r["family"]  # noqa: E731
     assert sorted(regs, key=key) == sorted(stock, key=key)
 
