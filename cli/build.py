@@ -70,17 +70,33 @@ def new_module(c, kind, name, hook="PRE_ROUTING", priority="-175", family="ipv4"
     print(f"  invoke test --name={name}")
 
 
-@task(help={"name": "extension to render", "out": "directory to write the sources into"})
+@task(help={"name": "extension to render", "out": "directory to write the sources into",
+            "kernel": "also probe this kernel's headers and write nflab_features.h "
+                      "(the NFLAB_HAVE_* results compat_nflab.h keys on)"})
 @friendly
-def render(c, name, out=None):
+def render(c, name, out=None, kernel=None):
     """Render an extension's C sources without building (to read them)."""
-    from kmods import build, spec
+    from kmods import build, probes, spec
+    from supply import kernels
 
     ext = spec.load(name)
     dest = Path(out) if out else Path("build") / "rendered" / name
     build.render_into(ext, dest)
+    refused = None
+    if kernel:
+        with Progress(False) as progress:
+            kern = kernels.get(kernel, progress=progress)
+            progress(f"probing the headers of {kern.release}")
+            try:
+                probes.prepare(ext, kern, dest)
+            except probes.MissingFeature as exc:
+                refused = exc
     for f in sorted(dest.iterdir()):
         print(f)
+    if not kernel:
+        print(f"(no {probes.FEATURES_H}: give --kernel=K to probe a kernel's headers)")
+    if refused:
+        print(f"note: {refused.message}", file=sys.stderr)
 
 
 @task

@@ -19,7 +19,7 @@ from pathlib import Path
 from ground.compiler import diagnostics
 from ground.errors import BuildError, NflabError
 from ground.paths import build_dir, kernels_dir
-from kmods import render, spec
+from kmods import probes, render, spec
 from supply import buildroot
 from userspace_ext import plugin
 
@@ -100,6 +100,7 @@ def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = No
     out = build_dir() / kernel.release / ext.name
     ko = out / f"{ext.module}.ko"
     changed = render_into(ext, out)
+    changed |= probes.prepare(ext, kernel, out)    # nflab_features.h; refuses before Kbuild
     stamp = out / ".nflab-build.json"
     inputs = _inputs_hash(out, kernel)
     fresh = (not changed and ko.is_file() and stamp.is_file()

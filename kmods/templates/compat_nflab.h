@@ -1,51 +1,77 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * compat_nflab.h: the one place where nflab templates meet kernel API
- * differences between the kernels the kit supports (Debian 6.1 and 6.12).
- * Decide by feature macro where the kernel offers one, by version otherwise;
- * templates use only the nflab_* names below.
+ * differences. Every decision keys on a feature: a Kconfig symbol, or a probe
+ * result from nflab_features.h, which the kit generates per kernel from what
+ * its headers declare (kmods/probes.toml). Never on LINUX_VERSION_CODE:
+ * Debian backports API changes, so a version says little about the API.
+ * Templates use only the nflab_* names below (and NFLAB_HAVE_* for code that
+ * only exists with a feature).
  */
 #ifndef _NFLAB_COMPAT_H
 #define _NFLAB_COMPAT_H
 
-#include <linux/version.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter/x_tables.h>
 #include <linux/string.h>
 
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0)
-#error "nflab templates need Linux 6.1 or newer"
-#endif
+#include "nflab_features.h"
 
-/* NFPROTO_INET hooks at NF_INET_INGRESS exist since 5.10; netdev ingress always. */
+/* netdev ingress hooks exist behind CONFIG_NETFILTER_INGRESS. */
 #ifdef CONFIG_NETFILTER_INGRESS
 #define NFLAB_HAVE_NETDEV_INGRESS 1
 #else
 #define NFLAB_HAVE_NETDEV_INGRESS 0
 #endif
 
-/* netdev egress hooks arrived in 5.16 behind CONFIG_NETFILTER_EGRESS. */
+/* netdev egress hooks exist behind CONFIG_NETFILTER_EGRESS. */
 #ifdef CONFIG_NETFILTER_EGRESS
 #define NFLAB_HAVE_NETDEV_EGRESS 1
 #else
 #define NFLAB_HAVE_NETDEV_EGRESS 0
 #endif
 
-/* strlcpy() is gone since 6.8; strscpy() exists on every supported kernel. */
+/* strscpy() exists on every kernel the kit serves; strlcpy() and strncpy() do not. */
 #define nflab_strscpy(dst, src, size) strscpy(dst, src, size)
 
-/*
- * timer_container_of() replaced from_timer() in 6.16; keep templates on one
- * name so a kernel bump is a one-line change here.
- */
-#ifdef timer_container_of
+#if NFLAB_HAVE_TIMER_CONTAINER_OF
 #define nflab_timer_container_of(var, t, field) timer_container_of(var, t, field)
 #else
 #define nflab_timer_container_of(var, t, field) from_timer(var, t, field)
 #endif
 
-/* netdev_hold()/netdev_put() with refcount trackers exist since 5.19/6.0. */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 0, 0)
+#if NFLAB_HAVE_TIMER_DELETE
+#define nflab_timer_delete(t) timer_delete(t)
+#define nflab_timer_delete_sync(t) timer_delete_sync(t)
+#else
+#define nflab_timer_delete(t) del_timer(t)
+#define nflab_timer_delete_sync(t) del_timer_sync(t)
+#endif
+
+#if NFLAB_HAVE_GET_RANDOM_U32_BELOW
+#define nflab_get_random_u32_below(ceil) get_random_u32_below(ceil)
+#else
+#define nflab_get_random_u32_below(ceil) prandom_u32_max(ceil)
+#endif
+
+#if NFLAB_HAVE_PDE_DATA
+#define nflab_pde_data(inode) pde_data(inode)
+#else
+#define nflab_pde_data(inode) PDE_DATA(inode)
+#endif
+
+#if NFLAB_HAVE_MODULE_IMPORT_NS_STRING
+#define nflab_module_import_ns(ns) MODULE_IMPORT_NS(#ns)
+#else
+#define nflab_module_import_ns(ns) MODULE_IMPORT_NS(ns)
+#endif
+
+/* Device references: tracked where the kernel has trackers. */
+#if !NFLAB_HAVE_NETDEVICE_TRACKER
+typedef struct {} netdevice_tracker;
+#endif
+
+#if NFLAB_HAVE_NETDEV_HOLD
 #define nflab_dev_hold(dev, tracker) netdev_hold(dev, tracker, GFP_KERNEL)
 #define nflab_dev_put(dev, tracker) netdev_put(dev, tracker)
 #else
@@ -54,16 +80,15 @@
 #endif
 
 /*
- * nf_conncount (connlimit): on 6.1 nf_conncount_init()/destroy() take the
- * family and get/put the netns conntrack reference themselves; by 6.12 they
- * take only the key length and the caller does nf_ct_netns_get()/put()
- * (the change lies between the two lines the kit supports). Only for
- * templates that include <net/netfilter/nf_conntrack_count.h>.
+ * nf_conncount (connlimit): where nf_conncount_init()/destroy() take the
+ * family they get/put the netns conntrack reference themselves; where they
+ * take only the key length the caller does nf_ct_netns_get()/put(). Only
+ * for templates that include <net/netfilter/nf_conntrack_count.h>.
  */
 #ifdef _NF_CONNTRACK_COUNT_H
 #include <net/netfilter/nf_conntrack.h>
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)
+#if NFLAB_HAVE_NF_CONNCOUNT_INIT_KEYLEN
 static inline struct nf_conncount_data *
 nflab_conncount_init(struct net *net, u8 family, unsigned int keylen)
 {
