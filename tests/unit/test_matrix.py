@@ -65,6 +65,15 @@ def test_emitted_workflow_passes_actionlint(tmp_path):
     assert "matrix:" in wf.read_text() and '"6.12.117+deb12"' in wf.read_text()
 
 
+def test_workflow_runs_on_stock_ubuntu_with_kvm_when_offered():
+    """No Debian container: the kit brings its own kernels and toolchains; the KVM
+    step only opens /dev/kvm when the runner has one."""
+    text = matrix.github_workflow(["lts"], ["iprange"])
+    assert "\n    container:" not in text and "runs-on: ubuntu-latest" in text
+    assert "if [ -e /dev/kvm ]" in text and "udevadm trigger --name-match=kvm" in text
+    assert "sudo -E bash .ci/setup" in text and ".venv/bin/python -m invoke matrix" in text
+
+
 def test_actionlint_really_lints(tmp_path):
     """The linter is live: a broken workflow is reported."""
     wf = tmp_path / "bad.yml"
