@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ground import debarchive
 from ground.paths import cache_dir
+from supply import buildroot, kernels
+from vm import rootfs
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -33,20 +35,24 @@ def _cmd(argv, timeout=10) -> tuple[int, str]:
 
 
 def check_tools() -> list[Check]:
+    """Host tools the kit calls (compilers and libxtables come from the build roots)."""
     tools = {
-        "gcc": "apt-get install gcc", "make": "apt-get install make",
-        "pkg-config": "apt-get install pkg-config", "modinfo": "apt-get install kmod",
-        "depmod": "apt-get install kmod", "cpio": "apt-get install cpio",
-        "mke2fs": "apt-get install e2fsprogs", "debootstrap": "apt-get install debootstrap",
+        "bwrap": "apt-get install bubblewrap (compilers run inside per-release build roots)",
+        "gpgv": "apt-get install gpgv (checks Debian's signed InRelease files)",
+        "modinfo": "apt-get install kmod", "depmod": "apt-get install kmod",
+        "cpio": "apt-get install cpio", "mke2fs": "apt-get install e2fsprogs",
+        "debootstrap": "apt-get install debootstrap (the guest rootfs)",
         "qemu-system-x86_64": "apt-get install qemu-system-x86", "ssh": "apt-get install openssh-client",
-        "pahole": "apt-get install dwarves (BTF for 6.12 modules)",
-        "apt-get": "nflab fetches kernels with apt-get: use Debian 12",
-        "dpkg": "nflab unpacks kernels with dpkg -x: use Debian 12",
+        "xz": "apt-get install xz-utils", "zstd": "apt-get install zstd",
     }
     out = []
     for tool, fix in tools.items():
         path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
         out.append(Check(f"tool {tool}", OK if path else FAIL, path or "not found", "" if path else fix))
+    keyring = debarchive.default_keyring()
+    out.append(Check("Debian archive keyring", OK if keyring.is_file() else FAIL, str(keyring),
+                     "" if keyring.is_file() else "apt-get install debian-archive-keyring "
+                     "(or set NFLAB_DEBIAN_KEYRING)"))
     if not os.path.exists("/bin/busybox") and not shutil.which("busybox"):
         out.append(Check("tool busybox (static)", FAIL, "not found", "apt-get install busybox-static"))
     else:
@@ -67,45 +73,46 @@ def check_python() -> list[Check]:
     return out
 
 
+def _made_root(release: str, extra=()) -> "buildroot.BuildRoot | None":
+    """A build root already in the cache (the doctor never makes one)."""
+    key, _ = buildroot.recipe(release, extra)
+    return buildroot._load(buildroot.roots_dir() / key, release)
+
+
 def check_xtables() -> list[Check]:
-    rc, version = _cmd(["pkg-config", "--modversion", "xtables"])
-    if rc != 0:
-        return [Check("libxtables", FAIL, "pkg-config cannot find xtables",
-                      "apt-get install libxtables-dev pkg-config")]
-    _, libdir = _cmd(["pkg-config", "--variable=xtlibdir", "xtables"])
-    checks = [Check("libxtables", OK, f"{version}, xtlibdir {libdir}")]
-    try:
-        from vm import rootfs
-        guest = rootfs.guest_xtables_version() if hasattr(rootfs, "guest_xtables_version") else None
-    except Exception:
-        guest = None
-    if guest and guest != version:
-        checks.append(Check("guest libxtables", FAIL, f"guest has {guest}, host {version}",
-                            "rebuild the rootfs: invoke rootfs --rebuild"))
+    """Plugins are built against the guest userland's libxtables, in its build root."""
+    userland = buildroot.userland()
+    root = _made_root(userland)
+    if root is None:
+        return [Check("libxtables", WARN, f"the {userland} build root is not made yet",
+                      "made at the first build (or run .ci/setup)")]
+    version = root.packages.get("libxtables12", "?")
+    checks = [Check("libxtables", OK, f"{version} in the {userland} build root")]
+    for manifest in rootfs.cached_entries():
+        if manifest.get("recipe", {}).get("suite") != userland:
+            continue
+        guest = manifest.get("packages", {}).get("libxtables12")
+        if guest and guest != version:
+            checks.append(Check("guest libxtables", FAIL, f"guest has {guest}, build root {version}",
+                                "rebuild the rootfs: invoke rootfs --rebuild"))
     return checks
 
 
 def check_compiler() -> list[Check]:
-    rc, out = _cmd(["gcc", "--version"])
-    if rc != 0:
-        return []
-    host = out.splitlines()[0]
+    """Each cached kernel: the compiler its headers name, in its release's build root."""
     checks = []
-    try:
-        from supply import kernels
-        cached = kernels.cached_kernels()
-    except Exception:
-        cached = []
-    for k in cached:
-        want = k.config_value("CC_VERSION_TEXT") or ""
-        same = re.search(r"\d+\.\d+\.\d+", want) and re.search(r"\d+\.\d+\.\d+", host) and \
-            re.search(r"\d+\.\d+", want).group() == re.search(r"\d+\.\d+", host).group()
-        checks.append(Check(f"gcc vs {k.release}", OK if same else WARN,
-                            f"host: {host}; kernel built with: {want}",
-                            "" if same else "install the gcc version the kernel was built with "
-                            "(modules built by another major version may fail to load)"))
-    if not cached:
-        checks.append(Check("gcc", OK, host))
+    for k in kernels.cached_kernels():
+        compiler = k.compiler
+        root = _made_root(k.build_release)
+        if root is not None and not root.has(compiler):
+            root = _made_root(k.build_release, [compiler])
+        if root is None:
+            checks.append(Check(f"{compiler} for {k.release}", WARN,
+                                f"the {k.build_release} build root is not made yet",
+                                f"made at the first build (`invoke fetch-kernel --kernel={k.release}`)"))
+            continue
+        checks.append(Check(f"{compiler} for {k.release}", OK,
+                            f"in the {root.release} build root ({root.path.parent.name})"))
     return checks
 
 

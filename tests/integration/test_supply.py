@@ -56,8 +56,8 @@ def test_a_match_and_a_hook_build_with_the_kernels_vermagic(line_kernel, name):
     assert art.ko.is_file()
     assert art.vermagic.split()[0] == kernel.release == _modinfo(art.ko, "vermagic").split()[0]
     # Kbuild ran the headers' compiler inside the root: the .ko says which gcc built it
-    comment = subprocess.run(["readelf", "-p", ".comment", str(art.ko)], capture_output=True,
-                             text=True).stdout
+    comment = buildroot.for_kernel(kernel).run(["readelf", "-p", ".comment", str(art.ko)],
+                                               ro=[art.dir]).stdout
     major = COMPILERS[line][0][4:]
     assert re.search(rf"GCC: \(Debian {major}\.", comment), comment
     if name == "iprange":
