@@ -270,7 +270,8 @@ def source_offer(line: str):
                         if re.match(r"^linux-source-\d+\.\d+$", n)})
         raise KernelError(f"Debian's archive has no {name}",
                           hint=f"lines with linux-source: {', '.join(lines)}")
-    best = max(found, key=lambda f: (f[0], _vkey(f[1])))
+    # a released version before a release candidate, then the newest Debian release
+    best = max(found, key=lambda f: ("~rc" not in f[1], f[0], _vkey(f[1])))
     return best[2], best[3]
 
 
@@ -412,6 +413,19 @@ def kconfig_symbols(src: Path) -> dict[str, list[str]]:
     return syms
 
 
+def depends_on(sym: str, symbols: dict[str, list[str]]) -> set[str]:
+    """Every symbol *sym* depends on, directly or through others."""
+    seen: set[str] = set()
+    todo = [sym]
+    while todo:
+        for line in symbols.get(todo.pop(), []):
+            for dep in re.findall(r"\b[A-Z][A-Z0-9_]+\b", line):
+                if dep not in seen and dep in symbols:
+                    seen.add(dep)
+                    todo.append(dep)
+    return seen
+
+
 def read_config(path: Path) -> dict[str, str]:
     """A .config -> {CONFIG_X: value} ('n' for '# ... is not set')."""
     return parse_fragment(path.read_text(), str(path))
@@ -470,8 +484,12 @@ def configure(src: Path, out: Path, p: Plan, progress=None, symbols=None) -> Pat
     # the user's fragment wins over the base for the symbols it names; the base's other
     # options must survive (an option the lab needs that the fragment took away by
     # dependency is an error too)
+    # ...except what depends on an option the user turned off on purpose (a kernel
+    # without legacy xtables loses the iptables-legacy tables the base asks for)
+    off = {k[len("CONFIG_"):] for k, v in user.items() if v == "n"}
     base = {k: v for k, v in parse_fragment(p.base).items()
-            if k[len("CONFIG_"):] in symbols and k not in user}
+            if k[len("CONFIG_"):] in symbols and k not in user
+            and not depends_on(k[len("CONFIG_"):], symbols) & off}
     lost_base = dropped_options(base, final, symbols)
     lost_user = dropped_options(user, final, symbols)
     if lost_user or lost_base:
