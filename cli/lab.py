@@ -142,13 +142,13 @@ def vm_status(c, vm=None):
 @friendly
 def install(c, name, vm="default", kernel=None):
     """Copy the extension's .ko and .so into the VM, load it, prove it is the kit's."""
-    from vm import install as inst
+    from nflab import deploy
     from vm import lab
 
     state = lab.load(vm)
     if state is None or not lab.is_running(state):
         lab.up(kernel, vm, progress=lambda m: print(m, file=sys.stderr))
-    done = inst.install(name, vm, progress=lambda m: print(m, file=sys.stderr))
+    done = deploy.install(name, vm, progress=lambda m: print(m, file=sys.stderr))
     print(f"{done.module} loaded in VM {vm} ({done.release}): taint {done.taint}, "
           f"srcversion {done.srcversion}" + (f"; iptables plugin libxt_{done.plugin}.so installed"
                                               if done.plugin else ""))

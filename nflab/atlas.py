@@ -256,8 +256,8 @@ def drop_interval(points: list, seen: set) -> tuple:
 
 def nft_hook_rows(text: str) -> list:
     """``nft list hooks`` output as (family, hook, priority, function, module) with
-    kit names (ipv4/ipv6/netdev, PRE_ROUTING...); parsing is vm.tracing's."""
-    from vm.tracing import nft_hook_lines
+    kit names (ipv4/ipv6/netdev, PRE_ROUTING...); parsing is nflab.tracing's."""
+    from nflab.tracing import nft_hook_lines
 
     return [(NFT_FAMILY[f], NFT_HOOK[h], prio, fn, mod) for f, h, prio, fn, mod in nft_hook_lines(text)
             if f in NFT_FAMILY and h in NFT_HOOK]
@@ -729,7 +729,7 @@ class _Rules:
 
 
 def _hexmatch(tag: int) -> str:
-    from vm.wire import magic
+    from nflab.tracing import magic
     unit = magic() + int(tag).to_bytes(4, "big")
     return f"-m string --algo bm --hex-string '|{unit.hex()}|'"
 
@@ -794,7 +794,7 @@ class _Sender:
         self.guest, self.wire = guest, wire
 
     def send(self, family: str, path: str, tag: int) -> int:
-        from vm.tracing import addrs, bash_udp, packet
+        from nflab.tracing import addrs, bash_udp, packet
         a = addrs(family)
         if path == "forward":
             self.wire.send("client", packet(family, "tcp", a["client"], a["server"], tag))
@@ -830,8 +830,9 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     modules"); any ``nflab_*`` hook module already loaded appears too. Every rule
     the measurement adds is removed again; the tracer stays loaded."""
     from ground.errors import NflabError, VMError
-    from vm import tracing
-    from vm import install, lab, topology
+    from nflab import tracing
+    from nflab import deploy
+    from vm import lab, topology
     from vm.wire import Wire, magic
 
     say = progress or (lambda m: None)
@@ -844,9 +845,9 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     topology.setup(vm)
     for name in modules:
         say(f"installing {name}")
-        install.install(name, vm)
+        deploy.install(name, vm)
     say("loading nflab_tracer (ingress_dev=eth1)")
-    install.install("tracer", vm, params={"ingress_dev": "eth1"})
+    deploy.install("tracer", vm, params={"ingress_dev": "eth1"})
     tracer = tracing.Tracer(guest.run)
     tags = _tags()
     rules = _Rules(guest)
@@ -905,7 +906,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
                             atlas.notes.append(f"{fam} {first}: conntrack not located: {problem}")
                 # defrag: fragments at -450, one datagram after defrag
                 say(f"{fam}: fragments through defrag")
-                from vm.tracing import addrs, fragments
+                from nflab.tracing import addrs, fragments
                 a = addrs(fam)
                 tag = next(tags)
                 guest.sh(f"echo clear > {tracer.proc}", "clearing the tracer")
@@ -996,7 +997,7 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
 
 def _proc_points(guest: _Guest) -> dict:
     """module -> [(family, hook, priority)] of every loaded nflab hook module."""
-    from vm import tracing
+    from nflab import tracing
     rc, out, _ = guest.run('for f in /proc/net/nflab_*; do [ -e "$f" ] || continue; '
                            'echo "=== ${f##*/}"; grep "^point " "$f"; done')
     sections: dict = {}

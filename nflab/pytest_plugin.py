@@ -113,7 +113,7 @@ class _HtmlReport:
         vm = self.vm()
         try:
             if vm:
-                from vm import tracing
+                from nflab import tracing
                 self.tracer_note = tracing.ensure_loaded(vm)
             self.run(item, f"test -w /proc/net/{_tracer_module()} && "
                            f"echo clear > /proc/net/{_tracer_module()}")
@@ -134,7 +134,7 @@ class _HtmlReport:
 
 
 def _tracer_module():
-    from vm import tracing
+    from nflab import tracing
     return tracing.MODULE
 
 
@@ -165,7 +165,7 @@ def pytest_runtest_call(item):
 
 def _html_section(item, state, sent) -> str:
     from nflab import report as rep
-    from vm import tracing
+    from nflab import tracing
 
     wire = item.funcargs.get("wire")
     received = []

@@ -3,10 +3,10 @@
 For each test the pytest plugin (``nflab/pytest_plugin.py``) hands this module
 what it collected: the frames the host sent on the wires (``vm.wire.Sent``),
 the frames that came back on them, the guest's tracer log and its rules with
-counters (one SSH round trip, ``vm.tracing.report_command``). This module maps
+counters (one SSH round trip, ``nflab.tracing.report_command``). This module maps
 the tracer's entries to the packets by their tag, splits them into walks (one
-packet's visits through the hooks, ``vm.tracing.walks``), says what became of
-each walk (``vm.tracing.fate``) and renders an HTML fragment for pytest-html.
+packet's visits through the hooks, ``nflab.tracing.walks``), says what became of
+each walk (``nflab.tracing.fate``) and renders an HTML fragment for pytest-html.
 Nothing here talks to a guest: it is plain data in, HTML out.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from vm import tracing
+from nflab import tracing
 
 MAX_PACKETS = 120        # packet blocks per test; the rest are counted
 MAX_RULE_LINES = 400     # lines per rules listing

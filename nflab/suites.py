@@ -291,7 +291,7 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
     from kmods import build, spec
     from supply import kernels
     from vm import lab
-    from vm import install as vm_install
+    from nflab import deploy
 
     names = names or spec.catalog_names()
     for n in names:
@@ -351,7 +351,7 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
                 raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "
                                  f"not {lab.testinfra_spec_for(sh.vm)}", hint=f"run `invoke vm-down --vm={sh.vm}`")
             progress(f"installing {len(built)} extension(s) in VM {sh.vm}")
-            vm_install.install_many([art.name for art in built], sh.vm)
+            deploy.install_many([art.name for art in built], sh.vm)
             where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
             progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
             sh.gate.write_text("go")

@@ -121,14 +121,14 @@ def build(exs: list[Exercise], kernel, *, solution: bool = False, progress=None)
 
 def install(exs: list[Exercise], vm: str, *, solution: bool = False, progress=None) -> list:
     """Build and load the chosen variant of *exs* in VM *vm* (replacing the other one)."""
-    from vm import install as vm_install
+    from nflab import deploy
 
     done = []
     with build_tree(solution):
         for ex in exs:
             if progress:
                 progress(f"installing exercise {ex.number} ({variant(solution)}) in VM {vm}")
-            done.append(vm_install.install(ex.load(solution), vm))
+            done.append(deploy.install(ex.load(solution), vm))
     return done
 
 

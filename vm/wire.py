@@ -20,7 +20,6 @@ Every wait is bounded: :meth:`Wire.sniff` returns what it has at its timeout.
 from __future__ import annotations
 
 import collections
-import functools
 import socket
 import threading
 import time
@@ -291,44 +290,3 @@ class Wire:
     def stats(self) -> dict:
         return {name: {"received": p.next_n, "sent": p.sent, "answered": p.answered,
                        "errors": list(p.errors[-5:])} for name, p in self.ports.items()}
-
-
-# ---------------------------------------------------------------- tagged payloads
-
-MAGIC_DEFAULT = b"NFLbTRC!"
-
-
-@functools.lru_cache(maxsize=None)
-def magic() -> bytes:
-    """The tracer's payload magic, from its definition (``test.magic``); read once
-    (suites match thousands of frames against tags)."""
-    try:
-        from kmods import spec
-        return spec.load("tracer").test["magic"].encode("ascii")
-    except Exception:
-        return MAGIC_DEFAULT
-
-
-def payload(tag: int, size: int = 64, *, magic_bytes: bytes | None = None) -> bytes:
-    """*size* bytes of (magic + 4-byte big-endian tag) repeated, so any slice of
-    at least twice the unit (24 bytes) - every IP fragment - carries one whole copy."""
-    unit = (magic_bytes or magic()) + int(tag).to_bytes(4, "big")
-    reps = size // len(unit) + 1
-    return (unit * reps)[:size]
-
-
-def has_tag(pkt, tag: int, *, magic_bytes: bytes | None = None) -> bool:
-    """True if *pkt*'s bytes carry the magic + *tag* unit."""
-    unit = (magic_bytes or magic()) + int(tag).to_bytes(4, "big")
-    return unit in bytes(pkt)
-
-
-def tags_in(pkt, *, magic_bytes: bytes | None = None) -> set[int]:
-    """Every tag *pkt* carries (its magic + 4-byte tag units), in one pass over
-    its bytes: for matching many frames against many tags."""
-    m = magic_bytes or magic()
-    raw, out, i = bytes(pkt), set(), 0
-    while (i := raw.find(m, i)) >= 0 and i + len(m) + 4 <= len(raw):
-        out.add(int.from_bytes(raw[i + len(m):i + len(m) + 4], "big"))
-        i += len(m) + 4
-    return out

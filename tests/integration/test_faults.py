@@ -14,7 +14,8 @@ import time
 import pytest
 
 from ground.errors import NflabError, VMError
-from vm import install, lab
+from nflab import deploy
+from vm import lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -32,7 +33,7 @@ def _qemu_of(vm: str) -> list[str]:
 def faulty_vm():
     lab.down(VM)
     lab.up(KERNEL, VM, progress=lambda *_: None)
-    install.install("faulty", VM)
+    deploy.install("faulty", VM)
     yield VM
     lab.down(VM)
     assert not _qemu_of(VM), "QEMU of the fault VM survived"
@@ -59,7 +60,7 @@ def test_module_hanging_in_init_ends_install_within_its_budget():
     try:
         t0 = time.monotonic()
         with pytest.raises(NflabError) as info:
-            install.install("faulty", VM, params={"hang_in_init": True}, timeout=20)
+            deploy.install("faulty", VM, params={"hang_in_init": True}, timeout=20)
         assert time.monotonic() - t0 < 90
         assert "timed out" in str(info.value) or "answer" in str(info.value), str(info.value)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from ground.errors import NflabError
+from nflab import deploy
 from userspace_ext import plugin
 from vm import install, lab
 
@@ -37,7 +38,7 @@ def test_plugin_for_another_libxtables_is_refused_before_copying(vm):
     out = lab.exec(vm, SET_VERSION.format(v=FAKE), check=True).stdout
     assert out == FAKE
     with pytest.raises(NflabError) as info:
-        install.install("iprange", vm)
+        deploy.install("iprange", vm)
     text = str(info.value)
     assert "\n" not in text
     assert (f"libxt_iprange.so was built against libxtables {plugin.xtables_version()} but "
@@ -53,5 +54,5 @@ def test_same_install_goes_through_with_the_guests_real_version(vm):
     # the guest runs, short of this test's edit): a fresh boot has the real one
     lab.down(vm)
     lab.up("6.1", vm, progress=lambda m: None)
-    done = install.install("iprange", vm)
+    done = deploy.install("iprange", vm)
     assert "O" in done.taint

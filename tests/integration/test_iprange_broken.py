@@ -40,12 +40,13 @@ def broken_iprange(tmp_path_factory):
 
 
 def test_suite_fails_on_exclusive_upper_bound(broken_iprange, tmp_path):
-    from vm import install, lab
+    from nflab import deploy
+    from vm import lab
 
     lab.down(VM)
     state = lab.up(KERNEL, VM, progress=lambda *_: None)
     try:
-        installed = install.install(broken_iprange, VM)
+        installed = deploy.install(broken_iprange, VM)
         assert "O" in installed.taint
         junit = tmp_path / "junit.xml"
         res = subprocess.run(

@@ -43,6 +43,7 @@ import re
 
 import pytest
 
+from nflab import deploy
 from vm import install, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -162,7 +163,7 @@ def soak_vm():
     lab.up(KERNEL, VM, progress=lambda m: None)
     try:
         for name in ("tracer", "iprange"):
-            install.install(name, VM)
+            deploy.install(name, VM)
         yield VM
     finally:
         lab.down(VM)

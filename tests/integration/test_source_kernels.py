@@ -118,7 +118,8 @@ UAF = """{% extends "hook.c.j2" %}
 @pytest.mark.vm
 @pytest.mark.kernel_build
 def test_debug_kernel_catches_a_use_after_free(debug_kernel, tmp_path):
-    from vm import install, lab
+    from nflab import deploy
+    from vm import lab
 
     written = scaffold.new_module("hook", "nflabuaf", catalog=tmp_path)
     tpl = next(p for p in written if p.name.endswith(".c.j2"))
@@ -129,7 +130,7 @@ def test_debug_kernel_catches_a_use_after_free(debug_kernel, tmp_path):
     lab.up(DEBUG, vm, progress=lambda *_: None)
     try:
         with pytest.raises(VMError) as info:
-            install.install(ext, vm)
+            deploy.install(ext, vm)
     finally:
         lab.down(vm)
     err = info.value

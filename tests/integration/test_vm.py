@@ -226,8 +226,8 @@ def test_two_vms_at_once_have_distinct_ports_and_dirs(vms):
 
 def test_install_iprange_is_the_kits_module(booted):
     pytest.importorskip("kmods.build")
-    from vm import install
-    done = install.install("iprange", booted.name)
+    from nflab import deploy
+    done = deploy.install("iprange", booted.name)
     assert "O" in done.taint
     taint = lab.exec(booted.name, f"cat /sys/module/{done.module}/taint", check=True).stdout
     assert "O" in taint

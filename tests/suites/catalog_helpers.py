@@ -60,7 +60,7 @@ def send_tagged(wire, pkts: dict, *, expect: int | None = None, out="client", in
     before it has either arrived or been dropped, and no settle time is
     needed. A sentinel that does not arrive fails the test: the path itself
     is broken, whatever the rules say."""
-    from vm.wire import has_tag, tags_in
+    from nflab.tracing import has_tag, tags_in
 
     since = wire.mark(into)
     match = lambda p: bool(tags_in(p) & pkts.keys())            # noqa: E731
@@ -136,7 +136,7 @@ def sentinel(family, tag: int, dport=SENTINEL_PORT):
     """``(tag, packet)`` for ``send_tagged(sentinel=...)``: tagged UDP from the
     client to the server peer on a port no suite's rules match."""
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
     c, s = PEERS[family]
     return tag, l3(family)(src=c, dst=s) / UDP(sport=33000, dport=dport) / payload(tag, 48)
 

@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from vm import remote, tracing
+from nflab import tracing
+from vm import remote
 
 SUITES_DIR = os.path.dirname(os.path.abspath(__file__))
 _SPEC_VM = re.compile(r"^ssh://nflab-([A-Za-z0-9][A-Za-z0-9_-]*)\?")

@@ -30,7 +30,7 @@ def mangle(host, routed):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_ttl_rewritten_and_continues(host, wire, mangle, family, backend, tag):
     from scapy.all import IP, UDP
-    from vm.wire import has_tag, payload
+    from nflab.tracing import has_tag, payload
 
     tool = f"{TOOLS[family]}-{backend} -w -t mangle"
     # per port: TTLSET, then a rule that only counts (it sees the packet: XT_CONTINUE)

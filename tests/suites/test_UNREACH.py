@@ -31,7 +31,7 @@ def no_icmp_ratelimit(host):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_rejected_with_icmp(host, wire, clean_forward, no_icmp_ratelimit, family, backend, tag):
     from scapy.all import ICMP, UDP, ICMPv6DestUnreach
-    from vm.wire import has_tag, payload
+    from nflab.tracing import has_tag, payload
 
     assert_kit_module(host, "xt_UNREACH")
     tool = f"{TOOLS[family]}-{backend} -w"

@@ -50,7 +50,7 @@ def _base(family, backend):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_every_packet_verdict_is_the_rules(host, wire, loaded, clean_filter, family, backend, tag):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     drop, count, accept = (_base(family, backend) + i for i in range(3))
     tool = f"{TOOLS[family]}-{backend} -w"

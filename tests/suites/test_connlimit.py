@@ -35,7 +35,7 @@ NET = {"ipv4": ("192.0.2.{}", "198.51.100.{}", 24), "ipv6": ("2001:db8:1::{:x}",
 
 def _syn(family, src, dst, sport, dport, tag, flags="S"):
     from scapy.all import TCP
-    from vm.wire import payload
+    from nflab.tracing import payload
     return l3(family)(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload(tag, 24)
 
 

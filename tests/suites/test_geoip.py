@@ -109,7 +109,7 @@ def _expect(b, parsed, opts, src, dst) -> bool:
 
 def _run(host, wire, family, backend, rules, b, parsed, tag):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     tool = f"{TOOLS[family]}-{backend} -w"
     add_rules(host, [f"{tool} -A FORWARD -p udp --dport {port} -m geoip {opts} -j DROP"

@@ -76,7 +76,7 @@ def _counters(host, tool, backend):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_iprange_verdicts_on_the_wire(host, wire, iprange_loaded, clean_forward, family, backend):
     from scapy.all import IP, UDP, IPv6
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     f = FAM[family]
     ipt = f"{f['tool']}-{backend} -w"

@@ -61,7 +61,7 @@ def fresh(request, host, loaded, routed, sink):
 
 def _udp(family, port, tag):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
     c, s = PEERS[family]
     return l3(family)(src=c, dst=s) / UDP(sport=33000, dport=port) / payload(tag, 48)
 

@@ -34,7 +34,7 @@ def test_loaded_and_registered(host):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_forwarded_packets_are_counted_per_hook(host, wire, routed, family, tag):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     client, server = PEERS[family]
     host.run_test(f"echo clear > /proc/net/{MOD}")

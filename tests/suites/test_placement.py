@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from vm import tracing
-from vm.tracing import FORWARD, LOCAL_IN, LOCAL_OUT, addrs, at, packet
-from vm.wire import has_tag, payload
+from nflab import tracing
+from nflab.tracing import FORWARD, LOCAL_IN, LOCAL_OUT, addrs, at, packet
+from nflab.tracing import has_tag, payload
 
 pytestmark = pytest.mark.vm
 

@@ -34,7 +34,7 @@ def _effective(host):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag):
     from scapy.all import TCP, UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     res = portdrop(f"port={PORT} proto=udp prio={prio}")
     assert res.rc == 0, res.stderr
@@ -62,7 +62,7 @@ def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag):
 
 def test_proto_any_and_tcp(host, wire, portdrop, tag):
     from scapy.all import IP, TCP, UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     c, s = PEERS["ipv4"]
     for proto, dropped_l4 in (("any", {"udp", "tcp"}), ("tcp", {"tcp"})):
@@ -78,7 +78,7 @@ def test_proto_any_and_tcp(host, wire, portdrop, tag):
 
 def test_default_drops_nothing(host, wire, portdrop, tag):
     from scapy.all import IP, UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     assert portdrop("").rc == 0
     assert _effective(host) == {"port": "0", "proto": "any", "prio": "1"}

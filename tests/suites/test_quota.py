@@ -41,7 +41,7 @@ def loaded(host):
 
 def _udp(family, port, tag, size):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
     c, s = PEERS[family]
     pkt = l3(family)(src=c, dst=s) / UDP(sport=33000, dport=port) / payload(tag, size - HDR[family])
     assert len(pkt) == size

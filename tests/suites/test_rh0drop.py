@@ -25,7 +25,7 @@ def rh0(host, routed):
 
 def _packets(tag):
     from scapy.all import UDP, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     base = lambda: IPv6(src=CLIENT6, dst=SERVER6)            # noqa: E731
     udp = lambda t: UDP(sport=33000, dport=40300) / payload(t, 48)  # noqa: E731

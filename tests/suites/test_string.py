@@ -54,7 +54,7 @@ def _run(host, wire, family, backend, rules, cases, tag):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_patterns(host, wire, loaded, clean_forward, family, backend, tag):
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     rules = {40601: '--string "nflab-needle" --algo bm',
              40602: '--string "nflab-needle" --algo kmp',
@@ -77,7 +77,7 @@ def test_patterns(host, wire, loaded, clean_forward, family, backend, tag):
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag):
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     lead = 36                                          # payload bytes before the needle
     start = L3_LEN[family] + UDP_LEN + lead            # needle offset from the network header
@@ -95,7 +95,7 @@ def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag):
 def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, conntrack_on, tag):
     """IPv4 fragments of 256 bytes; the needle spans the boundary at UDP payload 248."""
     from scapy.all import IP, UDP, fragment
-    from vm.wire import has_tag, payload
+    from nflab.tracing import has_tag, payload
 
     bm, kmp = 40621, 40622
     tool = "iptables-legacy -w"

@@ -23,9 +23,9 @@ import shlex
 
 import pytest
 
-from vm import tracing
-from vm.tracing import addrs, packet
-from vm.wire import has_tag, magic
+from nflab import tracing
+from nflab.tracing import addrs, packet
+from nflab.tracing import has_tag, magic
 
 pytestmark = pytest.mark.vm
 

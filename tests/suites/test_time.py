@@ -50,7 +50,7 @@ def guest_clock(host):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_clock_decides(host, wire, clean_forward, guest_clock, family, backend, tag):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     assert_kit_module(host, "xt_time")
     tool = f"{TOOLS[family]}-{backend} -w"
@@ -76,7 +76,7 @@ def test_clock_decides(host, wire, clean_forward, guest_clock, family, backend, 
 def test_kerneltz_uses_sys_tz(host, wire, clean_forward, guest_clock, tag):
     """Without a kernel timezone set (sys_tz 0, as in the lab guest) --kerneltz is UTC."""
     from scapy.all import IP, UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     host.run_test("iptables-legacy -w -A FORWARD -p udp --dport 40720 -m time "
                   "--timestart 11:00 --timestop 13:00 --kerneltz -j DROP")

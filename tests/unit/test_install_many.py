@@ -1,6 +1,7 @@
-"""install_many (vm/install.py): one copy and one load script for several
-extensions, with the guest side faked; the real thing runs in the integration
-tests (test_vm, test_install_xtables, test_faults, every suite run)."""
+"""install_many (nflab/deploy.py; the loading in vm/install.py): one copy and one
+load script for several extensions, with the build and the guest side faked; the
+real thing runs in the integration tests (test_vm, test_install_xtables,
+test_faults, every suite run)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from ground.errors import VMError
+from nflab import deploy
 from vm import install
 
 
@@ -26,16 +28,16 @@ def fake(monkeypatch):
     monkeypatch.setattr(lab, "require", lambda vm: SimpleNamespace(release="r1", spec="6.1", pid=1,
                                                                  started_at=0.0))
     monkeypatch.setattr(kernels, "get", lambda release: SimpleNamespace(release=release))
-    monkeypatch.setattr(install, "_guest_facts", lambda vm, state: ("r1", "1.8.9-2"))
+    monkeypatch.setattr(install, "guest_facts", lambda vm, state: ("r1", "1.8.9-2"))
     monkeypatch.setattr(install, "_copy_files", lambda vm, files: calls["copies"].append(dict(files)))
 
     def plan(name, vm, kernel, rel, xt, params, kernel_spec):
         art = _art(name, f"xt_{name}")
         calls.setdefault("params", {})[name] = params
-        return install._Plan(art, {f"/root/nflab/xt_{name}.ko": b"ko"}, 0,
-                             [f"insmod /root/nflab/xt_{name}.ko",
-                              f'echo "{install._DONE} xt_{name} $(taint_of {name}) ABC"'])
-    monkeypatch.setattr(install, "_plan", plan)
+        return install.Plan(art, {f"/root/nflab/xt_{name}.ko": b"ko"}, 0,
+                            [f"insmod /root/nflab/xt_{name}.ko",
+                             f'echo "{install._DONE} xt_{name} $(taint_of {name}) ABC"'])
+    monkeypatch.setattr(deploy, "_plan", plan)
 
     def run(stdout, rc=0):
         def exec_(vm, script, timeout=None):
@@ -48,7 +50,7 @@ def fake(monkeypatch):
 
 def test_one_copy_one_script_and_each_module_proven(fake):
     fake["run"](f"{install._DONE} xt_a OE ABC\n{install._DONE} xt_b O ABC\n")
-    got = install.install_many(["a", "b"], "vm1", params={"b": {"n": 2}})
+    got = deploy.install_many(["a", "b"], "vm1", params={"b": {"n": 2}})
     assert [i.module for i in got] == ["xt_a", "xt_b"] and [i.taint for i in got] == ["OE", "O"]
     assert len(fake["copies"]) == 1 and set(fake["copies"][0]) == {"/root/nflab/xt_a.ko",
                                                                    "/root/nflab/xt_b.ko"}
@@ -62,17 +64,17 @@ def test_one_copy_one_script_and_each_module_proven(fake):
 def test_the_failing_module_is_named(fake):
     fake["run"](f"{install._DONE} xt_a OE ABC\n{install._FAILED} xt_b\n", rc=1)
     with pytest.raises(VMError) as exc:
-        install.install_many(["a", "b", "c"], "vm1")
+        deploy.install_many(["a", "b", "c"], "vm1")
     assert "loading xt_b failed" in exc.value.message and "could not insert" in exc.value.detail
 
 
 def test_a_module_without_taint_o_is_not_the_kits(fake):
     fake["run"](f"{install._DONE} xt_a OE ABC\n{install._DONE} xt_b E ABC\n")
     with pytest.raises(VMError, match="xt_b .* taint 'E' without O"):
-        install.install_many(["a", "b"], "vm1")
+        deploy.install_many(["a", "b"], "vm1")
 
 
 def test_install_is_install_many_of_one(fake):
     fake["run"](f"{install._DONE} xt_a OE ABC\n")
-    got = install.install("a", "vm1", params={"x": 1})
+    got = deploy.install("a", "vm1", params={"x": 1})
     assert got.module == "xt_a" and fake["params"] == {"a": {"x": 1}}

@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from kmods import build, spec
 from ground.errors import NflabError
+from kmods import build, spec
+from nflab.deploy import check_plugin_xtables
 from userspace_ext import plugin
-from vm.install import check_plugin_xtables
 
 
 def _host_pkg_version() -> str:

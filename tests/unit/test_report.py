@@ -16,8 +16,9 @@ import pytest
 
 from kmods import spec
 from nflab import report as rep
-from vm import tracing
-from vm.wire import Sent, payload
+from nflab import tracing
+from nflab.tracing import payload
+from vm.wire import Sent
 
 sc = pytest.importorskip("scapy.all")
 
@@ -294,7 +295,7 @@ def test_pytest_html_blob_round_trip(points):
 INNER = '''
 import pytest
 from vm import qemu
-from vm.tracing import packet
+from nflab.tracing import packet
 from vm.wire import Wire
 
 @pytest.fixture(scope="session")

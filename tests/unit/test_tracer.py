@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kmods import render, spec
-from vm import tracing
+from nflab import tracing
 
 PRIOS = [-450, -250, -175, -125, -75, 25, 75, 125]
 

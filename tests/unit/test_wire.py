@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from nflab.tracing import has_tag, magic, payload
 from vm import qemu, topology
-from vm.wire import Wire, has_tag, magic, payload
+from vm.wire import Wire
 
 sc = pytest.importorskip("scapy.all")
 
@@ -140,7 +141,7 @@ def test_missing_nic_is_a_clear_error():
 
 
 def test_tags_in_finds_every_tag_a_frame_carries():
-    from vm.wire import has_tag, payload, tags_in
+    from nflab.tracing import has_tag, payload, tags_in
     data = payload(7, 48) + b"xx" + payload(0x01020304, 30)
     assert tags_in(data) == {7, 0x01020304}
     assert tags_in(b"no magic here") == set()

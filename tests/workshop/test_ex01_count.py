@@ -34,7 +34,7 @@ def _read(host):
 
 def _send(wire, tag, port=40101):
     from scapy.all import IP, UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     pkts = {}
     for _ in range(N):

@@ -40,7 +40,7 @@ def _send(host, wire, tag, port):
     """N tagged UDP packets client -> server:port (fresh source ports: no stale
     conntrack/NAT entry applies); returns the frames that reached the server."""
     from scapy.all import IP, UDP
-    from vm.wire import has_tag, payload
+    from nflab.tracing import has_tag, payload
 
     pkts = {}
     for _ in range(N):

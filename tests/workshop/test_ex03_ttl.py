@@ -28,7 +28,7 @@ def loaded(host):
 def _verdicts(wire, tag, port):
     """{ttl seen in FORWARD: arrived?} for one packet per TTL to *port*."""
     from scapy.all import IP, UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     pkts, ttl_of = {}, {}
     for ttl in SEEN_TTLS:

@@ -24,7 +24,7 @@ def loaded(host):
 
 def _verdicts(wire, tag, family, port):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     src, dst = PEERS[family]
     pkts, limit_of = {}, {}

@@ -28,7 +28,7 @@ def loaded(host):
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_marks_and_continues(host, wire, forwarding, loaded, rules, tag, family):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     port = 40501 if family == "ipv4" else 40502
     rules.add(family, "mangle", "PREROUTING", f"-p udp --dport {port} -j {TARGET} --set-mark {MARK:#x}")

@@ -29,7 +29,7 @@ def loaded(host, routed):
 def _check(host, wire, rules, tag, port, addrs: dict):
     """addrs: {address: expected to be dropped}; asserts the wire agrees."""
     from scapy.all import UDP, IPv6
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     rules.add("ipv6", "filter", "FORWARD", f"-p udp --dport {port} -m {MATCH} --dst-range {RANGE} -j DROP")
     pkts, addr_of = {}, {}

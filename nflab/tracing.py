@@ -1,7 +1,10 @@
-"""Reading the packet-path tracer and checking placement claims against it.
+"""The packet-path tracer's side of the kit: tagged test packets, reading its
+log, checking placement claims against it, and what became of each packet.
 
-The suites, the negative variant test and the unit tests all use these
-functions, so "the check that catches a misplaced hook" is one piece of code.
+The suites, the negative variant test, the per-test reports (nflab/report.py),
+the atlas and the unit tests all use these functions, so "the check that
+catches a misplaced hook" is one piece of code. The lab (vm/) only carries the
+frames (vm/wire.py) and runs the commands.
 
 ``/proc/net/<module>`` (see ``kmods/catalog/tracer/nflab_tracer.c.j2``)::
 
@@ -13,10 +16,16 @@ functions, so "the check that catches a misplaced hook" is one piece of code.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 import shlex
 import time
 from dataclasses import dataclass, field
+
+from kmods import build, spec
+from supply import kernels
+from vm import lab, topology
 
 MODULE = "nflab_tracer"
 HOOK_ORDER = ("INGRESS", "PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING")
@@ -266,10 +275,6 @@ def ensure_loaded(vm: str, module: str = MODULE) -> str | None:
     (same srcversion, ``/root/<module>.ko`` present: what the suites' ``tracer``
     fixture checks too, so they do not insert it again). Returns a note for the
     report when it had to load it, None when it was there."""
-    from kmods import build, spec
-    from supply import kernels
-    from vm import lab
-
     st = lab.require(vm)
     art = build.build_extension(spec.load("tracer"), kernels.get(st.release), with_plugin=False)
     dest = f"/root/{module}.ko"
@@ -294,12 +299,51 @@ def q(s: str) -> str:
     return shlex.quote(s)
 
 
+# ---------------------------------------------------------------- tagged payloads
+
+MAGIC_DEFAULT = b"NFLbTRC!"
+
+
+@functools.lru_cache(maxsize=None)
+def magic() -> bytes:
+    """The tracer's payload magic, from its definition (``test.magic``); read once
+    (suites match thousands of frames against tags)."""
+    try:
+        return spec.load("tracer").test["magic"].encode("ascii")
+    except Exception:
+        return MAGIC_DEFAULT
+
+
+def payload(tag: int, size: int = 64, *, magic_bytes: bytes | None = None) -> bytes:
+    """*size* bytes of (magic + 4-byte big-endian tag) repeated, so any slice of
+    at least twice the unit (24 bytes) - every IP fragment - carries one whole copy."""
+    unit = (magic_bytes or magic()) + int(tag).to_bytes(4, "big")
+    reps = size // len(unit) + 1
+    return (unit * reps)[:size]
+
+
+def has_tag(pkt, tag: int, *, magic_bytes: bytes | None = None) -> bool:
+    """True if *pkt*'s bytes carry the magic + *tag* unit."""
+    unit = (magic_bytes or magic()) + int(tag).to_bytes(4, "big")
+    return unit in bytes(pkt)
+
+
+def tags_in(pkt, *, magic_bytes: bytes | None = None) -> set[int]:
+    """Every tag *pkt* carries (its magic + 4-byte tag units), in one pass over
+    its bytes: for matching many frames against many tags."""
+    m = magic_bytes or magic()
+    raw, out, i = bytes(pkt), set(), 0
+    while (i := raw.find(m, i)) >= 0 and i + len(m) + 4 <= len(raw):
+        out.add(int.from_bytes(raw[i + len(m):i + len(m) + 4], "big"))
+        i += len(m) + 4
+    return out
+
+
 # ---------------------------------------------------------------- test packets
 
 def addrs(family: str) -> dict:
     """client/server peer and guest addresses of *family* (vm/topology.py)."""
-    from vm import topology as t
-    v6 = family == "ipv6"
+    t, v6 = topology, family == "ipv6"
     return {"client": t.CLIENT.peer6 if v6 else t.CLIENT.peer4,
             "server": t.SERVER.peer6 if v6 else t.SERVER.peer4,
             "guest_client": t.CLIENT.guest6 if v6 else t.CLIENT.guest4,
@@ -309,8 +353,7 @@ def addrs(family: str) -> dict:
 def packet(family: str, proto: str, src: str, dst: str, tag: int, *, sport: int | None = None,
            dport: int = 9, size: int = 64):
     """A tagged scapy packet (no Ether: the wire adds it)."""
-    import scapy.all as sc
-    from vm.wire import payload
+    import scapy.all as sc     # start-up cost: scapy takes about a second to import
 
     data = payload(tag, size)
     sport = sport or 20000 + tag % 40000
@@ -328,8 +371,7 @@ def packet(family: str, proto: str, src: str, dst: str, tag: int, *, sport: int 
 
 def fragments(family: str, src: str, dst: str, tag: int, *, size: int = 1000, fragsize: int = 400):
     """A tagged UDP datagram as IP fragments; returns (fragments, the whole payload)."""
-    import scapy.all as sc
-    from vm.wire import payload
+    import scapy.all as sc     # start-up cost: scapy takes about a second to import
 
     data = payload(tag, size)
     sport = 20000 + tag % 40000
@@ -344,7 +386,7 @@ def fragments(family: str, src: str, dst: str, tag: int, *, size: int = 1000, fr
 def reassembled_payload(family: str, frames) -> bytes | None:
     """UDP payload of the datagram the *frames* (its fragments, or it whole) carry;
     None if fragments are missing."""
-    import scapy.all as sc
+    import scapy.all as sc     # start-up cost: scapy takes about a second to import
     parts = {}
     for f in frames:
         if family == "ipv4":
@@ -372,14 +414,12 @@ def reassembled_payload(family: str, frames) -> bytes | None:
 
 def bash_udp(dst: str, tag: int, *, port: int = 9, size: int = 48) -> str:
     """A guest command that sends one tagged UDP datagram (bash's /dev/udp)."""
-    from vm.wire import payload
     esc = "".join(f"\\x{b:02x}" for b in payload(tag, size))
     return "bash -c " + shlex.quote(f"printf '{esc}' > /dev/udp/{dst}/{port}")
 
 
 def ping(dst: str, tag: int, family: str = "ipv4", *, wait: float = 0.5) -> str:
     """A guest ping whose payload pattern is the tag unit (not answered: bounded by -W)."""
-    from vm.wire import magic
     pattern = (magic() + int(tag).to_bytes(4, "big")).hex()
     return f"ping -{4 if family == 'ipv4' else 6} -n -c1 -W{wait} -s 56 -p {pattern} {dst}"
 
@@ -442,7 +482,6 @@ def parse_report(text: str) -> dict:
 
 def tag_of(raw: bytes, magic_bytes: bytes | None = None) -> int | None:
     """The tag a frame (or packet) carries after the tracer's magic, if any."""
-    from vm.wire import magic
     m = magic_bytes or magic()
     i = raw.find(m)
     if i < 0 or i + len(m) + 4 > len(raw):
@@ -453,7 +492,6 @@ def tag_of(raw: bytes, magic_bytes: bytes | None = None) -> int | None:
 def frame_addrs(raw: bytes) -> tuple[str, str] | None:
     """(src, dst) of an Ethernet frame's IPv4/IPv6 header, compressed like the
     tracer prints them; None for anything else. No scapy."""
-    import ipaddress
     if len(raw) < 14:
         return None
     et = raw[12:14]
