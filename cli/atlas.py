@@ -19,6 +19,7 @@ from ground.errors import NflabError
 @friendly
 def atlas(c, kernel=None, out="atlas.svg", vm="atlas", keep=False, modules=None, quiet=False):
     """Measure hooks, tables, priorities and paths on a real kernel; draw the netfilter panorama."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import atlas as at
 
     mods = [m for m in (modules or "").split(",") if m]

@@ -23,6 +23,7 @@ from supply import buildroot
 @friendly
 def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=None):
     """Render and build an extension's .ko and libxt_*.so for a kernel."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import build, spec
     from supply import kernels
 
@@ -60,6 +61,7 @@ def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=Non
 @friendly
 def new_module(c, kind, name, hook="PRE_ROUTING", priority="-175", family="ipv4"):
     """Scaffold a new extension definition that builds at once."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import scaffold
 
     for path in scaffold.new_module(kind, name, hook, priority, family):
@@ -76,6 +78,7 @@ def new_module(c, kind, name, hook="PRE_ROUTING", priority="-175", family="ipv4"
 @friendly
 def render(c, name, out=None, kernel=None):
     """Render an extension's C sources without building (to read them)."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import build, probes, spec
     from supply import kernels
 
@@ -103,6 +106,7 @@ def render(c, name, out=None, kernel=None):
 @friendly
 def catalog(c):
     """List the catalog's extensions: kind, families, hooks, summary."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import spec
 
     rows = []

@@ -17,6 +17,7 @@ VM_HELP = "VM name (default `default`); several named VMs can run at once"
 @friendly
 def kernels(c, all=False, refresh=False):
     """List kernels: line, ABI, suite, compiler, flavours, what is cached; newest first."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from supply import debian_kernels as dk
     from supply import kernels as k
 
@@ -40,6 +41,7 @@ def kernels(c, all=False, refresh=False):
 def fetch_kernel(c, kernel=None, kernels=None, config_fragment=None, force=False, quiet=False):
     """Download and unpack a Debian kernel (image, headers, kbuild) and make its toolchain
     build root, or build one from linux-source with a config fragment, into the cache."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from supply import kernels as k
     from supply import source_kernels as sk
 
@@ -63,6 +65,7 @@ def fetch_kernel(c, kernel=None, kernels=None, config_fragment=None, force=False
 @friendly
 def rootfs(c, rebuild=False, quiet=False, userland=None):
     """Build (once) the guest root filesystem image: Debian minbase + lab tools."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import rootfs as r
 
     buildroot.use_userland(userland)
@@ -80,6 +83,7 @@ def rootfs(c, rebuild=False, quiet=False, userland=None):
 @friendly
 def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False, userland=None):
     """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
     buildroot.use_userland(userland)
@@ -98,6 +102,7 @@ def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False, userland=
 @friendly
 def vm_exec(c, cmd, vm="default", timeout=None):
     """Run a command in the guest; exit with its status."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
     res = lab.exec(vm, cmd, timeout=float(timeout) if timeout else None, capture=False)
@@ -109,6 +114,7 @@ def vm_exec(c, cmd, vm="default", timeout=None):
 @friendly
 def vm_ssh(c, vm="default"):
     """Open an interactive shell in the guest."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
     raise Exit(code=lab.ssh_interactive(vm))
@@ -118,6 +124,7 @@ def vm_ssh(c, vm="default"):
 @friendly
 def vm_down(c, vm="default"):
     """Stop a VM (no QEMU is left running)."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
     print(f"VM {vm}: {'stopped' if lab.down(vm) else 'was not running'}")
@@ -127,6 +134,7 @@ def vm_down(c, vm="default"):
 @friendly
 def vm_status(c, vm=None):
     """Show the kit's VMs: kernel, state, ports, accelerator."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
     rows = lab.status(vm)
@@ -142,6 +150,7 @@ def vm_status(c, vm=None):
 @friendly
 def install(c, name, vm="default", kernel=None):
     """Copy the extension's .ko and .so into the VM, load it, prove it is the kit's."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import deploy
     from vm import lab
 

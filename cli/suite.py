@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+from pathlib import Path
+
 from invoke import task
 
 from ground.output import Progress, friendly, table
@@ -15,9 +19,7 @@ EXT_DIR_HELP = ("another folder of extension definitions (<name>/ext.toml) besid
 
 def _extra_catalog(folder):
     """Add *folder* to $NFLAB_EXTRA_CATALOG (this process and the ones it starts)."""
-    import os
-    from pathlib import Path
-
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import spec
 
     if not folder:
@@ -50,8 +52,7 @@ def _extra_catalog(folder):
 def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
          quiet=False, extensions_dir=None, jobs=None, userland=None):
     """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
-    import shlex
-
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import suites
 
     buildroot.use_userland(userland)
@@ -82,6 +83,7 @@ def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None,
 @friendly
 def doctor(c):
     """Check this machine for everything the lab needs; explain each fix."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import doctor as doc
 
     checks = doc.run_all()
@@ -106,6 +108,7 @@ def doctor(c):
 @friendly
 def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop=False, only=None):
     """Benchmark build, boot, command, test and workshop cycles (reports, never asserts)."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import bench as b
 
     b.groups_for(only, workshop)        # an unknown group fails before anything runs
@@ -131,6 +134,7 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop
 @friendly
 def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
     """Run the suites on several kernels in parallel: table, JUnit, JSON and Markdown summaries."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import spec
     from nflab import matrix as mx
 
@@ -160,6 +164,7 @@ def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
 @friendly
 def ci_config(c, provider="github", kernels=None, names=None, out=None):
     """Emit a CI workflow whose job matrix is the kernel list."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import spec
     from nflab import matrix as mx
 
@@ -168,7 +173,6 @@ def ci_config(c, provider="github", kernels=None, names=None, out=None):
     selected = [n for n in (names or "").split(",") if n] or spec.catalog_names()
     text = mx.github_workflow(mx.resolve_kernels(kernels), selected)
     if out:
-        from pathlib import Path
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
         print(f"wrote {out}")

@@ -38,7 +38,7 @@ def table(headers, rows, title=None):
     """Print a table: rich on a terminal, plain aligned text otherwise."""
     rows = [[str(c) for c in r] for r in rows]
     if sys.stdout.isatty():
-        try:
+        try:    # optional dependency: without rich, plain aligned text
             from rich.console import Console
             from rich.table import Table
         except ImportError:
@@ -67,7 +67,7 @@ class Progress:
         self.quiet = quiet_wanted(quiet)
         self._status = None
         if not self.quiet:
-            try:
+            try:    # optional dependency: without rich, plain lines
                 from rich.console import Console
                 self._console = Console(stderr=True)
             except ImportError:

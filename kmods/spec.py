@@ -8,6 +8,7 @@ wrong and what is valid.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -225,7 +226,6 @@ class Extension:
     @property
     def version_tag(self) -> str:
         """Short hash of the definition and its own templates: MODULE_VERSION."""
-        import hashlib
         h = hashlib.sha256()
         if self.path:
             for f in sorted(self.path.parent.iterdir()):

@@ -37,7 +37,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ground.errors import NflabError
 from ground.paths import REPO
+from kmods import spec as kspec
+from nflab import workshop as ws
+from supply import kernels
+from vm import lab
 
 
 @dataclass
@@ -101,7 +106,6 @@ def groups_for(only: str | None, workshop: bool = False) -> list[str]:
         chosen = [g.strip() for g in only.split(",") if g.strip()]
         bad = [g for g in chosen if g not in GROUPS]
         if bad:
-            from ground.errors import NflabError
             raise NflabError(f"--only: unknown group(s) {', '.join(bad)}", hint="valid: " + ", ".join(GROUPS))
     else:
         chosen = list(DEFAULT_GROUPS)
@@ -119,9 +123,6 @@ MATRIX_KERNELS = "6.1,6.12"
 
 def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bool = False,
         progress=print, *, only: str | None = None, workshop: bool = False) -> dict:
-    from supply import kernels
-    from vm import lab
-
     groups = groups_for(only, workshop)
     kern = kernels.get(kernel, progress=progress)
     spec = kern.abi
@@ -169,7 +170,6 @@ def _build_group(spec, runs, cold, results, progress):
     _invoke("build-module", "--name=iprange", f"--kernel={spec}")
     results.append(_measure("build-module iprange (warm)",
                             lambda: _invoke("build-module", "--name=iprange", f"--kernel={spec}"), runs))
-    from kmods import spec as kspec
     hooks = [n for n in kspec.catalog_names() if kspec.load(n).kind == "hook"]
     if hooks:
         _invoke("build-module", f"--name={hooks[0]}", f"--kernel={spec}")
@@ -199,8 +199,6 @@ def _build_group(spec, runs, cold, results, progress):
 
 
 def _up_cmd_down(spec, vm, snapshot: bool):
-    from vm import lab
-
     def once():
         t0 = time.monotonic()
         lab.up(spec, vm, snapshot=snapshot, progress=lambda *_: None)
@@ -211,8 +209,6 @@ def _up_cmd_down(spec, vm, snapshot: bool):
 
 
 def _boot_group(spec, runs, results, extra, progress):
-    from vm import lab
-
     progress("boot-to-ready")
     vm = "bench"
     lab.down(vm)
@@ -237,8 +233,6 @@ def _boot_group(spec, runs, results, extra, progress):
 
 
 def _snapshot_group(spec, runs, results, progress):
-    from vm import lab
-
     vm = "bench"
     lab.down(vm)
     # post-boot snapshot (vm/snapshot.py): the first up saves the state, untimed
@@ -294,9 +288,6 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
     kit boots it, else on the cloud flavour of the same ABI. Runs alternate
     (kit, vng, kit, vng, ...) so load changes hit both. Whatever cannot run is a
     row saying ``skipped: <reason>``; the reasons also go to *extra*."""
-    from supply import kernels
-    from vm import lab
-
     vng = shutil.which("vng")
     if not vng:
         reason = "virtme-ng is not installed (pip install virtme-ng)"
@@ -393,10 +384,6 @@ def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
     --keep``): build from a clean tree (a fresh ``$NFLAB_BUILD``: the compile an
     edit costs), install, its suite. One row per exercise and kernel, plus the
     total per kernel: cold boot + every exercise + poweroff."""
-    from nflab import workshop as ws
-    from supply import kernels
-    from vm import lab
-
     extra = extra if extra is not None else {}
     out = []
     exs = ws.exercises()

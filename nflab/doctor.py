@@ -11,7 +11,7 @@ from pathlib import Path
 from ground import debarchive
 from ground.paths import cache_dir
 from supply import buildroot, kernels
-from vm import rootfs
+from vm import lab, qemu, rootfs
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -121,7 +121,6 @@ def check_kvm() -> list[Check]:
         return [Check("accelerator", WARN, "/dev/kvm absent: TCG (software) only",
                       "fine for the lab; enable virtualisation for speed")]
     try:
-        from vm import qemu
         if hasattr(qemu, "cached_accel"):
             accel = qemu.cached_accel()
             if accel:
@@ -147,7 +146,6 @@ def check_disk() -> list[Check]:
 def check_cache() -> list[Check]:
     checks = []
     try:
-        from supply import kernels
         cached = kernels.cached_kernels()
         checks.append(Check("kernels cached", OK if cached else WARN,
                             ", ".join(k.release for k in cached) or "none",
@@ -168,7 +166,6 @@ def check_cache() -> list[Check]:
     except Exception as exc:
         checks.append(Check("kernels cached", WARN, f"cannot read cache: {exc}"))
     try:
-        from vm import lab
         running = [s for s in lab.all_states() if lab.is_running(s)]
         checks.append(Check("running VMs", OK, ", ".join(f"{s.name} ({s.release}, ssh {s.ports.get('ssh') if isinstance(s.ports, dict) else ''})" for s in running) or "none"))
     except Exception:

@@ -15,12 +15,14 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ground.errors import SpecError
 from ground.paths import REPO, build_dir
+from nflab.suites import parse_junit
 from supply import debian_kernels, kernels, source_kernels
 
 VM_MEMORY_MIB = 1024
@@ -78,7 +80,6 @@ def _all_of_line(item: str) -> list[str]:
 
 
 def _project_kernels() -> str | None:
-    import tomllib
     for path in (REPO / "nflab.toml",):
         if path.is_file():
             data = tomllib.loads(path.read_text())
@@ -120,7 +121,6 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
             cell.build[n] = err
     for n in names:
         cell.build.setdefault(n, "ok")
-    from nflab.suites import parse_junit
     counts, failures = parse_junit(junit)
     cell.failures = failures
     if counts["tests"]:

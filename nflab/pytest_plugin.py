@@ -25,8 +25,15 @@ of this runs.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
+import testinfra
+
+from nflab import report as rep
+from nflab import start_gate, tracing
+from vm import lab, topology
+from vm import wire as vm_wire
 
 
 def pytest_addoption(parser):
@@ -37,38 +44,21 @@ def pytest_addoption(parser):
                     help="extension installed for this run (repeatable)")
 
 
-GATE_MAX_WAIT = 1800.0     # seconds: a boot + installs never take this long
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
     """``invoke test`` starts pytest while the VM still boots (imports and
-    collection overlap the boot) and writes ``go`` into ``$NFLAB_START_GATE``
-    once the extensions are installed; ``abort`` (the boot or an install
-    failed: the parent reports why) ends the run before any test."""
-    from nflab.suites import GATE_ENV
-
-    gate = os.environ.get(GATE_ENV)
+    collection overlap the boot) and holds the first test at the start gate
+    (nflab/start_gate.py) until the extensions are installed; ``abort`` (the
+    boot or an install failed: the parent reports why) ends the run before any
+    test."""
+    gate = os.environ.get(start_gate.ENV)
     if not gate or session.config.option.collectonly:
         return None
-    import threading
-    import time
-    from pathlib import Path
-
-    from vm import wire
     # the suites' scapy import (~1 s) happens while the VM boots, not in the first test
-    threading.Thread(target=wire._scapy, name="nflab-scapy-import", daemon=True).start()
-    parent, deadline = os.getppid(), time.monotonic() + GATE_MAX_WAIT
-    while True:
-        try:
-            word = Path(gate).read_text().strip()
-        except FileNotFoundError:
-            word = ""
-        if word == "go":
-            return None
-        if word or os.getppid() != parent or time.monotonic() > deadline:
-            pytest.exit("nflab: no VM to test in (the run that started pytest says why)", returncode=3)
-        time.sleep(0.02)
+    threading.Thread(target=vm_wire._scapy, name="nflab-scapy-import", daemon=True).start()
+    if not start_gate.wait(gate):
+        pytest.exit("nflab: no VM to test in (the run that started pytest says why)", returncode=3)
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +103,6 @@ class _HtmlReport:
         vm = self.vm()
         try:
             if vm:
-                from nflab import tracing
                 self.tracer_note = tracing.ensure_loaded(vm)
             self.run(item, f"test -w /proc/net/{_tracer_module()} && "
                            f"echo clear > /proc/net/{_tracer_module()}")
@@ -123,7 +112,6 @@ class _HtmlReport:
     def run(self, item, cmd) -> tuple:
         vm = self.vm()
         if vm:
-            from vm import lab
             res = lab.exec(vm, cmd, timeout=60)
             return res.returncode, res.stdout
         host = item.funcargs.get("host") or item.funcargs.get("guest")
@@ -134,7 +122,6 @@ class _HtmlReport:
 
 
 def _tracer_module():
-    from nflab import tracing
     return tracing.MODULE
 
 
@@ -164,9 +151,6 @@ def pytest_runtest_call(item):
 
 
 def _html_section(item, state, sent) -> str:
-    from nflab import report as rep
-    from nflab import tracing
-
     wire = item.funcargs.get("wire")
     received = []
     mark = state.wire_mark or getattr(item, "_nflab_wire_mark", None)
@@ -201,7 +185,7 @@ def pytest_runtest_makereport(item, call):
     if state is not None and state.started:
         # after the failure context: collecting clears the tracer log it shows
         try:
-            from pytest_html import extras
+            from pytest_html import extras     # optional dependency: only with --html (pytest-html)
             html = _html_section(item, state, [s for s in sent if hasattr(s, "raw")])
             report.extras = list(getattr(report, "extras", [])) + [extras.html(html)]
         except Exception as exc:
@@ -221,7 +205,6 @@ def _failure_context(item, report):
     vm = item.config.getoption("--nflab-vm")
     if vm:
         try:
-            from vm import lab
             state = lab.load(vm)
             if state is not None:
                 text = lab.console_text(state)
@@ -235,8 +218,7 @@ def wire(nflab_vm):
     """Host-side scapy L2 on the kit VM's client/server wires (skips on non-kit hosts)."""
     if not nflab_vm:
         pytest.skip("no kit VM (--nflab-vm/$NFLAB_VM): the packet wires exist only in kit VMs")
-    from vm.wire import Wire
-    w = Wire.for_vm(nflab_vm)
+    w = vm_wire.Wire.for_vm(nflab_vm)
     try:
         yield w
     finally:
@@ -246,7 +228,6 @@ def wire(nflab_vm):
 @pytest.fixture(scope="session")
 def guest(request):
     """A session-wide testinfra host for the target (fixtures that outlive a module)."""
-    import testinfra
     hosts = request.config.getoption("hosts", None)
     if not hosts:
         pytest.skip(getattr(request.config, "_nflab_skip", None) or "no --hosts")
@@ -256,6 +237,5 @@ def guest(request):
 @pytest.fixture(scope="session")
 def routed(guest):
     """The guest configured as a router between the client and server wires."""
-    from vm import topology
     topology.setup(guest)
     return topology

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
+from kmods import spec
 from nflab import tracing
 
 MAX_PACKETS = 120        # packet blocks per test; the rest are counted
@@ -228,7 +229,6 @@ def render(views: list[PacketView], collected: dict, *, labels: dict | None = No
 def tracer_labels() -> dict:
     """Point index -> the label the tracer definition gives it."""
     try:
-        from kmods import spec
         return {i: h.label for i, h in enumerate(spec.load("tracer").hooks) if getattr(h, "label", "")}
     except Exception:
         return {}

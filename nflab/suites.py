@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,12 @@ from pathlib import Path
 
 from ground.errors import NflabError
 from ground.paths import REPO, build_dir
+from kmods import build, spec
+from kmods.spec import definition_path
+from nflab import deploy
+from nflab.start_gate import Gate
+from supply import kernels
+from vm import lab
 
 SUITES = REPO / "tests" / "suites"
 # suites that belong to an extension beyond tests/suites/test_<name>.py
@@ -60,7 +67,6 @@ def suite_files(names: list[str]) -> list[Path]:
 
 
 def _t_files(name: str) -> list[Path]:
-    from kmods.spec import definition_path
     return sorted(definition_path(name).parent.glob("lib*.t"))
 
 
@@ -98,9 +104,6 @@ def parse_junit(path: Path) -> tuple[dict, list]:
     return counts, failures
 
 
-GATE_ENV = "NFLAB_START_GATE"   # pytest waits for "go" in this file before its first test
-
-
 def start_pytest(cmd: list, *, env: dict, quiet: bool = False, log: Path | None = None) -> subprocess.Popen:
     """Start pytest *cmd*; its output goes to the terminal, or to *log*, or nowhere (*quiet*)."""
     if log is not None:
@@ -116,8 +119,6 @@ def watch_all(runs: list[tuple[subprocess.Popen, str]], *, poll: float = 0.5) ->
     VMs: a kernel fault on a console (soft lockup, oops, panic...) or a dead QEMU
     ends the run at once with the console excerpt, instead of every remaining test
     waiting out its SSH timeouts. Returns their exit codes."""
-    from vm import lab
-
     try:
         while True:
             codes = [proc.poll() for proc, _ in runs]
@@ -140,8 +141,6 @@ def watch(proc: subprocess.Popen, vm: str, *, poll: float = 0.5) -> int:
 
 
 def stop(proc: subprocess.Popen):
-    import signal
-
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -277,7 +276,7 @@ class _Shard:
     vm: str
     files: list[Path]
     junit: Path
-    gate: Path
+    gate: Gate
     log: Path | None = None
     proc: subprocess.Popen | None = None
     booted_here: bool = False
@@ -288,11 +287,6 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         pytest_args: list | None = None, jobs=None, progress=print) -> SuiteOutcome:
     """Build, boot/reuse, install and run the suites of *names* on one kernel, in
     one VM or (see :func:`shard_count`) split over several."""
-    from kmods import build, spec
-    from supply import kernels
-    from vm import lab
-    from nflab import deploy
-
     names = names or spec.catalog_names()
     for n in names:
         spec.load(n)
@@ -304,11 +298,54 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         raise NflabError(f"no suites found for {', '.join(names)}",
                          hint="add tests/suites/test_<name>.py or a lib*.t file")
     if vm is None:
-        default = lab.load("default")
-        if default is not None and lab.is_running(default) and default.release == kernel.release:
-            vm = "default"
+        vm = _running_default(kernel)
     seconds = load_durations(kernel.release)
     n = shard_count(jobs, files, seconds, own_vms=vm is None and not keep and not html)
+    groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
+    junit_path, shards = _shards(names, kernel, groups, n, vm=vm, keep=keep, junit=junit)
+    try:
+        # pytest starts now: its imports and collection (~1 s) overlap the boots and
+        # the installs, and each waits at its start gate before its first test
+        for sh in shards:
+            sh.gate.arm()
+            sh.proc = start_pytest(_pytest_command(sh, built, html, pytest_args), log=sh.log,
+                                   env=dict(os.environ, NFLAB_VM=sh.vm, **sh.gate.env()))
+        for i, sh in enumerate(shards):
+            _up_and_install(sh, kernel_spec, built, progress)
+            where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
+            progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
+            sh.gate.go()
+        codes = watch_all([(sh.proc, sh.vm) for sh in shards])
+        if n > 1:
+            _merge_shards(shards, junit_path)
+        if not pytest_args and not html:      # only plain, whole runs plan the next split
+            record_durations(kernel.release, junit_path)
+        counts, failures = parse_junit(junit_path)
+        return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
+                            time.monotonic() - t0, counts, failures,
+                            [(n_, build_reason(e)) for n_, e in failed])
+    except BaseException:
+        for sh in shards:
+            sh.gate.abort()
+            if sh.proc is not None:
+                stop(sh.proc)
+        raise
+    finally:
+        _clean_up(shards, sharded=n > 1, keep=keep, progress=progress)
+
+
+def _running_default(kernel) -> str | None:
+    """``default`` when the default VM runs *kernel* (the suites reuse it), else None."""
+    default = lab.load("default")
+    if default is not None and lab.is_running(default) and default.release == kernel.release:
+        return "default"
+    return None
+
+
+def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: str | None,
+            keep: bool, junit: str | None) -> tuple[Path, list[_Shard]]:
+    """The run's JUnit path and one shard per group of suite files: its VM name,
+    JUnit part, start gate and (when sharded) pytest log."""
     base = vm_name_for(kernel.release)
     if vm is not None:
         vms = [vm]
@@ -318,68 +355,53 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         # private to this process: concurrent runs never share (or stop) each other's VM
         tag = f"{base[:20 if n > 1 else 22]}-{os.getpid() % 100000}"
         vms = [tag] if n == 1 else [f"{tag}-{i}" for i in range(n)]
-    groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
     reports = build_dir() / "reports" / kernel.release
     reports.mkdir(parents=True, exist_ok=True)
     junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
-    shards = [_Shard(vm=v, files=g,
-                     junit=junit_path if n == 1 else junit_path.with_name(f".{junit_path.stem}.{i}.xml"),
-                     gate=reports / f".gate-{os.getpid()}-{i}",
-                     log=None if n == 1 else reports / f"pytest-{i + 1}-of-{n}.log")
-              for i, (v, g) in enumerate(zip(vms, groups))]
+    return junit_path, [
+        _Shard(vm=v, files=g,
+               junit=junit_path if n == 1 else junit_path.with_name(f".{junit_path.stem}.{i}.xml"),
+               gate=Gate(reports / f".gate-{os.getpid()}-{i}"),
+               log=None if n == 1 else reports / f"pytest-{i + 1}-of-{n}.log")
+        for i, (v, g) in enumerate(zip(vms, groups))]
 
-    def command(sh: _Shard) -> list:
-        return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin",
-                "-q", "-rfEs", f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
-                f"--hosts={lab.testinfra_spec_for(sh.vm)}", f"--nflab-vm={sh.vm}",
-                f"--junitxml={sh.junit}", *[f"--nflab-ext={art.name}" for art in built],
-                *(["--html", html, "--self-contained-html"] if html else []),
-                *map(str, sh.files), *(pytest_args or [])]
 
-    try:
-        # pytest starts now: its imports and collection (~1 s) overlap the boots and
-        # the installs, and each waits at its gate before its first test
-        for sh in shards:
-            sh.gate.unlink(missing_ok=True)
-            sh.proc = start_pytest(command(sh), log=sh.log,
-                                   env=dict(os.environ, NFLAB_VM=sh.vm, **{GATE_ENV: str(sh.gate)}))
-        for i, sh in enumerate(shards):
-            old = lab.load(sh.vm)
-            sh.booted_here = not (old and lab.is_running(old))
-            state = lab.up(kernel_spec if kernel_spec else None, sh.vm, progress=progress)
-            if state.testinfra_spec != lab.testinfra_spec_for(sh.vm):
-                raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "
-                                 f"not {lab.testinfra_spec_for(sh.vm)}", hint=f"run `invoke vm-down --vm={sh.vm}`")
-            progress(f"installing {len(built)} extension(s) in VM {sh.vm}")
-            deploy.install_many([art.name for art in built], sh.vm)
-            where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
-            progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
-            sh.gate.write_text("go")
-        codes = watch_all([(sh.proc, sh.vm) for sh in shards])
-        if n > 1:
-            merge_junit([sh.junit for sh in shards], junit_path)
-            for sh in shards:
-                print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
-                print(sh.log.read_text(errors="replace").rstrip(), flush=True)
-        if not pytest_args and not html:      # only plain, whole runs plan the next split
-            record_durations(kernel.release, junit_path)
-        counts, failures = parse_junit(junit_path)
-        return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
-                            time.monotonic() - t0, counts, failures,
-                            [(n_, build_reason(e)) for n_, e in failed])
-    except BaseException:
-        for sh in shards:
-            if not sh.gate.exists():
-                sh.gate.write_text("abort")
-            if sh.proc is not None:
-                stop(sh.proc)
-        raise
-    finally:
-        for sh in shards:
-            sh.gate.unlink(missing_ok=True)
-            if n > 1:
-                sh.junit.unlink(missing_ok=True)
-        for sh in shards:
-            if sh.booted_here and not keep:
-                progress(f"stopping VM {sh.vm}")
-                lab.down(sh.vm)
+def _pytest_command(sh: _Shard, built: list, html: str | None, pytest_args: list | None) -> list:
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "nflab.pytest_plugin",
+            "-q", "-rfEs", f"--rootdir={REPO}", "-c", str(REPO / "pyproject.toml"),
+            f"--hosts={lab.testinfra_spec_for(sh.vm)}", f"--nflab-vm={sh.vm}",
+            f"--junitxml={sh.junit}", *[f"--nflab-ext={art.name}" for art in built],
+            *(["--html", html, "--self-contained-html"] if html else []),
+            *map(str, sh.files), *(pytest_args or [])]
+
+
+def _up_and_install(sh: _Shard, kernel_spec: str | None, built: list, progress):
+    """Boot (or reuse) the shard's VM and install every built extension in it."""
+    old = lab.load(sh.vm)
+    sh.booted_here = not (old and lab.is_running(old))
+    state = lab.up(kernel_spec if kernel_spec else None, sh.vm, progress=progress)
+    if state.testinfra_spec != lab.testinfra_spec_for(sh.vm):
+        raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "
+                         f"not {lab.testinfra_spec_for(sh.vm)}", hint=f"run `invoke vm-down --vm={sh.vm}`")
+    progress(f"installing {len(built)} extension(s) in VM {sh.vm}")
+    deploy.install_many([art.name for art in built], sh.vm)
+
+
+def _merge_shards(shards: list[_Shard], junit_path: Path):
+    """One JUnit file for the run; each shard's pytest output, one after the other."""
+    merge_junit([sh.junit for sh in shards], junit_path)
+    for sh in shards:
+        print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
+        print(sh.log.read_text(errors="replace").rstrip(), flush=True)
+
+
+def _clean_up(shards: list[_Shard], *, sharded: bool, keep: bool, progress):
+    """Gate files and JUnit parts go; a VM this run booted stops unless *keep*."""
+    for sh in shards:
+        sh.gate.remove()
+        if sharded:
+            sh.junit.unlink(missing_ok=True)
+    for sh in shards:
+        if sh.booted_here and not keep:
+            progress(f"stopping VM {sh.vm}")
+            lab.down(sh.vm)

@@ -21,11 +21,18 @@ import os
 import re
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import NflabError, SpecError
 from ground.paths import REPO, build_dir
+from kmods import spec
+from kmods.build import build_extension
+from nflab import deploy
+from nflab.suites import parse_junit, run_watched
+from supply import kernels
+from vm import lab
 
 WORKSHOP = REPO / "kmods" / "workshop"
 SOLUTIONS = WORKSHOP / "solutions"
@@ -51,7 +58,6 @@ class Exercise:
 
     def load(self, solution: bool = False):
         """The validated Extension of the skeleton or the solution."""
-        from kmods import spec
         path = self.definition(solution)
         if not path.is_file():
             raise SpecError(f"exercise {self.number}: {path} is missing")
@@ -107,8 +113,6 @@ def build_tree(solution: bool):
 
 def build(exs: list[Exercise], kernel, *, solution: bool = False, progress=None) -> list:
     """Build the chosen variant of *exs* for *kernel*; returns their Artifacts."""
-    from kmods.build import build_extension
-
     arts = []
     with build_tree(solution):
         for ex in exs:
@@ -121,8 +125,6 @@ def build(exs: list[Exercise], kernel, *, solution: bool = False, progress=None)
 
 def install(exs: list[Exercise], vm: str, *, solution: bool = False, progress=None) -> list:
     """Build and load the chosen variant of *exs* in VM *vm* (replacing the other one)."""
-    from nflab import deploy
-
     done = []
     with build_tree(solution):
         for ex in exs:
@@ -163,8 +165,6 @@ def suite_command(exs: list[Exercise], testinfra_spec: str, vm: str, junit: Path
 
 def verdicts(exs: list[Exercise], junit: Path) -> dict:
     """Per exercise: ``passed`` when its suite ran tests and none failed, else ``failed``."""
-    import xml.etree.ElementTree as ET
-
     out = {ex.number: "failed" for ex in exs}
     if not junit.is_file():
         return out
@@ -186,9 +186,6 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
                pytest_args=None, progress=print, capture: bool = False,
                first_failure: bool = False) -> Outcome:
     """Install the variant of *exs* in the running VM *vm* and run their suites."""
-    from nflab.suites import parse_junit, run_watched
-    from vm import lab
-
     state = lab.require(vm)
     t0 = time.monotonic()
     build_errors = {}
@@ -224,9 +221,6 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
         vm: str | None = None, keep: bool = False, junit: str | None = None,
         pytest_args=None, progress=print) -> Outcome:
     """Build, boot (or reuse) a VM, install and test the chosen exercises on one kernel."""
-    from supply import kernels
-    from vm import lab
-
     exs = select(selection)
     for ex in exs:                       # validate both variants before anything slow
         ex.load(solution)

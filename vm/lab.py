@@ -21,6 +21,7 @@ middle of a command ends it at once instead of waiting for SSH to time out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -137,7 +138,6 @@ def _control_path(vmdir: Path) -> str:
     path = vmdir / "ssh.ctl"
     if len(str(path)) < 100:  # unix socket paths are limited to 108 bytes
         return str(path)
-    import hashlib
     return f"/tmp/nflab-ssh-{hashlib.sha1(str(vmdir).encode()).hexdigest()[:16]}.ctl"
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import time
@@ -207,5 +208,4 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
 
 
 def _shell_quote(text: str) -> str:
-    import shlex
     return shlex.quote(text)

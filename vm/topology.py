@@ -25,6 +25,7 @@ import shlex
 from dataclasses import dataclass
 
 from ground.errors import VMError
+from vm import lab
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,6 @@ def script() -> str:
 def _runner(target):
     """A ``run(cmd) -> (rc, stdout, stderr)`` for a testinfra host, VM name or callable."""
     if isinstance(target, str):
-        from vm import lab
-
         def run(cmd):
             res = lab.exec(target, cmd, timeout=60)
             return res.returncode, res.stdout, res.stderr

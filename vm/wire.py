@@ -20,13 +20,15 @@ Every wait is bounded: :meth:`Wire.sniff` returns what it has at its timeout.
 from __future__ import annotations
 
 import collections
+import importlib
+import logging
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ground.errors import VMError
-from vm import topology
+from vm import lab, topology
 
 BUFFER_FRAMES = 20000
 JOURNAL_MAX = 500    # sent-frame summaries kept for the test report
@@ -35,8 +37,6 @@ RECV_POLL = 0.1      # seconds the receiver blocks before checking for stop
 
 def _scapy():
     """scapy.all, imported on first use (about a second, once per process)."""
-    import importlib
-    import logging
     logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
     return importlib.import_module("scapy.all")
 
@@ -184,7 +184,6 @@ class Wire:
     @classmethod
     def for_vm(cls, vm: str = "default") -> "Wire":
         """The wire of running kit VM *vm* (ports from its ``vm.json``)."""
-        from vm import lab
         return cls(lab.require(vm).wire)
 
     def __enter__(self):

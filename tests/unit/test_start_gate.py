@@ -11,7 +11,7 @@ import threading
 import time
 
 from ground.paths import REPO
-from nflab.suites import GATE_ENV
+from nflab.start_gate import ENV as GATE_ENV
 
 
 def _pytest(tmp_path, gate, *, write=None, after=0.0):
