@@ -45,12 +45,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+from ground.errors import NflabError, VMError
+from nflab import deploy, tracing
+from vm import lab, topology
+from vm.wire import Wire
 
 HOOKS = ("INGRESS", "PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING")
 FAMILIES = ("ipv4", "ipv6")
@@ -257,9 +264,7 @@ def drop_interval(points: list, seen: set) -> tuple:
 def nft_hook_rows(text: str) -> list:
     """``nft list hooks`` output as (family, hook, priority, function, module) with
     kit names (ipv4/ipv6/netdev, PRE_ROUTING...); parsing is nflab.tracing's."""
-    from nflab.tracing import nft_hook_lines
-
-    return [(NFT_FAMILY[f], NFT_HOOK[h], prio, fn, mod) for f, h, prio, fn, mod in nft_hook_lines(text)
+    return [(NFT_FAMILY[f], NFT_HOOK[h], prio, fn, mod) for f, h, prio, fn, mod in tracing.nft_hook_lines(text)
             if f in NFT_FAMILY and h in NFT_HOOK]
 
 
@@ -289,50 +294,71 @@ def classify_nft(function: str, module: str) -> tuple:
 def merge(atlas: Atlas, nft_rows: list | None, proc_points: dict) -> None:
     """Combine measured entries (already in *atlas*), ``nft list hooks`` rows and the
     ``/proc/net/nflab_*`` points into the final entries and cross-checks."""
-    checks = atlas.checks
-    # 0. every measured interval against the priority the kernel headers document
+    rows = list(nft_rows or [])
+    claimed: set = set()
+    _check_documented(atlas)
+    if nft_rows is not None:
+        _match_measured(atlas, rows, claimed)
+    _add_proc_points(atlas, proc_points, rows if nft_rows is not None else None, claimed)
+    _add_unclaimed(atlas, rows, claimed)
+
+
+def _check_documented(atlas: Atlas):
+    """Every measured interval against the priority the kernel headers document."""
     for e in atlas.entries:
         doc = NAT_DOCUMENTED.get(e.hook) if e.name == "nat" else DOCUMENTED.get(e.name)
         if e.interval and doc is not None:
             ok = (e.interval[0] is None or e.interval[0] < doc) and (e.interval[1] is None or doc < e.interval[1])
-            checks.append(Check(ok, f"{e.family} {e.hook} {e.name}: documented priority {_prio(doc)} "
-                                    f"{'inside' if ok else 'NOT inside'} the measured interval {e.interval_text()}"))
-    rows = list(nft_rows or [])
-    claimed = set()
+            atlas.checks.append(Check(ok, f"{e.family} {e.hook} {e.name}: documented priority {_prio(doc)} "
+                                          f"{'inside' if ok else 'NOT inside'} the measured interval "
+                                          f"{e.interval_text()}"))
 
-    # 1. measured tables / core entries: find the one nft row inside each interval
-    for e in atlas.entries:
-        if e.kind not in ("table", "core") or not e.interval or nft_rows is None:
+
+def _candidates(e: Entry, rows: list, claimed: set) -> list:
+    """Indexes of the unclaimed nft rows that can be measured entry *e*: same family
+    and hook, priority inside its interval, the same name (or an xt table)."""
+    lo, hi = e.interval
+    cands = []
+    for i, (fam, hook, prio, fn, mod) in enumerate(rows):
+        if (fam, hook) != (e.family, e.hook) or i in claimed:
             continue
-        lo, hi = e.interval
-        cands = []
-        for i, (fam, hook, prio, fn, mod) in enumerate(rows):
-            if (fam, hook) != (e.family, e.hook) or i in claimed:
-                continue
-            if (lo is not None and prio <= lo) or (hi is not None and prio >= hi):
-                continue
-            name, kind = classify_nft(fn, mod)
-            if name == e.name or (kind == "xt" and e.kind == "table" and e.name != "nat"):
-                cands.append(i)
+        if (lo is not None and prio <= lo) or (hi is not None and prio >= hi):
+            continue
+        name, kind = classify_nft(fn, mod)
+        if name == e.name or (kind == "xt" and e.kind == "table" and e.name != "nat"):
+            cands.append(i)
+    return cands
+
+
+def _match_measured(atlas: Atlas, rows: list, claimed: set):
+    """Measured tables and core entries: the one nft row inside each interval gives
+    the exact priority."""
+    for e in atlas.entries:
+        if e.kind not in ("table", "core") or not e.interval:
+            continue
+        cands = _candidates(e, rows, claimed)
         where = f"{e.family} {e.hook} {e.name}"
         if len(cands) == 1:
             i = cands[0]
             claimed.add(i)
             e.priority, e.function, e.module = rows[i][2], rows[i][3], rows[i][4]
             e.source = "nft+measured"
-            checks.append(Check(True, f"{where}: nft list hooks {_prio(e.priority)} ({e.function}) "
-                                      f"inside the measured interval {e.interval_text()}"))
+            atlas.checks.append(Check(True, f"{where}: nft list hooks {_prio(e.priority)} ({e.function}) "
+                                            f"inside the measured interval {e.interval_text()}"))
         else:
             found = [f"{rows[i][2]} {rows[i][3]}" for i in cands]
-            checks.append(Check(False, f"{where}: measured interval {e.interval_text()} holds "
-                                       f"{len(cands)} matching nft hooks {found or ''}".rstrip()))
+            atlas.checks.append(Check(False, f"{where}: measured interval {e.interval_text()} holds "
+                                             f"{len(cands)} matching nft hooks {found or ''}".rstrip()))
 
-    # 2. the user's modules (and the tracer) from their own proc files
+
+def _add_proc_points(atlas: Atlas, proc_points: dict, rows: list | None, claimed: set):
+    """The user's modules (and the tracer) from their own proc files, each point
+    checked against the nft rows when there are any (*rows* None: no nft)."""
     for module, points in sorted(proc_points.items()):
         for fam, hook, prio in points:
             kind = "tracer" if module == "nflab_tracer" else "module"
             e = Entry(fam, hook, module, kind, priority=prio, source="proc")
-            if nft_rows is not None:
+            if rows is not None:
                 idx = next((i for i, r in enumerate(rows) if i not in claimed
                             and r[:3] == (fam, hook, prio) and r[4] == module), None)
                 if idx is not None:
@@ -341,24 +367,26 @@ def merge(atlas: Atlas, nft_rows: list | None, proc_points: dict) -> None:
                 elif fam == "netdev" and not any(r[0] == "netdev" for r in rows):
                     e.evidence = "nft list hooks shows no netdev hooks here"
                 else:
-                    checks.append(Check(False, f"{fam} {hook}: {module} claims {prio}, "
-                                               "nft list hooks does not show it there"))
+                    atlas.checks.append(Check(False, f"{fam} {hook}: {module} claims {prio}, "
+                                                     "nft list hooks does not show it there"))
             atlas.entries.append(e)
-    if nft_rows is not None and proc_points:
-        checks.append(Check(True, "every /proc/net/nflab_* point checked against nft list hooks"))
+    if rows is not None and proc_points:
+        atlas.checks.append(Check(True, "every /proc/net/nflab_* point checked against nft list hooks"))
 
-    # 3. whatever else the kernel lists: conntrack/defrag not measured, confirm, LSMs, ...
+
+def _add_unclaimed(atlas: Atlas, rows: list, claimed: set):
+    """Whatever else the kernel lists: conntrack/defrag not measured, confirm, LSMs, ..."""
     for i, (fam, hook, prio, fn, mod) in enumerate(rows):
         if i in claimed:
             continue
         name, kind = classify_nft(fn, mod)
         if kind == "xt":
-            checks.append(Check(False, f"{fam} {hook}: {fn} at {prio} belongs to no table the "
-                                       "counters saw there"))
+            atlas.checks.append(Check(False, f"{fam} {hook}: {fn} at {prio} belongs to no table the "
+                                             "counters saw there"))
             name, kind = f"{fn} (unmeasured)", "other"
         elif kind == "table":
-            checks.append(Check(False, f"{fam} {hook}: {name} at {prio} ({fn}) but the counters "
-                                       "saw no packet of that table there"))
+            atlas.checks.append(Check(False, f"{fam} {hook}: {name} at {prio} ({fn}) but the counters "
+                                             "saw no packet of that table there"))
         elif kind in ("tracer", "module"):
             kind = "module"
         existing = atlas.find(fam, hook, name) if kind == "core" else None
@@ -439,18 +467,27 @@ def render_svg(atlas: Atlas) -> str:
     width = box["POST_ROUTING"][0] + BOX_W + MARGIN + 40
     bottom = max(y + h for (x, y, w, h) in box.values())
     legend_y = bottom + 40
-    height = legend_y + 150
-    exact = atlas.exact
+    bad = [c for c in atlas.checks if not c.ok]
+    out = _svg_head(atlas, width, legend_y + 150, bad)
+    out += _svg_flow(box)          # flow arrows (drawn first, boxes on top)
+    for hook in HOOKS:
+        out += _svg_hook(atlas, hook, box[hook])
+    out += _svg_legend(atlas, legend_y, bad)
+    out.append('</svg>')
+    return "\n".join(out) + "\n"
+
+
+def _svg_head(atlas: Atlas, width, height, bad: list) -> list:
+    """The document's opening, background and title lines."""
     sub = ("priorities: exact, from `nft list hooks` (nfnetlink_hook), each cross-checked against "
-           "the interval measured between tracer points" if exact else
+           "the interval measured between tracer points" if atlas.exact else
            "priorities: measured intervals between tracer points (lo, hi) — this kernel has no "
            "nfnetlink_hook, so no exact values")
-    bad = [c for c in atlas.checks if not c.ok]
-    out = [
+    return [
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" '
-        f'data-kernel="{escape(atlas.kernel)}" data-exact="{int(exact)}">',
+        f'data-kernel="{escape(atlas.kernel)}" data-exact="{int(atlas.exact)}">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
         'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#444"/>'
         '</marker></defs>',
@@ -463,7 +500,10 @@ def render_svg(atlas: Atlas) -> str:
         f'{escape(f"cross-checks: {len(atlas.checks) - len(bad)} ok, {len(bad)} failed")}'
         f'{escape("; generated " + atlas.generated if atlas.generated else "")}</text>',
     ]
-    # flow arrows (drawn first, boxes on top)
+
+
+def _svg_flow(box: dict) -> list:
+    """The packet-flow arrows between the hook boxes and the local process."""
     ix, iy, iw, ih = box["INGRESS"]
     px, py, pw, ph = box["PRE_ROUTING"]
     fx, fy, fw, fh = box["FORWARD"]
@@ -471,7 +511,7 @@ def render_svg(atlas: Atlas) -> str:
     lx, ly, lw, lh = box["LOCAL_IN"]
     tx, ty, tw, th = box["LOCAL_OUT"]
     sx, sy, sw, shh = box["_process"]
-    out += _arrow(MARGIN, iy + 22, ix, iy + 22)
+    out = _arrow(MARGIN, iy + 22, ix, iy + 22)
     out.append(f'<text x="{MARGIN}" y="{iy + 12}" font-size="11" fill="#444">in</text>')
     out += _arrow(ix + iw, iy + 22, px, py + 22)
     out += _arrow(px + pw, py + 22, fx, fy + 22, "routing")
@@ -489,51 +529,61 @@ def render_svg(atlas: Atlas) -> str:
                'local process</text>')
     out.append(f'<text x="{sx + sw / 2}" y="{sy + 48}" font-size="10" text-anchor="middle" '
                'fill="#555">(sockets)</text>')
-    # hook boxes
-    for hook in HOOKS:
-        x, y, w, h = box[hook]
-        fams = "netdev (eth1)" if hook == "INGRESS" else "ipv4 | ipv6"
-        out.append(f'<g class="hook" data-hook="{hook}">')
-        out.append(f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="#fbfbfb" '
-                   'stroke="#333" stroke-width="1.5"/>')
-        out.append(f'<text x="{x + 10}" y="{y + 19}" font-size="15" font-weight="bold">'
-                   f'{"NF_NETDEV_" if hook == "INGRESS" else "NF_INET_"}{hook}</text>')
-        out.append(f'<text x="{x + w - 10}" y="{y + 19}" font-size="10" text-anchor="end" '
-                   f'fill="#666">{fams}</text>')
-        out.append(f'<text x="{x + 10}" y="{y + 36}" font-size="9" fill="#777">'
-                   'what runs here, in priority order (top first)</text>')
-        rows = _rows(atlas, hook)
-        if not rows:
-            out.append(f'<text x="{x + 10}" y="{y + HEAD_H + 12}" font-size="11" fill="#999">'
-                       '(nothing registered)</text>')
-        for i, (name, ptxt, families, e) in enumerate(rows):
-            ry = y + HEAD_H + i * ROW_H
-            fill, stroke = STYLE[e.style]
-            tracer = e.kind == "tracer"
-            iv = "" if not e.interval else ",".join("" if v is None else str(v) for v in e.interval)
-            fam_txt = " ".join(sorted(set(families)))
-            out.append(f'<g class="entry" data-hook="{hook}" data-name="{escape(name)}" '
-                       f'data-kind="{e.kind}" data-priority="{"" if e.priority is None else e.priority}" '
-                       f'data-interval="{iv}" data-families="{fam_txt}" data-y="{ry}">')
-            out.append(f'<rect x="{x + 6}" y="{ry}" width="{w - 12}" height="{ROW_H - 2}" rx="3" '
-                       f'fill="{fill}" stroke="{stroke}"'
-                       f'{DASH if tracer else ""}/>')
-            label = name if len(name) <= 26 else name[:25] + "…"
-            out.append(f'<text x="{x + 12}" y="{ry + 12}" font-size="{10 if tracer else 11}" '
-                       f'fill="{"#888" if tracer else "#111"}"'
-                       f'{"" if tracer else BOLD}>{escape(label)}</text>')
-            out.append(f'<text x="{x + w - 48}" y="{ry + 12}" font-size="10" text-anchor="end" '
-                       f'fill="{"#888" if tracer else "#222"}">{escape(ptxt)}</text>')
-            badges = ("4" if "ipv4" in families else "·") + " " + ("6" if "ipv6" in families else "·")
-            if hook == "INGRESS":
-                badges = "dev"
-            out.append(f'<text x="{x + w - 12}" y="{ry + 12}" font-size="10" text-anchor="end" '
-                       f'fill="#555" font-family="DejaVu Sans Mono, monospace">{badges}</text>')
-            out.append('</g>')
-        out.append('</g>')
-    # legend: colours and measured paths
-    ly0 = legend_y
-    out.append(f'<text x="{MARGIN}" y="{ly0}" font-size="13" font-weight="bold">legend</text>')
+    return out
+
+
+def _svg_hook(atlas: Atlas, hook: str, where: tuple) -> list:
+    """One hook box: its heading and a row per entry, in priority order."""
+    x, y, w, h = where
+    fams = "netdev (eth1)" if hook == "INGRESS" else "ipv4 | ipv6"
+    out = [f'<g class="hook" data-hook="{hook}">',
+           f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="#fbfbfb" '
+           'stroke="#333" stroke-width="1.5"/>',
+           f'<text x="{x + 10}" y="{y + 19}" font-size="15" font-weight="bold">'
+           f'{"NF_NETDEV_" if hook == "INGRESS" else "NF_INET_"}{hook}</text>',
+           f'<text x="{x + w - 10}" y="{y + 19}" font-size="10" text-anchor="end" '
+           f'fill="#666">{fams}</text>',
+           f'<text x="{x + 10}" y="{y + 36}" font-size="9" fill="#777">'
+           'what runs here, in priority order (top first)</text>']
+    rows = _rows(atlas, hook)
+    if not rows:
+        out.append(f'<text x="{x + 10}" y="{y + HEAD_H + 12}" font-size="11" fill="#999">'
+                   '(nothing registered)</text>')
+    for i, row in enumerate(rows):
+        out += _svg_row(hook, x, w, y + HEAD_H + i * ROW_H, *row)
+    out.append('</g>')
+    return out
+
+
+def _svg_row(hook: str, x, w, ry, name: str, ptxt: str, families: list, e: Entry) -> list:
+    """One entry of a hook box: coloured bar, name, priority text, family badges."""
+    fill, stroke = STYLE[e.style]
+    tracer = e.kind == "tracer"
+    iv = "" if not e.interval else ",".join("" if v is None else str(v) for v in e.interval)
+    fam_txt = " ".join(sorted(set(families)))
+    label = name if len(name) <= 26 else name[:25] + "…"
+    badges = ("4" if "ipv4" in families else "·") + " " + ("6" if "ipv6" in families else "·")
+    if hook == "INGRESS":
+        badges = "dev"
+    return [f'<g class="entry" data-hook="{hook}" data-name="{escape(name)}" '
+            f'data-kind="{e.kind}" data-priority="{"" if e.priority is None else e.priority}" '
+            f'data-interval="{iv}" data-families="{fam_txt}" data-y="{ry}">',
+            f'<rect x="{x + 6}" y="{ry}" width="{w - 12}" height="{ROW_H - 2}" rx="3" '
+            f'fill="{fill}" stroke="{stroke}"'
+            f'{DASH if tracer else ""}/>',
+            f'<text x="{x + 12}" y="{ry + 12}" font-size="{10 if tracer else 11}" '
+            f'fill="{"#888" if tracer else "#111"}"'
+            f'{"" if tracer else BOLD}>{escape(label)}</text>',
+            f'<text x="{x + w - 48}" y="{ry + 12}" font-size="10" text-anchor="end" '
+            f'fill="{"#888" if tracer else "#222"}">{escape(ptxt)}</text>',
+            f'<text x="{x + w - 12}" y="{ry + 12}" font-size="10" text-anchor="end" '
+            f'fill="#555" font-family="DejaVu Sans Mono, monospace">{badges}</text>',
+            '</g>']
+
+
+def _svg_legend(atlas: Atlas, ly0, bad: list) -> list:
+    """Legend: the colours, how priorities read, the measured paths, failed checks."""
+    out = [f'<text x="{MARGIN}" y="{ly0}" font-size="13" font-weight="bold">legend</text>']
     for i, key in enumerate(("raw", "defrag", "conntrack", "mangle", "nat", "filter", "security",
                              "module", "tracer", "other")):
         x = MARGIN + i * 112
@@ -554,8 +604,7 @@ def render_svg(atlas: Atlas) -> str:
     if bad:
         out.append(f'<text x="{MARGIN}" y="{ly0 + 130}" font-size="11" fill="#b00000">'
                    f'{escape("FAILED cross-checks: " + "; ".join(c.what for c in bad[:3]))}</text>')
-    out.append('</svg>')
-    return "\n".join(out) + "\n"
+    return out
 
 
 # ---------------------------------------------------------------- Markdown
@@ -570,9 +619,28 @@ def render_markdown(atlas: Atlas) -> str:
                                    "measured intervals `(lo, hi)` between tracer points; this kernel "
                                    "has no nfnetlink_hook, so `nft list hooks` cannot give exact values."))
     lines.append("")
-    lines += ["## Hook points", "",
-              "| hook | family | what | priority | measured interval | source | function [module] | evidence |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += _md_hook_points(atlas)
+    lines += _md_counts(atlas)
+    lines += ["## Paths (as the tracer saw the tagged packets)", "", "| path | family | hooks |", "|---|---|---|"]
+    for path in PATHS:
+        for fam in FAMILIES:
+            seq = atlas.paths.get(fam, {}).get(path)
+            lines.append(f"| {PATH_TITLE[path]} | {fam} | {' → '.join(seq) if seq else 'not measured'} |")
+    lines += ["", "## Cross-checks", ""]
+    for c in atlas.checks:
+        lines.append(f"- {'ok' if c.ok else '**FAILED**'}: {c.what}")
+    if not atlas.checks:
+        lines.append("- (none)")
+    if atlas.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in atlas.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _md_hook_points(atlas: Atlas) -> list:
+    """The hook-point table: one row per entry, the tracer's points in one row per hook."""
+    lines = ["## Hook points", "",
+             "| hook | family | what | priority | measured interval | source | function [module] | evidence |",
+             "|---|---|---|---|---|---|---|---|"]
     for hook in HOOKS:
         for fam in ("netdev",) + FAMILIES:
             entries = atlas.at(hook, fam)
@@ -589,9 +657,14 @@ def render_markdown(atlas: Atlas) -> str:
                 lines.append(f"| {hook} | {fam} | {e.name} | "
                              f"{'' if e.priority is None else _prio(e.priority)} | {e.interval_text()} | "
                              f"{e.source} | {fn} | {e.evidence} |")
-    lines += ["", "## Tables per hook (counters on tagged packets)", "",
-              "Packets the counting rule of each table chain saw per path: forward / local-in / local-out "
-              "(`-` = the table has no such chain).", ""]
+    return lines
+
+
+def _md_counts(atlas: Atlas) -> list:
+    """Per family: the packets each table's counting rule saw per hook and path."""
+    lines = ["", "## Tables per hook (counters on tagged packets)", "",
+             "Packets the counting rule of each table chain saw per path: forward / local-in / local-out "
+             "(`-` = the table has no such chain).", ""]
     for fam in FAMILIES:
         if fam not in atlas.counts:
             continue
@@ -608,19 +681,7 @@ def render_markdown(atlas: Atlas) -> str:
             lines.append(f"| {table} | " + " | ".join(cells) + " | "
                          + (", ".join(atlas.attached(fam, table)) or "none") + " |")
         lines.append("")
-    lines += ["## Paths (as the tracer saw the tagged packets)", "", "| path | family | hooks |", "|---|---|---|"]
-    for path in PATHS:
-        for fam in FAMILIES:
-            seq = atlas.paths.get(fam, {}).get(path)
-            lines.append(f"| {PATH_TITLE[path]} | {fam} | {' → '.join(seq) if seq else 'not measured'} |")
-    lines += ["", "## Cross-checks", ""]
-    for c in atlas.checks:
-        lines.append(f"- {'ok' if c.ok else '**FAILED**'}: {c.what}")
-    if not atlas.checks:
-        lines.append("- (none)")
-    if atlas.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in atlas.notes]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------- PNG
@@ -633,7 +694,7 @@ def png_converters() -> list:
             ["rsvg-convert", "-b", "white", "-o", str(p), str(s)], check=True, capture_output=True,
             timeout=120)))
     try:
-        import cairosvg  # noqa: F401
+        import cairosvg  # noqa: F401  # optional dependency: one of the SVG -> PNG converters
         found.append(("cairosvg", lambda s, p: __import__("cairosvg").svg2png(
             url=str(s), write_to=str(p))))
     except Exception:
@@ -683,12 +744,10 @@ class _Guest:
         self.vm = vm
 
     def run(self, cmd: str, timeout: float = 90):
-        from vm import lab
         res = lab.exec(self.vm, cmd, timeout=timeout)
         return res.returncode, res.stdout, res.stderr
 
     def sh(self, cmd: str, what: str = "", timeout: float = 90) -> str:
-        from ground.errors import NflabError
         rc, out, err = self.run(cmd, timeout)
         if rc != 0:     # a command failed; a dead or crashed VM raises VMError in lab.exec
             raise NflabError(f"{what or cmd[:60]} failed in VM {self.vm!r} (exit {rc})",
@@ -729,14 +788,12 @@ class _Rules:
 
 
 def _hexmatch(tag: int) -> str:
-    from nflab.tracing import magic
-    unit = magic() + int(tag).to_bytes(4, "big")
+    unit = tracing.magic() + int(tag).to_bytes(4, "big")
     return f"-m string --algo bm --hex-string '|{unit.hex()}|'"
 
 
 def _counters(guest: _Guest, family: str) -> dict:
     """(table, hook) -> packets of the atlas' counting rules (``*-save -c``)."""
-    import re
     out = guest.sh(f"{TOOLS[family]}-save -c", "reading counters")
     counts, table = {}, None
     for line in out.splitlines():
@@ -794,16 +851,15 @@ class _Sender:
         self.guest, self.wire = guest, wire
 
     def send(self, family: str, path: str, tag: int) -> int:
-        from nflab.tracing import addrs, bash_udp, packet
-        a = addrs(family)
+        a = tracing.addrs(family)
         if path == "forward":
-            self.wire.send("client", packet(family, "tcp", a["client"], a["server"], tag))
+            self.wire.send("client", tracing.packet(family, "tcp", a["client"], a["server"], tag))
             return 6
         if path == "local-in":
             # a SYN with data to a closed port: the guest's RST carries no payload (no tag)
-            self.wire.send("client", packet(family, "tcp", a["client"], a["guest_client"], tag, dport=9))
+            self.wire.send("client", tracing.packet(family, "tcp", a["client"], a["guest_client"], tag, dport=9))
             return 6
-        self.guest.run(bash_udp(a["server"], tag) + " 2>/dev/null; true")
+        self.guest.run(tracing.bash_udp(a["server"], tag) + " 2>/dev/null; true")
         return 17
 
 
@@ -822,6 +878,34 @@ def _tags():
         yield n
 
 
+@dataclass
+class _Session:
+    """One measurement in a VM: the guest, its tracer, the rules the atlas added,
+    the wire to the client and server peers, and the atlas being filled in."""
+
+    guest: _Guest
+    tracer: tracing.Tracer
+    rules: _Rules
+    wire: Wire
+    atlas: Atlas
+    say: Callable
+    settle: float
+    timeout: float
+    tags: Iterator = field(default_factory=_tags)
+
+    def clear(self, setup: str = ""):
+        """Clear the tracer log (after the guest command *setup*, if any)."""
+        self.guest.sh((setup + " && " if setup else "") + f"echo clear > {self.tracer.proc}",
+                      "clearing the tracer")
+
+    def trace(self, family: str, path: str, tag: int, setup: str = "") -> tuple:
+        """Clear the log (after *setup*), send, wait for the log to settle: (log, entries)."""
+        self.clear(setup)
+        proto = _Sender(self.guest, self.wire).send(family, path, tag)
+        log = self.tracer.wait(tag, 1, timeout=self.timeout, settle=self.settle)
+        return log, [e for e in log.tagged(tag) if e.proto == proto or e.family == "netdev"]
+
+
 def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, modules=(),
             progress=None, settle: float = 0.6, timeout: float = 8.0) -> Atlas:
     """Measure the netfilter map of running kit VM *vm* (see the module doc).
@@ -829,157 +913,28 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     *modules*: catalog hook modules to install first (they appear as "your
     modules"); any ``nflab_*`` hook module already loaded appears too. Every rule
     the measurement adds is removed again; the tracer stays loaded."""
-    from ground.errors import NflabError, VMError
-    from nflab import tracing
-    from nflab import deploy
-    from vm import lab, topology
-    from vm.wire import Wire, magic
-
     say = progress or (lambda m: None)
     st = lab.require(vm)
     guest = _Guest(vm)
     release = guest.sh("uname -r", "uname").strip()
     atlas = Atlas(kernel=release, spec=spec or st.spec,
                   generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    say(f"VM {vm}: routing between the client and server wires")
-    topology.setup(vm)
-    for name in modules:
-        say(f"installing {name}")
-        deploy.install(name, vm)
-    say("loading nflab_tracer (ingress_dev=eth1)")
-    deploy.install("tracer", vm, params={"ingress_dev": "eth1"})
+    _prepare(vm, modules, say)
     tracer = tracing.Tracer(guest.run)
-    tags = _tags()
     rules = _Rules(guest)
-
-    def trace(family, path, tag, setup: str = ""):
-        """Clear the log (after *setup*), send, wait for the log to settle: (entries, proto)."""
-        guest.sh((setup + " && " if setup else "") + f"echo clear > {tracer.proc}", "clearing the tracer")
-        proto = _Sender(guest, wire).send(family, path, tag)
-        log = tracer.wait(tag, 1, timeout=timeout, settle=settle)
-        return log, [e for e in log.tagged(tag) if e.proto == proto or e.family == "netdev"]
-
     try:
-        chains = {}
-        for fam in families:
-            say(f"{fam}: loading the {BACKEND} tables, adding counting rules")
-            chains[fam] = _chains(guest, fam)
-            ct_rule = [(fam, "mangle", "PREROUTING",
-                        f"-m conntrack --ctstate INVALID -m comment --comment {CT_COMMENT}")]
-            rules.add_many(ct_rule, "holding conntrack")
-        count_rules = [(fam, table, chain,
-                        f"-m string --algo bm --hex-string '|{magic().hex()}|' "
-                        f"-m comment --comment {COUNT_COMMENT}")
-                       for fam in families for table, cs in chains[fam].items() for chain in cs]
-        rules.add_many(count_rules, "adding counting rules")
+        chains, count_rules = _add_counting_rules(guest, rules, families, say)
         with Wire.for_vm(vm) as wire:
+            s = _Session(guest, tracer, rules, wire, atlas, say, settle, timeout)
             for fam in families:
-                atlas.counts[fam] = {t: {CHAIN_HOOK[c]: {p: 0 for p in PATHS} for c in cs}
-                                     for t, cs in chains[fam].items()}
-                atlas.paths[fam] = {}
-                for path in PATHS:
-                    say(f"{fam}: {PATH_TITLE[path]} packet through the counters")
-                    tag = next(tags)
-                    before = _counters(guest, fam)
-                    log, entries = trace(fam, path, tag)
-                    after = _counters(guest, fam)
-                    for (table, hook), n in after.items():
-                        delta = n - before.get((table, hook), 0)
-                        if table in atlas.counts[fam] and hook in atlas.counts[fam][table]:
-                            atlas.counts[fam][table][hook][path] = delta
-                    visits = _visits(entries)
-                    atlas.paths[fam][path] = visits
-                    if not visits:
-                        atlas.checks.append(Check(False, f"{fam} {path}: the tracer never saw the packet"))
-                        continue
-                    # conntrack: ct none -> new at the first inet hook of the path
-                    first = next((h for h in visits if h != "INGRESS"), None)
-                    at_first = [e for e in entries if e.hook == first and e.family == fam]
-                    if first and not atlas.find(fam, first, "conntrack"):
-                        seen = {e.priority: e.ct != "none" for e in at_first}
-                        iv, problem = change_interval(seen)
-                        if iv:
-                            atlas.entries.append(Entry(fam, first, "conntrack", "core", interval=iv,
-                                                       source="measured",
-                                                       evidence=f"ct none → new from {iv[1]}"))
-                        else:
-                            atlas.notes.append(f"{fam} {first}: conntrack not located: {problem}")
-                # defrag: fragments at -450, one datagram after defrag
-                say(f"{fam}: fragments through defrag")
-                from nflab.tracing import addrs, fragments
-                a = addrs(fam)
-                tag = next(tags)
-                guest.sh(f"echo clear > {tracer.proc}", "clearing the tracer")
-                frags, _ = fragments(fam, a["client"], a["server"], tag)
-                wire.send("client", frags)
-                log = tracer.wait(tag, 1, timeout=timeout, settle=settle)
-                pre = [e for e in log.tagged(tag) if e.family == fam and e.hook == "PRE_ROUTING"]
-                seen: dict = {}
-                for e in pre:
-                    seen[e.priority] = seen.get(e.priority, True) and not e.frag
-                iv, problem = change_interval(seen)
-                if iv:
-                    atlas.entries.append(Entry(fam, "PRE_ROUTING", "defrag", "core", interval=iv,
-                                               source="measured",
-                                               evidence=f"{len(frags)} fragments → one datagram from {iv[1]}"))
-                else:
-                    atlas.notes.append(f"{fam} PRE_ROUTING: defrag not located: {problem}")
+                _measure_attachment(s, fam, chains[fam])
+                _locate_defrag(s, fam)
             rules.remove(count_rules)
-
-            # priority intervals: one effect rule per measured (table, hook)
-            for fam in families:
+            for fam in families:            # priority intervals: one effect rule per (table, hook)
                 for table in TABLES:
                     for hook in atlas.attached(fam, table):
-                        path = next(p for p in PATHS if atlas.counts[fam][table][hook][p] > 0)
-                        target, kind, detect, what = _effect(fam, table, hook)
-                        tag = next(tags)
-                        say(f"{fam}: {table} at {hook}: {target.split()[1]} on a {PATH_TITLE[path]} packet")
-                        rule = (fam, table, HOOK_CHAIN[hook],
-                                f"{_hexmatch(tag)} -m comment --comment {PROBE_COMMENT} {target}")
-                        setup = _Rules._cmd("-A", *rule)
-                        rules.added.append(rule)
-                        try:
-                            log, entries = trace(fam, path, tag, setup)
-                        except NflabError as exc:
-                            if isinstance(exc, VMError):
-                                raise
-                            atlas.checks.append(Check(False, f"{fam} {hook} {table}: {target}: {exc}"))
-                            continue
-                        finally:
-                            rules.remove([rule])
-                        here = [e for e in entries if e.family == fam and e.hook == hook]
-                        if kind == "drop":
-                            iv, problem = drop_interval(list(TRACER_POINTS), {e.priority for e in here})
-                            ev = (f"DROP: seen at {iv[0]}, gone from {iv[1]}" if iv else "")
-                        else:
-                            seen = {}
-                            for e in here:
-                                seen[e.priority] = seen.get(e.priority, True) and detect(e)
-                            iv, problem = change_interval(seen)
-                            ev = f"{what} from {iv[1]}" + (f", not at {iv[0]}" if iv and iv[0] is not None else "") \
-                                if iv else ""
-                        where = f"{fam} {hook} {table}"
-                        if iv is None:
-                            atlas.checks.append(Check(False, f"{where}: {target} had no clean effect: {problem}"))
-                            atlas.entries.append(Entry(fam, hook, table, "table", source="measured",
-                                                       evidence=f"{target}: {problem}"))
-                        else:
-                            atlas.entries.append(Entry(fam, hook, table, "table", interval=iv,
-                                                       source="measured", evidence=ev))
-
-        # exact priorities, while conntrack is still held
-        say("nft list hooks (nfnetlink_hook)")
-        rc, out, err = guest.run("modprobe nfnetlink_hook 2>/dev/null; nft list hooks")
-        nft_rows = None
-        if rc == 0 and out.strip():
-            rc2, out2, _ = guest.run("nft list hooks netdev device eth1")
-            text = out + ("\n" + out2 if rc2 == 0 else "")
-            nft_rows = list(dict.fromkeys(nft_hook_rows(text)))
-            atlas.exact = True
-        else:
-            atlas.notes.append("`nft list hooks` is not available on this kernel "
-                               f"({(err or out).strip().splitlines()[-1][:120] if (err or out).strip() else 'no output'}): "
-                               "priorities are the measured intervals only")
+                        _locate_table(s, fam, table, hook)
+        nft_rows = _nft_hooks(guest, atlas, say)         # while conntrack is still held
     finally:
         rules.remove_all()
 
@@ -995,9 +950,157 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     return atlas
 
 
+def _prepare(vm: str, modules, say):
+    """Route between the wires, install the user's *modules* and the tracer."""
+    say(f"VM {vm}: routing between the client and server wires")
+    topology.setup(vm)
+    for name in modules:
+        say(f"installing {name}")
+        deploy.install(name, vm)
+    say("loading nflab_tracer (ingress_dev=eth1)")
+    deploy.install("tracer", vm, params={"ingress_dev": "eth1"})
+
+
+def _add_counting_rules(guest: _Guest, rules: _Rules, families, say) -> tuple:
+    """Hold conntrack (an INVALID match in mangle PREROUTING) and add a rule counting
+    tagged packets in every built-in chain of every table: (chains, counting rules)."""
+    chains = {}
+    for fam in families:
+        say(f"{fam}: loading the {BACKEND} tables, adding counting rules")
+        chains[fam] = _chains(guest, fam)
+        ct_rule = [(fam, "mangle", "PREROUTING",
+                    f"-m conntrack --ctstate INVALID -m comment --comment {CT_COMMENT}")]
+        rules.add_many(ct_rule, "holding conntrack")
+    count_rules = [(fam, table, chain,
+                    f"-m string --algo bm --hex-string '|{tracing.magic().hex()}|' "
+                    f"-m comment --comment {COUNT_COMMENT}")
+                   for fam in families for table, cs in chains[fam].items() for chain in cs]
+    rules.add_many(count_rules, "adding counting rules")
+    return chains, count_rules
+
+
+def _measure_attachment(s: _Session, fam: str, chains: dict):
+    """One tagged packet per path through the counting rules: which table counted
+    it at which hook, the hooks it visited, and where conntrack took it."""
+    atlas = s.atlas
+    atlas.counts[fam] = {t: {CHAIN_HOOK[c]: {p: 0 for p in PATHS} for c in cs} for t, cs in chains.items()}
+    atlas.paths[fam] = {}
+    for path in PATHS:
+        s.say(f"{fam}: {PATH_TITLE[path]} packet through the counters")
+        tag = next(s.tags)
+        before = _counters(s.guest, fam)
+        log, entries = s.trace(fam, path, tag)
+        after = _counters(s.guest, fam)
+        for (table, hook), n in after.items():
+            delta = n - before.get((table, hook), 0)
+            if table in atlas.counts[fam] and hook in atlas.counts[fam][table]:
+                atlas.counts[fam][table][hook][path] = delta
+        visits = _visits(entries)
+        atlas.paths[fam][path] = visits
+        if not visits:
+            atlas.checks.append(Check(False, f"{fam} {path}: the tracer never saw the packet"))
+            continue
+        _locate_conntrack(atlas, fam, visits, entries)
+
+
+def _locate_conntrack(atlas: Atlas, fam: str, visits: list, entries: list):
+    """Conntrack: ct none -> new at the first inet hook of the path."""
+    first = next((h for h in visits if h != "INGRESS"), None)
+    at_first = [e for e in entries if e.hook == first and e.family == fam]
+    if first and not atlas.find(fam, first, "conntrack"):
+        seen = {e.priority: e.ct != "none" for e in at_first}
+        iv, problem = change_interval(seen)
+        if iv:
+            atlas.entries.append(Entry(fam, first, "conntrack", "core", interval=iv,
+                                       source="measured", evidence=f"ct none → new from {iv[1]}"))
+        else:
+            atlas.notes.append(f"{fam} {first}: conntrack not located: {problem}")
+
+
+def _locate_defrag(s: _Session, fam: str):
+    """Defrag: fragments at -450, one datagram after defrag."""
+    s.say(f"{fam}: fragments through defrag")
+    a = tracing.addrs(fam)
+    tag = next(s.tags)
+    s.clear()
+    frags, _ = tracing.fragments(fam, a["client"], a["server"], tag)
+    s.wire.send("client", frags)
+    log = s.tracer.wait(tag, 1, timeout=s.timeout, settle=s.settle)
+    pre = [e for e in log.tagged(tag) if e.family == fam and e.hook == "PRE_ROUTING"]
+    seen: dict = {}
+    for e in pre:
+        seen[e.priority] = seen.get(e.priority, True) and not e.frag
+    iv, problem = change_interval(seen)
+    if iv:
+        s.atlas.entries.append(Entry(fam, "PRE_ROUTING", "defrag", "core", interval=iv, source="measured",
+                                     evidence=f"{len(frags)} fragments → one datagram from {iv[1]}"))
+    else:
+        s.atlas.notes.append(f"{fam} PRE_ROUTING: defrag not located: {problem}")
+
+
+def _locate_table(s: _Session, fam: str, table: str, hook: str):
+    """Where *table* runs at *hook*: a rule with an observable effect on one tagged
+    packet, and the tracer points that do and do not see the effect."""
+    atlas = s.atlas
+    path = next(p for p in PATHS if atlas.counts[fam][table][hook][p] > 0)
+    target, kind, detect, what = _effect(fam, table, hook)
+    tag = next(s.tags)
+    s.say(f"{fam}: {table} at {hook}: {target.split()[1]} on a {PATH_TITLE[path]} packet")
+    rule = (fam, table, HOOK_CHAIN[hook], f"{_hexmatch(tag)} -m comment --comment {PROBE_COMMENT} {target}")
+    s.rules.added.append(rule)
+    try:
+        log, entries = s.trace(fam, path, tag, _Rules._cmd("-A", *rule))
+    except NflabError as exc:
+        if isinstance(exc, VMError):
+            raise
+        atlas.checks.append(Check(False, f"{fam} {hook} {table}: {target}: {exc}"))
+        return
+    finally:
+        s.rules.remove([rule])
+    iv, problem, ev = _effect_interval([e for e in entries if e.family == fam and e.hook == hook],
+                                       kind, detect, what)
+    if iv is None:
+        atlas.checks.append(Check(False, f"{fam} {hook} {table}: {target} had no clean effect: {problem}"))
+        atlas.entries.append(Entry(fam, hook, table, "table", source="measured",
+                                   evidence=f"{target}: {problem}"))
+    else:
+        atlas.entries.append(Entry(fam, hook, table, "table", interval=iv, source="measured", evidence=ev))
+
+
+def _effect_interval(here: list, kind: str, detect, what: str) -> tuple:
+    """(interval, problem, evidence) of an effect rule from the tracer entries *here*
+    (one hook): a drop between the last point that saw the packet and the first
+    that did not, a change between the last point without it and the first with it."""
+    if kind == "drop":
+        iv, problem = drop_interval(list(TRACER_POINTS), {e.priority for e in here})
+        return iv, problem, (f"DROP: seen at {iv[0]}, gone from {iv[1]}" if iv else "")
+    seen: dict = {}
+    for e in here:
+        seen[e.priority] = seen.get(e.priority, True) and detect(e)
+    iv, problem = change_interval(seen)
+    ev = f"{what} from {iv[1]}" + (f", not at {iv[0]}" if iv and iv[0] is not None else "") \
+        if iv else ""
+    return iv, problem, ev
+
+
+def _nft_hooks(guest: _Guest, atlas: Atlas, say) -> list | None:
+    """Exact priorities from ``nft list hooks`` (nfnetlink_hook); None, with a note,
+    where the kernel cannot list them."""
+    say("nft list hooks (nfnetlink_hook)")
+    rc, out, err = guest.run("modprobe nfnetlink_hook 2>/dev/null; nft list hooks")
+    if rc == 0 and out.strip():
+        rc2, out2, _ = guest.run("nft list hooks netdev device eth1")
+        text = out + ("\n" + out2 if rc2 == 0 else "")
+        atlas.exact = True
+        return list(dict.fromkeys(nft_hook_rows(text)))
+    atlas.notes.append("`nft list hooks` is not available on this kernel "
+                       f"({(err or out).strip().splitlines()[-1][:120] if (err or out).strip() else 'no output'}): "
+                       "priorities are the measured intervals only")
+    return None
+
+
 def _proc_points(guest: _Guest) -> dict:
     """module -> [(family, hook, priority)] of every loaded nflab hook module."""
-    from nflab import tracing
     rc, out, _ = guest.run('for f in /proc/net/nflab_*; do [ -e "$f" ] || continue; '
                            'echo "=== ${f##*/}"; grep "^point " "$f"; done')
     sections: dict = {}
@@ -1020,8 +1123,6 @@ def run(kernel: str | None = None, vm: str = "atlas", *, out: str = "atlas.svg",
         modules=(), progress=None) -> tuple:
     """Boot (or reuse) *vm* on *kernel*, measure, write the files; (atlas, written).
     A VM this call booted is stopped again unless *keep*."""
-    from vm import lab
-
     say = progress or (lambda m: None)
     st = lab.load(vm)
     running = st is not None and lab.is_running(st)
