@@ -416,6 +416,14 @@ def _option(raw, index, where) -> Option:
     for key in ("invert", "mandatory"):
         if key in raw and not isinstance(raw[key], bool):
             raise _fail(owhere, key, f"{raw[key]!r} is not a boolean", "true or false")
+    _option_storage(opt, raw, owhere)
+    _option_bounds(opt, raw, owhere)
+    return opt
+
+
+def _option_storage(opt: Option, raw: dict, owhere: str):
+    """Buffer length, custom member type and choices of option *opt*."""
+    otype = opt.type
     if otype == "string":
         length = raw.get("length", 32)
         if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 256:
@@ -440,6 +448,11 @@ def _option(raw, index, where) -> Option:
                 or len(set(choices)) != len(choices)):
             raise _fail(owhere, "choices", f"{choices!r}", "a list of distinct lower-case words")
         opt.choices = tuple(choices)
+
+
+def _option_bounds(opt: Option, raw: dict, owhere: str):
+    """``min``/``max`` of a uint option, within what libxtables can hold."""
+    otype = opt.type
     for key in ("min", "max"):
         if key in raw:
             if not otype.startswith("uint") or isinstance(raw[key], bool) or not isinstance(raw[key], int):
@@ -451,7 +464,11 @@ def _option(raw, index, where) -> Option:
             setattr(opt, "minimum" if key == "min" else "maximum", raw[key])
     if opt.minimum is not None and opt.maximum is not None and opt.minimum > opt.maximum:
         raise _fail(owhere, "min", f"min {opt.minimum} > max {opt.maximum}", "min <= max")
-    return opt
+
+
+DEFINITION_KEYS = {"kind", "name", "summary", "families", "revision", "options", "private", "hooks",
+                   "overrides_in_tree", "verdict", "tables", "author", "params", "test",
+                   "catalog_only", "flags_type", "invert_shift", "info_name"}
 
 
 def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Extension:
@@ -459,12 +476,27 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     where = str(path) if path else "definition"
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: not a TOML table")
-    known = {"kind", "name", "summary", "families", "revision", "options", "private", "hooks",
-             "overrides_in_tree", "verdict", "tables", "author", "params", "test",
-             "catalog_only", "flags_type", "invert_shift", "info_name"}
-    extra = set(raw) - known
+    extra = set(raw) - DEFINITION_KEYS
     if extra:
-        raise _fail(where, "keys", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(known)))
+        raise _fail(where, "keys", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(DEFINITION_KEYS)))
+    ext = _identity(raw, path, where)
+    _validate_options(ext, raw, where)
+    _validate_private(ext, raw, where)
+    if ext.kind == "hook":
+        _validate_hook(ext, raw, where)
+    elif raw.get("hooks"):
+        raise _fail(where, "hooks", f"a {ext.kind} has no hooks of its own", "remove [[hooks]]")
+    if ext.kind == "target":
+        _validate_target(ext, raw, where)
+    _validate_params(ext, raw, where)
+    _check_generated_names(ext, where)
+    _check_collision(ext, where, kernel_modules)
+    return ext
+
+
+def _identity(raw: dict, path: Path | None, where: str) -> Extension:
+    """The Extension with what identifies it: kind, name, families, revision,
+    and the plain fields (summary, author, test, info_name, flags_type)."""
     kind = raw.get("kind")
     if kind not in KINDS:
         raise _fail(where, "kind", f"unknown kind {kind!r}", ", ".join(KINDS))
@@ -496,8 +528,13 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     ext.flags_type = raw.get("flags_type", "__u8")
     if ext.flags_type not in ("__u8", "__u16", "__u32", "none"):
         raise _fail(where, "flags_type", f"{ext.flags_type!r}", "__u8, __u16, __u32, none")
+    return ext
+
+
+def _validate_options(ext: Extension, raw: dict, where: str):
+    """The iptables options, and whether they fit the flags word."""
     opts_raw = raw.get("options", [])
-    if kind == "hook" and opts_raw:
+    if ext.kind == "hook" and opts_raw:
         raise _fail(where, "options", "hooks take no iptables options", "use [[params]] for module parameters")
     if not isinstance(opts_raw, list):
         raise _fail(where, "options", "not a list", "[[options]] tables")
@@ -520,9 +557,14 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     if len(ext.options) > ext.invert_shift or ext.invert_shift * 2 > bits:
         raise _fail(where, "options", f"{len(ext.options)} options do not fit {ext.flags_type} flags "
                     f"with invert_shift {ext.invert_shift}", "fewer options or flags_type = \"__u32\"")
+
+
+def _validate_private(ext: Extension, raw: dict, where: str):
+    """Kernel-only members: new C identifiers, none an option's name or field."""
     privs = raw.get("private", [])
     if not isinstance(privs, list):
         raise _fail(where, "private", "not a list", "[[private]] name=... type=...")
+    seen = {n for opt in ext.options for n in (opt.name, opt.field)}
     for p in privs:
         if (not isinstance(p, dict) or p.get("type") not in PRIVATE_TYPES
                 or not isinstance(p.get("name"), str) or p["name"] in seen or p["name"] == "flags"):
@@ -530,19 +572,21 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         check_ident(p["name"], where, "private name")
         seen.add(p["name"])
     ext.private = privs
-    if kind == "hook":
-        _validate_hook(ext, raw, where)
-    elif raw.get("hooks"):
-        raise _fail(where, "hooks", f"a {kind} has no hooks of its own", "remove [[hooks]]")
-    if kind == "target":
-        verdict = raw.get("verdict", "XT_CONTINUE")
-        if verdict not in TARGET_VERDICTS:
-            raise _fail(where, "verdict", f"{verdict!r}", ", ".join(TARGET_VERDICTS))
-        ext.verdict = verdict
-        tables = raw.get("tables", [])
-        if not isinstance(tables, list) or any(t not in ("raw", "mangle", "nat", "filter", "security") for t in tables):
-            raise _fail(where, "tables", f"{tables!r}", "a list of raw, mangle, nat, filter, security")
-        ext.tables = tables
+
+
+def _validate_target(ext: Extension, raw: dict, where: str):
+    verdict = raw.get("verdict", "XT_CONTINUE")
+    if verdict not in TARGET_VERDICTS:
+        raise _fail(where, "verdict", f"{verdict!r}", ", ".join(TARGET_VERDICTS))
+    ext.verdict = verdict
+    tables = raw.get("tables", [])
+    if not isinstance(tables, list) or any(t not in ("raw", "mangle", "nat", "filter", "security") for t in tables):
+        raise _fail(where, "tables", f"{tables!r}", "a list of raw, mangle, nat, filter, security")
+    ext.tables = tables
+
+
+def _validate_params(ext: Extension, raw: dict, where: str):
+    """Module parameters: distinct C identifiers of a kernel param type, defaults that fit."""
     params = raw.get("params", [])
     if not isinstance(params, list):
         raise _fail(where, "params", "not a list", "[[params]] name=... type=... default=...")
@@ -556,9 +600,6 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         check_text(p.get("help", ""), where, "params.help", 200)
         _check_param_default(p, where)
     ext.params = params
-    _check_generated_names(ext, where)
-    _check_collision(ext, where, kernel_modules)
-    return ext
 
 
 def _check_param_default(p: dict, where: str):

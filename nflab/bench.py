@@ -290,24 +290,54 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
     row saying ``skipped: <reason>``; the reasons also go to *extra*."""
     vng = shutil.which("vng")
     if not vng:
-        reason = "virtme-ng is not installed (pip install virtme-ng)"
-        extra["vng"] = f"skipped: {reason}"
-        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+        return _vng_skipped("virtme-ng is not installed (pip install virtme-ng)", extra)
     generic_spec = f"{kern.abi}-amd64"
     try:
         generic = kernels.get(generic_spec, progress=progress)
     except Exception as exc:
-        reason = f"the generic kernel {generic_spec} is not available: {str(exc)[:200]}"
-        extra["vng"] = f"skipped: {reason}"
-        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+        return _vng_skipped(f"the generic kernel {generic_spec} is not available: {str(exc)[:200]}", extra)
     vm = "bench-vng"
+    kit_spec, kit_flavour, accel = _kit_flavour(kern, generic, vm, extra, progress)
+    if accel is None:
+        reason = f"the kit boots neither flavour of {kern.abi}: {extra.get('kit_cloud')}"
+        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+    extra["vng_kit_flavour"] = kit_flavour
+    kit = Measurement(f"kit boot + uname -r + poweroff ({kit_flavour} {kern.abi}, cold)",
+                      note="same ABI as vng" + (", identical image" if kit_flavour == "generic"
+                                                else ": the cloud image (see kit_generic)"))
+    vm_ = Measurement(VNG_ROW, note=f"{generic.release}, {'TCG' if accel == 'tcg' else 'KVM'}, 9p root")
+    argv = _vng_argv(vng, generic.vmlinuz, accel)
+    extra["vng_command"] = " ".join(argv)
+    rcs: list = []
+    pairs = ((kit, _up_cmd_down(kit_spec, vm, False)), (vm_, _vng_once(argv, generic, rcs, extra)))
+    progress(f"vng vs kit on {kern.abi} ({runs} runs each, alternated)")
+    for _ in range(runs):
+        for m, fn in pairs:
+            if m.error:
+                continue
+            try:
+                m.runs.append(fn())
+            except Exception as exc:
+                m.error = str(exc)[:300]
+                lab.down(vm)
+    _vng_notes(kit, vm_, rcs, extra)
+    return [kit, vm_]
+
+
+def _vng_skipped(reason: str, extra: dict) -> list[Measurement]:
+    extra["vng"] = f"skipped: {reason}"
+    return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
+
+
+def _kit_flavour(kern, generic, vm: str, extra: dict, progress) -> tuple:
+    """Can the kit boot the generic image itself? One try, untimed; else the cloud
+    flavour of the same ABI: (kit spec, flavour, accelerator or None)."""
     lab.down(vm)
-    # can the kit boot the generic image itself? (one try, untimed)
-    kit_spec, kit_flavour = generic_spec, "generic"
+    kit_spec, kit_flavour = f"{kern.abi}-amd64", "generic"
     progress(f"kit boot of the generic flavour {generic.release}")
     accel = None
     try:
-        accel = lab.up(generic_spec, vm, snapshot=False, progress=lambda *_: None).accel
+        accel = lab.up(kit_spec, vm, snapshot=False, progress=lambda *_: None).accel
     except Exception as exc:
         first = str(exc).splitlines()[0][:300]
         extra["kit_generic"] = f"skipped: the kit cannot boot {generic.release}: {first}"
@@ -318,20 +348,12 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
             extra["kit_cloud"] = f"the kit cannot boot {kit_spec} either: {str(exc2)[:300]}"
     finally:
         lab.down(vm)
-    if accel is None:
-        reason = f"the kit boots neither flavour of {kern.abi}: {extra.get('kit_cloud')}"
-        return [Measurement(VNG_ROW, note=f"skipped: {reason}")]
-    extra["vng_kit_flavour"] = kit_flavour
-    kit = Measurement(f"kit boot + uname -r + poweroff ({kit_flavour} {kern.abi}, cold)",
-                      note="same ABI as vng" + (", identical image" if kit_flavour == "generic"
-                                                else ": the cloud image (see kit_generic)"))
-    vm_ = Measurement(VNG_ROW, note=f"{generic.release}, {'TCG' if accel == 'tcg' else 'KVM'}, 9p root")
-    kit_once = _up_cmd_down(kit_spec, vm, False)
-    argv = _vng_argv(vng, generic.vmlinuz, accel)
-    extra["vng_command"] = " ".join(argv)
-    rcs = []
+    return kit_spec, kit_flavour, accel
 
-    def vng_once():
+
+def _vng_once(argv: list, generic, rcs: list, extra: dict):
+    """One timed vng run; its exit status goes to *rcs*."""
+    def once():
         t0 = time.monotonic()
         res = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
                              stdin=subprocess.DEVNULL)
@@ -348,17 +370,11 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
         if "console fallback" in console:
             extra["vng_console_fallback"] = True
         return elapsed
+    return once
 
-    progress(f"vng vs kit on {kern.abi} ({runs} runs each, alternated)")
-    for _ in range(runs):
-        for m, fn in ((kit, kit_once), (vm_, vng_once)):
-            if m.error:
-                continue
-            try:
-                m.runs.append(fn())
-            except Exception as exc:
-                m.error = str(exc)[:300]
-                lab.down(vm)
+
+def _vng_notes(kit: Measurement, vm_: Measurement, rcs: list, extra: dict):
+    """What the rows and *extra* say about the runs: skipped, exit status, ratio."""
     if vm_.error and not vm_.runs:
         vm_.note = f"skipped: {vm_.error}"
         extra["vng"] = vm_.note
@@ -372,7 +388,6 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
     if vm_.median and kit.median:
         extra["vng_over_kit"] = round(vm_.median / kit.median, 2)
         vm_.note += f"; vng/kit = {extra['vng_over_kit']}"
-    return [kit, vm_]
 
 
 # ---------------------------------------------------------------- the workshop

@@ -169,6 +169,8 @@ def soak_vm():
         lab.down(VM)
 
 
+# long: one soak run, then its verdicts in the order a reader checks them (cycles, samples,
+# kernel log, refcounts, slab growth, kmemleak), each against the same run
 def test_tracer_and_iprange_load_unload_cycles_under_traffic(soak_vm, record_property):
     vm = soak_vm
     # nothing else holds the ingress keys on (an nftables ingress chain would), so

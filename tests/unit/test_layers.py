@@ -150,13 +150,18 @@ def _functions(tree: ast.AST):
 
 def long_functions(path: Path) -> list[str]:
     """Functions of *path* over TOO_LONG lines, and over LONG without a
-    ``# long: <reason>`` comment on the line above the def (or its decorators)."""
+    ``# long: <reason>`` comment in the comment lines right above the def (or its
+    decorators)."""
     lines = path.read_text().splitlines()
     out = []
     for fn in _functions(ast.parse("\n".join(lines))):
         n = fn.end_lineno - fn.lineno + 1
-        first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
-        reason = first >= 2 and LONG_REASON.match(lines[first - 2])
+        above = min([fn.lineno] + [d.lineno for d in fn.decorator_list]) - 2
+        comments = []
+        while above >= 0 and lines[above].lstrip().startswith("#"):
+            comments.append(lines[above])
+            above -= 1
+        reason = any(LONG_REASON.match(c) for c in comments)
         if n > TOO_LONG or (n > LONG and not reason):
             out.append(f"{_rel(path)}:{fn.lineno}: {fn.name} has {n} lines")
     return out
@@ -165,9 +170,11 @@ def long_functions(path: Path) -> list[str]:
 def test_the_length_check_sees_long_functions(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     body = "".join(f"    x{i} = {i}\n" for i in range(70))
-    (tmp_path / "m.py").write_text(f"def plain():\n{body}\n\n# long: one table, read top to bottom\n"
-                                   f"def explained():\n{body}\n\ndef short():\n    pass\n")
-    assert long_functions(tmp_path / "m.py") == ["m.py:1: plain has 71 lines"]
+    (tmp_path / "m.py").write_text(f"def plain():\n{body}\n\n# long: one table,\n# read top to bottom\n"
+                                   f"def explained():\n{body}\n\n# not long: says nothing\n"
+                                   f"def unexplained():\n{body}\n\ndef short():\n    pass\n")
+    assert long_functions(tmp_path / "m.py") == ["m.py:1: plain has 71 lines",
+                                                 "m.py:150: unexplained has 71 lines"]
     (tmp_path / "n.py").write_text("# long: no reason is enough past 80\ndef f():\n"
                                    + "".join(f"    x{i} = {i}\n" for i in range(85)))
     assert long_functions(tmp_path / "n.py") == ["n.py:2: f has 86 lines"]
