@@ -90,7 +90,7 @@ def build(sent, log, received, *, magic_bytes: bytes | None = None) -> list[Pack
     out = list(views.values())
     if untagged.sent:
         untagged.walks.append(Walk([], "untagged: the tracer records only packets that carry the "
-                                       "test magic and a tag (vm.wire.payload)"))
+                                       "test magic and a tag (nflab.tracing.payload)"))
         out.append(untagged)
     return out
 

@@ -3,7 +3,7 @@ routed guest, kit-module checks, FORWARD chain hygiene, module reloads.
 
 Every suite sends scapy packets from the host side of the client wire and
 sniffs the server wire (see ``vm/wire.py``); what arrives is identified by the
-tag in its payload (``vm.wire.payload``), never by timing alone.
+tag in its payload (``nflab.tracing.payload``), never by timing alone.
 """
 
 from __future__ import annotations
