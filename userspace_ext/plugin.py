@@ -86,7 +86,7 @@ def build(ext, out: Path, *, force: bool = False) -> Path:
     tmp = Path(str(so) + ".tmp")
     cmd = (["gcc", *CFLAGS, *shlex.split(pkgconfig("--cflags")), f"-I{out}", "-o", str(tmp),
             str(src), *shlex.split(pkgconfig("--libs"))])
-    res = root().run(cmd, rw=_binds(out), cwd=out)
+    res = root().run(cmd, rw=[*_binds(), out.resolve()], cwd=out)   # out: wherever the build is
     (out / "plugin.log").write_text(" ".join(cmd) + "\n" + res.stdout + res.stderr)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
