@@ -91,6 +91,10 @@ OPTION_TYPES = {
     # `member = "uint8".."uint64"` one integer member <field>, else no member
     "custom": OptionType("custom", "XTTYPE_STRING", "char", 1, 1, False, ("", "_len")),
 }
+# members the plugin's own custom parse functions fill, beside the options'
+# (userspace-owned: copied back when rules are listed)
+FIELD_TYPES = ("uint8", "uint16", "uint32", "uint64")
+FIELD_COUNT_MAX = 64
 # kernel-private members (counters, pointers) that userspace never fills
 PRIVATE_TYPES = {
     "kptr": ("void *", 8, 8),
@@ -174,6 +178,7 @@ class Extension:
     revision: int = 0
     options: list = field(default_factory=list)
     private: list = field(default_factory=list)
+    fields: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     overrides_in_tree: bool = False
     verdict: str = "XT_CONTINUE"
@@ -296,6 +301,11 @@ def struct_members(ext: Extension) -> list:
     if ext.options and ext.has_flags:
         fsize = {"__u8": 1, "__u16": 2, "__u32": 4}[ext.flags_type]
         members.append(Member(ext.flags_type, "flags", 0, fsize, fsize))
+    for fld in ext.fields:
+        ft = OPTION_TYPES[fld["type"]]
+        count = fld.get("count", 0)
+        members.append(Member(ft.ctype, fld["name"], count, ft.size * max(count, 1), ft.align,
+                              comment=fld.get("comment", "")))
     for priv in ext.private:
         ctype, size, align = PRIVATE_TYPES[priv["type"]]
         members.append(Member(ctype, priv["name"], 0, size, align, True,
@@ -459,7 +469,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     where = str(path) if path else "definition"
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: not a TOML table")
-    known = {"kind", "name", "summary", "families", "revision", "options", "private", "hooks",
+    known = {"kind", "name", "summary", "families", "revision", "options", "private", "fields", "hooks",
              "overrides_in_tree", "verdict", "tables", "author", "params", "test",
              "catalog_only", "flags_type", "invert_shift", "info_name"}
     extra = set(raw) - known
@@ -530,6 +540,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         check_ident(p["name"], where, "private name")
         seen.add(p["name"])
     ext.private = privs
+    ext.fields = _fields(raw.get("fields", []), kind, where, seen)
     if kind == "hook":
         _validate_hook(ext, raw, where)
     elif raw.get("hooks"):
@@ -559,6 +570,25 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     _check_generated_names(ext, where)
     _check_collision(ext, where, kernel_modules)
     return ext
+
+
+def _fields(fields, kind: str, where: str, seen: set) -> list:
+    """[[fields]]: members the plugin's custom parse functions fill themselves."""
+    if not isinstance(fields, list) or (fields and kind == "hook"):
+        raise _fail(where, "fields", f"{fields!r}", "[[fields]] name=... type=... on a match or target")
+    for f in fields:
+        if (not isinstance(f, dict) or set(f) - {"name", "type", "count", "comment"}
+                or f.get("type") not in FIELD_TYPES or not isinstance(f.get("name"), str)
+                or f["name"] in seen or f["name"] == "flags"):
+            raise _fail(where, "fields", f"{f!r}", "name = a new C identifier, type = "
+                        + ", ".join(FIELD_TYPES) + f", optional count = 1..{FIELD_COUNT_MAX}, comment")
+        check_ident(f["name"], where, "fields name")
+        count = f.get("count", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= FIELD_COUNT_MAX:
+            raise _fail(where, f"fields {f['name']} count", f"{count!r}", f"an integer 1..{FIELD_COUNT_MAX}")
+        check_text(f.get("comment", ""), where, "fields comment", 200)
+        seen.add(f["name"])
+    return fields
 
 
 def _check_param_default(p: dict, where: str):
