@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nflab.paths import cache_dir
+from vm import qemu, rootfs
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -74,14 +75,15 @@ def check_xtables() -> list[Check]:
                       "apt-get install libxtables-dev pkg-config")]
     _, libdir = _cmd(["pkg-config", "--variable=xtlibdir", "xtables"])
     checks = [Check("libxtables", OK, f"{version}, xtlibdir {libdir}")]
-    try:
-        from vm import rootfs
-        guest = rootfs.guest_xtables_version() if hasattr(rootfs, "guest_xtables_version") else None
-    except Exception:
-        guest = None
-    if guest and guest != version:
-        checks.append(Check("guest libxtables", FAIL, f"guest has {guest}, host {version}",
+    guest = rootfs.guest_xtables_version()
+    if guest is None:
+        checks.append(Check("guest libxtables", WARN, "no guest rootfs for this host's libxtables yet",
+                            "invoke rootfs (vm-up builds it too)"))
+    elif guest != rootfs.host_xtables_version():
+        checks.append(Check("guest libxtables", FAIL, f"guest has {guest}, host {rootfs.host_xtables_version()}",
                             "rebuild the rootfs: invoke rootfs --rebuild"))
+    else:
+        checks.append(Check("guest libxtables", OK, f"{guest} (plugins built here load there)"))
     return checks
 
 
@@ -113,16 +115,10 @@ def check_kvm() -> list[Check]:
     if not os.path.exists("/dev/kvm"):
         return [Check("accelerator", WARN, "/dev/kvm absent: TCG (software) only",
                       "fine for the lab; enable virtualisation for speed")]
-    try:
-        from vm import qemu
-        if hasattr(qemu, "cached_accel"):
-            accel = qemu.cached_accel()
-            if accel:
-                return [Check("accelerator", OK if accel[0] == "kvm" else WARN,
-                              f"{accel[0]} ({accel[1]})",
-                              "" if accel[0] == "kvm" else "KVM probe failed; the kit uses TCG")]
-    except Exception:
-        pass
+    accel = qemu.cached_accel()
+    if accel:
+        return [Check("accelerator", OK if accel[0] == "kvm" else WARN, f"{accel[0]} ({accel[1]})",
+                      "" if accel[0] == "kvm" else "KVM probe failed; the kit uses TCG")]
     return [Check("accelerator", OK, "/dev/kvm present; probed (with a timeout) at first vm-up")]
 
 
@@ -152,7 +148,7 @@ def check_cache() -> list[Check]:
                 again = k.abi if k.flavour in kernels.FLAVOURS else k.release
                 checks.append(Check(f"kernel {k.release}", FAIL, f"missing {missing}",
                                     f"invoke fetch-kernel --kernel={again} --force"))
-            elif k.flavour in kernels.FLAVOURS and hasattr(kernels, "check_entry"):
+            elif k.flavour in kernels.FLAVOURS:
                 # a Debian entry against what its fetch recorded (listing, vmlinuz hash)
                 problem = kernels.check_entry(Path(k.root).parent)
                 if problem:
