@@ -568,8 +568,29 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         _check_param_default(p, where)
     ext.params = params
     _check_generated_names(ext, where)
+    _check_custom_functions(ext, path, where)
     _check_collision(ext, where, kernel_modules)
     return ext
+
+
+def _check_custom_functions(ext: Extension, path: Path | None, where: str):
+    """A `custom` option is parsed and printed by functions of the extension's own
+    plugin template (libxt_NAME.c.j2 beside ext.toml); without them the plugin
+    cannot compile, so the definition is refused naming what is missing."""
+    custom = [o for o in ext.options if o.type == "custom"]
+    if not custom:
+        return
+    tpl = path.parent / f"{ext.plugin}.c.j2" if path else None
+    text = tpl.read_text() if tpl is not None and tpl.is_file() else ""
+    missing = [f"{ext.prefix}_{what}_{o.ident}()" for o in custom for what in ("parse", "print")
+               if not re.search(rf"\b{ext.prefix}_{what}_{o.ident}\s*\(", text)]
+    if missing:
+        place = str(tpl) if tpl is not None else f"{ext.plugin}.c.j2 beside ext.toml"
+        raise _fail(where, "options", f"--{custom[0].name} is a custom option, but {place} does "
+                    f"not define {', '.join(missing)}",
+                    f"a {ext.plugin}.c.j2 (extends libxt.c.j2) whose helpers block defines "
+                    "<prefix>_parse_<option>(cb, info, family) and <prefix>_print_<option>(info, "
+                    "family, save) for each custom option, or another option type")
 
 
 def _fields(fields, kind: str, where: str, seen: set) -> list:
