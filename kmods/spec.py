@@ -92,6 +92,10 @@ OPTION_TYPES = {
     # `member = "uint8".."uint64"` one integer member <field>, else no member
     "custom": OptionType("custom", "XTTYPE_STRING", "char", 1, 1, False, ("", "_len")),
 }
+# members the plugin's own custom parse functions fill, beside the options'
+# (userspace-owned: copied back when rules are listed)
+FIELD_TYPES = ("uint8", "uint16", "uint32", "uint64")
+FIELD_COUNT_MAX = 64
 # kernel-private members (counters, pointers) that userspace never fills
 PRIVATE_TYPES = {
     "kptr": ("void *", 8, 8),
@@ -175,6 +179,7 @@ class Extension:
     revision: int = 0
     options: list = field(default_factory=list)
     private: list = field(default_factory=list)
+    fields: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     overrides_in_tree: bool = False
     verdict: str = "XT_CONTINUE"
@@ -296,6 +301,11 @@ def struct_members(ext: Extension) -> list:
     if ext.options and ext.has_flags:
         fsize = {"__u8": 1, "__u16": 2, "__u32": 4}[ext.flags_type]
         members.append(Member(ext.flags_type, "flags", 0, fsize, fsize))
+    for fld in ext.fields:
+        ft = OPTION_TYPES[fld["type"]]
+        count = fld.get("count", 0)
+        members.append(Member(ft.ctype, fld["name"], count, ft.size * max(count, 1), ft.align,
+                              comment=fld.get("comment", "")))
     for priv in ext.private:
         ctype, size, align = PRIVATE_TYPES[priv["type"]]
         members.append(Member(ctype, priv["name"], 0, size, align, True,
@@ -466,7 +476,7 @@ def _option_bounds(opt: Option, raw: dict, owhere: str):
         raise _fail(owhere, "min", f"min {opt.minimum} > max {opt.maximum}", "min <= max")
 
 
-DEFINITION_KEYS = {"kind", "name", "summary", "families", "revision", "options", "private", "hooks",
+DEFINITION_KEYS = {"kind", "name", "summary", "families", "revision", "options", "private", "fields", "hooks",
                    "overrides_in_tree", "verdict", "tables", "author", "params", "test",
                    "catalog_only", "flags_type", "invert_shift", "info_name"}
 
@@ -490,6 +500,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         _validate_target(ext, raw, where)
     _validate_params(ext, raw, where)
     _check_generated_names(ext, where)
+    _check_custom_functions(ext, path, where)
     _check_collision(ext, where, kernel_modules)
     return ext
 
@@ -572,6 +583,7 @@ def _validate_private(ext: Extension, raw: dict, where: str):
         check_ident(p["name"], where, "private name")
         seen.add(p["name"])
     ext.private = privs
+    ext.fields = _fields(raw.get("fields", []), ext.kind, where, seen)
 
 
 def _validate_target(ext: Extension, raw: dict, where: str):
@@ -600,6 +612,45 @@ def _validate_params(ext: Extension, raw: dict, where: str):
         check_text(p.get("help", ""), where, "params.help", 200)
         _check_param_default(p, where)
     ext.params = params
+
+
+def _check_custom_functions(ext: Extension, path: Path | None, where: str):
+    """A `custom` option is parsed and printed by functions of the extension's own
+    plugin template (libxt_NAME.c.j2 beside ext.toml); without them the plugin
+    cannot compile, so the definition is refused naming what is missing."""
+    custom = [o for o in ext.options if o.type == "custom"]
+    if not custom:
+        return
+    tpl = path.parent / f"{ext.plugin}.c.j2" if path else None
+    text = tpl.read_text() if tpl is not None and tpl.is_file() else ""
+    missing = [f"{ext.prefix}_{what}_{o.ident}()" for o in custom for what in ("parse", "print")
+               if not re.search(rf"\b{ext.prefix}_{what}_{o.ident}\s*\(", text)]
+    if missing:
+        place = str(tpl) if tpl is not None else f"{ext.plugin}.c.j2 beside ext.toml"
+        raise _fail(where, "options", f"--{custom[0].name} is a custom option, but {place} does "
+                    f"not define {', '.join(missing)}",
+                    f"a {ext.plugin}.c.j2 (extends libxt.c.j2) whose helpers block defines "
+                    "<prefix>_parse_<option>(cb, info, family) and <prefix>_print_<option>(info, "
+                    "family, save) for each custom option, or another option type")
+
+
+def _fields(fields, kind: str, where: str, seen: set) -> list:
+    """[[fields]]: members the plugin's custom parse functions fill themselves."""
+    if not isinstance(fields, list) or (fields and kind == "hook"):
+        raise _fail(where, "fields", f"{fields!r}", "[[fields]] name=... type=... on a match or target")
+    for f in fields:
+        if (not isinstance(f, dict) or set(f) - {"name", "type", "count", "comment"}
+                or f.get("type") not in FIELD_TYPES or not isinstance(f.get("name"), str)
+                or f["name"] in seen or f["name"] == "flags"):
+            raise _fail(where, "fields", f"{f!r}", "name = a new C identifier, type = "
+                        + ", ".join(FIELD_TYPES) + f", optional count = 1..{FIELD_COUNT_MAX}, comment")
+        check_ident(f["name"], where, "fields name")
+        count = f.get("count", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= FIELD_COUNT_MAX:
+            raise _fail(where, f"fields {f['name']} count", f"{count!r}", f"an integer 1..{FIELD_COUNT_MAX}")
+        check_text(f.get("comment", ""), where, "fields comment", 200)
+        seen.add(f["name"])
+    return fields
 
 
 def _check_param_default(p: dict, where: str):

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ground.errors import NflabError
+from ground.errors import BuildError, NflabError
 from ground.paths import REPO, build_dir
 from kmods import build, spec
 from kmods.spec import definition_path
@@ -293,9 +293,13 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
     kernel = kernels.get(kernel_spec, progress=progress)
     t0 = time.monotonic()
     built, failed = build.build_many(names, kernel, progress=lambda n: progress(f"building {n}"))
+    if failed and not built:
+        raise BuildError("; ".join(f"{n_}: {build_reason(e)}" for n_, e in failed),
+                         detail="\n".join(getattr(e, "detail", None) or "" for _, e in failed).strip())
     files = suite_files([art.name for art in built])
     if not files:
-        raise NflabError(f"no suites found for {', '.join(names)}",
+        broken = "".join(f"; {n_} did not build: {build_reason(e)}" for n_, e in failed)
+        raise NflabError(f"no suites found for {', '.join(art.name for art in built)}{broken}",
                          hint="add tests/suites/test_<name>.py or a lib*.t file")
     if vm is None:
         vm = _running_default(kernel)

@@ -437,6 +437,18 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[boo
         return False, f"KVM probe boot failed: {err.decode(errors='replace').strip()[-200:]}"
 
 
+def cached_accel() -> tuple[str, str] | None:
+    """``(accel, reason)`` of the KVM probe cached for this host kernel and QEMU
+    build, or None when there is none (the next ``vm-up`` probes)."""
+    try:
+        data = json.loads((cache_dir() / ACCEL_CACHE).read_text())
+        if data.get("key") == _accel_key():
+            return data["accel"], data["reason"] + " (cached probe)"
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    return None
+
+
 def choose_accel(vmlinuz: Path, initrd: Path, *, progress=print) -> tuple[str, str]:
     """``("kvm"|"tcg", reason)``: ``$NFLAB_ACCEL`` if set, else a cached KVM probe."""
     forced = os.environ.get("NFLAB_ACCEL")
@@ -444,18 +456,13 @@ def choose_accel(vmlinuz: Path, initrd: Path, *, progress=print) -> tuple[str, s
         if forced not in ("kvm", "tcg"):
             raise VMError(f"NFLAB_ACCEL={forced!r} is not kvm or tcg")
         return forced, "set by NFLAB_ACCEL"
-    path = cache_dir() / ACCEL_CACHE
-    key = _accel_key()
     with file_lock(cache_dir() / ".accel.lock"):
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == key:
-                return data["accel"], data["reason"] + " (cached probe)"
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
+        cached = cached_accel()
+        if cached:
+            return cached
         progress("probing KVM (once per host kernel and QEMU build)")
         ok, reason = probe_kvm(vmlinuz, initrd)
         accel = "kvm" if ok else "tcg"
-        path.write_text(json.dumps({"key": key, "accel": accel, "reason": reason,
+        (cache_dir() / ACCEL_CACHE).write_text(json.dumps({"key": _accel_key(), "accel": accel, "reason": reason,
                                     "probed_at": time.time()}) + "\n")
     return accel, reason

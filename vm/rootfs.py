@@ -285,6 +285,13 @@ def cached_entries() -> list[dict]:
     return found
 
 
+def guest_xtables_version() -> str | None:
+    """The guest libxtables of the image for today's recipe, None if it is not built."""
+    entry = rootfs_dir() / recipe_hash()
+    manifest = load_manifest(entry) if entry.is_dir() else None
+    return manifest.get("packages", {}).get(XTABLES_PKG) if manifest else None
+
+
 def check_guest_xtables(manifest: dict):
     """Raise if the plugins' libxtables (the userland build root's) is not the image's."""
     host = plugin_xtables_version()

@@ -239,3 +239,19 @@ def test_every_template_compiles_on_every_cached_kernel(tmp_catalog, fresh_build
             if art.so:
                 assert plugin.probe(art.so, probe_cache)
     assert not failures, "\n".join(failures)
+
+
+def test_invoke_test_of_a_broken_extension_prints_the_compiler_error(kernel_612, fresh_build, tmp_catalog):
+    """Every build fails: `invoke test` names the compiler's first error (it once
+    said only "no suites found", and the error was lost)."""
+    from tests.conftest import run_invoke
+    written = scaffold.new_module("match", "nflabbroken", catalog=tmp_catalog)
+    tpl = next(p for p in written if p.name.endswith(".c.j2"))
+    tpl.write_text(tpl.read_text().replace("info->min_len", "info->nflab_no_such_field"))
+    res = run_invoke(["test", "--name=nflabbroken", f"--kernel={kernel_612.release}",
+                      f"--extensions-dir={tmp_catalog}", "--quiet"],
+                     env_extra={"NFLAB_BUILD": str(fresh_build)})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert "no suites found" not in out, out
+    assert re.search(r"xt_nflabbroken\.c:\d+: error: .*nflab_no_such_field", out), out

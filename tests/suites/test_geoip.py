@@ -24,7 +24,9 @@ import pytest
 
 from kmods import spec
 from kmods.spec import CATALOG
+from vm import remote
 from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
+                                          flush_chains,
                                           add_rules, l3, rule_counters, send_tagged, sentinel)
 
 pytestmark = pytest.mark.vm
@@ -71,7 +73,8 @@ def install_db(host, files: dict):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     b64 = base64.b64encode(buf.getvalue()).decode()
-    host.run_test(f"rm -rf {DB_DIR} && mkdir -p {DB_DIR} && echo {b64} | base64 -d | tar -xzf - -C {DB_DIR}")
+    res = remote.run(host, f"rm -rf {DB_DIR} && mkdir -p {DB_DIR} && echo {b64} | base64 -d | tar -xzf - -C {DB_DIR}")
+    assert res.rc == 0, f"installing the geoip database: {res.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +167,40 @@ def test_save_round_trip(host, db, clean_forward):
         host.run_test(f"iptables-{backend} -w -A FORWARD -m geoip ! --src-cc xc,xa --dst-cc XB -j DROP")
         saved = host.check_output(f"iptables-{backend}-save -t filter")
         assert "-A FORWARD -m geoip ! --src-cc XC,XA --dst-cc XB -j DROP" in saved, saved
+
+
+def _mem_free_kib(host) -> int:
+    out = host.check_output("sync; echo 3 > /proc/sys/vm/drop_caches; grep '^MemFree:' /proc/meminfo")
+    return int(out.split()[1])
+
+
+def test_rules_share_one_copy_of_a_country(host, db, clean_forward):
+    """Rules naming one big country hold one copy of its ranges in the kernel,
+    not one per rule (checkentry once read the file for each rule and kept
+    its own copy; legacy re-read it on every table replace): after the first
+    rule, 15 more (legacy and nft) cost less than one copy."""
+    b, _ = db
+    n = 200_000                                     # 10.x.y.z, every 4th address: 1.6 MB of ranges
+    big = "".join(f"10.{i >> 14 & 255}.{i >> 6 & 255}.{(i & 63) * 4},"
+                  f"10.{i >> 14 & 255}.{i >> 6 & 255}.{(i & 63) * 4 + 1},XD\n" for i in range(n))
+    copy_kib = n * 8 // 1024
+    shipped = (CATALOG / "geoip" / "geoip.csv").read_text()
+
+    def add(backend, ports):
+        rules = "".join(f"-A FORWARD -p udp --dport {p} -m geoip --src-cc XD -j DROP\\n" for p in ports)
+        host.run_test(f"printf '*filter\\n{rules}COMMIT\\n' | iptables-{backend}-restore -w --noflush")
+
+    try:
+        install_db(host, b.build(shipped + big, "big.csv"))
+        add("legacy", [40820])
+        first = _mem_free_kib(host)
+        add("legacy", range(40821, 40828))
+        add("nft", range(40828, 40836))
+        more = first - _mem_free_kib(host)
+        print(f"15 more rules on one country of {copy_kib} KiB: MemFree fell by {more} KiB")
+        assert more < copy_kib, \
+            f"15 more rules on XD took {more} KiB, its ranges are {copy_kib} KiB: not one shared copy"
+        assert rule_counters(host, "iptables", "nft").keys() == {str(p) for p in range(40828, 40836)}
+    finally:
+        flush_chains(host)
+        install_db(host, b.build(shipped))

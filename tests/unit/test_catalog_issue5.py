@@ -3,15 +3,62 @@ blocks, and that every catalog definition renders."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kmods import render, spec
 from ground.errors import SpecError
 
 
+PLUGIN = """{% extends "libxt.c.j2" %}
+{% block helpers %}
+static void cust_mt_parse_pat(struct xt_option_call *cb, struct xt_cust_mtinfo *info, uint8_t family)
+{
+}
+
+static void cust_mt_print_pat(const struct xt_cust_mtinfo *info, uint8_t family, bool save)
+{
+}
+{% endblock %}
+"""
+RAW = {"kind": "match", "name": "cust", "flags_type": "__u16"}
+
+
+@pytest.fixture(autouse=True)
+def cust_dir(tmp_path, monkeypatch):
+    """cust/ with a plugin template defining the custom option's functions."""
+    (tmp_path / "cust").mkdir()
+    (tmp_path / "cust" / "libxt_cust.c.j2").write_text(PLUGIN)
+    monkeypatch.setitem(_HOME, "dir", tmp_path / "cust")
+    return tmp_path / "cust"
+
+
+_HOME = {}
+
+
 def _custom(**opt):
-    return spec.validate({"kind": "match", "name": "cust", "flags_type": "__u16",
-                          "options": [{"name": "pat", "type": "custom", **opt}]})
+    return spec.validate({**RAW, "options": [{"name": "pat", "type": "custom", **opt}]},
+                         _HOME["dir"] / "ext.toml")
+
+
+@pytest.mark.parametrize("plugin,missing", [
+    (None, "libxt_cust.c.j2 beside ext.toml does not define cust_mt_parse_pat(), cust_mt_print_pat()"),
+    ("", "does not define cust_mt_parse_pat(), cust_mt_print_pat()"),
+    (PLUGIN.replace("cust_mt_print_pat", "cust_mt_print_pattern"), "does not define cust_mt_print_pat()"),
+])
+def test_custom_option_without_its_plugin_functions_is_refused(cust_dir, plugin, missing):
+    """A custom option whose plugin template lacks its parse/print functions was
+    accepted and then failed to compile (the property test's seed found it)."""
+    raw = {**RAW, "options": [{"name": "pat", "type": "custom", "length": 8}]}
+    if plugin is None:
+        with pytest.raises(SpecError, match=re.escape(missing)) as info:
+            spec.validate(raw)
+    else:
+        (cust_dir / "libxt_cust.c.j2").write_text(plugin)
+        with pytest.raises(SpecError, match=re.escape(missing)) as info:
+            spec.validate(raw, cust_dir / "ext.toml")
+    assert info.value.hint.startswith("valid: a libxt_cust.c.j2 (extends libxt.c.j2)")
 
 
 def test_custom_with_length_owns_a_counted_buffer():

@@ -310,3 +310,26 @@ def test_hook_collision_is_case_insensitive():
 
 def test_spec_error_is_nflab_error_with_exit_2():
     assert issubclass(SpecError, NflabError) and SpecError.exit_code == 2
+
+
+def test_fields_are_plugin_filled_members_before_the_private_ones():
+    raw = copy.deepcopy(MATCH_RAW)
+    raw["fields"] = [{"name": "keys", "type": "uint64", "count": 3, "comment": "what the plugin read"},
+                     {"name": "n", "type": "uint32"}]
+    raw["private"] = [{"name": "state", "type": "kptr"}]
+    ext = spec.validate(raw)
+    decls = [m.decl for m in ext.members]
+    assert decls == ["__u16 min_len", "__u8 flags", "__aligned_u64 keys[3]", "__u32 n",
+                     "void *state __attribute__((aligned(8)))"]
+    # min_len 0..2, flags 2, keys 8..32, n 32..36, state 40..48
+    assert (ext.userspace_size, ext.info_size) == (40, 48)
+
+
+@pytest.mark.parametrize("bad", [{"name": "k", "type": "int"}, {"name": "flags", "type": "uint8"},
+                                 {"name": "min_len", "type": "uint8"}, {"name": "k", "type": "uint8", "count": 65},
+                                 {"name": "k", "type": "uint8", "size": 2}, "k"])
+def test_fields_are_validated(bad):
+    raw = copy.deepcopy(MATCH_RAW)
+    raw["fields"] = [bad]
+    with pytest.raises(SpecError, match="fields"):
+        spec.validate(raw)

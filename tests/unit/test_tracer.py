@@ -50,7 +50,7 @@ def test_rendered_source_has_the_pieces(ext):
     assert f'static const char tracer_magic[] = "{ext.test["magic"]}";' in src
     assert "#define TRACER_RING\t1024" in src
     assert "skb_header_pointer(skb, off, len, buf)" in src
-    assert "kvfree(pn->ring);" in src and src.count("kvfree(pn->ring);") == 3   # 2 undo + exit
+    assert src.count("kvfree(pn->ring);") == 1      # tracer_state_exit: init unwind and .exit
     assert "ops->priority = point->priority;" in src
     assert src.count(".priority\t= -175,") == 10
 

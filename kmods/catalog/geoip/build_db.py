@@ -20,8 +20,9 @@ Output: for every country in the CSV two files, ``CC.iv4`` and ``CC.iv6``
                   .iv4: first, last  as u32 little-endian  (8 bytes)
                   .iv6: first, last  as 16-byte addresses in network order (32 bytes)
 
-The module (xt_geoip, parameter ``db_dir``, default /usr/share/nflab/geoip)
-reads ``<db_dir>/CC.iv4`` / ``.iv6`` when a rule naming CC is checked.
+The plugin (libxt_geoip, directory ``$NFLAB_GEOIP_DIR``, default
+/usr/share/nflab/geoip) reads ``<dir>/CC.iv4`` / ``.iv6`` when a rule naming
+CC is added and hands the ranges to the module, which keeps one shared copy.
 
 Usage: build_db.py [--csv FILE] --out DIR      (default CSV: the kit's geoip.csv)
 """

@@ -2,7 +2,7 @@
 
 Built from ``geoip.csv`` beside this file, or from the CSV named by
 ``$NFLAB_GEOIP_CSV`` (a user-supplied database), in the layout documented in
-``build_db.py``, into the module's default ``db_dir``.
+``build_db.py``, into the directory the plugin reads by default.
 """
 
 from __future__ import annotations

@@ -1,0 +1,301 @@
+"""Lifecycle of the kit's modules beside devices and network namespaces (issue 17).
+
+One VM per kernel line (``NFLAB_LIFECYCLE_KERNELS``, default ``6.1,6.12``; add
+``source:6.12+debug`` for KASAN, lockdep and kmemleak) with the tracer (81
+points, one a netdev INGRESS point), pktcount, nth and quota loaded:
+
+* a device the INGRESS point is hooked to is deleted while the module stays
+  loaded: ``ip link del`` returns at once (a reference held by the module
+  made it wait in ``netdev_wait_allrefs`` until rmmod), and the point
+  detaches;
+* a device of that name created after the module loaded gets hooked (and
+  packets arriving on it are seen at INGRESS); renaming it away, or moving it
+  to another netns, moves the point with it;
+* 100 network namespaces are created (each with a device of that name, so
+  the INGRESS point attaches there too) and destroyed under traffic;
+* the modules are removed and loaded again under traffic, 20 times;
+* two namespaces keep independent nth counters and quota state.
+
+After every test the kernel log must hold no WARNING, BUG, Oops, refcount,
+leak, lockdep, KASAN or "waiting for <dev> to become free" line; the last test
+scans kmemleak where the kernel has it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from kmods import spec
+from vm import install, lab
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+KERNELS = [k for k in os.environ.get("NFLAB_LIFECYCLE_KERNELS", "6.1,6.12").split(",") if k]
+MODULES = ("tracer", "pktcount", "nth", "quota")
+TRACER = "nflab_tracer"
+BAD_LOG = re.compile(r"WARNING|BUG|Oops|Call Trace|refcount|leak|lockdep|KASAN|"
+                     r"possible circular|to become free", re.I)
+MAGIC = spec.load("tracer").test["magic"]
+
+# tagged UDP to 127.0.0.1/::1 without pause, through every tracer point of the netns
+TRAFFIC = f"""
+import socket, time
+p = {MAGIC.encode()!r} + b"\\x00\\x00\\x50\\x4b"
+socks = [(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", 9)),
+         (socket.socket(socket.AF_INET6, socket.SOCK_DGRAM), ("::1", 9))]
+n = 0
+while True:
+    for s, a in socks:
+        try:
+            s.sendto(p, a)
+        except OSError:
+            pass
+    n += 1
+    if n % 8 == 0:
+        time.sleep(0.002)
+"""
+START_TRAFFIC = ("cat > /root/lc-traffic.py <<'EOF'\n" + TRAFFIC + "\nEOF\n"
+                 "{ns}setsid python3 /root/lc-traffic.py </dev/null >/dev/null 2>&1 & echo $! > /run/lc-traffic{tag}.pid")
+STOP_TRAFFIC = "kill $(cat /run/lc-traffic{tag}.pid) 2>/dev/null; rm -f /run/lc-traffic{tag}.pid"
+
+
+def sh(vm, cmd, timeout=120):
+    return lab.exec(vm, cmd, timeout=timeout, check=True).stdout
+
+
+def ingress(vm, ns=""):
+    """The INGRESS point's 'registered' column in the tracer's /proc file of a netns."""
+    run = f"ip netns exec {ns} " if ns else ""
+    out = sh(vm, f"{run}cat /proc/net/{TRACER}")
+    m = re.search(r"^point netdev INGRESS \S+ (\d) ", out, re.M)
+    assert m, out[:400]
+    return int(m.group(1))
+
+
+def load_tracer(vm, dev):
+    sh(vm, f"rmmod {TRACER} 2>/dev/null; insmod {install.GUEST_DIR}/{TRACER}.ko ingress_dev={dev}")
+
+
+def assert_clean_log(vm):
+    log = sh(vm, "dmesg")
+    bad = [line for line in log.splitlines() if BAD_LOG.search(line)]
+    assert not bad, "kernel log:\n" + "\n".join(bad[:30])
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def vm(request):
+    name = "it-lc-" + re.sub(r"[^a-z0-9]+", "-", request.param.lower())[:20].strip("-")
+    lab.down(name)
+    lab.up(request.param, name, progress=lambda m: None)
+    try:
+        install.install_many(list(MODULES), name)
+        sh(name, "modprobe veth; modprobe dummy; dmesg -C")
+        yield name
+    finally:
+        lab.down(name)
+
+
+@pytest.fixture
+def clean(vm):
+    sh(vm, "dmesg -C")
+    yield vm
+    sh(vm, "ip netns del lcpeer 2>/dev/null; for d in lc0 lc1 lc1x lc2; do ip link del $d 2>/dev/null; done; "
+           f"{STOP_TRAFFIC.format(tag='')}; {STOP_TRAFFIC.format(tag='-peer')}; true")
+    load_tracer(vm, spec.load("tracer").params[0]["default"])
+
+
+def test_hooked_device_deleted_while_loaded(clean, record_property):
+    vm = clean
+    sh(vm, "ip link add lc0 type dummy && ip link set lc0 up")
+    load_tracer(vm, "lc0")
+    assert ingress(vm) == 1, "the INGRESS point did not attach to lc0"
+    # before: the module's reference kept `ip link del` in netdev_wait_allrefs until rmmod
+    out = sh(vm, "s=$(date +%s%N); ip link del lc0 & pid=$!; "
+                 "for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.05; done; "
+                 "if kill -0 $pid 2>/dev/null; then echo HUNG; rmmod " + TRACER + "; wait $pid; "
+                 "else wait $pid; echo rc=$? ms=$(( ($(date +%s%N) - s) / 1000000 )); fi")
+    assert "HUNG" not in out, "`ip link del lc0` waited for the module (still running after 5 s)"
+    rc, ms = re.search(r"rc=(\d+) ms=(\d+)", out).groups()
+    assert rc == "0", out
+    record_property("ip_link_del_ms", int(ms))
+    print(f"ip link del of the hooked lc0: {ms} ms")
+    assert ingress(vm) == 0, "the INGRESS point stayed registered after its device went"
+    assert_clean_log(vm)
+
+
+def test_device_created_after_load_is_hooked(clean):
+    vm = clean
+    load_tracer(vm, "lc1")
+    assert ingress(vm) == 0
+    sh(vm, "ip netns add lcpeer && ip link add lc1 type veth peer name lc1p netns lcpeer && "
+           "ip addr add 10.99.0.1/24 dev lc1 && ip link set lc1 up && "
+           "ip -n lcpeer addr add 10.99.0.2/24 dev lc1p && ip -n lcpeer link set lc1p up")
+    assert ingress(vm) == 1, "lc1, created after the module loaded, was not hooked"
+    sh(vm, f"echo clear > /proc/net/{TRACER}")
+    send = (f"ip netns exec lcpeer python3 -c \"import socket; s = socket.socket(socket.AF_INET, "
+            f"socket.SOCK_DGRAM); s.sendto({MAGIC.encode()!r} + bytes([0, 0, 0x4c, 0x43]), "
+            f"('10.99.0.1', 9))\"")
+    seen = ""
+    for _ in range(20):
+        sh(vm, send)
+        seen = sh(vm, f"grep 'hook=INGRESS' /proc/net/{TRACER} || true")
+        if "in=lc1 " in seen and "tag=00004c43" in seen:
+            break
+        time.sleep(0.2)
+    assert "in=lc1 " in seen and "tag=00004c43" in seen, "no packet seen at INGRESS on lc1"
+    # renamed away: detached; renamed back: attached again
+    sh(vm, "ip link set lc1 down && ip link set lc1 name lc1x")
+    assert ingress(vm) == 0
+    sh(vm, "ip link set lc1x name lc1 && ip link set lc1 up")
+    assert ingress(vm) == 1
+    # moved to another netns: the point follows it there
+    sh(vm, "ip link set lc1 netns lcpeer")
+    assert ingress(vm) == 0 and ingress(vm, "lcpeer") == 1
+    sh(vm, "ip netns del lcpeer")
+    assert_clean_log(vm)
+
+
+CHURN = r"""
+import ctypes, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+hooked = 0
+for i in range(int(sys.argv[1])):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            os._exit(2)
+        subprocess.run(["ip", "-b", "-"], input=b"link add lc0 type dummy\nlink set lo up\nlink set lc0 up\n",
+                       check=True)
+        proc = open("/proc/net/nflab_tracer").read()
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(20):
+            s.sendto(b"MAGIC\x00\x00\x00\x01", ("127.0.0.1", 9))
+        os.write(w, b"1" if "point netdev INGRESS 0 1 " in proc else b"0")
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        print(f"netns {i}: child exited {status}", flush=True)
+        sys.exit(1)
+    hooked += got == b"1"
+print(f"hooked {hooked}", flush=True)
+"""
+
+
+def test_100_netns_created_and_destroyed_under_traffic(clean, record_property):
+    vm = clean
+    load_tracer(vm, "lc0")
+    sh(vm, START_TRAFFIC.format(ns="", tag=""))
+    script = CHURN.replace("MAGIC", MAGIC)
+    t0 = time.monotonic()
+    out = sh(vm, f"cat > /root/lc-churn.py <<'EOF'\n{script}\nEOF\npython3 /root/lc-churn.py 100", timeout=600)
+    record_property("netns_churn_seconds", round(time.monotonic() - t0, 1))
+    assert "hooked 100" in out, f"the INGRESS point attached in fewer than 100 namespaces: {out}"
+    alive = sh(vm, "kill -0 $(cat /run/lc-traffic.pid) && echo alive || true").strip()
+    assert alive == "alive", "the traffic generator died"
+    sh(vm, STOP_TRAFFIC.format(tag=""))
+    # every dying netns is cleaned up (async) before the modules may go: rmmod waits for it
+    sh(vm, f"rmmod {TRACER} nflab_pktcount xt_nth && insmod {install.GUEST_DIR}/{TRACER}.ko ingress_dev=lc0 && "
+           f"insmod {install.GUEST_DIR}/nflab_pktcount.ko && insmod {install.GUEST_DIR}/xt_nth.ko")
+    assert_clean_log(vm)
+
+
+RELOAD = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_finit_module, SYS_delete_module = 313, 176     # x86_64: what insmod/rmmod call
+d = sys.argv[2]
+MODS = [("nflab_tracer", b"ingress_dev=lc2"), ("nflab_pktcount", b""), ("xt_nth", b"")]
+for i in range(int(sys.argv[1])):
+    for name, params in MODS:
+        if libc.syscall(SYS_delete_module, name.encode(), os.O_NONBLOCK) != 0:
+            print(f"cycle {i}: rmmod {name}: {os.strerror(ctypes.get_errno())}", flush=True)
+            sys.exit(1)
+    for name, params in MODS:
+        fd = os.open(f"{d}/{name}.ko", os.O_RDONLY)
+        ok = libc.syscall(SYS_finit_module, fd, params, 0) == 0
+        os.close(fd)
+        if not ok:
+            print(f"cycle {i}: insmod {name}: {os.strerror(ctypes.get_errno())}", flush=True)
+            sys.exit(1)
+print("reloaded", flush=True)
+"""
+
+
+def test_rmmod_under_traffic(clean):
+    vm = clean
+    # traffic in the root netns and into lc2 from a peer netns, so the INGRESS
+    # point is busy too when it goes
+    sh(vm, "ip netns add lcpeer && ip link add lc2 type veth peer name lc2p netns lcpeer && "
+           "ip addr add 10.98.0.1/24 dev lc2 && ip link set lc2 up && "
+           "ip -n lcpeer addr add 10.98.0.2/24 dev lc2p && ip -n lcpeer link set lc2p up && "
+           "ip -n lcpeer link set lo up && ip -n lcpeer route add default via 10.98.0.1")
+    load_tracer(vm, "lc2")
+    assert ingress(vm) == 1
+    sh(vm, START_TRAFFIC.format(ns="", tag=""))
+    sh(vm, START_TRAFFIC.format(ns="ip netns exec lcpeer ", tag="-peer").replace("127.0.0.1", "10.98.0.1")
+       .replace("::1", "::ffff:10.98.0.1"))
+    out = sh(vm, f"cat > /root/lc-reload.py <<'EOF'\n{RELOAD}\nEOF\n"
+                 f"python3 /root/lc-reload.py 20 {install.GUEST_DIR}", timeout=600)
+    sh(vm, STOP_TRAFFIC.format(tag="-peer"))
+    assert "reloaded" in out, out
+    assert ingress(vm) == 1
+    assert_clean_log(vm)
+
+
+def _ns_rules(ns):
+    ipt = f"ip netns exec {ns} iptables-legacy -w"
+    return (f"ip netns add {ns} && ip -n {ns} link set lo up && "
+            f"{ipt} -A OUTPUT -o lo -p icmp --icmp-type echo-request -m nth --every 2 -j ACCEPT && "
+            f"{ipt} -A OUTPUT -o lo -p udp --dport 9 -m quota --quota 200 -j ACCEPT")
+
+
+def _ns_counters(vm, ns):
+    """(nth rule packets, quota rule packets) of the netns's OUTPUT chain."""
+    out = sh(vm, f"ip netns exec {ns} iptables-legacy -w -L OUTPUT -v -x -n")
+    rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
+    return int(rows[0][0]), int(rows[1][0])
+
+
+def test_two_namespaces_keep_their_own_nth_and_quota_state(clean):
+    vm = clean
+    sh(vm, "ip netns del lcA 2>/dev/null; ip netns del lcB 2>/dev/null; "
+           f"rmmod xt_nth; insmod {install.GUEST_DIR}/xt_nth.ko")
+    try:
+        sh(vm, _ns_rules("lcA") + " && " + _ns_rules("lcB"))
+        # A: 3 echo requests (nth steps 0,1,2: two match), 3 datagrams of 128 bytes
+        # (the first fits the 200-byte quota); then B once each
+        dgram = "printf '%100s' > /dev/udp/127.0.0.1/9"
+        sh(vm, "ip netns exec lcA sh -c 'ping -c 3 -i 0.05 -W 1 127.0.0.1 >/dev/null' && "
+               f"ip netns exec lcA bash -c \"{dgram}; {dgram}; {dgram}\" && "
+               "ip netns exec lcB sh -c 'ping -c 1 -W 1 127.0.0.1 >/dev/null' && "
+               f"ip netns exec lcB bash -c \"{dgram}\"")
+        assert _ns_counters(vm, "lcA") == (2, 1)
+        # a counter shared between namespaces stands at step 3 here: no match
+        assert _ns_counters(vm, "lcB") == (1, 1), "lcB's nth counter was moved by lcA's packets"
+    finally:
+        sh(vm, "ip netns del lcA; ip netns del lcB")
+    assert_clean_log(vm)
+
+
+def test_modules_unload_and_leave_no_leak(clean):
+    vm = clean
+    sh(vm, f"rmmod {TRACER} nflab_pktcount xt_nth xt_quota")
+    leak = sh(vm, "mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug; "
+                  "if [ -e /sys/kernel/debug/kmemleak ]; then echo scan > /sys/kernel/debug/kmemleak; "
+                  "cat /sys/kernel/debug/kmemleak; echo KMEMLEAK-DONE; else echo NO-KMEMLEAK; fi", timeout=300)
+    install.install_many(list(MODULES), vm)
+    if "NO-KMEMLEAK" not in leak:
+        suspects = leak.split("KMEMLEAK-DONE")[0].strip()
+        assert not suspects, f"kmemleak reports:\n{suspects[:3000]}"
+    assert_clean_log(vm)
