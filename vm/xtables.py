@@ -15,6 +15,7 @@ the kernel cache entry (kit VMs), or the same read inside the guest
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,10 +78,9 @@ class Backends:
         """Why tests of *backend* are skipped on this kernel, or None when they run."""
         if backend not in self.missing:
             return None
-        other = [b for b in self.usable]
+        other = self.usable
         runs = f"; the suites run {' and '.join(other)} only" if other else ""
-        return (f"iptables-{backend} cannot work on this kernel: {self.missing[backend]} "
-                f"({self.source}){runs}")
+        return f"iptables-{backend} not tested: {self.missing[backend]} ({self.source}){runs}"
 
     def describe(self) -> str:
         """One line for reports: which backends were tested, and why not the others."""
@@ -141,6 +141,25 @@ def decide(config_text: str | None, modules_text: str | None = None, *, source: 
     modules = parse_modules(modules_text) if (modules_text or "").strip() else None
     missing = {b: r for b in BACKENDS if (r := _why_not(b, config, modules))}
     return Backends(missing, source)
+
+
+SELECT_ENV = "NFLAB_BACKENDS"
+
+
+def selected(found: Backends, choice: str | None = None) -> Backends:
+    """*found*, narrowed to the backends ``$NFLAB_BACKENDS`` (or *choice*: ``nft``,
+    ``legacy``, ``legacy,nft``) names: the others are missing "not selected"."""
+    choice = choice if choice is not None else os.environ.get(SELECT_ENV, "")
+    names = [b.strip() for b in choice.split(",") if b.strip()]
+    if not names:
+        return found
+    bad = [b for b in names if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"{SELECT_ENV}={choice!r}: unknown backend(s) {', '.join(bad)}; "
+                         f"use {', '.join(BACKENDS)}")
+    extra = {b: f"not selected ({SELECT_ENV}={choice})" for b in BACKENDS
+             if b not in names and b not in found.missing}
+    return Backends({**found.missing, **extra}, found.source)
 
 
 def for_kernel(kernel) -> Backends:

@@ -161,3 +161,18 @@ def test_cached_kernels_and_a_derived_kernel_without_legacy_xtables(tmp_path):
     found = xtables.decide("\n".join(lines), None, source=f"derived from {newest.release}")
     assert found.usable == ("nft",)
     assert found.missing["legacy"] == "CONFIG_NETFILTER_XTABLES_LEGACY is not set"
+
+
+def test_selection_narrows_the_backends_and_says_so(monkeypatch):
+    both = xtables.decide(LEGACY_61 + NFT, None, source="test")
+    monkeypatch.setenv(xtables.SELECT_ENV, "nft")
+    only = xtables.selected(both)
+    assert only.usable == ("nft",) and only.primary == "nft"
+    assert only.missing == {"legacy": "not selected (NFLAB_BACKENDS=nft)"}
+    monkeypatch.delenv(xtables.SELECT_ENV)
+    assert xtables.selected(both) == both
+    # a kernel's own reason is kept over "not selected"
+    no_legacy = xtables.decide(NO_LEGACY_617 + NFT, None, source="test")
+    assert xtables.selected(no_legacy, "nft").missing == no_legacy.missing
+    with pytest.raises(ValueError, match="unknown backend"):
+        xtables.selected(both, "iptables")
