@@ -69,6 +69,8 @@ def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None,
     table(["kernel", "passed", "failed", "errors", "skipped", "seconds", "junit"],
           [[outcome.release, passed, c_["failures"], c_["errors"], c_["skipped"],
             f"{outcome.seconds:.1f}", outcome.junit]])
+    if outcome.backends:
+        print(f"iptables backends tested: {outcome.backends}")
     for line in outcome.failures:
         print(f"FAILED {line}")
     for n, err in outcome.build_failures:

@@ -17,7 +17,9 @@ only speaks scapy on the wires and never loads anything):
 
 1. **attachment** — ``iptables-legacy``/``ip6tables-legacy`` (the kernel's xt
    tables; iptables-nft would measure nf_tables base chains instead, so the kit
-   uses legacy throughout) get a counting rule matching the tracer's payload
+   uses legacy wherever the kernel has it; on a kernel without legacy xtables,
+   ``vm/xtables.py``, the tables are iptables-nft's base chains, and
+   :attr:`Atlas.backend` and a note say so) get a counting rule matching the tracer's payload
    magic in every chain of raw, mangle, nat, filter and security. One tagged
    packet per path (forward: client wire → server wire; local delivery: TCP SYN
    to the guest, whose RST carries no payload; locally generated: UDP from the
@@ -56,7 +58,7 @@ from xml.sax.saxutils import escape
 
 from ground.errors import NflabError, VMError
 from nflab import deploy, tracing
-from vm import lab, topology
+from vm import lab, topology, xtables
 from vm.wire import Wire
 
 HOOKS = ("INGRESS", "PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING")
@@ -70,7 +72,6 @@ PATH_TITLE = {"forward": "forwarded", "local-in": "local delivery", "local-out":
 NFT_FAMILY = {"ip": "ipv4", "ip6": "ipv6", "netdev": "netdev"}
 NFT_HOOK = {"prerouting": "PRE_ROUTING", "input": "LOCAL_IN", "forward": "FORWARD",
             "output": "LOCAL_OUT", "postrouting": "POST_ROUTING", "ingress": "INGRESS"}
-TOOLS = {"ipv4": "iptables-legacy", "ipv6": "ip6tables-legacy"}
 BACKEND = "iptables-legacy"
 COUNT_COMMENT = "nflab-atlas-count"
 CT_COMMENT = "nflab-atlas-ct"
@@ -78,6 +79,8 @@ PROBE_COMMENT = "nflab-atlas-probe"
 MARK = 0x4e4c
 # documented priorities (NF_IP_PRI_* == NF_IP6_PRI_*, include/uapi/linux/netfilter_ipv4.h)
 DOCUMENTED = {"defrag": -400, "raw": -300, "conntrack": -200, "mangle": -150, "filter": 0, "security": 50}
+# iptables-nft's own base chains (iptables' nft.c): security at 150, not NF_IP_PRI_SECURITY
+DOCUMENTED_NFT = {**DOCUMENTED, "security": 150}
 NAT_DOCUMENTED = {"PRE_ROUTING": -100, "LOCAL_OUT": -100, "LOCAL_IN": 100, "POST_ROUTING": 100}
 # the tracer's bracketing points on every inet hook (kmods/catalog/tracer/ext.toml)
 TRACER_POINTS = (-450, -250, -175, -125, -75, 25, 75, 125)
@@ -114,6 +117,7 @@ class Entry:
     function: str = ""
     module: str = ""
     evidence: str = ""
+    beyond: bool = False                 # seen at every tracer point: any drop is after the last
 
     @property
     def style(self) -> str:
@@ -261,6 +265,26 @@ def drop_interval(points: list, seen: set) -> tuple:
     return [lo, hi], None
 
 
+def drop_result(seen: set, reference: list, hook: str, visits: list) -> tuple:
+    """A DROP rule's effect at *hook*: (interval, evidence, problem, beyond). A packet
+    every tracer point saw was dropped after the last one when it never reached the
+    hooks its path (*reference*, measured without the rule) goes on to; where the
+    path ends at *hook* the tracer cannot tell (*beyond*: ``nft list hooks`` may)."""
+    iv, problem = drop_interval(list(TRACER_POINTS), seen)
+    if iv is not None:
+        return iv, f"DROP: seen at {iv[0]}, gone from {iv[1]}", None, False
+    last = max(TRACER_POINTS)
+    if not set(TRACER_POINTS) <= seen:
+        return None, "", problem, False
+    later = reference[reference.index(hook) + 1:] if hook in reference else []
+    if later and not any(h in visits for h in later):
+        return [last, None], f"DROP: seen at {last}, gone before {later[0]}", None, False
+    if later:
+        return None, "", problem, False
+    return None, "", (f"seen at every tracer point up to {last} and the path ends at this "
+                      "hook: a drop above it is invisible to the tracer"), True
+
+
 def nft_hook_rows(text: str) -> list:
     """``nft list hooks`` output as (family, hook, priority, function, module) with
     kit names (ipv4/ipv6/netdev, PRE_ROUTING...); parsing is nflab.tracing's."""
@@ -268,11 +292,18 @@ def nft_hook_rows(text: str) -> list:
             if f in NFT_FAMILY and h in NFT_HOOK]
 
 
-def classify_nft(function: str, module: str) -> tuple:
+def classify_nft(function: str, module: str, nft_tables: bool = False) -> tuple:
     """(name, kind) of an nft-listed hook function; ``(None, 'xt')`` for the shared
-    ipt_do_table/ip6t_do_table whose table only the measurement can tell."""
+    ipt_do_table/ip6t_do_table whose table only the measurement can tell. An
+    nf_tables base chain is a table of the map when the atlas measured through
+    iptables-nft (*nft_tables*), else somebody else's nftables chain."""
     if module.startswith("nflab_"):
         return module, ("tracer" if module == "nflab_tracer" else "module")
+    chain = function.split() if function.startswith("chain ") else []
+    if len(chain) == 4:                 # an nf_tables base chain: chain <family> <table> <chain>
+        if nft_tables and chain[2] in TABLES:
+            return chain[2], "table"
+        return f"nftables {' '.join(chain[1:])}", "other"
     for t in TABLES:
         if module in (f"iptable_{t}", f"ip6table_{t}"):
             return t, "table"
@@ -299,14 +330,16 @@ def merge(atlas: Atlas, nft_rows: list | None, proc_points: dict) -> None:
     _check_documented(atlas)
     if nft_rows is not None:
         _match_measured(atlas, rows, claimed)
+    _beyond_points(atlas, rows, claimed)
     _add_proc_points(atlas, proc_points, rows if nft_rows is not None else None, claimed)
     _add_unclaimed(atlas, rows, claimed)
 
 
 def _check_documented(atlas: Atlas):
     """Every measured interval against the priority the kernel headers document."""
+    documented = DOCUMENTED_NFT if atlas.backend == "iptables-nft" else DOCUMENTED
     for e in atlas.entries:
-        doc = NAT_DOCUMENTED.get(e.hook) if e.name == "nat" else DOCUMENTED.get(e.name)
+        doc = NAT_DOCUMENTED.get(e.hook) if e.name == "nat" else documented.get(e.name)
         if e.interval and doc is not None:
             ok = (e.interval[0] is None or e.interval[0] < doc) and (e.interval[1] is None or doc < e.interval[1])
             atlas.checks.append(Check(ok, f"{e.family} {e.hook} {e.name}: documented priority {_prio(doc)} "
@@ -314,7 +347,7 @@ def _check_documented(atlas: Atlas):
                                           f"{e.interval_text()}"))
 
 
-def _candidates(e: Entry, rows: list, claimed: set) -> list:
+def _candidates(e: Entry, rows: list, claimed: set, nft_tables: bool) -> list:
     """Indexes of the unclaimed nft rows that can be measured entry *e*: same family
     and hook, priority inside its interval, the same name (or an xt table)."""
     lo, hi = e.interval
@@ -324,7 +357,7 @@ def _candidates(e: Entry, rows: list, claimed: set) -> list:
             continue
         if (lo is not None and prio <= lo) or (hi is not None and prio >= hi):
             continue
-        name, kind = classify_nft(fn, mod)
+        name, kind = classify_nft(fn, mod, nft_tables)
         if name == e.name or (kind == "xt" and e.kind == "table" and e.name != "nat"):
             cands.append(i)
     return cands
@@ -336,11 +369,12 @@ def _match_measured(atlas: Atlas, rows: list, claimed: set):
     for e in atlas.entries:
         if e.kind not in ("table", "core") or not e.interval:
             continue
-        cands = _candidates(e, rows, claimed)
+        cands = _candidates(e, rows, claimed, atlas.backend == "iptables-nft")
         where = f"{e.family} {e.hook} {e.name}"
-        if len(cands) == 1:
+        # iptables-nft's nat chains run inside nf_nat's hook at the same priority: one place
+        if cands and len({rows[i][2] for i in cands}) == 1:
             i = cands[0]
-            claimed.add(i)
+            claimed.update(cands)
             e.priority, e.function, e.module = rows[i][2], rows[i][3], rows[i][4]
             e.source = "nft+measured"
             atlas.checks.append(Check(True, f"{where}: nft list hooks {_prio(e.priority)} ({e.function}) "
@@ -349,6 +383,29 @@ def _match_measured(atlas: Atlas, rows: list, claimed: set):
             found = [f"{rows[i][2]} {rows[i][3]}" for i in cands]
             atlas.checks.append(Check(False, f"{where}: measured interval {e.interval_text()} holds "
                                              f"{len(cands)} matching nft hooks {found or ''}".rstrip()))
+
+
+def _beyond_points(atlas: Atlas, rows: list, claimed: set):
+    """Entries whose drop lay beyond the last tracer point (:func:`drop_result`): an
+    ``nft list hooks`` row of that table above it settles where they are."""
+    last = max(TRACER_POINTS)
+    nft_tables = atlas.backend == "iptables-nft"
+    for e in atlas.entries:
+        if not e.beyond or e.priority is not None:
+            continue
+        cands = [i for i, (fam, hook, prio, fn, mod) in enumerate(rows)
+                 if i not in claimed and (fam, hook) == (e.family, e.hook) and prio > last
+                 and classify_nft(fn, mod, nft_tables)[0] == e.name]
+        where = f"{e.family} {e.hook} {e.name}"
+        if len(cands) != 1:
+            atlas.checks.append(Check(False, f"{where}: {e.evidence}"))
+            continue
+        claimed.add(cands[0])
+        e.priority, e.function, e.module = rows[cands[0]][2:5]
+        e.source = "nft+measured"
+        atlas.checks.append(Check(True, f"{where}: nft list hooks {_prio(e.priority)} ({e.function}) "
+                                        f"above the last tracer point {last}, where the DROP went "
+                                        "unseen"))
 
 
 def _add_proc_points(atlas: Atlas, proc_points: dict, rows: list | None, claimed: set):
@@ -379,7 +436,7 @@ def _add_unclaimed(atlas: Atlas, rows: list, claimed: set):
     for i, (fam, hook, prio, fn, mod) in enumerate(rows):
         if i in claimed:
             continue
-        name, kind = classify_nft(fn, mod)
+        name, kind = classify_nft(fn, mod, atlas.backend == "iptables-nft")
         if kind == "xt":
             atlas.checks.append(Check(False, f"{fam} {hook}: {fn} at {prio} belongs to no table the "
                                              "counters saw there"))
@@ -756,20 +813,21 @@ class _Guest:
 
 
 class _Rules:
-    """iptables-legacy rules the atlas adds; every one is removed again (nobody else's)."""
+    """iptables rules the atlas adds (through *tools*: family -> ``iptables-legacy``...);
+    every one is removed again (nobody else's)."""
 
-    def __init__(self, guest: _Guest):
+    def __init__(self, guest: _Guest, tools: dict):
         self.guest = guest
+        self.tools = tools
         self.added: list = []
 
-    @staticmethod
-    def _cmd(op, family, table, chain, spec):
-        return f"{TOOLS[family]} -w -t {table} {op} {chain} {spec}"
+    def cmd(self, op, family, table, chain, spec):
+        return f"{self.tools[family]} -w -t {table} {op} {chain} {spec}"
 
     def add_many(self, rules: list, what: str = "adding rules"):
         if not rules:
             return
-        script = " && ".join(self._cmd("-A", *r) for r in rules)
+        script = " && ".join(self.cmd("-A", *r) for r in rules)
         try:
             self.guest.sh(script, what)
         finally:
@@ -779,7 +837,7 @@ class _Rules:
     def remove(self, rules: list):
         if not rules:
             return
-        script = "; ".join(self._cmd("-D", *r) + " 2>/dev/null" for r in reversed(rules))
+        script = "; ".join(self.cmd("-D", *r) + " 2>/dev/null" for r in reversed(rules))
         self.guest.run(script + "; true")
         self.added = [r for r in self.added if r not in rules]
 
@@ -792,9 +850,9 @@ def _hexmatch(tag: int) -> str:
     return f"-m string --algo bm --hex-string '|{unit.hex()}|'"
 
 
-def _counters(guest: _Guest, family: str) -> dict:
-    """(table, hook) -> packets of the atlas' counting rules (``*-save -c``)."""
-    out = guest.sh(f"{TOOLS[family]}-save -c", "reading counters")
+def _counters(guest: _Guest, tool: str) -> dict:
+    """(table, hook) -> packets of the atlas' counting rules (``<tool>-save -c``)."""
+    out = guest.sh(f"{tool}-save -c", "reading counters")
     counts, table = {}, None
     for line in out.splitlines():
         if line.startswith("*"):
@@ -807,11 +865,11 @@ def _counters(guest: _Guest, family: str) -> dict:
     return counts
 
 
-def _chains(guest: _Guest, family: str) -> dict:
+def _chains(guest: _Guest, tool: str) -> dict:
     """table -> its built-in chains (loads the table modules as a side effect)."""
     out = {}
     for table in TABLES:
-        rc, text, _ = guest.run(f"{TOOLS[family]} -w -t {table} -S")
+        rc, text, _ = guest.run(f"{tool} -w -t {table} -S")
         if rc != 0:
             continue
         out[table] = [line.split()[1] for line in text.splitlines()
@@ -917,11 +975,17 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     st = lab.require(vm)
     guest = _Guest(vm)
     release = guest.sh("uname -r", "uname").strip()
-    atlas = Atlas(kernel=release, spec=spec or st.spec,
+    backends = xtables.selected(xtables.for_vm(vm))
+    atlas = Atlas(kernel=release, spec=spec or st.spec, backend=f"iptables-{backends.primary}",
                   generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if not backends.legacy:
+        atlas.notes.append(f"iptables-legacy not used ({backends.missing['legacy']}): the tables are "
+                           "iptables-nft's nf_tables base chains (nft_compat), at the kernel tables' "
+                           "priorities except security, which iptables-nft registers at 150 "
+                           "(the kernel's security table: 50)")
     _prepare(vm, modules, say)
     tracer = tracing.Tracer(guest.run)
-    rules = _Rules(guest)
+    rules = _Rules(guest, {fam: backends.tool(fam) for fam in FAMILIES})
     try:
         chains, count_rules = _add_counting_rules(guest, rules, families, say)
         with Wire.for_vm(vm) as wire:
@@ -966,8 +1030,8 @@ def _add_counting_rules(guest: _Guest, rules: _Rules, families, say) -> tuple:
     tagged packets in every built-in chain of every table: (chains, counting rules)."""
     chains = {}
     for fam in families:
-        say(f"{fam}: loading the {BACKEND} tables, adding counting rules")
-        chains[fam] = _chains(guest, fam)
+        say(f"{fam}: loading the {rules.tools[fam]} tables, adding counting rules")
+        chains[fam] = _chains(guest, rules.tools[fam])
         ct_rule = [(fam, "mangle", "PREROUTING",
                     f"-m conntrack --ctstate INVALID -m comment --comment {CT_COMMENT}")]
         rules.add_many(ct_rule, "holding conntrack")
@@ -988,9 +1052,9 @@ def _measure_attachment(s: _Session, fam: str, chains: dict):
     for path in PATHS:
         s.say(f"{fam}: {PATH_TITLE[path]} packet through the counters")
         tag = next(s.tags)
-        before = _counters(s.guest, fam)
+        before = _counters(s.guest, s.rules.tools[fam])
         log, entries = s.trace(fam, path, tag)
-        after = _counters(s.guest, fam)
+        after = _counters(s.guest, s.rules.tools[fam])
         for (table, hook), n in after.items():
             delta = n - before.get((table, hook), 0)
             if table in atlas.counts[fam] and hook in atlas.counts[fam][table]:
@@ -1049,7 +1113,7 @@ def _locate_table(s: _Session, fam: str, table: str, hook: str):
     rule = (fam, table, HOOK_CHAIN[hook], f"{_hexmatch(tag)} -m comment --comment {PROBE_COMMENT} {target}")
     s.rules.added.append(rule)
     try:
-        log, entries = s.trace(fam, path, tag, _Rules._cmd("-A", *rule))
+        log, entries = s.trace(fam, path, tag, s.rules.cmd("-A", *rule))
     except NflabError as exc:
         if isinstance(exc, VMError):
             raise
@@ -1057,23 +1121,27 @@ def _locate_table(s: _Session, fam: str, table: str, hook: str):
         return
     finally:
         s.rules.remove([rule])
-    iv, problem, ev = _effect_interval([e for e in entries if e.family == fam and e.hook == hook],
-                                       kind, detect, what)
+    here = [e for e in entries if e.family == fam and e.hook == hook]
+    beyond = False
+    if kind == "drop":
+        iv, ev, problem, beyond = drop_result({e.priority for e in here}, atlas.paths[fam][path],
+                                              hook, _visits(entries))
+    else:
+        iv, problem, ev = _effect_interval(here, detect, what)
     if iv is None:
-        atlas.checks.append(Check(False, f"{fam} {hook} {table}: {target} had no clean effect: {problem}"))
+        if not beyond:              # else nft list hooks decides (merge)
+            atlas.checks.append(Check(False, f"{fam} {hook} {table}: {target} had no clean effect: "
+                                             f"{problem}"))
         atlas.entries.append(Entry(fam, hook, table, "table", source="measured",
-                                   evidence=f"{target}: {problem}"))
+                                   evidence=f"{target}: {problem}", beyond=beyond))
     else:
         atlas.entries.append(Entry(fam, hook, table, "table", interval=iv, source="measured", evidence=ev))
 
 
-def _effect_interval(here: list, kind: str, detect, what: str) -> tuple:
-    """(interval, problem, evidence) of an effect rule from the tracer entries *here*
-    (one hook): a drop between the last point that saw the packet and the first
-    that did not, a change between the last point without it and the first with it."""
-    if kind == "drop":
-        iv, problem = drop_interval(list(TRACER_POINTS), {e.priority for e in here})
-        return iv, problem, (f"DROP: seen at {iv[0]}, gone from {iv[1]}" if iv else "")
+def _effect_interval(here: list, detect, what: str) -> tuple:
+    """(interval, problem, evidence) of a change rule (MARK, DNAT, SNAT) from the tracer
+    entries *here* (one hook): between the last point without the change and the
+    first with it (a DROP: :func:`drop_result`)."""
     seen: dict = {}
     for e in here:
         seen[e.priority] = seen.get(e.priority, True) and detect(e)

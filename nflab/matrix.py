@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ground.errors import SpecError
 from ground.paths import REPO, build_dir
-from nflab.suites import parse_junit
+from nflab.suites import junit_backends, parse_junit
 from supply import debian_kernels, kernels, source_kernels
 
 VM_MEMORY_MIB = 1024
@@ -40,6 +40,7 @@ class Cell:
     failures: list = field(default_factory=list)
     log: str = ""
     suites_passed: bool | None = None   # every suite test that ran passed (builds aside)
+    backends: str = ""                  # iptables backends the suites tested (legacy and nft, nft only...)
 
     @property
     def ok(self) -> bool:
@@ -123,6 +124,7 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
         cell.build.setdefault(n, "ok")
     counts, failures = parse_junit(junit)
     cell.failures = failures
+    cell.backends = junit_backends(junit)
     if counts["tests"]:
         passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
         cell.test = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
@@ -153,6 +155,8 @@ def markdown(cells: list[Cell], names: list[str]) -> str:
         # a failed build fails the cell (exit code), not the suites of what did build
         suites_ok = c.exit_code == 0 if c.suites_passed is None else c.suites_passed
         verdict = ("✅ " if suites_ok else "❌ ") + c.test
+        if c.backends:
+            verdict += f" (iptables {c.backends})"
         lines.append(f"| {c.release} | " + " | ".join(builds) + f" | {verdict} | {c.seconds:.0f}s |")
     for c in cells:
         for f in c.failures[:5]:

@@ -7,7 +7,9 @@ The format is upstream iptables' own (``iptables-test.py``)::
     RULE;SAVED;RESULT             RESULT is OK or FAIL; SAVED "=" means RULE itself
 
 ``libxt_*.t`` and ``libipt_*.t`` run with iptables, ``libip6t_*.t`` with
-ip6tables; every file runs once per backend (legacy and nft). All rules of a
+ip6tables; every file runs once per backend the kernel serves (legacy and
+nft; nft only where the kernel has no legacy xtables, ``vm/xtables.py``:
+``tests/suites/test_rules_t.py`` skips the legacy half then). All rules of a
 file run as one shell script inside a throwaway network namespace in the
 guest, so the host's (and the guest's main) rule set is never touched and a
 file costs one SSH round trip (two when the fast path disagrees, see

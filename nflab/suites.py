@@ -45,6 +45,7 @@ class SuiteOutcome:
     counts: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
     build_failures: list = field(default_factory=list)
+    backends: str = ""          # which iptables backends the suites tested (junit property)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +103,19 @@ def parse_junit(path: Path) -> tuple[dict, list]:
                 msg = (el.get("message") or "").splitlines()[0:1]
                 failures.append(f"{case.get('classname')}::{case.get('name')}: {msg[0] if msg else tag}")
     return counts, failures
+
+
+XTABLES_PROPERTY = "nflab_xtables"   # tests/suites/conftest.py records it per pytest session
+
+
+def junit_backends(path: Path) -> str:
+    """Which iptables backends the suites of *path* tested (``legacy and nft``, or
+    ``nft only (legacy skipped: ...)``); several shards' answers joined; "" if none ran."""
+    if not path.is_file():
+        return ""
+    found = [p.get("value", "") for p in ET.parse(path).getroot().iter("property")
+             if p.get("name") == XTABLES_PROPERTY]
+    return "; ".join(dict.fromkeys(v for v in found if v))
 
 
 def start_pytest(cmd: list, *, env: dict, quiet: bool = False, log: Path | None = None) -> subprocess.Popen:
@@ -327,7 +341,7 @@ def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = No
         counts, failures = parse_junit(junit_path)
         return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
                             time.monotonic() - t0, counts, failures,
-                            [(n_, build_reason(e)) for n_, e in failed])
+                            [(n_, build_reason(e)) for n_, e in failed], junit_backends(junit_path))
     except BaseException:
         for sh in shards:
             sh.gate.abort()

@@ -203,7 +203,8 @@ def nft_hook_lines(text: str) -> list[tuple]:
         if m:
             hook = m.group(1)
             continue
-        m = re.match(r"([+-]?\d+) (\S+)(?: \[(\S+)\])?$", s)
+        # a function, or an nf_tables base chain: "chain ip mangle PREROUTING [nf_tables]"
+        m = re.match(r"([+-]?\d+) (\S+|chain \S+ \S+ \S+)(?: \[(\S+)\])?$", s)
         if m and family and hook:
             rows.append((family, hook, int(m.group(1)), m.group(2), m.group(3) or ""))
     return rows

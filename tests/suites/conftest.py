@@ -7,6 +7,15 @@ used as ``--hosts``. With neither, every suite test is skipped with the reason
 changes rules on the host). ``wire`` exists only for kit VMs; against another
 machine the tests that need it skip.
 
+``xtables``: which iptables backends the target's kernel serves
+(``vm/xtables.py``: legacy xtables, nft_compat or both). A test parametrized
+with a backend the kernel lacks (``backend``, or the ``.t`` runner's
+``t_file``) is skipped with the reason; a test that needs just one backend
+uses ``xtables.primary`` (legacy where it exists). ``$NFLAB_BACKENDS=nft``
+narrows the run to one backend on any kernel. The JUnit file records
+which backends were tested (testsuite property ``nflab_xtables``) and the
+terminal summary says it when one was skipped.
+
 ``tracer``: the kit's ``nflab_tracer`` in the guest (built for the VM's kernel
 and inserted when missing or stale; its netdev INGRESS point attaches to the
 ``ingress_dev`` default its definition declares, eth1, the client wire), with
@@ -23,7 +32,7 @@ import time
 import pytest
 
 from nflab import tracing
-from vm import remote
+from vm import remote, xtables as xt
 
 SUITES_DIR = os.path.dirname(os.path.abspath(__file__))
 _SPEC_VM = re.compile(r"^ssh://nflab-([A-Za-z0-9][A-Za-z0-9_-]*)\?")
@@ -97,6 +106,42 @@ def kit_vm(request):
 def topo(routed, wire):
     """Routed guest plus the host side of both wires."""
     return routed
+
+
+@pytest.fixture(scope="session")
+def xtables(request, guest, kit_vm, record_testsuite_property) -> xt.Backends:
+    """The iptables backends the target's kernel serves: a kit VM's from its kernel
+    cache entry, another machine's read in the guest."""
+    found = xt.selected(xt.for_vm(kit_vm) if kit_vm else
+                        xt.from_guest_output(guest.run(xt.GUEST_COMMAND).stdout))
+    record_testsuite_property("nflab_xtables", found.describe())
+    request.config._nflab_xtables = found
+    return found
+
+
+def backend_of(item) -> str | None:
+    """The iptables backend a collected test is parametrized with, if any."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "backend" in params:
+        return params["backend"]
+    t_file = params.get("t_file")
+    return t_file[2] if isinstance(t_file, tuple) else None
+
+
+@pytest.fixture(autouse=True)
+def _backend_gate(request):
+    """Skip a test of a backend the kernel does not serve, saying why."""
+    backend = backend_of(request.node)
+    if backend is not None:
+        reason = request.getfixturevalue("xtables").skip_reason(backend)
+        if reason:
+            pytest.skip(reason)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    found = getattr(config, "_nflab_xtables", None)
+    if found is not None and found.missing:
+        terminalreporter.write_line(f"nflab: iptables backends tested: {found.describe()}")
 
 
 @pytest.fixture(scope="session")
@@ -175,20 +220,21 @@ class Rules:
     """iptables rules a test adds; removed again at teardown (nobody else's are
     touched). Each call is one SSH round trip, however many rules it adds."""
 
-    def __init__(self, host):
+    def __init__(self, host, backend="legacy"):
         self.host = host
+        self.backend = backend          # the default: the kernel's primary backend
         self.added = []
 
     @staticmethod
     def _tool(family, backend):
         return {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
 
-    def add(self, family, table, chain, spec, backend="legacy"):
+    def add(self, family, table, chain, spec, backend=None):
         self.add_many(family, [(table, chain, spec)], backend)
 
-    def add_many(self, family, specs, backend="legacy"):
+    def add_many(self, family, specs, backend=None):
         """Append every (table, chain, spec) in order; the first that fails fails the test."""
-        tool = self._tool(family, backend)
+        tool = self._tool(family, backend or self.backend)
         cmds = [f"{tool} -w -t {table} -A {chain} {spec}" for table, chain, spec in specs]
         # print the index of each rule added, so a failure names its rule
         script = "; ".join(f"{c} || {{ echo \"failed {i}\"; exit 1; }}" for i, c in enumerate(cmds))
@@ -205,8 +251,8 @@ class Rules:
 
 
 @pytest.fixture
-def rules(guest):
-    r = Rules(guest)
+def rules(guest, xtables):
+    r = Rules(guest, xtables.primary)
     yield r
     r.remove_all()
 

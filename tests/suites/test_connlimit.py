@@ -71,12 +71,13 @@ def test_above_two_per_source(host, wire, clean_forward, family, backend, tag):
     assert not wrong, "\n".join(wrong)
 
 
-def test_upto_and_daddr(host, wire, clean_forward, tag):
+def test_upto_and_daddr(host, wire, clean_forward, tag, xtables):
     """ACCEPT while up to 1 connection goes to a destination, DROP the rest."""
     cfmt, sfmt, _ = NET["ipv4"]
-    host.run_test("iptables-legacy -w -A FORWARD -p tcp --syn --dport 40820 -m connlimit "
+    ipt = f"{xtables.tool('ipv4')} -w"
+    host.run_test(f"{ipt} -A FORWARD -p tcp --syn --dport 40820 -m connlimit "
                   "--connlimit-upto 1 --connlimit-daddr -j ACCEPT")
-    host.run_test("iptables-legacy -w -A FORWARD -p tcp --syn --dport 40820 -j DROP")
+    host.run_test(f"{ipt} -A FORWARD -p tcp --syn --dport 40820 -j DROP")
     s = sfmt.format(2)
     plan = [(cfmt.format(0x20), 42001, True), (cfmt.format(0x21), 42002, False), (cfmt.format(0x22), 42003, False)]
     pkts, meta = {}, {}

@@ -162,8 +162,8 @@ def test_user_supplied_csv(host, wire, db, clean_forward, routes, family, tag):
         install_db(host, b.build((CATALOG / "geoip" / "geoip.csv").read_text()))
 
 
-def test_save_round_trip(host, db, clean_forward):
-    for backend in BACKENDS:
+def test_save_round_trip(host, db, clean_forward, xtables):
+    for backend in xtables.usable:
         host.run_test(f"iptables-{backend} -w -A FORWARD -m geoip ! --src-cc xc,xa --dst-cc XB -j DROP")
         saved = host.check_output(f"iptables-{backend}-save -t filter")
         assert "-A FORWARD -m geoip ! --src-cc XC,XA --dst-cc XB -j DROP" in saved, saved

@@ -170,8 +170,8 @@ def test_handshakes_and_look_alikes(host, wire, loaded, clean_forward, family, b
         assert counts.get(str(port)) == want, f"-m ipp2p {opts}: counter {counts.get(str(port))}, expected {want}"
 
 
-def test_save_round_trip(host, loaded, clean_forward):
-    for backend in BACKENDS:
+def test_save_round_trip(host, loaded, clean_forward, xtables):
+    for backend in xtables.usable:
         ipt = f"iptables-{backend} -w"
         host.run_test(f"{ipt} -A FORWARD -p tcp -m ipp2p --bit --kazaa --edk -j DROP")
         saved = host.check_output(f"iptables-{backend}-save -t filter")

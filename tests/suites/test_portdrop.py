@@ -1,9 +1,10 @@
 """portdrop: drop by destination port at a load-time priority.
 
 The module is reloaded with ``port``/``proto``/``prio``. Packets to the port
-must vanish (others arrive); a raw-table PREROUTING rule (priority -300)
-counts the dropped packets only when portdrop sits after it, which proves
-the priority took effect. Bad parameters make insmod fail.
+must vanish (others arrive); a raw-table PREROUTING rule (priority -300, the
+kernel's primary iptables backend: legacy, or nft where legacy xtables is
+missing) counts the dropped packets only when portdrop sits after it, which
+proves the priority took effect. Bad parameters make insmod fail.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ PORT = 40100
 
 
 @pytest.fixture
-def portdrop(host, routed):
+def portdrop(host, routed, xtables):
     assert_kit_module(host, MOD)
     yield lambda params: reload_module(host, MOD, params)
-    host.run("; ".join(f"{tool}-legacy -w -t raw -F PREROUTING" for tool in TOOLS.values()))
+    host.run("; ".join(f"{xtables.tool(fam)} -w -t raw -F PREROUTING" for fam in TOOLS))
     reload_module(host, MOD)             # back to the default: drops nothing
 
 
@@ -32,7 +33,7 @@ def _effective(host):
 
 @pytest.mark.parametrize("prio,raw_sees", [(-350, False), (-250, True)])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag):
+def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag, xtables):
     from scapy.all import TCP, UDP
     from nflab.tracing import payload
 
@@ -40,7 +41,7 @@ def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag):
     assert res.rc == 0, res.stderr
     assert _effective(host) == {"port": str(PORT), "proto": "udp", "prio": str(prio)}
     tool = TOOLS[family]
-    host.run_test(f"{tool}-legacy -w -t raw -A PREROUTING -p udp --dport {PORT} -j ACCEPT")
+    host.run_test(f"{xtables.tool(family)} -w -t raw -A PREROUTING -p udp --dport {PORT} -j ACCEPT")
     client, server = PEERS[family]
     L3 = l3(family)
     drop, keep = {}, {}
@@ -53,7 +54,7 @@ def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag):
     keep[t] = L3(src=client, dst=server) / TCP(sport=33000, dport=PORT, flags="S") / payload(t, 48)
     arrived = send_tagged(wire, {**drop, **keep}, sentinel=sentinel(family, tag()))
     assert arrived == set(keep), f"arrived {sorted(arrived)}, expected only {sorted(keep)}"
-    raw = rule_counters(host, tool, "legacy", table="raw", chain="PREROUTING").get(str(PORT), 0)
+    raw = rule_counters(host, tool, xtables.primary, table="raw", chain="PREROUTING").get(str(PORT), 0)
     assert raw == (len(drop) if raw_sees else 0), \
         f"raw PREROUTING (-300) counted {raw} with portdrop at {prio}"
     dropped = {(w[2], w[3]): int(w[4]) for w in proc_lines(host, MOD, "dropped")}

@@ -76,7 +76,7 @@ def test_patterns(host, wire, loaded, clean_forward, family, backend, tag):
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag):
+def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag, xtables):
     from nflab.tracing import payload
 
     lead = 36                                          # payload bytes before the needle
@@ -89,16 +89,17 @@ def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag):
     rules = {p: f'--string "nflab-needle" --algo kmp {o}' for p, o in rules.items()}
     data = lambda t: payload(t, lead) + NEEDLE + payload(t, 24)   # noqa: E731
     cases = [(rules[p], p, data, p in (40611, 40614)) for p in rules]
-    _run(host, wire, family, "legacy", rules, cases, tag)
+    _run(host, wire, family, xtables.primary, rules, cases, tag)
 
 
-def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, conntrack_on, tag):
+def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, conntrack_on, tag,
+                                            xtables):
     """IPv4 fragments of 256 bytes; the needle spans the boundary at UDP payload 248."""
     from scapy.all import IP, UDP, fragment
     from nflab.tracing import has_tag, payload
 
     bm, kmp = 40621, 40622
-    tool = "iptables-legacy -w"
+    tool = f"{xtables.tool('ipv4')} -w"
     add_rules(host, [f"{tool} -A FORWARD -p udp --dport {port} -m string --string nflab-needle --algo {algo} -j DROP"
                      for port, algo in ((bm, "bm"), (kmp, "kmp"))])
     c, s = PEERS["ipv4"]

@@ -2,7 +2,9 @@
 
 In every chain that each legacy table (the kernel's xt tables, the ones whose
 priorities the placement suite brackets) offers, a counting rule matches the
-tracer's payload magic. One tagged packet per path — forward, local delivery,
+tracer's payload magic. On a kernel without legacy xtables the same tables
+are iptables-nft's base chains (nft_compat), registered at the same
+priorities; ``xtables.primary`` says which. One tagged packet per path — forward, local delivery,
 locally generated — with the counters zeroed in between; a (table, chain)
 counts a packet exactly when the table is attached to that hook:
 
@@ -44,17 +46,14 @@ PATH_CHAINS = {
     "local-out": {"OUTPUT", "POSTROUTING"},
 }
 COMMENT = "nflab-valid-hooks"
-TOOLS = {"ipv4": "iptables-legacy", "ipv6": "ip6tables-legacy"}
-
-
 def expected(path: str) -> set:
     return {(table, chain) for table, chains in VALID.items() for chain in chains
             if chain in PATH_CHAINS[path]}
 
 
-def counters(host, family) -> dict:
-    """(table, chain) -> packets of our counting rules, from ``*-save -c``."""
-    out = host.check_output(f"{TOOLS[family]}-save -c")
+def counters(host, tool) -> dict:
+    """(table, chain) -> packets of our counting rules, from ``<tool>-save -c``."""
+    out = host.check_output(f"{tool}-save -c")
     counts, table = {}, None
     for line in out.splitlines():
         if line.startswith("*"):
@@ -87,11 +86,11 @@ def _send_path(host, wire, family, path, t):
 
 
 @pytest.fixture
-def counting(host, routed, rules, conntrack_on):
+def counting(host, routed, rules, conntrack_on, xtables):
     """Counting rules in every chain of every table; conntrack on, or nat (which
     acts on a flow's conntrack entry) would never see a packet."""
     def setup(family):
-        tool = TOOLS[family]
+        tool = xtables.tool(family)
         match = (f"-m string --algo bm --string {shlex.quote(magic().decode())} "
                  f"-m comment --comment {COMMENT}")
         rules.add_many(family, [(table, chain, match) for table, chains in VALID.items()
@@ -105,16 +104,16 @@ def counting(host, routed, rules, conntrack_on):
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_valid_hooks_by_counters(host, wire, routed, counting, tag, family):
+def test_valid_hooks_by_counters(host, wire, routed, counting, tag, family, xtables):
     unexpected_chains = counting(family)
     assert not unexpected_chains, unexpected_chains
-    tool = TOOLS[family]
+    tool = xtables.tool(family)
     wrong = []
     for path in PATH_CHAINS:
         host.run_test(" && ".join(f"{tool} -w -t {table} -Z" for table in VALID))
         t = tag()
         assert _send_path(host, wire, family, path, t), f"{path}: the packet's effect never showed"
-        got = counters(host, family)
+        got = counters(host, tool)
         seen = {k for k, n in got.items() if n}
         want = expected(path)
         if seen != want:

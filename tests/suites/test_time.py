@@ -73,12 +73,12 @@ def test_clock_decides(host, wire, clean_forward, guest_clock, family, backend, 
     assert not wrong, "\n".join(wrong)
 
 
-def test_kerneltz_uses_sys_tz(host, wire, clean_forward, guest_clock, tag):
+def test_kerneltz_uses_sys_tz(host, wire, clean_forward, guest_clock, tag, xtables):
     """Without a kernel timezone set (sys_tz 0, as in the lab guest) --kerneltz is UTC."""
     from scapy.all import IP, UDP
     from nflab.tracing import payload
 
-    host.run_test("iptables-legacy -w -A FORWARD -p udp --dport 40720 -m time "
+    host.run_test(f"{xtables.tool('ipv4')} -w -A FORWARD -p udp --dport 40720 -m time "
                   "--timestart 11:00 --timestop 13:00 --kerneltz -j DROP")
     c, s = PEERS["ipv4"]
     for when, dropped in (("2024-03-06 12:00:00", True), ("2024-03-06 14:00:00", False)):

@@ -138,6 +138,78 @@ def test_merge_flags_an_interval_without_its_hook():
     assert "mangle" in bad and "(-125, -75)" in bad
 
 
+# iptables-nft's base chains as `nft list hooks` prints them (6.12, iptables 1.8.9)
+NFT_CHAINS = """\
+family ip {
+	hook prerouting {
+		-0000000150 chain ip mangle PREROUTING [nf_tables]
+		-0000000100 nf_nat_ipv4_pre_routing [nf_nat]
+	}
+	hook input {
+		 0000000000 chain ip filter INPUT [nf_tables]
+		+0000000100 nf_nat_ipv4_local_in [nf_nat]
+		+0000000150 chain ip security INPUT [nf_tables]
+	}
+	hook forward {
+		+0000000150 chain ip security FORWARD [nf_tables]
+	}
+}
+"""
+
+
+def test_nft_chain_rows_are_tables_only_when_measured_through_iptables_nft():
+    rows = A.nft_hook_rows(NFT_CHAINS)
+    assert ("ipv4", "LOCAL_IN", 0, "chain ip filter INPUT", "nf_tables") in rows
+    assert ("ipv4", "LOCAL_IN", 150, "chain ip security INPUT", "nf_tables") in rows
+    assert A.classify_nft("chain ip security INPUT", "nf_tables", True) == ("security", "table")
+    assert A.classify_nft("chain ip security INPUT", "nf_tables") == ("nftables ip security INPUT", "other")
+    assert A.classify_nft("chain inet nflab_ct pre", "nf_tables", True) == \
+        ("nftables inet nflab_ct pre", "other")
+
+
+def test_drop_result_past_the_last_tracer_point():
+    every = set(A.TRACER_POINTS)
+    forward = ["INGRESS", "PRE_ROUTING", "FORWARD", "POST_ROUTING"]
+    # dropped between two points, as legacy's security at 50
+    assert A.drop_result({-450, -250, -175, -125, -75, 25}, forward, "FORWARD", forward)[:2] == \
+        ([25, 75], "DROP: seen at 25, gone from 75")
+    # every point saw it and it never reached POST_ROUTING: dropped above 125
+    iv, ev, problem, beyond = A.drop_result(every, forward, "FORWARD", forward[:3])
+    assert iv == [125, None] and "gone before POST_ROUTING" in ev and not beyond
+    # ... but it did reach POST_ROUTING: not dropped here
+    iv, _, problem, beyond = A.drop_result(every, forward, "FORWARD", forward)
+    assert iv is None and "not dropped" in problem and not beyond
+    # the path ends at LOCAL_IN: the tracer cannot tell, nft list hooks decides
+    local_in = ["INGRESS", "PRE_ROUTING", "LOCAL_IN"]
+    iv, _, problem, beyond = A.drop_result(every, local_in, "LOCAL_IN", local_in)
+    assert iv is None and beyond and "invisible to the tracer" in problem
+
+
+def test_merge_through_iptables_nft_places_security_at_150():
+    a = A.Atlas(kernel="k", backend="iptables-nft", exact=True)
+    a.entries = [measured("ipv4", "PRE_ROUTING", "mangle", -175, -125),
+                 measured("ipv4", "PRE_ROUTING", "nat", -125, -75),
+                 measured("ipv4", "LOCAL_IN", "filter", -75, 25),
+                 measured("ipv4", "LOCAL_IN", "nat", 75, 125),
+                 measured("ipv4", "FORWARD", "security", 125, None),
+                 A.Entry("ipv4", "LOCAL_IN", "security", "table", source="measured", beyond=True,
+                         evidence="-j DROP: seen at every tracer point up to 125 ...")]
+    A.merge(a, A.nft_hook_rows(NFT_CHAINS), {})
+    assert a.ok, [c.what for c in a.checks if not c.ok]
+    assert a.find("ipv4", "LOCAL_IN", "security").priority == 150
+    assert a.find("ipv4", "FORWARD", "security").priority == 150
+    assert a.find("ipv4", "LOCAL_IN", "filter").function == "chain ip filter INPUT"
+    assert any("documented priority +150 inside" in c.what for c in a.checks)
+    # the same rows in an atlas measured through legacy: somebody else's nftables chains
+    legacy = A.Atlas(kernel="k", exact=True,
+                     entries=[A.Entry("ipv4", "LOCAL_IN", "security", "table", source="measured",
+                                      beyond=True, evidence="unseen")])
+    A.merge(legacy, A.nft_hook_rows(NFT_CHAINS), {})
+    assert legacy.find("ipv4", "LOCAL_IN", "security").priority is None
+    assert "ipv4 LOCAL_IN security: unseen" in [c.what for c in legacy.checks if not c.ok]
+    assert legacy.find("ipv4", "LOCAL_IN", "nftables ip security INPUT").kind == "other"
+
+
 def test_json_round_trip():
     a = sample(exact=True)
     b = A.Atlas.from_json(a.to_json())

@@ -21,6 +21,7 @@ from tests.suites.conftest import (  # noqa: F401
     rules,
     tag,
     topo,
+    xtables,
 )
 from tests.suites.conftest import pytest_addoption as _suites_addoption
 

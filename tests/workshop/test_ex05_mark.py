@@ -40,7 +40,7 @@ def test_marks_and_continues(host, wire, forwarding, loaded, rules, tag, family)
         t = tag()
         pkts[t] = l3(family)(src=src, dst=dst) / UDP(sport=33000, dport=port) / payload(t, 48)
     arrived = send_tagged(wire, pkts, expect=0)
-    after = rule_counters(host, TOOLS[family], "legacy", table="mangle", chain="PREROUTING",
+    after = rule_counters(host, TOOLS[family], rules.backend, table="mangle", chain="PREROUTING",
                           key=r"-m mark --mark (\S+)")
     counted = sum(after.values())
     assert counted == N, (f"{family}: the rule after the target counted {counted} of {N} marked "
