@@ -100,7 +100,7 @@ def install_many(names: list, vm: str = "default", *, params: dict | None = None
     however many extensions. The first load that fails stops the rest and is
     named in the error."""
     state = lab.require(vm)
-    kernel = kernels.get(state.release)
+    kernel = kernels.by_release(state.release)
     guest_release, guest_xtables = lab_install.guest_facts(vm, state)
     plans = [_plan(name, vm, kernel, guest_release, guest_xtables, (params or {}).get(_key(name)),
                    state.spec or guest_release) for name in names]

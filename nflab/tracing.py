@@ -277,7 +277,7 @@ def ensure_loaded(vm: str, module: str = MODULE) -> str | None:
     fixture checks too, so they do not insert it again). Returns a note for the
     report when it had to load it, None when it was there."""
     st = lab.require(vm)
-    art = build.build_extension(spec.load("tracer"), kernels.get(st.release), with_plugin=False)
+    art = build.build_extension(spec.load("tracer"), kernels.by_release(st.release), with_plugin=False)
     dest = f"/root/{module}.ko"
     res = lab.exec(vm, f"cat /sys/module/{module}/srcversion 2>/dev/null; "
                        f"test -e {dest} && echo present", timeout=60)

@@ -40,7 +40,7 @@ from .entry import (INTEGRITY, LISTING, MANIFEST, MANIFEST_VERSION, Kernel, abi_
 __all__ = ["DEFAULT_FLAVOUR", "DEFAULT_KERNEL", "FLAVOURS", "INTEGRITY", "LISTING", "MANIFEST",
            "MANIFEST_VERSION", "Kernel", "KernelRef", "Offer", "abi_sort_key", "cached_kernels",
            "check_entry", "fetch", "get", "is_source_spec", "parse_spec", "record_integrity",
-           "resolve", "table_rows"]
+           "by_release", "resolve", "table_rows"]
 MERGED_USR = ("bin", "sbin", "lib", "lib64")
 is_source_spec = source_kernels.is_source_spec
 
@@ -284,3 +284,16 @@ def expand(kernels: str | list[str]) -> list[str]:
         else:
             out.append(item)
     return list(dict.fromkeys(out))
+
+
+def by_release(release: str) -> Kernel:
+    """The cached kernel whose ``uname -r`` is *release* (what a VM reports). A release
+    is not a spec: the release candidate's ``7.3-cloud-amd64`` is not the 7.3 line."""
+    entry = kernels_dir() / release
+    if (entry / MANIFEST).is_file():
+        problem = check_entry(entry)
+        if problem:
+            raise KernelError(f"kernel cache entry {entry} is damaged: {problem}",
+                              hint=f"run `invoke fetch-kernel --kernel={release}` to fetch it again")
+        return Kernel.load(entry)
+    return get(release)

@@ -180,7 +180,7 @@ def _install_tracer(guest, vm, *, module="nflab_tracer", ext=None):
     st = lab.require(vm)
     ext = ext or spec.load("tracer")
     want_dev = tracer_ingress_dev(ext)
-    art = build.build_extension(ext, kernels.get(st.release), with_plugin=False)
+    art = build.build_extension(ext, kernels.by_release(st.release), with_plugin=False)
     dest = f"/root/{module}.ko"
     show = f"cat /sys/module/{module}/srcversion /sys/module/{module}/parameters/ingress_dev"
     loaded = guest.run(show)
