@@ -1,7 +1,7 @@
 """A plugin built against another libxtables version is refused before it is copied.
 
-A real ``libxt_iprange.so`` is compiled against the host's libxtables; its
-build records that version beside it. The check `vm.install` runs against the
+A real ``libxt_iprange.so`` is compiled in the guest userland's build root,
+against its libxtables (never the host's); its build records that version. The check `vm.install` runs against the
 guest's ``libxtables12`` package version is exercised here with the recorded
 version altered (the VM side is in tests/integration/test_install_xtables.py).
 """
@@ -9,7 +9,6 @@ version altered (the VM side is in tests/integration/test_install_xtables.py).
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
@@ -19,9 +18,9 @@ from nflab.deploy import check_plugin_xtables
 from userspace_ext import plugin
 
 
-def _host_pkg_version() -> str:
-    return subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libxtables12"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+def _root_pkg_version() -> str:
+    """The Debian version of libxtables12 in the userland's build root."""
+    return plugin.root().packages["libxtables12"]
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +32,11 @@ def built_plugin(tmp_path_factory):
     return ext, out, so
 
 
-def test_build_records_the_host_libxtables_version(built_plugin):
+def test_build_records_the_build_roots_libxtables_version(built_plugin):
     _, _, so = built_plugin
     assert so.is_file()
     assert plugin.recorded_xtables_version(so) == plugin.xtables_version()
-    assert plugin.upstream_version(_host_pkg_version()) == plugin.xtables_version()
+    assert plugin.upstream_version(_root_pkg_version()) == plugin.xtables_version()
 
 
 @pytest.mark.parametrize("debian,upstream", [("1.8.9-2", "1.8.9"), ("1:1.8.9-2", "1.8.9"),
@@ -48,7 +47,7 @@ def test_upstream_version(debian, upstream):
 
 def test_matching_guest_is_accepted(built_plugin):
     _, _, so = built_plugin
-    check_plugin_xtables(so, _host_pkg_version(), "VM 'x'")
+    check_plugin_xtables(so, _root_pkg_version(), "VM 'x'")
 
 
 def test_plugin_built_against_another_libxtables_is_refused(built_plugin):
@@ -57,7 +56,7 @@ def test_plugin_built_against_another_libxtables_is_refused(built_plugin):
     vf.write_text("1.8.7\n")
     try:
         with pytest.raises(NflabError) as info:
-            check_plugin_xtables(so, _host_pkg_version(), "VM 'lab'", name="iprange")
+            check_plugin_xtables(so, _root_pkg_version(), "VM 'lab'", name="iprange")
         text = str(info.value)
         assert "\n" not in text
         assert "libxt_iprange.so was built against libxtables 1.8.7" in text
@@ -87,7 +86,7 @@ def test_unrecorded_version_and_guest_without_libxtables_are_refused(built_plugi
     vf.unlink()
     try:
         with pytest.raises(NflabError, match="no recorded libxtables version"):
-            check_plugin_xtables(so, _host_pkg_version(), "VM 'x'", name="iprange")
+            check_plugin_xtables(so, _root_pkg_version(), "VM 'x'", name="iprange")
     finally:
         vf.write_text(saved)
     with pytest.raises(NflabError, match="has no libxtables12 package"):
