@@ -83,9 +83,21 @@ def test_custom_plugin_calls_extension_functions():
     files = render.render(spec.load("string"))
     c = files["libxt_string.c"]
     assert "string_mt_parse_hex_string(cb, info, family);" in c
-    assert "string_mt_print_string(info, family, save);" in c
     assert ".x6_fcheck\t= string_mt_fcheck," in c
     assert "static void string_mt_fcheck(struct xt_fcheck_call *cb)" in c
+    # the generic dump calls a custom option's print function ...
+    assert "time_mt_print_weekdays(info, family, save);" in render.render(spec.load("time"))["libxt_time.c"]
+
+
+def test_plugin_dump_and_print_name_blocks():
+    """... unless the extension replaces the dump (string prints stock
+    libxt_string's text: no match name in -L, its own field order)."""
+    c = render.render(spec.load("string"))["libxt_string.c"]
+    assert "string_mt_print_pattern(info, hex);" in c
+    assert "string_mt_print_string" not in c
+    assert 'printf(" %s", "string");' not in c
+    assert "#include <ctype.h>" in c
+    assert 'printf(" %s", "time");' in render.render(spec.load("time"))["libxt_time.c"]
 
 
 def test_no_fcheck_unless_filled():
