@@ -96,23 +96,25 @@ def _usable(entry: Path, version: str) -> bool:
             and all(integrity.check(entry / rel, r) is None for rel, r in files.items()))
 
 
-def source(version: str, *, suite: str = rootfs.SUITE, progress=print) -> Source:
+def source(version: str, *, suite: str = rootfs.SUITE, archive: Archive | None = None,
+           progress=print) -> Source:
     """The iptables source of Debian *version* (the guest's ``iptables``) from
-    the cache, else fetched from *suite* with the kit's archive client."""
+    the cache, else fetched from *suite* with the kit's archive client
+    (*archive*, default ``Archive()``: the host's Debian mirror)."""
     top = cache_dir() / "sources"
     entry = top / f"{PACKAGE}-{version}"
     top.mkdir(parents=True, exist_ok=True)
     with file_lock(top / f".{PACKAGE}.lock"):
         if not _usable(entry, version):
-            _fetch(entry, version, suite, progress)
+            _fetch(archive or Archive(), entry, version, suite, progress)
     return Source(entry, version, suite)
 
 
-def _fetch(entry: Path, version: str, suite: str, progress):
+def _fetch(archive: Archive, entry: Path, version: str, suite: str, progress):
     progress(f"fetching the {PACKAGE} source of {suite} (the guest has {version})")
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=entry.parent))
     try:
-        tree = Archive().fetch_source(suite, PACKAGE, tmp)
+        tree = archive.fetch_source(suite, PACKAGE, tmp)
         got = json.loads((tree / ".nflab-source.json").read_text()).get("version")
         if got != version:
             raise NflabError(f"{suite}'s {PACKAGE} source is {got}, but the guest runs {PACKAGE} {version}",
