@@ -86,7 +86,7 @@ def test_custom_plugin_calls_extension_functions():
     assert ".x6_fcheck\t= string_mt_fcheck," in c
     assert "static void string_mt_fcheck(struct xt_fcheck_call *cb)" in c
     # the generic dump calls a custom option's print function ...
-    assert "time_mt_print_weekdays(info, family, save);" in render.render(spec.load("time"))["libxt_time.c"]
+    assert "geoip_mt_print_src_cc(info, family, save);" in render.render(spec.load("geoip"))["libxt_geoip.c"]
 
 
 def test_plugin_dump_and_print_name_blocks():
@@ -97,7 +97,7 @@ def test_plugin_dump_and_print_name_blocks():
     assert "string_mt_print_string" not in c
     assert 'printf(" %s", "string");' not in c
     assert "#include <ctype.h>" in c
-    assert 'printf(" %s", "time");' in render.render(spec.load("time"))["libxt_time.c"]
+    assert 'printf(" %s", "geoip");' in render.render(spec.load("geoip"))["libxt_geoip.c"]
 
 
 def test_no_fcheck_unless_filled():
