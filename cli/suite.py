@@ -163,14 +163,16 @@ def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
     "vm": "VM to use (default: upt-<release>, booted for this run)",
     "keep": "leave a VM this task booted running afterwards",
     "out": "report folder (default build/reports/<release>/upstream-t/)",
+    "userland": buildroot.USERLAND_HELP,
 })
 @friendly
-def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None):
+def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None, userland=None):
     """Run stock iptables' iptables-test.py and .t files against the kit's plugins and modules."""
     from pathlib import Path
 
     from nflab import upstream_t as upt
 
+    buildroot.use_userland(userland)
     selected = [n for n in (names or "").split(",") if n] or None
     with Progress(False) as progress:
         report, paths = upt.run_on_kernel(kernel, selected, vm=vm, keep=keep,

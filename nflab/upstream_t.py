@@ -49,7 +49,7 @@ from ground.proc import file_lock
 from kmods import build, spec
 from nflab import rules_t
 from supply import kernels
-from vm import install, lab, remote, rootfs
+from vm import install, lab, remote
 from vm.install import XTLIBDIR
 
 PACKAGE = "iptables"
@@ -96,11 +96,10 @@ def _usable(entry: Path, version: str) -> bool:
             and all(integrity.check(entry / rel, r) is None for rel, r in files.items()))
 
 
-def source(version: str, *, suite: str = rootfs.SUITE, archive: Archive | None = None,
-           progress=print) -> Source:
+def source(version: str, suite: str, *, archive: Archive | None = None, progress=print) -> Source:
     """The iptables source of Debian *version* (the guest's ``iptables``) from
-    the cache, else fetched from *suite* with the kit's archive client
-    (*archive*, default ``Archive()``: the host's Debian mirror)."""
+    the cache, else fetched from *suite* (the guest userland's release) with
+    the kit's archive client (*archive*, default ``Archive()``)."""
     top = cache_dir() / "sources"
     entry = top / f"{PACKAGE}-{version}"
     top.mkdir(parents=True, exist_ok=True)
@@ -285,12 +284,15 @@ def proof_problems(proof: dict[str, dict], built: dict[str, Built]) -> list[str]
     return out
 
 
-def guest_version(host) -> str:
-    """The Debian version of the guest's iptables package."""
-    res = remote.run(host, f"dpkg-query -W -f='${{Version}}' {PACKAGE}")
-    if res.rc != 0 or not res.stdout.strip():
-        raise NflabError(f"cannot read the guest's {PACKAGE} version: {res.stderr.strip()}")
-    return res.stdout.strip()
+def guest_version(host) -> tuple[str, str]:
+    """(Debian version of the guest's iptables package, the guest's Debian release)."""
+    res = remote.run(host, f". /etc/os-release && echo \"$VERSION_CODENAME\" && "
+                           f"dpkg-query -W -f='${{Version}}\\n' {PACKAGE}")
+    words = res.stdout.split()
+    if res.rc != 0 or len(words) != 2:
+        raise NflabError(f"cannot read the guest's release and {PACKAGE} version: "
+                         f"{(res.stderr or res.stdout).strip()}")
+    return words[1], words[0]
 
 
 @dataclass
@@ -418,7 +420,8 @@ def run_on_kernel(kernel_spec: str | None, names: list[str] | None = None, *, vm
     try:
         state = lab.up(kernel_spec, name, progress=progress)
         host = testinfra.get_host(state.testinfra_spec)
-        src = source(guest_version(host), progress=progress)
+        version, suite = guest_version(host)
+        src = source(version, suite, progress=progress)
         wanted = twins(src, names)
         if not wanted:
             raise NflabError(f"no stock twin among {', '.join(names or ['the catalog'])} in {src.label}")

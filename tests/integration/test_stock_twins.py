@@ -1,9 +1,10 @@
 """The kit's plugins print what the stock plugins print (issue 21), without a kernel.
 
 For every catalog extension stock iptables also ships, every OK rule of
-upstream's ``.t`` file and of the kit's own is parsed by the host's stock
-plugin and by the kit's (``nflab-xtshow``: libxtables' option parser, then the
-plugin's save and ``-L`` print; nothing reaches a kernel). Both must take the
+upstream's ``.t`` file and of the kit's own is parsed by the guest userland's
+stock plugin and by the kit's, in that userland's build root (``nflab-xtshow``:
+libxtables' option parser, then the plugin's save and ``-L`` print; nothing
+reaches a kernel). Both must take the
 upstream rules; where both take a rule, the save text and the ``-L`` text must
 be byte for byte the same, and rules the stock plugin encodes alike (what
 ``iptables -C``/``-D`` compare) must be alike in the kit's too.
@@ -21,7 +22,7 @@ import pytest
 from kmods import build
 from nflab import rules_t, upstream_t
 from tests.conftest import get_kernel
-from userspace_ext import xtshow
+from userspace_ext import plugin, xtshow
 from vm import rootfs
 
 pytestmark = pytest.mark.slow
@@ -49,12 +50,13 @@ def match_args(rule: str, name: str) -> list[str] | None:
 
 @pytest.fixture(scope="module")
 def upstream():
-    return upstream_t.source(rootfs.host_xtables_version(), progress=lambda m: None)
+    # the build root's libxtables12 and its stock plugins come from this iptables source
+    return upstream_t.source(rootfs.plugin_xtables_version(), rootfs.suite(), progress=lambda m: None)
 
 
 @pytest.fixture(scope="module")
-def exe(tmp_path_factory):
-    return xtshow.binary(tmp_path_factory.mktemp("xtshow"))
+def exe(build_root):
+    return xtshow.binary(build_root / "xtshow")
 
 
 def _cases(name, files):
@@ -85,7 +87,7 @@ def test_kit_plugins_save_and_list_what_stock_plugins_do(upstream, exe, build_ro
     for name, up_files in twins.items():
         ext = load(name)
         kit_so = build.build_extension(name, kernel).so
-        stock_so = xtshow.stock_plugin(ext.name)
+        stock_so = plugin.stock_plugin(ext.name)
         kit_files = sorted((CATALOG / name).glob("lib*.t"))
         encodings = {}
         for where, fam, args in _cases(ext.name, up_files + kit_files):

@@ -29,7 +29,7 @@ NAMED = {"comment", "string", "iprange", "time", "connlimit", "quota"}
 def test_upstream_files_pass_on_both_backends(line, tmp_path):
     report, paths = upstream_t.run_on_kernel(line, vm=f"it-upt-{line.replace('.', '')}",
                                              out_dir=tmp_path, progress=lambda m: None)
-    src = upstream_t.source(report.source["version"], progress=lambda m: None)
+    src = upstream_t.source(report.source["version"], report.source["suite"], progress=lambda m: None)
     twins = upstream_t.twins(src)
     assert NAMED <= set(twins) <= set(spec.catalog_names())
     per = report.per_extension()

@@ -64,17 +64,17 @@ def fake_archive(tmp_path, monkeypatch):
 def test_source_is_fetched_once_recorded_and_refetched_when_damaged(fake_archive, tmp_path):
     publish, mirror, archive = fake_archive
     publish("1.8.9-2")
-    src = upstream_t.source("1.8.9-2", archive=archive, progress=lambda m: None)
+    src = upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None)
     assert src.root == tmp_path / "cache" / "sources" / "iptables-1.8.9-2"
     assert (src.root / "extensions" / "libxt_string.t").read_bytes() == STRING_T
     record = json.loads((src.root / upstream_t.RECORD).read_text())
     assert record["version"] == "1.8.9-2" and set(record["files"]) == {upstream_t.RUNNER,
                                                                        "extensions/libxt_string.t"}
     asked = sum(mirror.requests.values())
-    assert upstream_t.source("1.8.9-2", archive=archive, progress=lambda m: None) == src
+    assert upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None) == src
     assert sum(mirror.requests.values()) == asked, "a cached, intact tree must not be fetched again"
     (src.root / "extensions" / "libxt_string.t").write_bytes(b":INPUT\n-m string;;OK\n")
-    upstream_t.source("1.8.9-2", archive=archive, progress=lambda m: None)
+    upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None)
     assert (src.root / "extensions" / "libxt_string.t").read_bytes() == STRING_T
 
 
@@ -83,7 +83,7 @@ def test_source_of_another_version_than_the_guests_is_refused(fake_archive, tmp_
     publish("1.8.10-1")
     with pytest.raises(NflabError, match=r"bookworm's iptables source is 1\.8\.10-1, but the guest runs "
                                          r"iptables 1\.8\.9-2"):
-        upstream_t.source("1.8.9-2", archive=archive, progress=lambda m: None)
+        upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None)
     assert not (tmp_path / "cache" / "sources" / "iptables-1.8.9-2").exists()
     assert [p.name for p in (tmp_path / "cache" / "sources").iterdir()] == [".iptables.lock"]
 
