@@ -180,7 +180,7 @@ def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None, userla
     rows = [[ext, *[f"{cells[b]['passed']}/{cells[b]['tests']}" + ("" if cells[b]["ok"] else " FAILED")
                     if b in cells else "-" for b in ("legacy", "nft")]]
             for ext, cells in report.per_extension().items()]
-    print(f"files from {upt.PACKAGE} {report.source['version']} ({report.source['suite']} source package)")
+    print(f"files from {upt.source_label(report.source)}")
     table(["extension", "legacy", "nft"], rows)
     for r in report.runs:
         for p in r.problems():

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ground import integrity
 from ground.debarchive import Archive
-from ground.errors import NflabError
+from ground.errors import ArchiveError, NflabError
 from ground.paths import build_dir, cache_dir
 from ground.proc import file_lock
 from kmods import build, spec
@@ -69,10 +69,11 @@ class Source:
     root: Path
     version: str          # Debian version, e.g. 1.8.9-2
     suite: str
+    upstream_only: str = ""   # why Debian's patches are missing (the mirror lacks the .dsc), or ""
 
     @property
     def label(self) -> str:
-        return f"{PACKAGE} {self.version} ({self.suite})"
+        return f"{PACKAGE} {self.version} ({self.suite}{', upstream tarball only' if self.upstream_only else ''})"
 
     def t_files(self, name: str) -> list[Path]:
         """Upstream's .t files of extension *name* (the families' files too)."""
@@ -106,14 +107,26 @@ def source(version: str, suite: str, *, archive: Archive | None = None, progress
     with file_lock(top / f".{PACKAGE}.lock"):
         if not _usable(entry, version):
             _fetch(archive or Archive(), entry, version, suite, progress)
-    return Source(entry, version, suite)
+    rec = json.loads((entry / RECORD).read_text())
+    return Source(entry, version, rec.get("suite", suite), rec.get("upstream_only", ""))
+
+
+def _unpack(archive: Archive, suite: str, dest: Path, progress) -> tuple[Path, str]:
+    """The source tree of *suite*'s iptables with Debian's patches, or, when the
+    mirror cannot serve all of it (some lack the .dsc), the upstream tarball
+    alone: (tree, why the patches are missing or "")."""
+    try:
+        return archive.fetch_source(suite, PACKAGE, dest), ""
+    except ArchiveError as exc:
+        progress(f"{exc}; using the upstream tarball alone")
+        return archive.fetch_source(suite, PACKAGE, dest / "upstream", upstream_only=True), str(exc)
 
 
 def _fetch(archive: Archive, entry: Path, version: str, suite: str, progress):
     progress(f"fetching the {PACKAGE} source of {suite} (the guest has {version})")
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=entry.parent))
     try:
-        tree = archive.fetch_source(suite, PACKAGE, tmp)
+        tree, why = _unpack(archive, suite, tmp, progress)
         got = json.loads((tree / ".nflab-source.json").read_text()).get("version")
         if got != version:
             raise NflabError(f"{suite}'s {PACKAGE} source is {got}, but the guest runs {PACKAGE} {version}",
@@ -122,7 +135,8 @@ def _fetch(archive: Archive, entry: Path, version: str, suite: str, progress):
         if not (tree / RUNNER).is_file():
             raise NflabError(f"the {PACKAGE} {got} source has no {RUNNER}")
         files = {str(p.relative_to(tree)): integrity.record(p) for p in _tree_files(tree)}
-        (tree / RECORD).write_text(json.dumps({"version": got, "suite": suite, "files": files}, indent=1))
+        (tree / RECORD).write_text(json.dumps({"version": got, "suite": suite, "upstream_only": why,
+                                               "files": files}, indent=1))
         shutil.rmtree(entry, ignore_errors=True)
         tree.rename(entry)
     finally:
@@ -339,14 +353,21 @@ def run(host, src: Source, release: str, built: dict[str, Built]) -> Report:
     used = {f"{RUNNER}": record["files"][RUNNER]["sha256"],
             **{f"extensions/{p.name}": record["files"][f"extensions/{p.name}"]["sha256"]
                for ps in files.values() for p in ps}}
-    return Report(release, {"package": PACKAGE, "version": src.version, "suite": src.suite, "files": used},
+    return Report(release, {"package": PACKAGE, "version": src.version, "suite": src.suite,
+                            "upstream_only": src.upstream_only, "files": used},
                   results, proof, proof_problems(proof, {n: built[n] for n in files}))
+
+
+def source_label(src: dict) -> str:
+    """Where the files came from, for reports: ``iptables 1.8.9-2 (bookworm source package)``."""
+    why = src.get("upstream_only")
+    return (f"{PACKAGE} {src['version']} ({src['suite']} source package"
+            + (f"; upstream tarball only, without Debian's patches: {why})" if why else ")"))
 
 
 def markdown(report: Report) -> str:
     src = report.source
-    lines = [f"upstream iptables tests on {report.release}: files from {PACKAGE} {src['version']} "
-             f"({src['suite']} source package)", "",
+    lines = [f"upstream iptables tests on {report.release}: files from {source_label(src)}", "",
              "| extension | legacy | nft | files |", "|---|---|---|---|"]
     for ext, cells in report.per_extension().items():
         row = [(f"{cells[b]['passed']}/{cells[b]['tests']}" + ("" if cells[b]["ok"] else " ❌"))

@@ -5,6 +5,7 @@ reading upstream's runner output and the kit-build evidence."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import tarfile
@@ -42,14 +43,15 @@ def fake_archive(tmp_path, monkeypatch):
     monkeypatch.setenv("NFLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("NFLAB_ARCHIVE_TTL", raising=False)
 
-    def publish(version: str):
+    def publish(version: str, dsc_served: bool = True):
         upstream = version.split("-")[0]
+        dsc = b"Source: iptables\n"
         files = [mirror.add_file("bookworm", f"pool/main/i/iptables/iptables_{upstream}.orig.tar.xz", tarball(
                     [("dir", f"iptables-{upstream}/"), ("dir", f"iptables-{upstream}/extensions/"),
                      ("file", f"iptables-{upstream}/{upstream_t.RUNNER}", RUNNER_PY),
                      ("file", f"iptables-{upstream}/extensions/libxt_string.t", STRING_T)], "xz")),
-                 mirror.add_file("bookworm", f"pool/main/i/iptables/iptables_{version}.dsc",
-                                 b"Source: iptables\n")]
+                 mirror.add_file("bookworm", f"pool/main/i/iptables/iptables_{version}.dsc", dsc)
+                 if dsc_served else (hashlib.sha256(dsc).hexdigest(), len(dsc), f"iptables_{version}.dsc")]
         checks = "\n" + "\n".join(f" {sha} {size} {name}" for sha, size, name in files)
         mirror.publish("bookworm", [], sources=[{"Package": "iptables", "Version": version,
                                                  "Directory": "pool/main/i/iptables",
@@ -76,6 +78,17 @@ def test_source_is_fetched_once_recorded_and_refetched_when_damaged(fake_archive
     (src.root / "extensions" / "libxt_string.t").write_bytes(b":INPUT\n-m string;;OK\n")
     upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None)
     assert (src.root / "extensions" / "libxt_string.t").read_bytes() == STRING_T
+
+
+def test_source_without_its_dsc_on_the_mirror_is_the_upstream_tarball_and_says_so(fake_archive):
+    publish, _, archive = fake_archive
+    publish("1.8.9-2", dsc_served=False)
+    src = upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None)
+    assert (src.root / "extensions" / "libxt_string.t").read_bytes() == STRING_T
+    assert "404" in src.upstream_only and "upstream tarball only" in src.label
+    assert upstream_t.source("1.8.9-2", "bookworm", archive=archive, progress=lambda m: None) == src
+    label = upstream_t.source_label({"version": src.version, "suite": "bookworm", "upstream_only": src.upstream_only})
+    assert label.startswith("iptables 1.8.9-2 (bookworm source package; upstream tarball only")
 
 
 def test_source_of_another_version_than_the_guests_is_refused(fake_archive, tmp_path):
