@@ -168,8 +168,7 @@ def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
 @friendly
 def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None, userland=None):
     """Run stock iptables' iptables-test.py and .t files against the kit's plugins and modules."""
-    from pathlib import Path
-
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import upstream_t as upt
 
     buildroot.use_userland(userland)

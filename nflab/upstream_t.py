@@ -5,7 +5,7 @@ For every catalog extension that stock iptables also ships (its stock twin:
 ``iptables-test.py`` runs upstream's ``.t`` files in a lab VM, once with
 iptables-legacy (``-l``) and once with iptables-nft (``-n``), against the
 guest's installed binaries (``-H``), whose xtables directory holds the kit's
-plugins and whose kernel has the kit's modules loaded (``vm.install``). The
+plugins and whose kernel has the kit's modules loaded (``nflab.deploy``). The
 files come from the iptables source of the guest userland's own release:
 Debian's source package of the guest's ``iptables`` version, through the
 kit's archive client (:mod:`ground.debarchive`), cached in
@@ -40,6 +40,7 @@ import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 from ground import integrity
 from ground.debarchive import Archive
@@ -47,9 +48,9 @@ from ground.errors import ArchiveError, NflabError
 from ground.paths import build_dir, cache_dir
 from ground.proc import file_lock
 from kmods import build, spec
-from nflab import rules_t
+from nflab import deploy, rules_t
 from supply import kernels
-from vm import install, lab, remote
+from vm import lab, remote
 from vm.install import XTLIBDIR
 
 PACKAGE = "iptables"
@@ -155,7 +156,7 @@ def twins(src: Source, names: list[str] | None = None) -> dict[str, list[Path]]:
 
 
 @dataclass(frozen=True)
-class Built:
+class KitBuild:
     """The kit's build of one extension, as the guest must show it."""
     module: str
     plugin: str
@@ -255,7 +256,7 @@ def _strict(host, runs: list[tuple[str, Path, str]], results: list[FileRun]):
                       for r in got if not r.passed]
 
 
-def proof_script(built: dict[str, Built]) -> str:
+def proof_script(built: dict[str, KitBuild]) -> str:
     """Shell text printing, per extension, its module's taint and srcversion and
     the sha256 of the plugin iptables loads and of the stock one kept beside it."""
     lines = []
@@ -277,7 +278,7 @@ def parse_proof(output: str) -> dict[str, dict]:
     return out
 
 
-def proof_problems(proof: dict[str, dict], built: dict[str, Built]) -> list[str]:
+def proof_problems(proof: dict[str, dict], built: dict[str, KitBuild]) -> list[str]:
     """What shows that an extension's module or plugin in the guest is not the
     kit's *built* one."""
     out = []
@@ -335,9 +336,9 @@ class Report:
         return out
 
 
-def run(host, src: Source, release: str, built: dict[str, Built]) -> Report:
+def run(host, src: Source, release: str, built: dict[str, KitBuild]) -> Report:
     """Run upstream's .t files of every extension in *built* on *host*, legacy
-    and nft; *built* must be installed there (``vm.install``)."""
+    and nft; *built* must be installed there (``nflab.deploy``)."""
     files = twins(src, list(built))
     runs = [(name, path, backend) for name, paths in files.items() for path in paths
             for backend in rules_t.BACKENDS]
@@ -382,8 +383,6 @@ def markdown(report: Report) -> str:
 def junit(report: Report) -> str:
     """JUnit XML: one case per (file, backend); the source version in the
     suite's properties and every case's name."""
-    from xml.sax.saxutils import escape, quoteattr
-
     version = f"{PACKAGE} {report.source['version']}"
     source = quoteattr(f"{version} {report.source['suite']}")
     fails = sum(not r.ok for r in report.runs) + bool(report.proof_problems)
@@ -420,9 +419,9 @@ def write_reports(report: Report, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def built_for(arts) -> dict[str, Built]:
-    """{name: Built} of kmods.build artifacts."""
-    return {a.name: Built(a.module, a.so.stem, a.srcversion, integrity.sha256_file(a.so))
+def built_for(arts) -> dict[str, KitBuild]:
+    """{name: KitBuild} of kmods.build artifacts."""
+    return {a.name: KitBuild(a.module, a.so.stem, a.srcversion, integrity.sha256_file(a.so))
             for a in arts if a.so is not None}
 
 
@@ -432,7 +431,8 @@ def run_on_kernel(kernel_spec: str | None, names: list[str] | None = None, *, vm
     kernel, boot (or reuse) a VM, install them, run upstream's .t files on both
     backends and write the reports (default ``build/reports/<release>/upstream-t/``).
     Returns the report and the paths written."""
-    import testinfra   # its import costs ~0.3 s; only this task needs it
+    # start-up cost: testinfra's import takes ~0.3 s and only this function needs it
+    import testinfra
 
     kernel = kernels.get(kernel_spec, progress=progress)
     name = vm or "upt-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel.release)[:24].strip("-")
@@ -449,7 +449,7 @@ def run_on_kernel(kernel_spec: str | None, names: list[str] | None = None, *, vm
         progress(f"building {', '.join(wanted)}")
         arts = [build.build_extension(n, kernel) for n in wanted]
         progress(f"installing {', '.join(wanted)} in VM {name}")
-        install.install_many(list(wanted), name)
+        deploy.install_many(list(wanted), name)
         progress(f"running {src.label}'s {RUNNER} on {len(wanted)} extension(s), legacy and nft")
         report = run(host, src, kernel.release, built_for(arts))
     finally:

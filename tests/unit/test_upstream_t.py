@@ -17,7 +17,7 @@ import pytest
 from ground.debarchive import Archive
 from ground.errors import NflabError
 from nflab import upstream_t
-from nflab.upstream_t import Built, FileRun, Report, Source
+from nflab.upstream_t import KitBuild, FileRun, Report, Source
 from tests.unit.debmirror import FakeMirror, Gpg, have_gpg, tarball
 
 RUNNER_PY = b"#!/usr/bin/env python3\nprint('runner')\n"
@@ -165,7 +165,7 @@ def test_a_run_without_output_or_with_exact_line_problems_fails():
 
 # ---- evidence that the kit's build ran ---------------------------------------
 
-KIT = Built("xt_string", "libxt_string", "9C7BFDEB385782D10948DE4", "a" * 64)
+KIT = KitBuild("xt_string", "libxt_string", "9C7BFDEB385782D10948DE4", "a" * 64)
 
 
 def _proof(taint="OE", srcversion=KIT.srcversion, sha="a" * 64, stock="b" * 64):
