@@ -61,6 +61,16 @@ def test_custom_option_without_its_plugin_functions_is_refused(cust_dir, plugin,
     assert info.value.hint.startswith("valid: a libxt_cust.c.j2 (extends libxt.c.j2)")
 
 
+def test_custom_option_printed_by_the_dump_block_needs_no_print_function(cust_dir):
+    """string and time print stock's exact text from their own dump block."""
+    dump = '\n{% block dump %}\n\tprintf(" pat");\n{% endblock %}\n'
+    (cust_dir / "libxt_cust.c.j2").write_text(PLUGIN.replace("cust_mt_print_pat", "unused") + dump)
+    assert [o.name for o in _custom(length=8).options] == ["pat"]
+    (cust_dir / "libxt_cust.c.j2").write_text(PLUGIN.replace("cust_mt_parse_pat", "unused") + dump)
+    with pytest.raises(SpecError, match=re.escape("does not define cust_mt_parse_pat()")):
+        _custom(length=8)
+
+
 def test_custom_with_length_owns_a_counted_buffer():
     ext = _custom(length=64)
     names = [(m.ctype, m.name, m.array) for m in ext.members]
