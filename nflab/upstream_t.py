@@ -50,7 +50,7 @@ from ground.proc import file_lock
 from kmods import build, spec
 from nflab import deploy, rules_t
 from supply import kernels
-from vm import lab, remote
+from vm import lab, remote, xtables
 from vm.install import XTLIBDIR
 
 PACKAGE = "iptables"
@@ -317,6 +317,7 @@ class Report:
     runs: list                         # [FileRun]
     proof: dict                        # {ext: evidence}
     proof_problems: list
+    backends: dict = field(default_factory=dict)   # vm.xtables.Backends.as_dict() of the kernel
 
     @property
     def ok(self) -> bool:
@@ -336,12 +337,15 @@ class Report:
         return out
 
 
-def run(host, src: Source, release: str, built: dict[str, KitBuild]) -> Report:
-    """Run upstream's .t files of every extension in *built* on *host*, legacy
-    and nft; *built* must be installed there (``nflab.deploy``)."""
+def run(host, src: Source, release: str, built: dict[str, KitBuild],
+        backends: xtables.Backends | None = None) -> Report:
+    """Run upstream's .t files of every extension in *built* on *host*, with
+    each backend its kernel serves (*backends*, default legacy and nft); *built*
+    must be installed there (``nflab.deploy``)."""
+    backends = backends or xtables.Backends()
     files = twins(src, list(built))
     runs = [(name, path, backend) for name, paths in files.items() for path in paths
-            for backend in rules_t.BACKENDS]
+            for backend in backends.usable]
     if not runs:
         raise NflabError(f"no stock twin among {', '.join(built)} in {src.label}")
     out = remote.run(host, guest_script(src, runs) + proof_script({n: built[n] for n in files}))
@@ -356,7 +360,7 @@ def run(host, src: Source, release: str, built: dict[str, KitBuild]) -> Report:
                for ps in files.values() for p in ps}}
     return Report(release, {"package": PACKAGE, "version": src.version, "suite": src.suite,
                             "upstream_only": src.upstream_only, "files": used},
-                  results, proof, proof_problems(proof, {n: built[n] for n in files}))
+                  results, proof, proof_problems(proof, {n: built[n] for n in files}), backends.as_dict())
 
 
 def source_label(src: dict) -> str:
@@ -375,6 +379,7 @@ def markdown(report: Report) -> str:
                if b in cells else "-" for b in rules_t.BACKENDS]
         files = ", ".join(dict.fromkeys(f for c in cells.values() for f in c["files"]))
         lines.append(f"| {ext} | " + " | ".join(row) + f" | {files} |")
+    lines += [f"\n- iptables-{b} not tested: {why}" for b, why in report.backends.get("missing", {}).items()]
     lines += [f"\n- {p}" for r in report.runs for p in r.problems()]
     lines += [f"\n- {p}" for p in report.proof_problems]
     return "\n".join(lines) + "\n"
@@ -409,6 +414,7 @@ def write_reports(report: Report, out_dir: Path) -> dict[str, Path]:
     """summary.json, summary.md and junit.xml in *out_dir*."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"kernel": report.release, "iptables_source": report.source, "ok": report.ok,
+            "backends": report.backends,
             "extensions": report.per_extension(), "proof": report.proof,
             "proof_problems": report.proof_problems,
             "runs": [dict(asdict(r), ok=r.ok, problems=r.problems()) for r in report.runs]}
@@ -428,9 +434,10 @@ def built_for(arts) -> dict[str, KitBuild]:
 def run_on_kernel(kernel_spec: str | None, names: list[str] | None = None, *, vm: str | None = None,
                   keep: bool = False, out_dir: Path | None = None, progress=print) -> tuple[Report, dict]:
     """Build the stock twins among *names* (default: the whole catalog) for the
-    kernel, boot (or reuse) a VM, install them, run upstream's .t files on both
-    backends and write the reports (default ``build/reports/<release>/upstream-t/``).
-    Returns the report and the paths written."""
+    kernel, boot (or reuse) a VM, install them, run upstream's .t files with
+    each backend the kernel serves (``vm.xtables``) and write the reports
+    (default ``build/reports/<release>/upstream-t/``). Returns the report and
+    the paths written."""
     # start-up cost: testinfra's import takes ~0.3 s and only this function needs it
     import testinfra
 
@@ -450,8 +457,9 @@ def run_on_kernel(kernel_spec: str | None, names: list[str] | None = None, *, vm
         arts = [build.build_extension(n, kernel) for n in wanted]
         progress(f"installing {', '.join(wanted)} in VM {name}")
         deploy.install_many(list(wanted), name)
-        progress(f"running {src.label}'s {RUNNER} on {len(wanted)} extension(s), legacy and nft")
-        report = run(host, src, kernel.release, built_for(arts))
+        backends = xtables.selected(xtables.for_vm(name))
+        progress(f"running {src.label}'s {RUNNER} on {len(wanted)} extension(s), {backends.describe()}")
+        report = run(host, src, kernel.release, built_for(arts), backends)
     finally:
         if booted_here and not keep:
             lab.down(name)

@@ -17,7 +17,7 @@ import pytest
 from ground.debarchive import Archive
 from ground.errors import NflabError
 from nflab import upstream_t
-from nflab.upstream_t import KitBuild, FileRun, Report, Source
+from nflab.upstream_t import KitBuild, Report, Source
 from tests.unit.debmirror import FakeMirror, Gpg, have_gpg, tarball
 
 RUNNER_PY = b"#!/usr/bin/env python3\nprint('runner')\n"
