@@ -157,6 +157,41 @@ def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
                          + ", ".join(c_.release for c_ in bad))
 
 
+@task(name="upstream-t", help={
+    "kernel": "kernel spec: 6.1, 6.12 or an exact ABI (default 6.12)",
+    "names": "comma list of extensions (default: every catalog extension stock iptables also ships)",
+    "vm": "VM to use (default: upt-<release>, booted for this run)",
+    "keep": "leave a VM this task booted running afterwards",
+    "out": "report folder (default build/reports/<release>/upstream-t/)",
+    "userland": buildroot.USERLAND_HELP,
+})
+@friendly
+def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None, userland=None):
+    """Run stock iptables' iptables-test.py and .t files against the kit's plugins and modules."""
+    # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
+    from nflab import upstream_t as upt
+
+    buildroot.use_userland(userland)
+    selected = [n for n in (names or "").split(",") if n] or None
+    with Progress(False) as progress:
+        report, paths = upt.run_on_kernel(kernel, selected, vm=vm, keep=keep,
+                                          out_dir=Path(out) if out else None, progress=progress)
+    rows = [[ext, *[f"{cells[b]['passed']}/{cells[b]['tests']}" + ("" if cells[b]["ok"] else " FAILED")
+                    if b in cells else "-" for b in ("legacy", "nft")]]
+            for ext, cells in report.per_extension().items()]
+    print(f"files from {upt.source_label(report.source)}")
+    table(["extension", "legacy", "nft"], rows)
+    for r in report.runs:
+        for p in r.problems():
+            print(f"FAILED [{r.backend}] {p}")
+    for p in report.proof_problems:
+        print(f"FAILED {p}")
+    print(f"reports: {paths['md'].parent}/ (summary.md, summary.json, junit.xml)")
+    if not report.ok:
+        raise NflabError(f"the kit differs from stock iptables {report.source['version']} on {report.release}",
+                         hint="each FAILED line names the upstream .t file and line")
+
+
 @task(help={
     "provider": "CI service (github)",
     "kernels": "kernel list or groups (as for matrix)",
@@ -182,4 +217,4 @@ def ci_config(c, provider="github", kernels=None, names=None, out=None):
         print(text, end="")
 
 
-TASKS = [test, doctor, bench, matrix, ci_config]
+TASKS = [test, doctor, bench, matrix, upstream_t, ci_config]

@@ -617,13 +617,16 @@ def _validate_params(ext: Extension, raw: dict, where: str):
 def _check_custom_functions(ext: Extension, path: Path | None, where: str):
     """A `custom` option is parsed and printed by functions of the extension's own
     plugin template (libxt_NAME.c.j2 beside ext.toml); without them the plugin
-    cannot compile, so the definition is refused naming what is missing."""
+    cannot compile, so the definition is refused naming what is missing. A
+    template that fills the ``dump`` block prints every option itself (a stock
+    twin's exact text) and needs no print functions."""
     custom = [o for o in ext.options if o.type == "custom"]
     if not custom:
         return
     tpl = path.parent / f"{ext.plugin}.c.j2" if path else None
     text = tpl.read_text() if tpl is not None and tpl.is_file() else ""
-    missing = [f"{ext.prefix}_{what}_{o.ident}()" for o in custom for what in ("parse", "print")
+    needed = ("parse",) if re.search(r"{%-?\s*block\s+dump\s*-?%}", text) else ("parse", "print")
+    missing = [f"{ext.prefix}_{what}_{o.ident}()" for o in custom for what in needed
                if not re.search(rf"\b{ext.prefix}_{what}_{o.ident}\s*\(", text)]
     if missing:
         place = str(tpl) if tpl is not None else f"{ext.plugin}.c.j2 beside ext.toml"
@@ -631,7 +634,8 @@ def _check_custom_functions(ext: Extension, path: Path | None, where: str):
                     f"not define {', '.join(missing)}",
                     f"a {ext.plugin}.c.j2 (extends libxt.c.j2) whose helpers block defines "
                     "<prefix>_parse_<option>(cb, info, family) and <prefix>_print_<option>(info, "
-                    "family, save) for each custom option, or another option type")
+                    "family, save) for each custom option (no print functions when it fills the "
+                    "dump block), or another option type")
 
 
 def _fields(fields, kind: str, where: str, seen: set) -> list:

@@ -7,7 +7,11 @@
 * patterns that straddle boundaries: across two IPv4 fragments of one
   datagram (conntrack's defrag hands FORWARD one skb whose data is split
   over several blocks) KMP finds the needle, Boyer-Moore does not, as the
-  textsearch API documents; across two datagrams, no algorithm matches.
+  textsearch API documents; across two datagrams, no algorithm matches;
+* one rule, one encoding (as the classic plugin): a rule given with
+  --hex-string of printable bytes, --from 0 and --to 65535 is saved as
+  stock saves it, and that text, or any other spelling of the same rule,
+  finds it with -C and deletes it with -D, both families and backends.
 """
 
 from __future__ import annotations
@@ -126,3 +130,27 @@ def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, c
         pkts[t1] = IP(src=c, dst=s) / UDP(sport=33001, dport=port) / (payload(t1, 40) + NEEDLE[:6])
         pkts[t2] = IP(src=c, dst=s) / UDP(sport=33001, dport=port) / (NEEDLE[6:] + payload(t2, 40))
     assert send_tagged(wire, pkts, sentinel=sentinel("ipv4", tag())) == set(pkts)
+
+
+# spellings of one rule: the first is how it is added, the second how stock
+# iptables-save prints it, the rest must find the same rule
+SPELLINGS = ['--hex-string "|6e666c6162|" --algo bm --from 0 --to 65535',
+             '--string "nflab" --algo bm',
+             '--string "nflab" --algo bm --from 0',
+             '--hex-string "nfl|6162|" --algo bm --to 65535']
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_saved_text_finds_the_rule(host, loaded, clean_forward, family, backend):
+    tool = f"{TOOLS[family]}-{backend} -w"
+    rule = "FORWARD -p udp --dport 40631 -m string {} -j DROP"
+    add_rules(host, [f"{tool} -A {rule.format(SPELLINGS[0])}"])
+    saved = [ln for ln in host.check_output(f"{TOOLS[family]}-{backend}-save -t filter").splitlines()
+             if ln.startswith("-A FORWARD")]
+    want = rule.format(SPELLINGS[1]).replace("-p udp", "-p udp -m udp")
+    assert saved == [f"-A {want}"], saved
+    missing = [s for s in SPELLINGS[1:] if host.run(f"{tool} -C {rule.format(s)}").rc != 0]
+    assert not missing, f"-C does not find the rule added as {SPELLINGS[0]!r} by: {missing}"
+    add_rules(host, [f"{tool} -D {rule.format(SPELLINGS[-1])}"])
+    assert host.run(f"{tool} -C {rule.format(SPELLINGS[1])}").rc != 0, "-D left the rule"

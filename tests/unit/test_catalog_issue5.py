@@ -61,6 +61,16 @@ def test_custom_option_without_its_plugin_functions_is_refused(cust_dir, plugin,
     assert info.value.hint.startswith("valid: a libxt_cust.c.j2 (extends libxt.c.j2)")
 
 
+def test_custom_option_printed_by_the_dump_block_needs_no_print_function(cust_dir):
+    """string and time print stock's exact text from their own dump block."""
+    dump = '\n{% block dump %}\n\tprintf(" pat");\n{% endblock %}\n'
+    (cust_dir / "libxt_cust.c.j2").write_text(PLUGIN.replace("cust_mt_print_pat", "unused") + dump)
+    assert [o.name for o in _custom(length=8).options] == ["pat"]
+    (cust_dir / "libxt_cust.c.j2").write_text(PLUGIN.replace("cust_mt_parse_pat", "unused") + dump)
+    with pytest.raises(SpecError, match=re.escape("does not define cust_mt_parse_pat()")):
+        _custom(length=8)
+
+
 def test_custom_with_length_owns_a_counted_buffer():
     ext = _custom(length=64)
     names = [(m.ctype, m.name, m.array) for m in ext.members]
@@ -83,9 +93,21 @@ def test_custom_plugin_calls_extension_functions():
     files = render.render(spec.load("string"))
     c = files["libxt_string.c"]
     assert "string_mt_parse_hex_string(cb, info, family);" in c
-    assert "string_mt_print_string(info, family, save);" in c
     assert ".x6_fcheck\t= string_mt_fcheck," in c
     assert "static void string_mt_fcheck(struct xt_fcheck_call *cb)" in c
+    # the generic dump calls a custom option's print function ...
+    assert "geoip_mt_print_src_cc(info, family, save);" in render.render(spec.load("geoip"))["libxt_geoip.c"]
+
+
+def test_plugin_dump_and_print_name_blocks():
+    """... unless the extension replaces the dump (string prints stock
+    libxt_string's text: no match name in -L, its own field order)."""
+    c = render.render(spec.load("string"))["libxt_string.c"]
+    assert "string_mt_print_pattern(info, hex);" in c
+    assert "string_mt_print_string" not in c
+    assert 'printf(" %s", "string");' not in c
+    assert "#include <ctype.h>" in c
+    assert 'printf(" %s", "geoip");' in render.render(spec.load("geoip"))["libxt_geoip.c"]
 
 
 def test_no_fcheck_unless_filled():

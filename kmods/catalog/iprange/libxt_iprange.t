@@ -14,6 +14,7 @@
 -m iprange --src-range 1.1.1.1-;;FAIL
 -m iprange --src-range ::1-::2;;FAIL
 -m iprange --src-range;;FAIL
+-m iprange;;FAIL
 *mangle
 :PREROUTING,POSTROUTING
 -m iprange --dst-range 10.0.0.0-10.255.255.255;=;OK
