@@ -1,6 +1,6 @@
 """Lifecycle of the kit's modules beside devices and network namespaces (issue 17).
 
-One VM per kernel line (``NFLAB_LIFECYCLE_KERNELS``, default ``6.1,6.12``; add
+One VM per kernel line (``NFLAB_LIFECYCLE_KERNELS``, default ``5.10,7.3``: the oldest and newest lines; add
 ``source:6.12+debug`` for KASAN, lockdep and kmemleak) with the tracer (81
 points, one a netdev INGRESS point), pktcount, nth and quota loaded:
 
@@ -34,7 +34,7 @@ from vm import install, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
-KERNELS = [k for k in os.environ.get("NFLAB_LIFECYCLE_KERNELS", "6.1,6.12").split(",") if k]
+KERNELS = [k for k in os.environ.get("NFLAB_LIFECYCLE_KERNELS", "5.10,7.3").split(",") if k]
 MODULES = ("tracer", "pktcount", "nth", "quota")
 TRACER = "nflab_tracer"
 BAD_LOG = re.compile(r"WARNING|BUG|Oops|Call Trace|refcount|leak|lockdep|KASAN|"
