@@ -30,6 +30,7 @@ import time
 import pytest
 
 from kmods import spec
+from nflab import deploy
 from vm import install, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -92,7 +93,7 @@ def vm(request):
     lab.down(name)
     lab.up(request.param, name, progress=lambda m: None)
     try:
-        install.install_many(list(MODULES), name)
+        deploy.install_many(list(MODULES), name)
         sh(name, "modprobe veth; modprobe dummy; dmesg -C")
         yield name
     finally:
@@ -294,7 +295,7 @@ def test_modules_unload_and_leave_no_leak(clean):
     leak = sh(vm, "mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug; "
                   "if [ -e /sys/kernel/debug/kmemleak ]; then echo scan > /sys/kernel/debug/kmemleak; "
                   "cat /sys/kernel/debug/kmemleak; echo KMEMLEAK-DONE; else echo NO-KMEMLEAK; fi", timeout=300)
-    install.install_many(list(MODULES), vm)
+    deploy.install_many(list(MODULES), vm)
     if "NO-KMEMLEAK" not in leak:
         suspects = leak.split("KMEMLEAK-DONE")[0].strip()
         assert not suspects, f"kmemleak reports:\n{suspects[:3000]}"
