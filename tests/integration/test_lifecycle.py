@@ -31,6 +31,7 @@ import pytest
 
 from kmods import spec
 from nflab import deploy
+from tests.integration.guest_load import udp_flood
 from vm import install, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -43,22 +44,7 @@ BAD_LOG = re.compile(r"WARNING|BUG|Oops|Call Trace|refcount|leak|lockdep|KASAN|"
 MAGIC = spec.load("tracer").test["magic"]
 
 # tagged UDP to 127.0.0.1/::1 without pause, through every tracer point of the netns
-TRAFFIC = f"""
-import socket, time
-p = {MAGIC.encode()!r} + b"\\x00\\x00\\x50\\x4b"
-socks = [(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", 9)),
-         (socket.socket(socket.AF_INET6, socket.SOCK_DGRAM), ("::1", 9))]
-n = 0
-while True:
-    for s, a in socks:
-        try:
-            s.sendto(p, a)
-        except OSError:
-            pass
-    n += 1
-    if n % 8 == 0:
-        time.sleep(0.002)
-"""
+TRAFFIC = udp_flood(MAGIC.encode() + b"\x00\x00\x50\x4b")
 START_TRAFFIC = ("cat > /root/lc-traffic.py <<'EOF'\n" + TRAFFIC + "\nEOF\n"
                  "{ns}setsid python3 /root/lc-traffic.py </dev/null >/dev/null 2>&1 & echo $! > /run/lc-traffic{tag}.pid")
 STOP_TRAFFIC = "kill $(cat /run/lc-traffic{tag}.pid) 2>/dev/null; rm -f /run/lc-traffic{tag}.pid"

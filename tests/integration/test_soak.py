@@ -45,6 +45,7 @@ import pytest
 
 from nflab import deploy
 from vm import install, lab
+from tests.integration.guest_load import udp_flood
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -55,22 +56,7 @@ KMALLOC_TOLERANCE = 512 * 1024             # bytes of growth over all kmalloc-* 
 CONNTRACK_TOLERANCE = 64                  # nf_conntrack objects (a leak per packet is thousands)
 BAD_LOG = re.compile(r"WARNING|BUG|Oops|Call Trace|refcount|leak", re.I)
 
-TRAFFIC = r"""
-import socket, time
-p = b"NFLbTRC!\x00\x00\x50\x4b" * 2
-s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-n = 0
-while True:
-    for s, a in ((s4, ("127.0.0.1", 9)), (s6, ("::1", 9))):
-        try:
-            s.sendto(p, a)
-        except OSError:
-            pass
-    n += 1
-    if n % 8 == 0:
-        time.sleep(0.002)
-"""
+TRAFFIC = udp_flood(b"NFLbTRC!\x00\x00\x50\x4b" * 2)
 
 # One guest-side process runs every cycle. Modules are loaded and removed with
 # the finit_module/delete_module system calls that insmod/rmmod make (kmod's
