@@ -234,7 +234,8 @@ def table_rows(*, every: bool = False) -> list[dict]:
     rows = {}
     for o in dk.offers():
         row = rows.setdefault((o.abi, o.suite), {
-            "line": o.line, "abi": o.abi, "suite": o.suite, "compiler": o.compiler,
+            "line": o.line, "abi": o.abi, "suite": o.suite,
+            "compiler": o.compiler or "(image only: no headers)",
             "version": o.version, "flavours": [], "cached": [], "archive": True})
         row["flavours"].append(o.flavour)
         if o.release in cached:
