@@ -127,7 +127,7 @@ def probe_binary(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     cmd = ["gcc", "-O1", "-Wall", "-Werror", *shlex.split(pkgconfig("--cflags")),
            "-o", str(exe), str(PROBE_SOURCE), *shlex.split(pkgconfig("--libs")), "-ldl"]
-    res = root().run(cmd, rw=_binds(cache), ro=[HERE])
+    res = root().run(cmd, rw=[*_binds(), cache.resolve()], ro=[HERE])
     if res.returncode != 0:
         raise BuildError("cannot build the plugin probe", detail=res.stdout + res.stderr)
     return exe
@@ -142,7 +142,7 @@ def probe(so: Path, cache: Path | None = None) -> list[dict]:
     """What *so* registers when the userland's libxtables loads it (no kernel involved)."""
     cache = cache or cache_dir() / "probe"
     exe = probe_binary(cache)
-    res = root().run([str(exe), str(so)], ro=_binds(cache, so.parent), timeout=30)
+    res = root().run([str(exe), str(so)], ro=[*_binds(so.parent), cache.resolve()], timeout=30)
     if res.returncode != 0:
         raise BuildError(f"plugin {so} does not load in libxtables {xtables_version()}",
                          detail=(res.stderr or res.stdout).strip())
