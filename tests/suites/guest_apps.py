@@ -1,11 +1,6 @@
-"""Real applications talking through the guest router: a client and a server
-network namespace inside the guest, each joined to the guest's own
-namespace by a veth pair, so their traffic crosses the guest's FORWARD
-chain (and conntrack) like the wires' traffic does, but with real TCP/UDP
-stacks on both ends::
-
-    netns l7c  eth0 10.77.1.2  --  l7c0 10.77.1.1   guest   l7s0 10.77.2.1  --  eth0 10.77.2.2  netns l7s
-               2001:db8:77:1::2     2001:db8:77:1::1         2001:db8:77:2::1      2001:db8:77:2::2
+"""Real applications talking through the guest router, between the client
+and the server namespace of ``vm/app_netns.py`` (their traffic crosses the
+guest's FORWARD chain and conntrack).
 
 :func:`run` starts one server in the server namespace, waits until it
 listens, runs one client in the client namespace and returns both sides'
@@ -25,11 +20,9 @@ import shlex
 
 import pytest
 
-CLIENT_NS, SERVER_NS = "l7c", "l7s"
-ADDR = {"ipv4": ("10.77.1.2", "10.77.2.2"), "ipv6": ("2001:db8:77:1::2", "2001:db8:77:2::2")}
-GW = {"ipv4": ("10.77.1.1", "10.77.2.1"), "ipv6": ("2001:db8:77:1::1", "2001:db8:77:2::1")}
-PLEN = {"ipv4": 24, "ipv6": 64}
-DEVS = {CLIENT_NS: "l7c0", SERVER_NS: "l7s0"}
+from vm import app_netns
+from vm.app_netns import ADDR, CLIENT_NS, SERVER_NS
+
 SCRIPT = "/tmp/nflab_apps.py"
 READY = "/tmp/nflab_apps.ready"
 
@@ -246,35 +239,15 @@ else:
 
 
 def setup_script() -> str:
-    """Idempotent: both namespaces, their veths and addresses, routes, resolv.conf
-    (the server namespace is the name server), and the apps script."""
-    lines = ["modprobe veth"]
-    for i, ns in enumerate((CLIENT_NS, SERVER_NS)):
-        dev = DEVS[ns]
-        lines += [
-            f"ip netns list | grep -qw {ns} || ip netns add {ns}",
-            f"ip link show {dev} >/dev/null 2>&1 || ip link add {dev} type veth peer name eth0 netns {ns}",
-            f"sysctl -qw net.ipv6.conf.{dev}.disable_ipv6=0 net.ipv6.conf.{dev}.accept_dad=0",
-            f"ip netns exec {ns} sysctl -qw net.ipv6.conf.eth0.accept_dad=0",
-            f"ip link set {dev} up",
-            f"ip netns exec {ns} ip link set lo up",
-            f"ip netns exec {ns} ip link set eth0 up",
-        ]
-        for fam in ("ipv4", "ipv6"):
-            v6 = " -6" if fam == "ipv6" else ""
-            nodad = " nodad" if fam == "ipv6" else ""
-            lines += [
-                f"ip{v6} addr replace {GW[fam][i]}/{PLEN[fam]} dev {dev}{nodad}",
-                f"ip netns exec {ns} ip{v6} addr replace {ADDR[fam][i]}/{PLEN[fam]} dev eth0{nodad}",
-                f"ip netns exec {ns} ip{v6} route replace default via {GW[fam][i]}",
-            ]
-    lines += [
-        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+    """Idempotent: the namespaces (``vm.app_netns``), the client's resolv.conf
+    (the server namespace is its name server) and the apps script."""
+    return "\n".join([
+        app_netns.setup_script(),
         f"mkdir -p /etc/netns/{CLIENT_NS}",
-        f"printf 'nameserver {ADDR['ipv4'][1]}\\noptions timeout:1 attempts:1\\n' > /etc/netns/{CLIENT_NS}/resolv.conf",
+        f"printf 'nameserver {ADDR['ipv4'][1]}\\noptions timeout:1 attempts:1\\n' "
+        f"> /etc/netns/{CLIENT_NS}/resolv.conf",
         f"cat > {SCRIPT} <<'NFLAB_EOF'\n{APPS}\nNFLAB_EOF",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 @pytest.fixture(scope="session")

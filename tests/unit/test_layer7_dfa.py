@@ -306,3 +306,26 @@ def test_pat_files_as_l7_filter_reads_them(harness, tmp_path):
     assert "no pattern line" in harness.find(tmp_path, "empty")[1]
     assert "no pattern file nope.pat" in harness.find(tmp_path, "nope")[1]
     assert "not a protocol name" in harness.find(tmp_path, "../x")[1]
+
+
+# ---- the extension around the compiler --------------------------------------
+
+def test_plugin_includes_the_compiler_verbatim_and_the_table_fits_the_info():
+    from kmods import render, spec
+    ext = spec.load("layer7")
+    files = render.render(ext)
+    compiler = (LAYER7 / "layer7_dfa.c").read_text()
+    # Jinja includes the file as it is: the unit tests compile exactly what the plugin does
+    assert "\n".join(ln.rstrip() for ln in compiler.splitlines() if ln.strip()) in \
+        "\n".join(ln for ln in files["libxt_layer7.c"].splitlines() if ln.strip())
+    header = files["xt_layer7.h"]
+    assert f"__u8 next[{MAX_TABLE}];" in header and "__u8 class_of[256];" in header
+    # about the classic l7-filter info (8448 bytes), well within xt's 16-bit sizes
+    assert ext.info_size == 8760 and ext.userspace_size == 8752
+
+
+def test_install_ships_the_pattern_set_into_l7_protocols():
+    from nflab import deploy
+    files = deploy.guest_files("layer7")
+    assert sorted(files) == sorted(f"/etc/l7-protocols/protocols/{p.name}" for p in PROTOCOLS.glob("*.pat"))
+    assert files["/etc/l7-protocols/protocols/http.pat"] == (PROTOCOLS / "http.pat").read_bytes()
