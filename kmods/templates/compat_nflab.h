@@ -124,23 +124,6 @@ static inline void nflab_conncount_destroy(struct net *net, u8 family,
 #endif
 #endif /* _NF_CONNTRACK_COUNT_H */
 
-/*
- * References held on a conntrack entry, 0 once it is freed (its slab is
- * SLAB_TYPESAFE_BY_RCU: under RCU the memory stays an nf_conn). The count
- * became a refcount_t in 5.19 (an atomic_t before). Only for templates that
- * include <net/netfilter/nf_conntrack.h>.
- */
-#ifdef _NF_CONNTRACK_H
-static inline unsigned int nflab_ct_use(const struct nf_conn *ct)
-{
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 19, 0)
-	return refcount_read(&ct->ct_general.use);
-#else
-	return atomic_read(&ct->ct_general.use);
-#endif
-}
-#endif /* _NF_CONNTRACK_H */
-
 /* Names of hook points, for logs and /proc files. */
 static inline const char *nflab_hook_name(u8 pf, unsigned int hooknum)
 {
