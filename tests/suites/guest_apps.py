@@ -215,7 +215,7 @@ def stop(signum, frame):
 
 class Args:
     # role kind --name value ... (argparse costs a tenth of a second under TCG)
-    family, addr, port, ready, timeout, idle = "ipv4", "", 0, "/dev/null", 6.0, 1.5
+    family, addr, port, ready, timeout, idle = "ipv4", "", 0, "/dev/null", 30.0, 10.0
     greet = reply = chunks = cmd = ""
     proto = "tcp"
     count = 1
@@ -284,7 +284,9 @@ def client_cmd(kind: str, family: str, port: int, **opts) -> str:
 
 def start_server(kind: str, family: str, port: int, **opts) -> str:
     """Shell: start the server (:func:`server_cmd`) and wait until it listens, at
-    most 30 s (a server that is not ready by then says so in a report line)."""
+    most 30 s (a server that is not ready by then says so in a report line).
+    Servers wait 30 s for a connection and 10 s between reads by default: the
+    guest may be slow (TCG on a loaded host), and :func:`run` stops them anyway."""
     return "\n".join([
         f"rm -f {READY}",
         server_cmd(kind, family, port, **opts),

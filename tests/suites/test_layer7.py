@@ -41,7 +41,10 @@ NEEDLE = f"--l7dir {TESTDIR} --l7proto needle"
 PROC = "/proc/net/nflab_layer7"
 MAXDATALEN, NUM_PACKETS = 2048, 10     # the module's defaults (ext.toml [[params]])
 SSH = ("ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-       "-o ConnectTimeout=4 -p {port} nobody@{addr} true")
+       "-o ConnectTimeout=8 -p {port} nobody@{addr} true")
+# what a client waits for an answer before it calls the exchange blocked: long
+# enough for a TCG guest on a loaded host, paid only where a rule drops
+WAIT = 8
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +60,20 @@ def exchange(host, proto: str, family: str = "ipv4") -> tuple[bool, dict]:
     (did it get through, both sides' reports)."""
     addr = ADDR[family][1]
     if proto == "http":
-        rep = run(host, ("http", family, 8080, {"timeout": 4}), ("http", family, 8080, {"timeout": 3}))
+        rep = run(host, ("http", family, 8080), ("http", family, 8080, {"timeout": WAIT}))
         return rep["client"].get("ok", False), rep
     if proto == "ssh":
         rep = run(host, ("ssh", family, 2222),
-                  ("cmd", family, 0, {"cmd": SSH.format(port=2222, addr=addr), "timeout": 10}))
+                  ("cmd", family, 0, {"cmd": SSH.format(port=2222, addr=addr), "timeout": 3 * WAIT}))
         # the server's banner and key exchange came through: it refuses the login
         return "Permission denied" in rep["client"]["output"], rep
     if proto == "ssl":
-        rep = run(host, ("tcp", family, 8443, {"idle": 1}), ("tls", family, 8443, {"timeout": 3}))
+        rep = run(host, ("tcp", family, 8443, {"idle": 3}), ("tls", family, 8443, {"timeout": WAIT}))
         return rep["server"].get("received", "").startswith("1603"), rep
     # glibc's resolver (getent) with this namespace's resolv.conf naming the server
-    cmd = (f"printf 'nameserver {addr}\\noptions timeout:1 attempts:1\\n' > /etc/resolv.conf && "
+    cmd = (f"printf 'nameserver {addr}\\noptions timeout:{WAIT // 2} attempts:2\\n' > /etc/resolv.conf && "
            "getent ahostsv4 www.example.test")
-    rep = run(host, ("dns", family, 53, {"idle": 1}), ("cmd", family, 0, {"cmd": cmd, "timeout": 6}))
+    rep = run(host, ("dns", family, 53, {"idle": 1}), ("cmd", family, 0, {"cmd": cmd, "timeout": 3 * WAIT}))
     return rep["client"]["rc"] == 0 and "10.77.2.99" in rep["client"]["output"], rep
 
 
@@ -127,8 +130,10 @@ def test_ipv6_exchanges(host, loaded, clean_forward):
 
 
 def _chunks(host, port, chunks, family="ipv4", reply=""):
-    return run(host, ("tcp", family, port, {"reply": reply.encode().hex(), "idle": 1}),
-               ("chunks", family, port, {"chunks": ",".join(c.hex() for c in chunks), "idle": 1.5}))
+    """Send *chunks*, each one TCP segment acknowledged before the next (a chunk
+    not acknowledged within 3 s was dropped: the client stops there)."""
+    return run(host, ("tcp", family, port, {"reply": reply.encode().hex()}),
+               ("chunks", family, port, {"chunks": ",".join(c.hex() for c in chunks), "idle": 3}))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +201,7 @@ def test_udp_datagrams(host, loaded, clean_forward):
     one are dropped; another flow is unaffected."""
     add_rules(host, [f"iptables-legacy -w -A FORWARD -p udp --dport 5006 -m layer7 {NEEDLE} -j DROP"])
     grams = [b"xx need", b"le42x", b"later", b"later again"]
-    rep = run(host, ("udp", "ipv4", 5006, {"idle": 1}),
+    rep = run(host, ("udp", "ipv4", 5006),
               ("chunks", "ipv4", 5006, {"proto": "udp", "chunks": ",".join(g.hex() for g in grams)}))
     assert [bytes.fromhex(d) for d in rep["server"]["datagrams"]] == [b"xx need"], rep
 
@@ -222,9 +227,10 @@ def test_flood_is_bounded_and_evicted(host, loaded, clean_forward):
     try:
         add_rules(host, [f"iptables-legacy -w -A FORWARD -p tcp -m layer7 {NEEDLE} -j DROP"])
         script = "\n".join([
-            start_server("hold", "ipv4", 5007, timeout=30),
-            client_cmd("hold", "ipv4", 5007, count=6, timeout=30) + " &",
-            "sleep 2", f"cat {PROC}",
+            start_server("hold", "ipv4", 5007),
+            client_cmd("hold", "ipv4", 5007, count=6, timeout=60) + " > /tmp/nflab_hold.out &",
+            "for i in $(seq 600); do grep -q opened /tmp/nflab_hold.out && break; sleep 0.05; done",
+            "sleep 0.5", f"cat {PROC}",
         ])
         full = host.run(script).stdout
         m = re.search(r"class needle .*", full)
