@@ -78,8 +78,8 @@ def server_hold(a):
         held.append(s.accept()[0])
         REPORT["accepted"] += 1
 
-def server_udp(a):
-    # record datagrams until idle; answer each with the greeting bytes if given
+def serve_datagrams(a, answer):
+    # record datagrams until idle; answer(data) is sent back unless empty
     s = socket.socket(family(a.family), socket.SOCK_DGRAM)
     s.bind((a.addr, a.port))
     s.settimeout(a.timeout)
@@ -89,8 +89,11 @@ def server_udp(a):
         data, peer = s.recvfrom(65536)
         REPORT["datagrams"].append(data.hex())
         s.settimeout(a.idle)
-        if a.greet:
-            s.sendto(bytes.fromhex(a.greet), peer)
+        if answer(data):
+            s.sendto(answer(data), peer)
+
+def server_udp(a):
+    serve_datagrams(a, lambda data: bytes.fromhex(a.greet))
 
 def dns_answer(query):
     # the query with QR/RA set and one answer: 10.77.2.99 or 2001:db8:77:2::99
@@ -107,16 +110,7 @@ def dns_answer(query):
     return struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + query[12:i + 5] + answer
 
 def server_dns(a):
-    s = socket.socket(family(a.family), socket.SOCK_DGRAM)
-    s.bind((a.addr, a.port))
-    s.settimeout(a.timeout)
-    REPORT["queries"] = []
-    listening(a.ready)
-    while True:
-        data, peer = s.recvfrom(4096)
-        REPORT["queries"].append(data.hex())
-        s.sendto(dns_answer(data), peer)
-        s.settimeout(a.idle)
+    serve_datagrams(a, dns_answer)
 
 def server_http(a):
     import http.server
