@@ -114,7 +114,8 @@ def test_real_exchange_is_classified_then_dropped(host, loaded, clean_forward, b
     assert not ok, f"the {proto} exchange got through -m layer7 --l7proto {proto} -j DROP: {rep}"
 
 
-def test_ipv6_exchanges(host, loaded, clean_forward):
+@pytest.mark.parametrize("backend", ["nft"])
+def test_ipv6_exchanges(host, loaded, clean_forward, backend):
     """The same exchanges over IPv6 (ip6tables-nft): classified, nothing else counts."""
     add_rules(host, [f"ip6tables-nft -w -A FORWARD -m layer7 --l7proto {p}" for p in PROTOS])
     before = l7_counts(host, "ipv6", "nft")
@@ -170,10 +171,10 @@ def test_signature_split_across_segments(host, loaded, clean_forward, backend):
     assert rep["client"]["acked"] == [True, True, True], f"a near miss was dropped: {rep}"
 
 
-def test_byte_budget(host, loaded, clean_forward):
+def test_byte_budget(host, loaded, clean_forward, xtables):
     """maxdatalen: the signature must end within the first 2048 payload bytes
     (NULs not counted, letters in any case); one byte later it is never seen."""
-    add_rules(host, [f"iptables-legacy -w -A FORWARD -p tcp --dport 5004 -m layer7 {NEEDLE} -j DROP"])
+    add_rules(host, [f"{xtables.tool('ipv4')} -w -A FORWARD -p tcp --dport 5004 -m layer7 {NEEDLE} -j DROP"])
     needle = b"NeEdLe12X"
     cases = {   # label: (chunks, the last one dropped)
         "ends on byte 2048": ([b"f" * 1000, b"f" * (MAXDATALEN - 1000 - len(needle)), needle], True),
@@ -187,27 +188,28 @@ def test_byte_budget(host, loaded, clean_forward):
         assert acked == want, f"{label}: acknowledged {acked}, expected {want}"
 
 
-def test_packet_budget(host, loaded, clean_forward):
+def test_packet_budget(host, loaded, clean_forward, xtables):
     """num_packets: the signature in the 10th payload packet matches, in the 11th it does not."""
-    add_rules(host, [f"iptables-nft -w -A FORWARD -p tcp --dport 5005 -m layer7 {NEEDLE} -j DROP"])
+    tool = xtables.tool("ipv4", xtables.usable[-1])       # nft where both exist: the other one
+    add_rules(host, [f"{tool} -w -A FORWARD -p tcp --dport 5005 -m layer7 {NEEDLE} -j DROP"])
     for n, dropped in ((NUM_PACKETS, True), (NUM_PACKETS + 1, False)):
         chunks = [b"f%d" % i for i in range(n - 1)] + [b"needle7x"]
         acked = _chunks(host, 5005, chunks)["client"]["acked"]
         assert acked == [True] * (n - 1) + [not dropped], f"signature in packet {n}: {acked}"
 
 
-def test_udp_datagrams(host, loaded, clean_forward):
+def test_udp_datagrams(host, loaded, clean_forward, xtables):
     """A signature over two datagrams of one UDP flow: the second and every later
-    one are dropped; another flow is unaffected."""
-    add_rules(host, [f"iptables-legacy -w -A FORWARD -p udp --dport 5006 -m layer7 {NEEDLE} -j DROP"])
+    one are dropped."""
+    add_rules(host, [f"{xtables.tool('ipv4')} -w -A FORWARD -p udp --dport 5006 -m layer7 {NEEDLE} -j DROP"])
     grams = [b"xx need", b"le42x", b"later", b"later again"]
     rep = run(host, ("udp", "ipv4", 5006),
               ("chunks", "ipv4", 5006, {"proto": "udp", "chunks": ",".join(g.hex() for g in grams)}))
     assert [bytes.fromhex(d) for d in rep["server"]["datagrams"]] == [b"xx need"], rep
 
 
-def test_records_freed_when_connections_end(host, loaded, clean_forward):
-    add_rules(host, ["iptables-legacy -w -A FORWARD -m layer7 --l7proto http"])
+def test_records_freed_when_connections_end(host, loaded, clean_forward, xtables):
+    add_rules(host, [f"{xtables.tool('ipv4')} -w -A FORWARD -m layer7 --l7proto http"])
     assert exchange(host, "http")[0]
     assert classes(host)["http"]["conns"] >= 1
     host.run_test("conntrack -D -p tcp --dport 8080 >/dev/null 2>&1 || true")
@@ -218,14 +220,14 @@ def test_records_freed_when_connections_end(host, loaded, clean_forward):
     assert st["conns"] == 0 and st["freed"] >= 1 and st["matched"] >= 1, st
 
 
-def test_flood_is_bounded_and_evicted(host, loaded, clean_forward):
+def test_flood_is_bounded_and_evicted(host, loaded, clean_forward, xtables):
     """max_conns=4: six idle connections leave four records and two untracked;
     the idle records are evicted (the table is over 3/4 full) and a new
     connection is classified again."""
     res = host.run(reload_script("xt_layer7", params="max_conns=4"))
     assert res.rc == 0, res.stderr
     try:
-        add_rules(host, [f"iptables-legacy -w -A FORWARD -p tcp -m layer7 {NEEDLE} -j DROP"])
+        add_rules(host, [f"{xtables.tool('ipv4')} -w -A FORWARD -p tcp -m layer7 {NEEDLE} -j DROP"])
         script = "\n".join([
             start_server("hold", "ipv4", 5007),
             client_cmd("hold", "ipv4", 5007, count=6, timeout=60) + " > /tmp/nflab_hold.out &",
@@ -243,23 +245,24 @@ def test_flood_is_bounded_and_evicted(host, loaded, clean_forward):
         acked = _chunks(host, 5008, [b"a needle1x"])["client"]["acked"]
         assert acked == [False], "a new connection after the eviction was not classified"
     finally:
-        host.run("pkill -f '[n]flab_apps.py (client|server) hold'; iptables-legacy -w -F FORWARD")
+        host.run(f"pkill -f '[n]flab_apps.py (client|server) hold'; {xtables.tool('ipv4')} -w -F FORWARD")
         res = host.run(reload_script("xt_layer7"))
         assert res.rc == 0, res.stderr
 
 
-def test_pattern_errors_name_the_file_and_construct(host, loaded, clean_forward):
-    res = host.run(f"iptables-legacy -w -A FORWARD -m layer7 --l7dir {TESTDIR} --l7proto endanchor")
+def test_pattern_errors_name_the_file_and_construct(host, loaded, clean_forward, xtables):
+    first, last = (xtables.tool("ipv4", b) for b in (xtables.usable[0], xtables.usable[-1]))
+    res = host.run(f"{first} -w -A FORWARD -m layer7 --l7dir {TESTDIR} --l7proto endanchor")
     assert res.rc != 0 and f"{TESTDIR}/endanchor.pat" in res.stderr and "'$'" in res.stderr, res.stderr
-    res = host.run("iptables-nft -w -A FORWARD -m layer7 --l7proto nosuchproto")
+    res = host.run(f"{last} -w -A FORWARD -m layer7 --l7proto nosuchproto")
     assert res.rc != 0 and "no pattern file nosuchproto.pat in /etc/l7-protocols" in res.stderr, res.stderr
 
 
-def test_save_round_trip_and_shared_classes(host, loaded, clean_forward):
+def test_save_round_trip_and_shared_classes(host, loaded, clean_forward, xtables):
     """Rules save as they were given (--l7dir first, as l7-filter required); two
     rules with one pattern share one class, on each backend and family."""
     for family, tool in TOOLS.items():
-        for backend in BACKENDS:
+        for backend in xtables.usable:
             ipt = f"{tool}-{backend} -w"
             add_rules(host, [f"{ipt} -A FORWARD -p tcp -m layer7 ! --l7proto ssh -j ACCEPT",
                              f"{ipt} -A FORWARD -m layer7 --l7dir {TESTDIR} --l7proto needle -j DROP",
@@ -267,5 +270,5 @@ def test_save_round_trip_and_shared_classes(host, loaded, clean_forward):
             saved = host.check_output(f"{tool}-{backend}-save -t filter")
             assert "-A FORWARD -p tcp -m layer7 ! --l7proto ssh -j ACCEPT" in saved, saved
             assert f'-A FORWARD -m layer7 --l7dir "{TESTDIR}" --l7proto needle -j DROP' in saved, saved
-    st = classes(host)
-    assert st["needle"]["rules"] == 8 and st["ssh"]["rules"] == 4, st
+    st, n = classes(host), len(xtables.usable)
+    assert st["needle"]["rules"] == 4 * n and st["ssh"]["rules"] == 2 * n, st
