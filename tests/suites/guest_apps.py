@@ -25,6 +25,9 @@ from vm.app_netns import ADDR, CLIENT_NS, SERVER_NS
 
 SCRIPT = "/tmp/nflab_apps.py"
 READY = "/tmp/nflab_apps.ready"
+# the server's report goes to a file, printed after it ends: a report of more
+# than PIPE_BUF bytes written to the session's pipe could interleave with the client's
+SERVER_OUT = "/tmp/nflab_apps.server"
 
 APPS = r'''
 import json, signal, socket, struct, sys, time
@@ -269,7 +272,7 @@ def server_cmd(kind: str, family: str, port: int, **opts) -> str:
                 f"(for i in $(seq 200); do ip netns exec {SERVER_NS} ss -Hltn 'sport = :{port}' "
                 f"| grep -q . && break; sleep 0.05; done; touch {READY}) &")
     return _py(SERVER_NS, "server", kind, family=family, addr=addr, port=port, ready=READY,
-               **opts) + " &\nsrv=$!"
+               **opts) + f" > {SERVER_OUT} 2>&1 &\nsrv=$!"
 
 
 def client_cmd(kind: str, family: str, port: int, **opts) -> str:
@@ -282,7 +285,7 @@ def start_server(kind: str, family: str, port: int, **opts) -> str:
     Servers wait 30 s for a connection and 10 s between reads by default: the
     guest may be slow (TCG on a loaded host), and :func:`run` stops them anyway."""
     return "\n".join([
-        f"rm -f {READY}",
+        f"rm -f {READY} {SERVER_OUT}",
         server_cmd(kind, family, port, **opts),
         f"for i in $(seq 600); do [ -e {READY} ] && break; sleep 0.05; done",
         f"[ -e {READY} ] || echo '{{\"side\": \"server\", \"not_ready\": \"after 30 s\"}}'",
@@ -302,6 +305,7 @@ def run(host, server: tuple, client: tuple) -> dict:
         "for i in $(seq 40); do kill -0 $srv 2>/dev/null || break; sleep 0.05; done",
         "kill -TERM $srv 2>/dev/null",
         "wait",
+        f"cat {SERVER_OUT} 2>/dev/null",
     ])
     res = remote.run(host, script)
     reports = {}
