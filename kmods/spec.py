@@ -92,10 +92,14 @@ OPTION_TYPES = {
     # `member = "uint8".."uint64"` one integer member <field>, else no member
     "custom": OptionType("custom", "XTTYPE_STRING", "char", 1, 1, False, ("", "_len")),
 }
-# members the plugin's own custom parse functions fill, beside the options'
-# (userspace-owned: copied back when rules are listed)
+# members the plugin fills itself (its custom parse functions, or its final
+# check: layer7's automaton), beside the options' (userspace-owned: copied
+# back when rules are listed)
 FIELD_TYPES = ("uint8", "uint16", "uint32", "uint64")
-FIELD_COUNT_MAX = 64
+# an info struct must fit xt_entry_match/target: its __u16 size covers the
+# 32-byte header too, and XT_ALIGN rounds the total up to 8
+INFO_MAX = 65535 // 8 * 8 - 32
+FIELD_COUNT_MAX = INFO_MAX
 # kernel-private members (counters, pointers) that userspace never fills
 PRIVATE_TYPES = {
     "kptr": ("void *", 8, 8),
@@ -502,6 +506,9 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     _check_generated_names(ext, where)
     _check_custom_functions(ext, path, where)
     _check_collision(ext, where, kernel_modules)
+    if ext.kind != "hook" and ext.info_size > INFO_MAX:
+        raise _fail(where, "fields", f"the info struct has {ext.info_size} bytes",
+                    f"at most {INFO_MAX} (xt_entry_match/target sizes are 16-bit)")
     return ext
 
 

@@ -19,6 +19,9 @@ Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
   ``skipped: <reason>``;
 * ``test``: ``invoke test --name=iprange`` with no VM running, plain and with
   ``--html`` (the per-test packet report: its cost);
+* ``datapath`` (``--only=datapath``): packets/s the guest router forwards
+  under a pktgen flood, with conntrack alone and with a layer7 rule, one flow
+  and a new flow per packet (``nflab/datapath.py``);
 * ``workshop`` (``--workshop``): every exercise's reference solution on 6.1 and
   6.12 as an attendee runs it (build from a clean tree, install, its suite), one
   VM per kernel: seconds per exercise and the total (boot + exercises + poweroff).
@@ -40,6 +43,7 @@ from pathlib import Path
 from ground.errors import NflabError
 from ground.paths import REPO
 from kmods import spec as kspec
+from nflab import datapath
 from nflab import workshop as ws
 from supply import kernels
 from vm import lab
@@ -95,7 +99,7 @@ def _peak_rss_kib(pid: int) -> int | None:
     return None
 
 
-GROUPS = ("build", "boot", "snapshot", "vng", "test", "workshop")
+GROUPS = ("build", "boot", "snapshot", "vng", "test", "datapath", "workshop")
 DEFAULT_GROUPS = ("build", "boot", "snapshot", "vng", "test")
 WORKSHOP_KERNELS = ("6.1", "6.12")
 
@@ -157,12 +161,30 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
             results.append(_measure(f"invoke matrix --kernels={MATRIX_KERNELS} -j 2 (whole catalog)",
                                     lambda: _invoke("matrix", f"--kernels={MATRIX_KERNELS}", "-j", "2"), 1,
                                     note="one VM per kernel, both at once"))
+    if "datapath" in groups:
+        results += datapath_group(spec, runs, progress)
     if "workshop" in groups:
         results += workshop_group(WORKSHOP_KERNELS, extra, progress)
     lab.down(vm)
     extra["loadavg_end"] = _load()
     return {"measurements": [dict(asdict(m), median=m.median) for m in results],
             "rows": [m.row() for m in results], "info": extra}
+
+
+def datapath_group(spec, runs, progress) -> list[Measurement]:
+    """Packets/s through the guest router, with conntrack alone and with a
+    layer7 rule (these rows are in packets per second, not seconds)."""
+    progress("datapath: pktgen through the guest router")
+    lab.up(spec, "bench", progress=lambda *_: None)
+    rates = datapath.measure("bench", runs, progress)
+    rows = {name: Measurement(f"datapath: {name} (packets/s)", values,
+                              note=f"{datapath.PACKETS} UDP datagrams from pktgen")
+            for name, values in rates.items()}
+    for flows in datapath.FLOWS:
+        base, l7 = (rows[f"{flows}, {r}"] for r in datapath.RULES)
+        if base.median and l7.median:
+            l7.note += f"; {100 * l7.median / base.median:.0f}% of the rate with conntrack only"
+    return list(rows.values())
 
 
 def _build_group(spec, runs, cold, results, progress):

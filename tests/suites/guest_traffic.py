@@ -170,11 +170,12 @@ def clean_filter(request, host, routed, sink):
     host.run(script)
 
 
-def reload_script(module: str, tries: int = 100) -> str:
-    """rmmod + insmod the kit's *module* (fresh global state). nf_tables releases
-    deleted rules' expressions from a work queue, so rmmod may need a few tries."""
+def reload_script(module: str, tries: int = 100, params: str = "") -> str:
+    """rmmod + insmod the kit's *module* (fresh global state), with module
+    *params* (``name=value ...``). nf_tables releases deleted rules'
+    expressions from a work queue, so rmmod may need a few tries."""
     return (f"for i in $(seq {tries}); do rmmod {module} 2>/dev/null && break; sleep 0.05; done; "
-            f"test ! -e /sys/module/{module} && insmod {GUEST_DIR}/{module}.ko && "
+            f"test ! -e /sys/module/{module} && insmod {GUEST_DIR}/{module}.ko {params} && "
             f"grep -q O /sys/module/{module}/taint")
 
 

@@ -22,12 +22,30 @@ def test_groups_default_only_and_workshop():
         bench.groups_for("vng,nope")
 
 
+def test_datapath_is_a_group_of_its_own():
+    assert bench.groups_for("datapath,boot") == ["boot", "datapath"]
+    assert "datapath" not in bench.groups_for(None)
+
+
+def test_datapath_script_and_rate():
+    from nflab import datapath
+    one = datapath.pktgen_script(datapath.RULES["conntrack only"], datapath.FLOWS["one flow"], 500)
+    new = datapath.pktgen_script(datapath.RULES["with -m layer7 --l7proto http"],
+                                 datapath.FLOWS["a new flow per packet"], 500)
+    assert "echo 'count 500' > /proc/net/pktgen/eth0" in one and "UDPSRC_RND" not in one
+    assert "UDPSRC_RND" in new and "-m layer7 --l7proto http" in new and "-m layer7" not in one
+    assert new.index("-m layer7") < new.index("echo start")
+    assert datapath.rate("...\nforwarded 15000 usec 1500000\n") == 10000.0
+    with pytest.raises(ValueError):
+        datapath.rate("pktgen: nothing")
+
+
 def test_cli_rejects_an_unknown_group_before_anything_runs():
     res = subprocess.run([sys.executable, "-m", "invoke", "bench", "--only=boot,warp"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "unknown group(s) warp" in res.stdout + res.stderr
-    assert "valid: build, boot, snapshot, vng, test, workshop" in res.stdout + res.stderr
+    assert "valid: build, boot, snapshot, vng, test, datapath, workshop" in res.stdout + res.stderr
 
 
 def test_vng_missing_is_a_skipped_row_with_the_reason(monkeypatch):

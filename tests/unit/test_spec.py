@@ -128,6 +128,8 @@ BAD = [
     ("unknown-top-key", _match(colour="red"), "keys", "kind"),
     ("verdict-unknown", {**copy.deepcopy(TARGET_RAW), "verdict": "NF_STOLEN"}, "verdict", "NF_ACCEPT"),
     ("private-bad-type", _match(private=[{"name": "p", "type": "float"}]), "private", "kptr"),
+    ("fields-too-big", _match(fields=[{"name": "d", "type": "uint32", "count": 20000}]), "fields",
+     "xt_entry_match"),
     ("params-bad-type", _match(params=[{"name": "p", "type": "float"}]), "params", "charp"),
 ]
 
@@ -286,6 +288,18 @@ def test_private_members_follow_userspace_ones():
     assert ext.info_size == 16
 
 
+def test_large_fields_sit_between_flags_and_private_ones():
+    ext = spec.validate(_match(fields=[{"name": "n", "type": "uint16"},
+                                       {"name": "table", "type": "uint8", "count": 300,
+                                        "comment": "filled by the plugin"}],
+                               private=[{"name": "state", "type": "kptr"}]))
+    names = [m.name for m in ext.members]
+    assert names[names.index("flags") + 1:] == ["n", "table", "state"]
+    assert ext.members[-2].decl == "__u8 table[300]" and not ext.members[-2].private
+    # __u16 min_len, __u8 flags, pad, __u16 n, __u8 table[300] ends at 306; the pointer at 312
+    assert (ext.userspace_size, ext.info_size) == (312, 320)
+
+
 def test_userspace_size_is_offsetof_first_private_member():
     ext = spec.validate(_match(private=[{"name": "state", "type": "kptr"}]))
     assert ext.userspace_size == 8    # __u16 min_len, __u8 flags, pad to 8 for void *
@@ -326,7 +340,7 @@ def test_fields_are_plugin_filled_members_before_the_private_ones():
 
 
 @pytest.mark.parametrize("bad", [{"name": "k", "type": "int"}, {"name": "flags", "type": "uint8"},
-                                 {"name": "min_len", "type": "uint8"}, {"name": "k", "type": "uint8", "count": 65},
+                                 {"name": "min_len", "type": "uint8"}, {"name": "k", "type": "uint8", "count": 65497},
                                  {"name": "k", "type": "uint8", "size": 2}, "k"])
 def test_fields_are_validated(bad):
     raw = copy.deepcopy(MATCH_RAW)
