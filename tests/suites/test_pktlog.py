@@ -49,6 +49,7 @@ KERNEL_TROUBLE = r"BUG:|WARNING:|Oops|KASAN|general protection|refcount_t|list_(
 COUNTERS = ("unheard", "ratelimited", "failed", "events", "overrun")
 # pings to 127.0.0.1 as they leave: the request and the reply of each
 LOOP_PINGS = "--filter hook=LOCAL_OUT --filter l4proto=icmp --filter daddr4=127.0.0.1"
+RESET = "pktlog-listen stats --reset > /dev/null"     # counters to zero, quietly
 
 
 def sh(host, script: str) -> str:
@@ -187,7 +188,7 @@ def _expected(family: str, pkts: dict, idx: dict) -> dict:
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_forwarded_packets_reach_both_listeners(host, wire, pktlog, family, tag):
     from scapy.all import UDP
-    from vm.wire import payload
+    from nflab.tracing import payload
 
     client, server = PEERS[family]
     pkts = {}
@@ -215,7 +216,8 @@ def test_events_stay_in_their_netns(host, pktlog):
         sh(host, f"ip netns del {ns} 2>/dev/null; ip netns add {ns} && ip -n {ns} link set lo up\n"
                  f"pktlog-listen set {LOOP_PINGS}\nip netns exec {ns} pktlog-listen set {LOOP_PINGS} --rate 77\n"
                  f"{here.start()}\n{there.start()}\n"
-                 f"ping -c2 -i0.2 127.0.0.1 > /dev/null && ip netns exec {ns} ping -c3 -i0.2 127.0.0.1 > /dev/null")
+                 f"ping -c2 -i0.2 127.0.0.1 > /dev/null && "
+                 f"ip netns exec {ns} ping -c3 -i0.2 127.0.0.1 > /dev/null")
         out = sh(host, f"{here.wait()}\n{there.wait()}")
         here.parse(out), there.parse(out)
         main, other = stats(host), stats(host, ns)
@@ -282,7 +284,7 @@ def test_flood_is_rate_limited_and_drops_are_reported(host, pktlog, sink):
             f"s.sendto(b\"last\", (\"{REMOTE['ipv4']}\", {PORT}))'")
     # the bucket is full (burst) when set; t0 is taken before, t1 after the last packet
     out = sh(host, f"t0=$(date +%s.%N)\n"
-                   f"pktlog-listen set --rate {rate} --burst {burst} {flt} && pktlog-listen stats --reset > /dev/null\n"
+                   f"pktlog-listen set --rate {rate} --burst {burst} {flt} && {RESET}\n"
                    f"{listener.start()}\n{parallel_script('udp', 'ipv4', PORT, 16, per_cpu)}\n"
                    f"sleep 0.5\n{last}\nt1=$(date +%s.%N)\necho \"@@elapsed $t0 $t1\"")
     senders = parse_senders(out)
@@ -306,7 +308,7 @@ def test_flood_is_rate_limited_and_drops_are_reported(host, pktlog, sink):
 def test_listener_overrun_is_counted_and_told(host, pktlog, sink):
     listener = Listener("o", "--rcvbuf 4096 --timeout 120")
     flt = f"--filter hook=LOCAL_OUT --filter l4proto=udp --filter dport={PORT}"
-    out = sh(host, f"pktlog-listen set --rate 1000000 --burst 10000 {flt} && pktlog-listen stats --reset > /dev/null\n"
+    out = sh(host, f"pktlog-listen set --rate 1000000 --burst 10000 {flt} && {RESET}\n"
                    f"{listener.start()}\n{listener.signal('STOP')}\n"
                    f"{parallel_script('udp', 'ipv4', PORT, 16, 400, cpus=(0,))}\n"
                    f"{listener.signal('CONT')}\nsleep 1\n{listener.signal('TERM')}\n{listener.wait()}")
@@ -330,8 +332,7 @@ def test_permissions(host, pktlog):
 
 
 def test_clear_and_reset(host, pktlog):
-    sh(host, f"pktlog-listen set {LOOP_PINGS} && pktlog-listen stats --reset > /dev/null && "
-             "ping -c2 127.0.0.1 > /dev/null")
+    sh(host, f"pktlog-listen set {LOOP_PINGS} && {RESET} && ping -c2 127.0.0.1 > /dev/null")
     first = json.loads(sh(host, "pktlog-listen stats --reset --json").strip())
     assert first["matched"] == 4 and first["unheard"] == 4, first      # requests and replies
     after = stats(host)
