@@ -7,8 +7,8 @@ the same seed sends the same bytes. Every message is built to be wrong in one
 known way (unknown command, unknown or misplaced attribute, wrong length,
 flag with payload, out-of-range value, string without NUL or too long,
 nest without NLA_F_NESTED, garbage inside a nest, bytes left over, reserved
-header bits, a message shorter than the genl header, an oversized message,
-a dump request) or to be valid, or is a random mutation. The expected answer
+header bits (where the kernel checks them), a message shorter than the genl
+header, an oversized message, a dump request) or to be valid, or is a random mutation. The expected answer
 follows from the kind: refused (an NLMSG_ERROR with errno != 0), accepted
 (an ACK), any (exactly one NLMSG_ERROR, whatever its errno) or silent (a
 netlink header whose length is wrong: the kernel drops it without a word).
@@ -55,8 +55,8 @@ def load_listener(path: str):
 
 
 class Fuzzer:
-    def __init__(self, pl, table, fam: dict, rng: random.Random, limits: tuple):
-        self.pl, self.table, self.rng = pl, table, rng
+    def __init__(self, pl, table, fam: dict, rng: random.Random, limits: tuple, reserved: str):
+        self.pl, self.table, self.rng, self.reserved = pl, table, rng, reserved
         self.fam = fam["id"]
         self.get, self.set = table.commands["get"], table.commands["set"]
         self.rate_max, self.burst_max = limits
@@ -169,7 +169,8 @@ class Fuzzer:
         return self.message(self.set, attrs + b"\0" * r.randint(1, 3), seq), "refused", None
 
     def k_reserved(self, pl, r, nla, seq):
-        return self.message(self.get, b"", seq, reserved=r.randint(1, 0xFFFF)), "refused", None
+        # refused where generic netlink checks the reserved bits (genl_resv_start_op)
+        return self.message(self.get, b"", seq, reserved=r.randint(1, 0xFFFF)), self.reserved, None
 
     def k_short_genl(self, pl, r, nla, seq):
         body = bytes([self.get])[:r.randint(0, 1)] + b"\0" * r.randint(0, 2)
@@ -277,13 +278,17 @@ def main(argv=None) -> int:
     ap.add_argument("--listener", default=LISTENER)
     ap.add_argument("--rate-max", type=int, default=1000000)
     ap.add_argument("--burst-max", type=int, default=10000)
+    ap.add_argument("--reserved", choices=("refused", "any"), default="refused",
+                    help="what a request with reserved genl header bits gets (any: the kernel "
+                         "does not check them)")
     args = ap.parse_args(argv)
     pl = load_listener(args.listener)
     table = pl.Table.load()
     sock = pl.Genl()
     fam = sock.family(table.family)
     before = pl.get_state(sock, table, fam)
-    fuzz = Fuzzer(pl, table, fam, random.Random(args.seed), (args.rate_max, args.burst_max))
+    fuzz = Fuzzer(pl, table, fam, random.Random(args.seed), (args.rate_max, args.burst_max),
+                  args.reserved)
     fuzz.model.update(rate=before["rate"], burst=before["burst"])
     fuzz.model["filter"] = {table.id(k): table.encode(k, str(v)) for k, v in before.get("filter", {}).items()}
     report = fuzz.run(args.count)

@@ -252,14 +252,25 @@ def test_unload_with_listeners_open(host, pktlog):
     assert_kit_module(host, MOD)
 
 
-def test_fuzz_refuses_bad_messages(host, pktlog):
+def _feature(kernel_release: str, name: str) -> bool:
+    """A probe result of the pktlog build for this kernel (its nflab_features.h)."""
+    from ground.paths import build_dir
+    text = (build_dir() / kernel_release / "pktlog" / "nflab_features.h").read_text()
+    m = re.search(rf"#define NFLAB_HAVE_{name.upper()} ([01])", text)
+    assert m, f"no probe {name} in the pktlog build for {kernel_release}"
+    return m.group(1) == "1"
+
+
+def test_fuzz_refuses_bad_messages(host, pktlog, kernel_release):
     from kmods import spec
 
     nl = spec.load("pktlog").netlink
+    reserved = "refused" if _feature(kernel_release, "genl_resv_start_op") else "any"
     out = sh(host, f"cat > /tmp/pktlog_fuzz.py <<'NFLAB_EOF'\n{FUZZ.read_text()}\nNFLAB_EOF\n"
                    "n=$(dmesg | wc -l)\n"
                    f"python3 /tmp/pktlog_fuzz.py --seed {FUZZ_SEED} --count {FUZZ_COUNT} "
-                   f"--rate-max {nl.rate_max} --burst-max {nl.burst_max}; echo \"@@rc $?\"\n"
+                   f"--rate-max {nl.rate_max} --burst-max {nl.burst_max} --reserved {reserved}; "
+                   "echo \"@@rc $?\"\n"
                    "echo '@@dmesg'; dmesg | tail -n +$((n + 1))")
     report = json.loads(out.split("@@rc", 1)[0].strip().splitlines()[-1])
     assert "@@rc 0" in out and report["mismatches"] == [], json.dumps(report["mismatches"], indent=1)

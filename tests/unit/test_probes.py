@@ -50,6 +50,7 @@ SAMPLES = {
     "strncpy": "extern char * strncpy(char *,const char *, __kernel_size_t);",
     "nf_inet_ingress": "enum nf_inet_hooks {\n\tNF_INET_INGRESS = NF_INET_NUMHOOKS,\n};",
     "nla_strscpy": "ssize_t nla_strscpy(char *dst, const struct nlattr *nla, size_t dstsize);",
+    "genl_resv_start_op": "struct genl_family {\n\tu8\t\t\tresv_start_op;\n};",
     "genl_mcast_cap_net_admin": "#define GENL_MCAST_CAP_NET_ADMIN\tBIT(0)",
     "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar\t\t\tname[GENL_NAMSIZ];\n"
                                 "\tu8\t\t\tflags;\n\tu8\t\t\tcap_sys_admin:1;\n};",
