@@ -314,11 +314,12 @@ class Listener:
         # an event this socket has no room for fails the kernel's send (ENOBUFS):
         # the module counts it as "overrun" instead of not knowing
         self.sock.sock.setsockopt(SOL_NETLINK, NETLINK_BROADCAST_ERROR, 1)
+        self.req = Genl()       # requests on their own socket: no notice is read past
         self.fam = None
 
     def subscribe(self):
-        self.fam = self.sock.family(self.table.family)
-        check_layout(self.sock, self.table, self.fam)
+        self.fam = self.req.family(self.table.family)
+        check_layout(self.req, self.table, self.fam)
         group = self.fam["groups"].get(self.table.group)
         if group is None:
             raise SystemExit(_die(f"family {self.table.family} has no group {self.table.group}"))
@@ -329,7 +330,7 @@ class Listener:
                                   "CAP_NET_ADMIN in this network namespace"))
 
     def run(self) -> int:
-        ctrl = self.sock.family("nlctrl")
+        ctrl = self.req.family("nlctrl")
         self.sock.join(ctrl["groups"]["notify"])
         self.subscribe()
         if self.args.ready:
