@@ -107,6 +107,59 @@ PRIVATE_TYPES = {
     "u32": ("__u32", 4, 4),
 }
 
+# ---- netlink events of hook modules ([netlink] + [[events]]) ----------------
+# Attribute types an event field can have -> payload bytes (ifname: up to IFNAMSIZ).
+EVENT_TYPES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "s32": 4, "be16": 2,
+               "in_addr": 4, "in6_addr": 16, "ifname": 16}
+# What the kernel can report about a packet at a hook point -> the types that carry it.
+# The C that reads each (source, type) from a packet is in kmods/templates/_netlink.j2.
+EVENT_SOURCES = {
+    "nfproto": ("u8",), "hook": ("u8",), "priority": ("s32",),
+    "iif": ("u32",), "oif": ("u32",), "indev": ("ifname",), "outdev": ("ifname",),
+    "mark": ("u32",), "len": ("u32",), "l4proto": ("u8",),
+    "saddr": ("in_addr", "in6_addr"), "daddr": ("in_addr", "in6_addr"),
+    "sport": ("be16",), "dport": ("be16",),
+}
+# the address family a source/type pair only exists in
+EVENT_TYPE_FAMILY = {"in_addr": "ipv4", "in6_addr": "ipv6"}
+# names userspace shows (and accepts) for the values of some sources
+EVENT_NAMES = {
+    "nfproto": {2: "ipv4", 10: "ipv6"},
+    "hook": {0: "PRE_ROUTING", 1: "LOCAL_IN", 2: "FORWARD", 3: "LOCAL_OUT", 4: "POST_ROUTING"},
+    "l4proto": {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 58: "ipv6-icmp", 132: "sctp",
+                136: "udplite"},
+}
+GENL_NAME_MAX = 15      # GENL_NAMSIZ (16) minus the NUL
+EVENTS_MAX = 32         # the kernel's filter keeps a u32 bitmap of the fields it compares
+# The kit's own attributes, numbered first so their ids do not move with the events:
+# (name, type, meaning). Counters follow, then the definition's event fields.
+KIT_ATTRS = (
+    ("pad", "pad", "alignment of 64-bit attributes"),
+    ("lost", "u64", "event: matching packets not reported since the previous event "
+                    "(rate limit, failed sends)"),
+    ("filter", "nested", "SET: the fields an event must carry to be sent (empty: every packet); "
+                         "GET: the filter in force"),
+    ("rate", "u32", "SET/GET: events per second the netns may send"),
+    ("burst", "u32", "SET/GET: events the netns may send at once"),
+    ("reset", "flag", "GET: zero the counters once read"),
+    ("layout", "u32", "GET: hash of this attribute and command layout"),
+)
+COUNTERS = (
+    ("matched", "packets that passed the filter"),
+    ("unheard", "matching packets while nobody listened in the netns"),
+    ("ratelimited", "matching packets the rate limit kept from being reported"),
+    ("failed", "events that could not be built or sent"),
+    ("events", "events delivered to every listener"),
+    ("overrun", "events delivered, but not to a listener whose socket buffer was full"),
+)
+COMMANDS = (
+    ("event", "multicast: one matching packet"),
+    ("get", "counters, filter and rate limit of the netns"),
+    ("set", "filter and rate limit of the netns (CAP_NET_ADMIN)"),
+)
+RATE_MAX = 1000000      # events per second per netns
+BURST_MAX = 10000
+
 
 @dataclass
 class Option:
@@ -173,6 +226,71 @@ class HookPoint:
         return "NF_NETDEV_INGRESS" if self.hook == "INGRESS" else f"NF_INET_{self.hook}"
 
 
+@dataclass(frozen=True)
+class NlAttr:
+    """One attribute of a hook module's generic netlink family."""
+
+    name: str
+    type: str            # an EVENT_TYPES key, or pad, nested, flag
+    id: int
+    role: str            # kit, counter or event
+    source: str = ""     # events: an EVENT_SOURCES key
+    help: str = ""
+
+
+@dataclass
+class Netlink:
+    """The generic netlink family of a hook module that reports packets as events."""
+
+    family: str
+    group: str
+    version: int
+    attrs: list
+    rate_max: int = RATE_MAX
+    burst_max: int = BURST_MAX
+
+    @property
+    def events(self) -> list:
+        return [a for a in self.attrs if a.role == "event"]
+
+    @property
+    def counters(self) -> list:
+        return [a for a in self.attrs if a.role == "counter"]
+
+    @property
+    def counter_sizes(self) -> dict:
+        """The counters as hook.c.j2 takes a module's own (name -> how many): one each."""
+        return {a.name: 1 for a in self.counters}
+
+    def attr(self, name: str) -> NlAttr:
+        return next(a for a in self.attrs if a.name == name)
+
+    @property
+    def commands(self) -> list:
+        """[(name, id, meaning)]; 0 is unused."""
+        return [(name, i, text) for i, (name, text) in enumerate(COMMANDS, 1)]
+
+    @property
+    def layout(self) -> int:
+        """32-bit hash of everything both sides must agree on: the module reports it
+        (GET), the decoder table carries it."""
+        data = repr((self.family, self.group, self.version, [(a.id, a.name, a.type, a.source)
+                     for a in self.attrs], [c[:2] for c in self.commands]))
+        return int.from_bytes(hashlib.sha256(data.encode()).digest()[:4], "big")
+
+    def table(self) -> dict:
+        """The userspace decoder's table (JSON-able): what every id means."""
+        return {
+            "family": self.family, "group": self.group, "version": self.version,
+            "layout": self.layout,
+            "commands": {name: cid for name, cid, _ in self.commands},
+            "attrs": [{"name": a.name, "id": a.id, "type": a.type, "role": a.role,
+                       "source": a.source, "help": a.help,
+                       "names": {str(k): v for k, v in EVENT_NAMES.get(a.source, {}).items()}}
+                      for a in self.attrs],
+        }
+
+
 @dataclass
 class Extension:
     kind: str
@@ -195,6 +313,7 @@ class Extension:
     flags_type: str = "__u8"
     invert_shift: int = 4
     info_name: str = ""
+    netlink: Netlink | None = None
     raw: dict = field(default_factory=dict)
 
     # ---- names derived once, used by every template ---------------------
@@ -482,7 +601,7 @@ def _option_bounds(opt: Option, raw: dict, owhere: str):
 
 DEFINITION_KEYS = {"kind", "name", "summary", "families", "revision", "options", "private", "fields", "hooks",
                    "overrides_in_tree", "verdict", "tables", "author", "params", "test",
-                   "catalog_only", "flags_type", "invert_shift", "info_name"}
+                   "catalog_only", "flags_type", "invert_shift", "info_name", "netlink", "events"}
 
 
 def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Extension:
@@ -498,8 +617,14 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     _validate_private(ext, raw, where)
     if ext.kind == "hook":
         _validate_hook(ext, raw, where)
-    elif raw.get("hooks"):
-        raise _fail(where, "hooks", f"a {ext.kind} has no hooks of its own", "remove [[hooks]]")
+        ext.netlink = _validate_netlink(ext, raw, where)
+    else:
+        if raw.get("hooks"):
+            raise _fail(where, "hooks", f"a {ext.kind} has no hooks of its own", "remove [[hooks]]")
+        for key in ("netlink", "events"):
+            if key in raw:
+                raise _fail(where, key, f"a {ext.kind} sends no netlink events",
+                            "[netlink] and [[events]] only in hook modules")
     if ext.kind == "target":
         _validate_target(ext, raw, where)
     _validate_params(ext, raw, where)
@@ -728,6 +853,77 @@ def _validate_hook(ext: Extension, raw: dict, where: str):
     if len(set(keys)) != len(keys):
         raise _fail(where, "hooks", "the same (family, hook, priority) twice", "distinct hook points")
     ext.hooks = points
+
+
+def _validate_netlink(ext: Extension, raw: dict, where: str) -> Netlink | None:
+    """[netlink] (family, group, version) and [[events]]: the generic netlink family
+    a hook module reports packets through, and the fields of its events."""
+    if "netlink" not in raw and "events" not in raw:
+        return None
+    section = raw.get("netlink", {})
+    if not isinstance(section, dict):
+        raise _fail(where, "netlink", "not a table", "[netlink] family = ..., group = ..., version = 1")
+    extra = set(section) - {"family", "group", "version"}
+    if extra:
+        raise _fail(where, "netlink", f"unknown key(s) {sorted(extra)}", "family, group, version")
+    names = {}
+    for key, default in (("family", f"nflab_{ext.lname}"), ("group", "events")):
+        value = section.get(key, default)
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", value) \
+                or len(value) > GENL_NAME_MAX:
+            raise _fail(where, f"netlink.{key}", f"{value!r} cannot name a generic netlink {key}",
+                        f"lower-case letters, digits and _, at most {GENL_NAME_MAX} characters "
+                        "(GENL_NAMSIZ)")
+        names[key] = value
+    version = section.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 255:
+        raise _fail(where, "netlink.version", f"{version!r}", "an integer 1..255")
+    events = raw.get("events")
+    if not isinstance(events, list) or not events:
+        raise _fail(where, "events", "a netlink family needs at least one [[events]] field",
+                    '[[events]] name = "dport" type = "be16" source = "dport"')
+    if len(events) > EVENTS_MAX:
+        raise _fail(where, "events", f"{len(events)} fields", f"at most {EVENTS_MAX}")
+    kit = [name for name, _, _ in KIT_ATTRS] + [name for name, _ in COUNTERS]
+    attrs = [NlAttr(name, typ, i, "kit", help=text) for i, (name, typ, text) in enumerate(KIT_ATTRS, 1)]
+    attrs += [NlAttr(name, "u64", i, "counter", help=text)
+              for i, (name, text) in enumerate(COUNTERS, len(attrs) + 1)]
+    seen = {}
+    for i, ev in enumerate(events):
+        attr = _event(ev, len(attrs) + 1, f"{where} events[{i}]", ext.families)
+        if attr.name in kit or attr.name in seen:
+            raise _fail(f"{where} events[{i}]", "name", f"{attr.name!r} is used twice or by the kit",
+                        "a name other than " + ", ".join(kit + sorted(seen)))
+        if (attr.source, attr.type) in seen.values():
+            raise _fail(f"{where} events[{i}]", "source", f"{attr.source} as {attr.type} is "
+                        "reported twice", "each source once per type")
+        seen[attr.name] = (attr.source, attr.type)
+        attrs.append(attr)
+    return Netlink(names["family"], names["group"], version, attrs)
+
+
+def _event(raw, attr_id: int, where: str, families: list) -> NlAttr:
+    if not isinstance(raw, dict):
+        raise _fail(where, "events", "not a table", "name, type, source, help")
+    extra = set(raw) - {"name", "type", "source", "help"}
+    if extra:
+        raise _fail(where, "events", f"unknown key(s) {sorted(extra)}", "name, type, source, help")
+    name = check_ident(raw.get("name"), where, "name")
+    source = raw.get("source", name)
+    if source not in EVENT_SOURCES:
+        raise _fail(where, "source", f"unknown source {source!r}", ", ".join(EVENT_SOURCES))
+    typ = raw.get("type")
+    if typ not in EVENT_TYPES:
+        raise _fail(where, "type", f"unknown type {typ!r}", ", ".join(EVENT_TYPES))
+    if typ not in EVENT_SOURCES[source]:
+        raise _fail(where, "type", f"{source} cannot be reported as {typ}",
+                    " or ".join(EVENT_SOURCES[source]))
+    family = EVENT_TYPE_FAMILY.get(typ)
+    if family and family not in families:
+        raise _fail(where, "type", f"{typ} needs {family} packets, the module sees "
+                    + ", ".join(families), f"{family} in the extension's families, or another type")
+    text = check_text(raw.get("help", ""), where, "help", 200)
+    return NlAttr(name, typ, attr_id, "event", source, text)
 
 
 def _check_collision(ext: Extension, where: str, kernel_modules=None):

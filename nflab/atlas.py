@@ -1003,7 +1003,10 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
         rules.remove_all()
 
     say("reading /proc/net/nflab_* (your hook modules and the tracer)")
-    proc_points = _proc_points(guest)
+    proc_points, genl = _proc_points(guest)
+    for module, family in sorted(genl.items()):
+        atlas.notes.append(f"{module} reports the packets it sees to userspace: generic netlink "
+                           f"family {family.get('family', '?')}, multicast group {family.get('group', '?')}")
     atlas.notes.append("tracer points: " + " ".join(str(p) for p in TRACER_POINTS)
                        + " on every inet hook, 0 on netdev ingress (eth1)")
     merge(atlas, nft_rows, proc_points)
@@ -1167,10 +1170,17 @@ def _nft_hooks(guest: _Guest, atlas: Atlas, say) -> list | None:
     return None
 
 
-def _proc_points(guest: _Guest) -> dict:
-    """module -> [(family, hook, priority)] of every loaded nflab hook module."""
+def _proc_points(guest: _Guest) -> tuple[dict, dict]:
+    """module -> [(family, hook, priority)] of every loaded nflab hook module, and
+    module -> {family, group, ...} of those that report to a generic netlink
+    family (their ``genl family=... group=...`` line, e.g. nflab_pktlog)."""
     rc, out, _ = guest.run('for f in /proc/net/nflab_*; do [ -e "$f" ] || continue; '
-                           'echo "=== ${f##*/}"; grep "^point " "$f"; done')
+                           'echo "=== ${f##*/}"; grep -E "^(point|genl) " "$f"; done')
+    return parse_proc_points(out)
+
+
+def parse_proc_points(out: str) -> tuple[dict, dict]:
+    """The output of :func:`_proc_points`' guest command, parsed."""
     sections: dict = {}
     current = None
     for line in out.splitlines():
@@ -1179,12 +1189,15 @@ def _proc_points(guest: _Guest) -> dict:
             sections[current] = []
         elif current:
             sections[current].append(line)
-    result = {}
+    result, genl = {}, {}
     for module, lines in sections.items():
         pts = [p for p in tracing.parse("\n".join(lines)).points if p.registered]
         if pts:
             result[module] = [(p.family, p.hook, p.priority) for p in pts]
-    return result
+        for line in lines:
+            if line.startswith("genl "):
+                genl[module] = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+    return result, genl
 
 
 def run(kernel: str | None = None, vm: str = "atlas", *, out: str = "atlas.svg", keep: bool = False,

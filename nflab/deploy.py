@@ -49,10 +49,11 @@ def check_plugin_xtables(so: Path, guest_version: str, where: str, *, name: str 
                               f"host's: `invoke rootfs --rebuild`, then `invoke vm-down` and `vm-up`")
 
 
-def guest_files(name: str) -> dict[str, bytes]:
+def guest_files(name: str) -> dict:
     """Extra files an extension needs in the guest (e.g. geoip's database).
 
-    A catalog folder may hold ``guest_files.py`` with ``files() -> {guest path: bytes}``."""
+    A catalog folder may hold ``guest_files.py`` with ``files() -> {guest path:
+    bytes}``; a value may also be ``(bytes, mode)`` (pktlog's listener: 0o755)."""
     hook = definition_path(name).parent / "guest_files.py"
     if not hook.is_file():
         return {}
@@ -64,9 +65,12 @@ def guest_files(name: str) -> dict[str, bytes]:
     finally:
         sys.dont_write_bytecode = old
     out = mod.files()
-    for path in out:
+    for path, value in out.items():
         if not path.startswith("/") or ".." in path.split("/"):
             raise NflabError(f"{hook}: guest path {path!r} must be absolute, without ..")
+        if isinstance(value, tuple) and not (len(value) == 2 and isinstance(value[1], int)
+                                             and 0 <= value[1] <= 0o777):
+            raise NflabError(f"{hook}: {path}: a tuple must be (bytes, mode 0..0o777)")
     return out
 
 

@@ -77,6 +77,8 @@ _CONTEXT_CMDS = [
     ("ip6tables-save", "ip6tables-save -c 2>&1 | head -150"),
     ("nft ruleset", "nft list ruleset 2>&1 | head -150"),
     ("tracer log", "test -r /proc/net/nflab_tracer && tail -60 /proc/net/nflab_tracer"),
+    # the other hook modules' state (pktlog's counters, limit and filter), as the report lists it
+    ("hook modules", dict(tracing.REPORT_SOURCES)["nflab hook modules"].format(module=tracing.MODULE)),
     ("kernel log", "dmesg | tail -30"),
 ]
 

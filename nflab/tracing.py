@@ -444,6 +444,10 @@ REPORT_SOURCES = (
     ("iptables-nft-save -c", 'case "$NFT" in *"table ip "*) iptables-nft-save -c;; esac'),
     ("ip6tables-nft-save -c", 'case "$NFT" in *"table ip6 "*) ip6tables-nft-save -c;; esac'),
     ("nft list ruleset", 'printf "%s\\n" "$NFT"; exit $NFT_RC'),
+    # the state of every other nflab hook module (pktlog's counters, limit, filter)
+    ("nflab hook modules", 'for f in /proc/net/nflab_*; do [ -e "$f" ] || continue; '
+                           'case "${{f##*/}}" in {module}) continue;; esac; '
+                           'echo "# ${{f##*/}}"; grep -v "^point " "$f"; done; true'),
 )
 _MARK = "@@nflab-report@@"
 

@@ -76,14 +76,16 @@ def guest_facts(vm: str, state) -> tuple[str, str]:
     return _facts[key]
 
 
-def _copy_files(vm: str, files: dict[str, bytes]):
-    """Ship *files* in one tar stream over the SSH master."""
+def _copy_files(vm: str, files: dict):
+    """Ship *files* ({guest path: bytes or (bytes, mode)}) in one tar stream over
+    the SSH master."""
     buf = io.BytesIO()
     # gzip -1: a .ko with its debug info is ~0.5 MB; -9 took 2 s for the catalog's 14
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
-        for path, data in sorted(files.items()):
+        for path, value in sorted(files.items()):
+            data, mode = value if isinstance(value, tuple) else (value, 0o644)
             info = tarfile.TarInfo(path.lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
             tar.addfile(info, io.BytesIO(data))
     lab.exec(vm, "tar -xzf - -C /", input=buf.getvalue(), timeout=120, check=True)
 
@@ -114,7 +116,7 @@ class Plan:
     script: list
 
 
-def plan(art: Built, extra: dict[str, bytes], params: dict | None) -> Plan:
+def plan(art: Built, extra: dict, params: dict | None) -> Plan:
     """What loading *art* (with module *params*) takes: its files (plus the *extra*
     guest files it needs) and its part of the load script."""
     files = {f"{GUEST_DIR}/{art.ko.name}": art.ko.read_bytes()}

@@ -124,6 +124,13 @@ static inline void nflab_conncount_destroy(struct net *net, u8 family,
 #endif
 #endif /* _NF_CONNTRACK_COUNT_H */
 
+/* nla_strscpy(): a NUL-terminated copy of a string attribute. */
+#if NFLAB_HAVE_NLA_STRSCPY
+#define nflab_nla_strscpy(dst, nla, size) nla_strscpy(dst, nla, size)
+#else
+#define nflab_nla_strscpy(dst, nla, size) nla_strlcpy(dst, nla, size)
+#endif
+
 /* Names of hook points, for logs and /proc files. */
 static inline const char *nflab_hook_name(u8 pf, unsigned int hooknum)
 {

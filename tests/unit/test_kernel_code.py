@@ -120,9 +120,10 @@ def test_hook_counters_are_per_cpu_u64_stats(ext):
     assert "atomic64_t" not in src and "atomic_t" not in src, "a shared atomic counter"
     assert "alloc_percpu(struct" in src and "u64_stats_update_begin(&st->syncp)" in src
     # a clear writes only this CPU's counters (the sums subtracted), serialised
-    clear = dict(_functions(src))[f"{ext.prefix}_clear"]
-    assert "this_cpu_ptr(pn->stats)" in clear and "per_cpu_ptr" not in clear
-    assert "mutex_lock(" in clear
+    fns = dict(_functions(src))
+    clear, subtract = fns[f"{ext.prefix}_clear"], fns[f"{ext.prefix}_subtract"]
+    assert f"{ext.prefix}_subtract(pn, sum);" in clear and "mutex_lock(" in clear
+    assert "this_cpu_ptr(pn->stats)" in subtract and "per_cpu_ptr" not in subtract
 
 
 def test_checker_sees_a_block_included_at_the_wrong_depth():

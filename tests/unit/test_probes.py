@@ -49,6 +49,11 @@ SAMPLES = {
     "strlcpy": "size_t strlcpy(char *, const char *, size_t);",
     "strncpy": "extern char * strncpy(char *,const char *, __kernel_size_t);",
     "nf_inet_ingress": "enum nf_inet_hooks {\n\tNF_INET_INGRESS = NF_INET_NUMHOOKS,\n};",
+    "nla_strscpy": "ssize_t nla_strscpy(char *dst, const struct nlattr *nla, size_t dstsize);",
+    "genl_resv_start_op": "struct genl_family {\n\tu8\t\t\tresv_start_op;\n};",
+    "genl_mcast_cap_net_admin": "#define GENL_MCAST_CAP_NET_ADMIN\tBIT(0)",
+    "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar\t\t\tname[GENL_NAMSIZ];\n"
+                                "\tu8\t\t\tflags;\n\tu8\t\t\tcap_sys_admin:1;\n};",
 }
 # What the older kernels had instead (present, but not what the probe asks for).
 NEAR_MISSES = {
@@ -58,6 +63,8 @@ NEAR_MISSES = {
     "timer_container_of": "#define from_timer(var, callback_timer, timer_fieldname) \\\n"
                           "\tcontainer_of(callback_timer, typeof(*var), timer_fieldname)",
     "pde_data": "void *PDE_DATA(const struct inode *);",
+    "nla_strscpy": "size_t nla_strlcpy(char *dst, const struct nlattr *nla, size_t dstsize);",
+    "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n\tu8 flags;\n};",
     "nf_conncount_count_skb": "unsigned int nf_conncount_count(struct net *net, "
                               "struct nf_conncount_data *data);",
 }
@@ -266,6 +273,7 @@ COMPAT_USER = textwrap.dedent("""\
     #include <linux/random.h>
     #include <linux/timer.h>
     #include <net/netfilter/nf_conntrack_count.h>
+    #include <net/netlink.h>
     #include "compat_nflab.h"
 
     struct holder {
@@ -281,11 +289,15 @@ COMPAT_USER = textwrap.dedent("""\
     	nflab_strscpy(h->name, "x", sizeof(h->name));
     }
 
-    int nflab_compat_use(struct net *net, struct net_device *dev, struct inode *inode);
-    int nflab_compat_use(struct net *net, struct net_device *dev, struct inode *inode)
+    int nflab_compat_use(struct net *net, struct net_device *dev, struct inode *inode,
+    		     const struct nlattr *nla);
+    int nflab_compat_use(struct net *net, struct net_device *dev, struct inode *inode,
+    		     const struct nlattr *nla)
     {
     	struct nf_conncount_data *data = nflab_conncount_init(net, NFPROTO_IPV4, 8);
     	struct holder h = {};
+
+    	nflab_nla_strscpy(h.name, nla, sizeof(h.name));
 
     	timer_setup(&h.timer, holder_fire, 0);
     	nflab_timer_delete(&h.timer);
