@@ -87,10 +87,12 @@ class BuildRoot:
                              "inside a build root with it", hint=BWRAP_HINT)
         args = [bwrap, "--bind", str(self.path), "/", "--dev", "/dev", "--proc", "/proc",
                 "--tmpfs", "/tmp", "--unshare-net", "--die-with-parent", "--clearenv"]
-        for path in ro:
-            args += ["--ro-bind", str(path), str(path)]
+        for path in ro:                           # a path not made yet has nothing to see
+            if os.path.exists(path):
+                args += ["--ro-bind", str(path), str(path)]
         for path in rw:
-            args += ["--bind", str(path), str(path)]
+            if os.path.exists(path):
+                args += ["--bind", str(path), str(path)]
         base_env = {"PATH": "/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin", "LC_ALL": "C",
                     "HOME": "/tmp", "TMPDIR": "/tmp"}
         for key, value in {**base_env, **(env or {})}.items():
