@@ -113,9 +113,11 @@ def cached_kernels() -> list[Kernel]:
         for entry in sorted(base.iterdir()):
             if (entry / MANIFEST).is_file():
                 try:
-                    found.append(Kernel.load(entry))
+                    kernel = Kernel.load(entry)
                 except (KernelError, TypeError, json.JSONDecodeError):
                     continue
+                if not _key_problem(entry, kernel):   # damaged: `fetch` names the damage
+                    found.append(kernel)
     found.sort(key=lambda k: abi_sort_key(k.abi), reverse=True)
     return found
 
@@ -130,6 +132,11 @@ def abi_sort_key(abi: str):
 
 
 # ---------------------------------------------------------------- integrity records
+
+# the headers Makefile's absolute references: Debian's include of the common
+# headers, Kbuild's O= include of the source tree and (7.x) its KBUILD_OUTPUT
+_MAKEFILE_REF_RE = re.compile(r"^(?:include|export KBUILD_OUTPUT\s*:?=)\s*(/\S+)\s*$", re.M)
+
 
 def _walk(root: Path) -> dict[str, str]:
     """relative path -> size (regular files) or '->target' (symlinks), dirs left out.
@@ -235,9 +242,18 @@ def check_entry(entry: Path) -> str | None:
         kernel = Kernel.load(entry)
     except (KernelError, TypeError, ValueError, OSError) as exc:
         return f"its manifest is unreadable ({exc})"
+    return _key_problem(entry, kernel) or _check_records(entry, kernel)
+
+
+def _key_problem(entry: Path, kernel: Kernel) -> str | None:
+    """What is missing of what every build and boot needs (stat calls only)."""
     for path in _key_files(kernel):
         if not path.is_file():
             return f"{path.relative_to(entry)} is missing"
         if path.stat().st_size == 0:
             return f"{path.relative_to(entry)} is empty"
-    return _check_records(entry, kernel)
+    makefile = Path(kernel.headers) / "Makefile"
+    for target in _MAKEFILE_REF_RE.findall(makefile.read_text(errors="replace")):
+        if not Path(target).exists():
+            return f"{makefile.relative_to(entry)} refers to {target}, which does not exist"
+    return None

@@ -377,8 +377,9 @@ def toolchain(p: Plan, progress=None) -> buildroot.BuildRoot:
                             progress=progress)
 
 
-def _in_root(root: buildroot.BuildRoot, cmd, *, cwd=None, timeout=600):
-    res = root.run(cmd, rw=[kernels_dir()], cwd=cwd, timeout=timeout)
+def _in_root(root: buildroot.BuildRoot, cmd, *, cwd=None, timeout=600, rw=()):
+    """*cmd* in *root*, with the kernel cache and *rw* writable; KernelError on failure."""
+    res = root.run(cmd, rw=[kernels_dir(), *rw], cwd=cwd, timeout=timeout)
     if res.returncode != 0:
         raise KernelError(f"`{' '.join(map(str, cmd))}` failed with exit {res.returncode} "
                           f"in the {root.release} build root",
@@ -474,37 +475,51 @@ def configure(src: Path, out: Path, p: Plan, progress=None, symbols=None) -> Pat
     if progress:
         progress(f"configuring {p.release}: allnoconfig + kit base + fragment, olddefconfig "
                  f"(in the {root.release} build root)")
-    _in_root(root, make + ["allnoconfig"])
+    work = [out.parent]      # the build tree may live outside the cache (tests do)
+    _in_root(root, make + ["allnoconfig"], rw=work)
     _in_root(root, [src / "scripts/kconfig/merge_config.sh", "-m", "-O", out, out / ".config",
-                    frags / "base.config", frags / "user.config", frags / "release.config"], cwd=src)
-    _in_root(root, make + ["olddefconfig"])
-    final = read_config(out / ".config")
-    symbols = symbols if symbols is not None else kconfig_symbols(src)
+                    frags / "base.config", frags / "user.config", frags / "release.config"],
+             cwd=src, rw=work)
+    _in_root(root, make + ["olddefconfig"], rw=work)
+    given_up = check_survivors(p, read_config(out / ".config"),
+                               symbols if symbols is not None else kconfig_symbols(src), out)
+    if given_up and progress:
+        progress(f"{p.release}: {len(given_up)} option(s) of the kit's base go with what "
+                 "the fragment turns off: " + ", ".join(l.split(":")[0] for l in given_up))
+    return out / ".config"
+
+
+def check_survivors(p: Plan, final: dict[str, str], symbols: dict[str, list[str]],
+                    out: Path) -> list[str]:
+    """Raise KernelError naming every requested option Kconfig dropped.
+
+    The user's fragment wins over the base for the symbols it names; the base's
+    other options must survive, except those depending on an option the user
+    turned off on purpose (a kernel without legacy xtables loses the
+    iptables-legacy tables the base asks for): those are returned, named."""
     user = parse_fragment(p.fragment)
-    # the user's fragment wins over the base for the symbols it names; the base's other
-    # options must survive (an option the lab needs that the fragment took away by
-    # dependency is an error too)
-    # ...except what depends on an option the user turned off on purpose (a kernel
-    # without legacy xtables loses the iptables-legacy tables the base asks for)
     off = {k[len("CONFIG_"):] for k, v in user.items() if v == "n"}
     base = {k: v for k, v in parse_fragment(p.base).items()
-            if k[len("CONFIG_"):] in symbols and k not in user
-            and not depends_on(k[len("CONFIG_"):], symbols) & off}
-    lost_base = dropped_options(base, final, symbols)
+            if k[len("CONFIG_"):] in symbols and k not in user}
+    waived = {k: v for k, v in base.items() if depends_on(k[len("CONFIG_"):], symbols) & off}
     lost_user = dropped_options(user, final, symbols)
-    if lost_user or lost_base:
-        detail = []
-        if lost_user:
-            detail += ["your fragment:"] + [f"  {l}" for l in lost_user]
-        if lost_base:
-            detail += [f"the kit's {BASE_FRAGMENT.name}:"] + [f"  {l}" for l in lost_base]
-        raise KernelError(
-            f"Kconfig dropped {len(lost_user) + len(lost_base)} requested option(s) for {p.release} "
-            f"(linux-source-{p.line} {p.version})",
-            hint="add the options they depend on to the fragment, or remove them; "
-                 f"the resulting config is {out / '.config'}",
-            detail="\n".join(detail))
-    return out / ".config"
+    lost_base = dropped_options({k: v for k, v in base.items() if k not in waived}, final, symbols)
+    given_up = dropped_options(waived, final, symbols)
+    if not (lost_user or lost_base):
+        return given_up
+    detail = []
+    for label, lines in (("your fragment:", lost_user),
+                         (f"the kit's {BASE_FRAGMENT.name}:", lost_base),
+                         (f"the kit's {BASE_FRAGMENT.name}, going with what your fragment "
+                          "turns off (not an error):", given_up)):
+        if lines:
+            detail += [label] + [f"  {l}" for l in lines]
+    raise KernelError(
+        f"Kconfig dropped {len(lost_user) + len(lost_base)} requested option(s) for {p.release} "
+        f"(linux-source-{p.line} {p.version})",
+        hint="add the options they depend on to the fragment, or remove them; "
+             f"the resulting config is {out / '.config'}",
+        detail="\n".join(detail))
 
 
 # ---------------------------------------------------------------- build
@@ -581,6 +596,20 @@ def build(p: Plan, tmp: Path, src: Path, progress=None, jobs: int | None = None)
     return times
 
 
+def retarget_output_makefile(out: Path, final: Path):
+    """Point the ``O=`` tree's generated Makefile at where the tree will live.
+
+    From 7.x Kbuild writes ``export KBUILD_OUTPUT = <abs O= dir>`` into it, so a
+    tree renamed from ``.build-<release>`` into the entry would send every
+    ``make -C build M=...`` to a directory that is gone."""
+    makefile = out / "Makefile"
+    text = makefile.read_text()
+    fixed = re.sub(rf"^(export KBUILD_OUTPUT\s*:?=\s*){re.escape(str(out))}\s*$",
+                   lambda m: m.group(1) + str(final), text, flags=re.M)
+    if fixed != text:
+        makefile.write_text(fixed)
+
+
 def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
     final = entry / "root"
     rel = p.release
@@ -647,6 +676,7 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
                 f"the next fetch resumes the build in {work} (delete it to start over)"
             raise
         _write_manifest(p, work, entry, times)
+        retarget_output_makefile(work / "build", entry / "build")
         if entry.exists():
             if progress:
                 progress(f"replacing {entry}")
