@@ -142,6 +142,11 @@ def w1_sparse(top: Path, kernel, root) -> list[Finding]:
     (top / "check-build.log").write_text(log)
     found = [Finding("W=1" if re.search(r"\[-W[\w=-]+\]$", f.message) else "sparse",
                      f.file, f.line, f.kind, f.message) for f in _parse("W=1", log, _CC_RE, top)]
+    # Kbuild turns C=2 off when it finds the checker too old (or its own test
+    # script missing from the headers): that is a finding, never a silent pass
+    off = next((ln.strip() for ln in log.splitlines() if "specified, but" in ln and "not up to date" in ln), None)
+    if off:
+        found.append(Finding("sparse", "-", 0, "not run", off.split(": ", 1)[-1]))
     if res.returncode != 0 and not any(f.tool == "W=1" for f in found):
         raise BuildError(f"the W=1/sparse build in {top} failed", detail=log[-3000:],
                          hint=f"full log: {top / 'check-build.log'}")
@@ -150,7 +155,9 @@ def w1_sparse(top: Path, kernel, root) -> list[Finding]:
 
 def coccicheck(top: Path, tree: Path, root) -> list[Finding]:
     # J=1: with --jobs, spatch (parmap) writes files into its cwd, the read-only source tree
-    res = root.run(["make", "-C", tree, "coccicheck", "MODE=report", f"M={top}", "J=1"],
+    # --python: spatch 1.1 (bullseye) cannot tell which python to embed without it
+    res = root.run(["make", "-C", tree, "coccicheck", "MODE=report", f"M={top}", "J=1",
+                    "SPFLAGS=--python python3"],
                    rw=[top], ro=[kernels_dir()])
     log = res.stdout + (res.stderr or "")
     (top / "coccicheck.log").write_text(log)
