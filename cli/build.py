@@ -19,12 +19,14 @@ from supply import buildroot
     "all": "build every catalog extension",
     "quiet": "no progress display",
     "userland": buildroot.USERLAND_HELP,
+    "check": "also run the maintainers' static checks: checkpatch.pl --strict, a W=1 build "
+             "with sparse (C=2), coccicheck; allowed findings: kmods/static_checks.toml",
 })
 @friendly
-def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=None):
+def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=None, check=False):
     """Render and build an extension's .ko and libxt_*.so for a kernel."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
-    from kmods import build, spec
+    from kmods import build, checks, spec
     from supply import kernels
 
     buildroot.use_userland(userland)
@@ -49,6 +51,17 @@ def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=Non
         print(f"error: {n}: {exc}", file=sys.stderr)
     if failed:
         raise NflabError(f"{len(failed)} of {len(names)} extensions failed to build")
+    if check:
+        with Progress(quiet) as progress:
+            findings = checks.run([art.name for art in built], kern, progress=progress)
+        for f in findings:
+            print(f, file=sys.stderr)
+        if findings:
+            raise NflabError(f"{len(findings)} static check finding(s) on {kern.release}",
+                             hint="fix the template, or list the finding with its reason in "
+                                  "kmods/static_checks.toml")
+        print(f"static checks: {len(built)} extension(s) clean on {kern.release} "
+              "(checkpatch --strict, W=1, sparse, coccicheck)")
 
 
 @task(help={

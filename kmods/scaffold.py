@@ -1,4 +1,11 @@
-"""`invoke new-module`: write a definition (and a starter template) that builds at once."""
+"""`invoke new-module`: write a definition, a starter template, a starter suite and
+(matches, targets) a rule-syntax ``.t`` file, which build and run at once.
+
+The suite sends a real packet through the lab's router and checks that the
+extension saw it; its second test is a placeholder marked ``xfail(strict=True)``
+that the author replaces with what the extension must do (a placeholder that
+starts to pass fails the run), as the workshop skeletons are red until done.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,10 @@ from pathlib import Path
 
 from kmods import spec
 from ground.errors import SpecError
+from ground.paths import REPO
+
+SUITES = REPO / "tests" / "suites"
+PORT = 40900        # the starter suites' UDP port (no catalog suite uses it)
 
 _MATCH_BODY = """{% extends "match.c.j2" %}
 {# A starter match: packets at least --min-len bytes long. Edit freely. #}
@@ -41,6 +52,127 @@ _HOOK_BODY = """{% extends "hook.c.j2" %}
 """
 
 
+_SUITE_HEAD = '''"""{name}: starter suite written by `invoke new-module` (edit it).
+
+{what}
+test_replace_me is a placeholder marked xfail(strict=True): replace it with
+the test that proves what {name} must do and remove the mark (while it is
+there, a placeholder that starts to pass fails the run).
+
+Run: invoke test --name={name}
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.suites.catalog_helpers import (CLIENT4, CLIENT6, SERVER4, SERVER6,  # noqa: F401
+                                          add_rules, assert_kit_module, clean_forward, flush_chains,
+                                          l3, proc_lines, rule_counters, send_tagged, sentinel)
+from tests.suites.conftest import tag  # noqa: F401
+
+pytestmark = pytest.mark.vm
+MODULE = "{module}"
+PORT = {port}
+FAMILY = "{family}"
+
+
+@pytest.fixture(scope="module")
+def loaded(host):
+    assert_kit_module(host, MODULE)
+
+
+def _packet(t):
+    from scapy.all import UDP
+    from nflab.tracing import payload
+    src, dst = (CLIENT6, SERVER6) if FAMILY == "ipv6" else (CLIENT4, SERVER4)
+    return l3(FAMILY)(src=src, dst=dst) / UDP(sport=33000, dport=PORT) / payload(t, 48)
+
+'''
+
+_SUITE_XT = '''
+@pytest.fixture
+def clean_chain(host, routed):
+    flush_chains(host, (("{table}", "FORWARD"),))
+    yield
+    flush_chains(host, (("{table}", "FORWARD"),))
+
+
+def test_forwarded_packet_meets_the_rule(host, wire, loaded, clean_chain, tag):
+    tool = "ip6tables" if FAMILY == "ipv6" else "iptables"
+    add_rules(host, [f"{{tool}}-legacy -w {rule}"])
+    t = tag()
+    arrived = send_tagged(wire, {{t: _packet(t)}}, sentinel=sentinel(FAMILY, tag()))
+    assert arrived == {{t}}, "the packet did not come out on the server wire"
+    counts = rule_counters(host, tool, "legacy", table="{table}")
+    assert counts.get(str(PORT)) == 1, f"the rule counted {{counts.get(str(PORT))}} packets, not 1"
+
+'''
+
+_SUITE_HOOK = '''
+def _points(host):
+    return {{(w[1], w[2]): int(w[5]) for w in proc_lines(host, MODULE, "point")}}
+
+
+def test_packets_counted_at_the_point(host, wire, loaded, clean_forward, tag):
+    before = _points(host)
+    pkts = {{}}
+    for _ in range(5):
+        t = tag()
+        pkts[t] = _packet(t)
+    assert send_tagged(wire, pkts, sentinel=sentinel(FAMILY, tag())) == set(pkts)
+    after = _points(host)
+    point = ("{family}", "{hook}")
+    assert after[point] > before[point], f"{{point}} counted no packet of the traffic"
+
+'''
+
+_SUITE_TAIL = '''
+@pytest.mark.xfail(strict=True, reason="placeholder: replace it with what {name} must do")
+def test_replace_me(host, loaded):
+    pytest.fail("write the test that proves what {name} does, then remove this placeholder")
+'''
+
+_T_FILES = {
+    "match": """# Rule syntax of the {name} match, iptables' *.t format (written by new-module)
+:INPUT,FORWARD,OUTPUT
+-m {name} --min-len 64;=;OK
+-m {name} ! --min-len 64;=;OK
+-m {name} --min-len 65536;;FAIL
+-m {name};=;OK
+""",
+    "target": """# Rule syntax of the {name} target, iptables' *.t format (written by new-module)
+*mangle
+:PREROUTING,INPUT,FORWARD,OUTPUT,POSTROUTING
+-j {name} --set-mark 7;=;OK
+-j {name} --set-mark 4294967296;;FAIL
+""",
+}
+
+
+def suite_text(ext: spec.Extension) -> str:
+    """The starter suite of *ext*: a real packet through the router, then the placeholder."""
+    family = ext.families[0] if ext.families[0] != "netdev" else "ipv4"
+    if ext.kind == "hook":
+        h = ext.hooks[0]
+        what = (f"test_packets_counted_at_the_point sends {{family}} packets from the client wire\n"
+                f"through the router and checks that the {h.family} {h.hook} point of\n"
+                f"/proc/net/{ext.module} counted them.")
+        body = _SUITE_HOOK.format(family=h.family, hook=h.hook)
+    else:
+        table = "mangle" if ext.kind == "target" else "filter"
+        rule = (f"-t mangle -A FORWARD -p udp --dport {{PORT}} -j {ext.name} --set-mark 7"
+                if ext.kind == "target" else
+                f"-A FORWARD -p udp --dport {{PORT}} -m {ext.name} --min-len 0 -j ACCEPT")
+        what = (f"test_forwarded_packet_meets_the_rule adds a FORWARD rule with {ext.name}, sends\n"
+                "a UDP packet from the client wire through the router and checks that it\n"
+                "arrived on the server wire and that the rule counted it.")
+        body = _SUITE_XT.format(rule=rule, table=table)
+    head = _SUITE_HEAD.format(name=ext.name, module=ext.module, port=PORT, family=family,
+                              what=what.replace("{{family}}", family))
+    return head + body + _SUITE_TAIL.format(name=ext.name)
+
+
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -53,6 +185,9 @@ def definition_text(kind: str, name: str, hook: str, priority, family: str) -> s
         lines += [f"families = [{_toml_str(family)}]", "", "[[hooks]]",
                   f"family = {_toml_str(family)}", f"hook = {_toml_str(hook)}",
                   f"priority = {priority}"]
+        if family == "netdev":      # the lab's client wire, where the starter suite sends
+            lines += ["", "[[params]]", 'name = "ingress_dev"', 'type = "charp"', 'default = "eth1"',
+                      'help = "device whose netdev INGRESS hook point attaches to, per netns"']
     elif kind == "match":
         fams = '["ipv4", "ipv6"]' if family == "ipv4" else f"[{_toml_str(family)}]"
         lines += [f"families = {fams}", "", "[[options]]", 'name = "min-len"', 'type = "uint16"',
@@ -79,9 +214,18 @@ def new_module(kind: str, name: str, hook: str = "PRE_ROUTING", priority="-175",
     folder = catalog / name
     if folder.exists():
         raise SpecError(f"--name: {folder} already exists", hint="pick another name or edit it")
+    # the kit's catalog keeps its suites in tests/suites; another catalog beside the definition
+    suite = (SUITES if catalog == spec.CATALOG else folder) / f"test_{name}.py"
+    if suite.exists():
+        raise SpecError(f"--name: {suite} already exists", hint="pick another name")
     body = {"hook": _HOOK_BODY, "match": _MATCH_BODY, "target": _TARGET_BODY}[kind]
     folder.mkdir(parents=True)
     written = [folder / "ext.toml", folder / f"{ext.module}.c.j2"]
     written[0].write_text(text)
     written[1].write_text(body)
+    if kind in _T_FILES:
+        written.append(folder / f"{ext.plugin}.t")
+        written[-1].write_text(_T_FILES[kind].format(name=name))
+    suite.write_text(suite_text(ext))
+    written.append(suite)
     return written

@@ -9,7 +9,9 @@ on it.
 Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
 
 * ``build``: warm ``build-module`` runs, warm ``fetch-kernel``;
-* ``boot``: cold boot to SSH ready, cold boot + ``uname -r`` + poweroff, QEMU RSS;
+* ``boot``: cold boot to SSH ready, cold boot + ``uname -r`` + poweroff, QEMU RSS,
+  and boot to SSH ready with the other guest SSH server (OpenSSH is the default,
+  dropbear starts faster), with the difference as ``boot_cost_vs_<other>_s``;
 * ``snapshot``: the same from a post-boot snapshot, and the CLI cycle;
 * ``vng``: virtme-ng on the generic flavour of the same kernel
   (``vng --run <vmlinuz> --exec 'uname -r'``) against the kit's cold boot +
@@ -46,7 +48,7 @@ from kmods import spec as kspec
 from nflab import datapath
 from nflab import workshop as ws
 from supply import kernels
-from vm import lab
+from vm import lab, qemu
 
 
 @dataclass
@@ -248,10 +250,26 @@ def _boot_group(spec, runs, results, extra, progress):
             rss.append(r)
         lab.down(vm)
         return elapsed
-    results.append(_measure("boot to SSH ready (in-process)", boot_ready, runs))
+    results.append(_measure("boot to SSH ready (in-process)", boot_ready, runs,
+                            note=f"guest SSH server: {qemu.sshd_choice()}"))
     results.append(_measure("boot + uname -r + poweroff", _up_cmd_down(spec, vm, False), runs))
     if rss:
         extra["qemu_peak_rss_mib"] = round(max(rss) / 1024, 1)
+    # the other server, for what the default costs or saves (NFLAB_SSHD)
+    other = next(s for s in qemu.SSHDS if s != qemu.sshd_choice())
+    saved = os.environ.get("NFLAB_SSHD")
+    os.environ["NFLAB_SSHD"] = other
+    try:
+        alt = _measure(f"boot to SSH ready, NFLAB_SSHD={other}", boot_ready, runs,
+                       note=f"guest SSH server: {other}")
+    finally:
+        if saved is None:
+            del os.environ["NFLAB_SSHD"]
+        else:
+            os.environ["NFLAB_SSHD"] = saved
+    results.append(alt)
+    if alt.median is not None and results[-3].median is not None:
+        extra[f"boot_cost_vs_{other}_s"] = round(results[-3].median - alt.median, 2)
 
 
 def _snapshot_group(spec, runs, results, progress):

@@ -53,11 +53,13 @@ class SuiteOutcome:
 
 
 def suite_files(names: list[str]) -> list[Path]:
+    """The suites of *names*: tests/suites/test_<name>.py, or for an extension of
+    another catalog folder the test_<name>.py beside its definition."""
     files = []
     for name in names:
-        own = SUITES / f"test_{name}.py"
-        if own.is_file():
-            files.append(own)
+        for own in (SUITES / f"test_{name}.py", definition_path(name).parent / f"test_{name}.py"):
+            if own.is_file():
+                files.append(own)
         for extra in EXTRA_SUITES.get(name, []):
             if (SUITES / extra).is_file():
                 files.append(SUITES / extra)

@@ -54,6 +54,7 @@ PACKAGES = ("bash", "coreutils", "dash", "diffutils", "findutils", "grep", "sed"
 KERNEL_BUILD_PACKAGES = ("perl", "cpio", "python3", "libssl-dev", "openssl", "zstd", "rsync")
 # links maintainer scripts or alternatives would have made: link -> target
 LINKS = {"usr/bin/sh": "dash", "usr/bin/awk": "mawk", "usr/bin/cc": "gcc",
+         "usr/bin/which": "which.debianutils",   # bookworm on; coccicheck calls `which spatch`
          "usr/bin/pkg-config": "pkgconf", "usr/bin/yacc": "bison.yacc", "usr/bin/lex": "flex"}
 MERGED_USR = ("bin", "sbin", "lib", "lib64")
 BWRAP_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: "
@@ -190,13 +191,14 @@ def _check(root: BuildRoot):
                                   "supply/buildroot.py PACKAGES")
 
 
-def for_kernel(kernel, *, progress=None) -> BuildRoot:
+def for_kernel(kernel, *, extra=(), progress=None) -> BuildRoot:
     """The root that compiles modules for *kernel* (its release, its compiler): the
-    release's plain root when its default gcc is the one, else one with that gcc added."""
+    release's plain root (plus *extra* packages) when its default gcc is the one,
+    else one with that gcc added."""
     compiler = kernel.compiler
-    root = ensure(kernel.build_release, progress=progress)
+    root = ensure(kernel.build_release, extra=extra, progress=progress)
     if not root.has(compiler) and compiler.startswith("gcc-"):
-        root = ensure(kernel.build_release, extra=[compiler], progress=progress)
+        root = ensure(kernel.build_release, extra=[*extra, compiler], progress=progress)
     if not root.has(compiler):
         raise BuildError(f"the {root.release} build root has no {compiler}, which the headers "
                          f"of {kernel.release} ask for",

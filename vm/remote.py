@@ -1,16 +1,18 @@
 """Shell commands of any length for a lab VM's SSH server.
 
-The guest's SSH server is dropbear (``vm/guest/init.sh``): it starts in 0.05 s
-under TCG where OpenSSH's sshd takes 0.28 s, but it refuses an exec request
-longer than 9000 bytes (its ``MAX_CMD_LEN``), and ssh then exits 255 without
-a word. A longer command goes over stdin instead: the exec request is a short
+The guest's SSH server is OpenSSH's sshd by default, which takes an exec
+request up to the kernel's limit for one argument (``sh -c`` gets the command:
+128 KiB); with ``NFLAB_SSHD=dropbear`` (``vm/guest/init.sh``: it starts in
+0.05 s under TCG where sshd takes 0.28 s) it refuses any longer than 9000
+bytes (its ``MAX_CMD_LEN``), and ssh then exits 255 without a word. So the
+kit's own long commands go over stdin instead: the exec request is a short
 reader (``STDIN_RUNNER``) that saves stdin to a file and runs that with the
 login shell, so the command means what it would mean sent whole (its own
 stdin is empty, as testinfra's is).
 
 Batches that can grow past the limit (the ``.t`` runner, rule batches) call
 :func:`run` with their testinfra host; :func:`vm.lab.exec` does the same on
-its own. Other hosts (OpenSSH, ``local://``) get the command as it is.
+its own. Hosts that are not SSH (``local://``, docker) get the command as it is.
 """
 
 from __future__ import annotations

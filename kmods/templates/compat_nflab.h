@@ -66,19 +66,6 @@
 #define nflab_module_import_ns(ns) MODULE_IMPORT_NS(ns)
 #endif
 
-/* Device references: tracked where the kernel has trackers. */
-#if !NFLAB_HAVE_NETDEVICE_TRACKER
-typedef struct {} netdevice_tracker;
-#endif
-
-#if NFLAB_HAVE_NETDEV_HOLD
-#define nflab_dev_hold(dev, tracker) netdev_hold(dev, tracker, GFP_KERNEL)
-#define nflab_dev_put(dev, tracker) netdev_put(dev, tracker)
-#else
-#define nflab_dev_hold(dev, tracker) dev_hold(dev)
-#define nflab_dev_put(dev, tracker) dev_put(dev)
-#endif
-
 /*
  * nf_conncount (connlimit): where nf_conncount_init()/destroy() take the
  * family they get/put the netns conntrack reference themselves; where they

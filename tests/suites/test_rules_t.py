@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmods.spec import CATALOG
+from kmods.spec import definition_path
 from nflab import rules_t
 
 pytestmark = pytest.mark.vm
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.vm
 
 def _files(exts):
     for ext in exts:
-        for path in sorted((CATALOG / ext).glob("lib*.t")):
+        # the kit's catalog or a folder of $NFLAB_EXTRA_CATALOG (--extensions-dir)
+        for path in sorted(definition_path(ext).parent.glob("lib*.t")):
             yield ext, path
 
 

@@ -52,7 +52,10 @@ def _run(host, wire, family, backend, rules, cases, tag):
     wrong = [f"{meta[t][0]}: {'arrived' if t in arrived else 'dropped'}" for t in pkts
              if (t in arrived) == meta[t][1]]
     assert not wrong, "\n".join(wrong)
-    return rule_counters(host, TOOLS[family], backend)
+    # each port has one DROP rule: its counter is exactly the packets it dropped
+    counts = rule_counters(host, TOOLS[family], backend)
+    want = {str(p): sum(1 for t in pkts if meta[t][1] and pkts[t].dport == p) for p in rules}
+    assert {p: counts.get(p, 0) for p in want} == want, f"rule counters {counts}, expected {want}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

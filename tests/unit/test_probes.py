@@ -35,8 +35,6 @@ SAMPLES = {
                                     "const char *name, umode_t mode);",
     "kernel_read_file_from_path": "ssize_t kernel_read_file_from_path(const char *path, "
                                   "loff_t offset,\n\t\t\t\t   void **buf);",
-    "netdev_hold": "static inline void netdev_hold(struct net_device *dev,\n"
-                   "\t\t\t       netdevice_tracker *tracker, gfp_t gfp)\n{\n}",
     "timer_container_of": "#define timer_container_of(var, callback_timer, timer_fieldname) \\\n"
                           "\tcontainer_of(callback_timer, typeof(*var), timer_fieldname)",
     "timer_delete": "extern int timer_delete_sync(struct timer_list *timer);\n"
@@ -261,7 +259,7 @@ def test_real_headers_differ_from_version_checks():
     assert not got["6.1"]["linux_unaligned_h"].value and got["6.12"]["linux_unaligned_h"].value
     for line in got:
         assert not got[line]["timer_container_of"].value
-        assert got[line]["xt_fragoff_u16"].value and got[line]["netdevice_tracker"].value
+        assert got[line]["xt_fragoff_u16"].value
 
 
 # Every compat name, used as a template would.
@@ -278,7 +276,6 @@ COMPAT_USER = textwrap.dedent("""\
 
     struct holder {
     	struct timer_list timer;
-    	netdevice_tracker tracker;
     	char name[IFNAMSIZ];
     };
 
@@ -302,8 +299,6 @@ COMPAT_USER = textwrap.dedent("""\
     	timer_setup(&h.timer, holder_fire, 0);
     	nflab_timer_delete(&h.timer);
     	nflab_timer_delete_sync(&h.timer);
-    	nflab_dev_hold(dev, &h.tracker);
-    	nflab_dev_put(dev, &h.tracker);
     	if (!IS_ERR(data))
     		nflab_conncount_destroy(net, NFPROTO_IPV4, data);
     	return nflab_get_random_u32_below(10) + (nflab_pde_data(inode) ? 1 : 0) +
@@ -316,8 +311,8 @@ COMPAT_USER = textwrap.dedent("""\
 
 # Fallbacks whose replacement API the kernel still has, so forcing the probe to 0
 # must build too: every #else branch of compat_nflab.h is compiled somewhere.
-FORCED = {"6.1": ("timer_delete", "get_random_u32_below", "netdev_hold"),
-          "6.12": ("timer_delete", "netdev_hold")}
+FORCED = {"6.1": ("timer_delete", "get_random_u32_below"),
+          "6.12": ("timer_delete",)}
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_stdin_runner_keeps_the_commands_meaning(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the script file is removed"
 
 
-@pytest.mark.parametrize("env, want", [(None, "dropbear"), ("", "dropbear"),
+@pytest.mark.parametrize("env, want", [(None, "openssh"), ("", "openssh"),
                                        ("openssh", "openssh"), (" dropbear ", "dropbear")])
 def test_sshd_choice(monkeypatch, env, want):
     if env is None:

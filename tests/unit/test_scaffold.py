@@ -8,6 +8,7 @@ import pytest
 
 from kmods import render, scaffold, spec
 from ground.errors import SpecError
+from nflab import rules_t
 
 
 def _tree(path):
@@ -25,7 +26,7 @@ def _tree(path):
 def test_new_module_writes_a_loadable_definition(tmp_catalog, kind, name, hook, priority, family):
     written = scaffold.new_module(kind, name, hook, priority, family, catalog=tmp_catalog)
     folder = tmp_catalog / name
-    assert [p.parent for p in written] == [folder, folder]
+    assert [p.parent for p in written] == [folder] * len(written)
     ext = spec.load_file(folder / "ext.toml")
     assert (ext.kind, ext.name) == (kind, name)
     assert written[1].name == f"{ext.module}.c.j2"
@@ -38,7 +39,32 @@ def test_new_module_writes_a_loadable_definition(tmp_catalog, kind, name, hook, 
         assert len(ext.options) == 1
     files = render.render(ext)                       # the starter template renders
     assert f"{ext.module}.c" in files
-    assert _tree(tmp_catalog) == sorted([name, f"{name}/ext.toml", f"{name}/{ext.module}.c.j2"])
+    extra = [f"{name}/{ext.plugin}.t"] if kind != "hook" else []
+    assert _tree(tmp_catalog) == sorted([name, f"{name}/ext.toml", f"{name}/{ext.module}.c.j2",
+                                         f"{name}/test_{name}.py", *extra])
+    suite = (folder / f"test_{name}.py").read_text()
+    compile(suite, "suite", "exec")
+    assert '@pytest.mark.xfail(strict=True, reason="placeholder: replace it' in suite
+    assert "send_tagged(wire" in suite
+    if kind != "hook":
+        assert rules_t.parse((folder / f"{ext.plugin}.t").read_text())
+
+
+def test_kit_catalog_suites_go_to_tests_suites(tmp_path, monkeypatch):
+    """`invoke new-module --kind=match --name=myport` then `invoke test --name=myport`
+    found no suite: the scaffold now writes tests/suites/test_myport.py and the .t file."""
+    from nflab import suites
+    monkeypatch.setattr(spec, "CATALOG", tmp_path / "catalog")
+    monkeypatch.setattr(scaffold, "SUITES", tmp_path / "suites")
+    monkeypatch.setattr(suites, "SUITES", tmp_path / "suites")
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "test_rules_t.py").write_text("")
+    written = scaffold.new_module("match", "myport")
+    assert tmp_path / "suites" / "test_myport.py" in written
+    assert suites.suite_files(["myport"]) == [tmp_path / "suites" / "test_myport.py",
+                                              tmp_path / "suites" / "test_rules_t.py"]
+    with pytest.raises(SpecError, match="already exists"):
+        scaffold.new_module("match", "myport")
 
 
 @pytest.mark.parametrize("args,field", [

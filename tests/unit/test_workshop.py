@@ -75,8 +75,9 @@ def test_every_task_has_a_summary_and_documented_options():
 
 def test_new_module_prints_the_next_three_commands(monkeypatch, tmp_path, capsys):
     from cli import build as cli
-    from kmods import spec
+    from kmods import scaffold, spec
     monkeypatch.setattr(spec, "CATALOG", tmp_path)
+    monkeypatch.setattr(scaffold, "SUITES", tmp_path)
     cli.new_module.body(None, kind="hook", name="nextsteps")
     out = capsys.readouterr().out.splitlines()
     nxt = out[out.index("next:") + 1:]

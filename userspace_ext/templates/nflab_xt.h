@@ -21,7 +21,7 @@ static inline void nflab_parse_addr(const char *opt, const char *text, uint8_t f
 		(const void *)xtables_numeric_to_ip6addr(text) :
 		(const void *)xtables_numeric_to_ipaddr(text);
 
-	if (parsed == NULL)
+	if (!parsed)
 		xtables_error(PARAMETER_PROBLEM, "--%s: \"%s\" is not an IPv%c address",
 			      opt, text, family == NFPROTO_IPV6 ? '6' : '4');
 	memset(addr, 0, sizeof(*addr));
@@ -38,14 +38,13 @@ static inline void nflab_parse_range(const char *opt, const char *arg, uint8_t f
 	char buf[INET6_ADDRSTRLEN * 2 + 2];
 	char *dash;
 
-	if (strlen(arg) >= sizeof(buf))
+	if (snprintf(buf, sizeof(buf), "%s", arg) >= (int)sizeof(buf))
 		xtables_error(PARAMETER_PROBLEM, "--%s: \"%s\" is too long", opt, arg);
-	strcpy(buf, arg);
 	dash = strchr(buf, '-');
-	if (dash != NULL)
+	if (dash)
 		*dash++ = '\0';
 	nflab_parse_addr(opt, buf, family, lo);
-	nflab_parse_addr(opt, dash != NULL ? dash : buf, family, hi);
+	nflab_parse_addr(opt, dash ? dash : buf, family, hi);
 	/* both are in network byte order, so memcmp orders them numerically */
 	if (memcmp(lo, hi, family == NFPROTO_IPV6 ? 16 : 4) > 0)
 		xtables_error(PARAMETER_PROBLEM, "--%s: range start %s is above its end",

@@ -22,6 +22,8 @@
  * Included into libxt_layer7.c by its template, and compiled on its own by
  * the kit's unit tests (tests/unit/test_layer7_dfa.py); no libxtables here.
  */
+
+#define L7_ARRAY_SIZE(x) (sizeof(x) / sizeof(*(x)))
 #include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
@@ -122,14 +124,16 @@ static int l7_state(struct l7_nfa *nfa, int kind)
 			       L7_NFA_MAX);
 	s = &nfa->st[nfa->n];
 	s->kind = kind;
-	s->out[0] = s->out[1] = -1;
+	s->out[0] = -1;
+	s->out[1] = -1;
 	s->set = -1;
 	return nfa->n++;
 }
 
 static int l7_frag_eps(struct l7_nfa *nfa, struct l7_frag *f)
 {
-	f->start = f->end = l7_state(nfa, L7N_EPS);
+	f->start = l7_state(nfa, L7N_EPS);
+	f->end = f->start;
 	return f->start < 0 ? -1 : 0;
 }
 
@@ -203,7 +207,7 @@ static int l7_escape(struct l7_nfa *nfa)
 
 static const struct {
 	const char *name;
-	int (*is)(int);
+	int (*is)(int c);
 } l7_posix[] = {
 	{ "alnum", isalnum }, { "alpha", isalpha }, { "blank", isblank },
 	{ "cntrl", iscntrl }, { "digit", isdigit }, { "graph", isgraph },
@@ -222,7 +226,7 @@ static int l7_posix_class(struct l7_nfa *nfa, unsigned char *set)
 	if (!end || end + 1 >= (const char *)nfa->p + nfa->len || end[1] != ']')
 		return l7_fail(nfa, nfa->pos, "[: without its closing :]");
 	n = end - name;
-	for (i = 0; i < sizeof(l7_posix) / sizeof(l7_posix[0]); i++) {
+	for (i = 0; i < L7_ARRAY_SIZE(l7_posix); i++) {
 		if (strlen(l7_posix[i].name) != n || strncmp(name, l7_posix[i].name, n))
 			continue;
 		for (c = 1; c < 128; c++)
@@ -711,7 +715,8 @@ static int l7_emit(const struct l7_work *w, const int *blk, int nblk, struct l7_
 		out->class_of[0] = 0;
 		for (c = 1; c < 256; c++)
 			out->class_of[c] = col[w->class_of[l7_fold(c)]];
-		out->accept = out->dead = L7_NONE;
+		out->accept = L7_NONE;
+		out->dead = L7_NONE;
 		for (b = 0; b < tail; b++) {
 			int loops = 1;
 
@@ -855,7 +860,7 @@ static int l7_read_pat(const char *path, const char *proto, char *pattern, size_
 			line[strcspn(line, " \t")] = '\0';
 			if (strcmp(line, proto)) {
 				l7_err(err, errlen, "%s names protocol \"%s\", not \"%s\"", path,
-					 line, proto);
+				       line, proto);
 				goto out;
 			}
 			seen_name = 1;
@@ -863,7 +868,7 @@ static int l7_read_pat(const char *path, const char *proto, char *pattern, size_
 		}
 		if ((size_t)n >= size) {
 			l7_err(err, errlen, "%s: the pattern has %zd bytes, at most %zu", path, n,
-				 size - 1);
+			       size - 1);
 			goto out;
 		}
 		memcpy(pattern, line, n + 1);
@@ -923,7 +928,7 @@ static int l7_find_pat(const char *dir, const char *proto, char *path, size_t pa
 	d = opendir(dir);
 	if (!d) {
 		l7_err(err, errlen, "cannot read the pattern directory %s: %s", dir,
-			 strerror(errno));
+		       strerror(errno));
 		return -1;
 	}
 	while ((e = readdir(d))) {
@@ -952,6 +957,6 @@ static int l7_find_pat(const char *dir, const char *proto, char *path, size_t pa
 	free(subs);
 	if (!ret)
 		l7_err(err, errlen, "no pattern file %s.pat in %s or its subdirectories", proto,
-			 dir);
+		       dir);
 	return ret > 0 ? 0 : -1;
 }
