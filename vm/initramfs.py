@@ -36,6 +36,8 @@ from ground.errors import VMError
 from ground.paths import cache_dir
 from ground.proc import file_lock, run
 
+from .qemu import probe_pvh_entry
+
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 INIT_SCRIPT = GUEST_DIR / "initramfs-init.sh"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -47,7 +49,7 @@ WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "over
                   "crc32c_generic", "ext4")
 MODULES_LABEL = "nflab-mods"
 MANIFEST = "boot.json"
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,18 @@ def extract_vmlinux(vmlinuz: Path, out: Path) -> bool:
     return False
 
 
+def _pvh_vmlinux(vmlinuz: Path, out: Path, progress=print) -> str:
+    """Extract the PVH vmlinux into *out* when it boots; why not otherwise (for boot.json)."""
+    if not extract_vmlinux(vmlinuz, out):
+        return "no PVH entry in the bzImage payload (or no decompressor): booting the vmlinuz"
+    ok, reason = probe_pvh_entry(out)
+    if not ok:
+        out.unlink()
+        progress(f"{vmlinuz.name}: {reason}; booting the bzImage instead (slower by its "
+                 "in-guest decompression)")
+    return reason
+
+
 def _recipe(kernel, busybox: Path, modules: list[str]) -> dict:
     return {
         "version": RECIPE_VERSION,
@@ -311,8 +325,8 @@ def ensure(kernel, *, progress=print) -> BootFiles:
             tmp.chmod(0o755)
             write_initramfs(tmp / "initramfs.cpio", kernel, busybox, modules, dep)
             write_modules_image(tmp / "modules.img", kernel)
-            extract_vmlinux(Path(kernel.vmlinuz), tmp / "vmlinux")
-            (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec,
+            pvh = _pvh_vmlinux(Path(kernel.vmlinuz), tmp / "vmlinux", progress)
+            (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec, "pvh": pvh,
                                                     "files": record_files(tmp)}, indent=2) + "\n")
             if entry.exists():
                 # running VMs keep their open files; unlinking is safe

@@ -441,6 +441,42 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[boo
         return False, f"KVM probe boot failed: {err.decode(errors='replace').strip()[-200:]}"
 
 
+def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]:
+    """Does *vmlinux*'s PVH entry reach the kernel's first message under TCG?
+
+    QEMU jumps to the PVH entry point with the page tables the kernel sets up
+    itself; a kernel whose early C code faults there (seen with KASAN on a
+    6.12.118 debug build) triple-faults before any console and QEMU exits with
+    status 0 (``-no-reboot``). Booted without an initramfs: success is the
+    ``Linux version`` line on the serial port, then the QEMU is killed."""
+    with tempfile.TemporaryDirectory(prefix="nflab-pvh-probe-") as tmp:
+        log = Path(tmp) / "console.log"
+        log.touch()          # QEMU creates it only once it has started
+        cmd = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+               "-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", "qemu64", "-m", "512M",
+               "-kernel", str(vmlinux), "-append",
+               "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 pci=off",
+               "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if "Linux version" in log.read_text(errors="replace"):
+                    return True, "the PVH entry boots"
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace").strip()[-200:]
+                    return False, ("the kernel died at its PVH entry before printing anything "
+                                   f"(QEMU exit {proc.returncode}{': ' + err if err else ''})")
+                time.sleep(0.05)
+            return False, f"the PVH entry printed nothing within {timeout:g}s"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stderr.close()
+
+
 def cached_accel() -> tuple[str, str] | None:
     """``(accel, reason)`` of the KVM probe cached for this host kernel and QEMU
     build, or None when there is none (the next ``vm-up`` probes)."""

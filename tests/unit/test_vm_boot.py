@@ -11,6 +11,7 @@ import pytest
 
 from ground.errors import VMError
 from vm import initramfs, lab, rootfs
+from vm.qemu import probe_pvh_entry
 
 DEP_61 = """\
 kernel/drivers/virtio/virtio.ko:
@@ -183,3 +184,11 @@ def test_require_unknown_vm_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(VMError, match="not running") as exc:
         lab.require("nope")
     assert "vm-up --vm=nope" in exc.value.hint
+
+
+def test_a_vmlinux_that_does_not_boot_at_its_pvh_entry_is_refused(tmp_path):
+    """The PVH probe runs the real QEMU: a file that is no kernel never prints."""
+    bogus = tmp_path / "vmlinux"
+    bogus.write_bytes(b"\x7fELF" + bytes(60))
+    ok, reason = probe_pvh_entry(bogus, timeout=5)
+    assert not ok and ("PVH entry" in reason), reason
