@@ -17,6 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_LINES = ("6.1", "6.12")
+# the oldest and the newest supported line (lts + stable): the static checks, the
+# lifecycle and upstream .t suites run on both
+SUPPORTED_ENDS = ("5.10", "7.3")
 
 
 # ---- valid definitions the tests mutate -----------------------------------

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from kmods import scaffold
-from nflab.paths import REPO
+from ground.paths import REPO
 from nflab.suites import parse_junit
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]

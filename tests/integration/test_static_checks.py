@@ -14,14 +14,14 @@ import pytest
 
 from kmods import checks, spec
 from nflab import workshop
-from tests.conftest import KERNEL_LINES, get_kernel
+from tests.conftest import SUPPORTED_ENDS, get_kernel
 
 pytestmark = pytest.mark.slow
 
 
 def _debian_kernels():
-    """The oldest and the newest of the kernel lines the kit tests (tests/conftest.py)."""
-    return [get_kernel(KERNEL_LINES[0]), get_kernel(KERNEL_LINES[-1])]
+    """The oldest and the newest supported kernel line (tests/conftest.py)."""
+    return [get_kernel(line) for line in SUPPORTED_ENDS]
 
 
 ENDS = {"oldest": 0, "newest": -1}
@@ -33,6 +33,12 @@ MODULES = ([spec.load(n) for n in spec.catalog_names(include_hidden=True)]
 def test_every_rendered_module_is_clean(end, build_root):
     kernel = _debian_kernels()[ENDS[end]]
     findings = checks.run(MODULES, kernel)
+    if end == "newest":
+        # no sparse Debian ships (0.6.4) passes 7.x's checker test (__typeof_unqual__):
+        # Kbuild turns C=2 off and says so; that is the one finding allowed here
+        off = [f for f in findings if f.tool == "sparse" and f.kind == "not run"]
+        assert len(off) <= 1 and all("not up to date" in f.message for f in off), off
+        findings = [f for f in findings if f not in off]
     assert not findings, f"on {kernel.release}:\n" + "\n".join(map(str, findings))
 
 
@@ -68,7 +74,7 @@ def test_a_broken_template_fails_each_check_in_its_own_words(tmp_path, build_roo
     (folder / "ext.toml").write_text(text)
     (folder / "nflab_nflbroke.c.j2").write_text(BROKEN)
     ext = spec.load_file(folder / "ext.toml")
-    found = checks.run([ext], _debian_kernels()[-1])
+    found = checks.run([ext], _debian_kernels()[0])     # sparse runs there (see above)
     said = {}
     for f in found:
         said[f.tool] = said.get(f.tool, "") + f"{f}\n"
