@@ -157,12 +157,15 @@ def check_cache() -> list[Check]:
                 again = k.abi if k.flavour in kernels.FLAVOURS else k.release
                 checks.append(Check(f"kernel {k.release}", FAIL, f"missing {missing}",
                                     f"invoke fetch-kernel --kernel={again} --force"))
-            elif k.flavour in kernels.FLAVOURS:
-                # a Debian entry against what its fetch recorded (listing, vmlinuz hash)
+            else:
+                # the entry against what its fetch or build recorded (listing, vmlinuz
+                # hash, the headers Makefile's references)
                 problem = kernels.check_entry(Path(k.root).parent)
                 if problem:
+                    again = (f"{k.abi}-{k.flavour}" if k.flavour in kernels.FLAVOURS
+                             else f"{k.release} --force")
                     checks.append(Check(f"kernel {k.release}", FAIL, f"damaged: {problem}",
-                                        f"invoke fetch-kernel --kernel={k.abi}-{k.flavour}"))
+                                        f"invoke fetch-kernel --kernel={again}"))
     except Exception as exc:
         checks.append(Check("kernels cached", WARN, f"cannot read cache: {exc}"))
     try:

@@ -106,18 +106,16 @@ class Kernel:
 
 
 def cached_kernels() -> list[Kernel]:
-    """Every complete entry, newest first."""
+    """Every entry with a manifest, newest first (``check_entry`` says which are whole)."""
     base = kernels_dir()
     found = []
     if base.is_dir():
         for entry in sorted(base.iterdir()):
             if (entry / MANIFEST).is_file():
                 try:
-                    kernel = Kernel.load(entry)
+                    found.append(Kernel.load(entry))
                 except (KernelError, TypeError, json.JSONDecodeError):
                     continue
-                if not _key_problem(entry, kernel):   # damaged: `fetch` names the damage
-                    found.append(kernel)
     found.sort(key=lambda k: abi_sort_key(k.abi), reverse=True)
     return found
 

@@ -225,7 +225,8 @@ def _drift_definitions(catalog: Path) -> list:
 def test_every_template_compiles_on_every_cached_kernel(tmp_catalog, fresh_build, probe_cache):
     """Guards the compat header: a kernel bump that breaks any template fails here."""
     wanted = {get_kernel(line).release for line in KERNEL_LINES}   # fetched when missing
-    cached = kernels.cached_kernels()
+    # a damaged entry is doctor's and fetch's business (both name it); build against the whole
+    cached = [k for k in kernels.cached_kernels() if kernels.check_entry(Path(k.root).parent) is None]
     assert wanted <= {k.release for k in cached}
     failures = []
     for kern in cached:

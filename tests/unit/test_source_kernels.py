@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nflab import matrix
+from nflab import doctor, matrix
 from ground.errors import KernelError
 from supply import kernels
 from supply import source_kernels as sk
@@ -157,7 +157,6 @@ def test_cached_source_builds_are_found_and_debian_resolution_ignores_them(cache
     with pytest.raises(KernelError, match="damaged: .*modules.dep is missing") as info:
         kernels.get("source:6.12", fetch_missing=False)
     assert "--force" in info.value.hint and "source:6.12" in info.value.hint
-    assert kernels.cached_kernels() == []      # a damaged entry is no kernel to build against
 
 
 def test_a_finished_build_tree_points_at_its_entry_not_at_the_work_directory(cache):
@@ -192,10 +191,12 @@ def test_an_entry_whose_makefile_names_a_missing_tree_is_damaged(cache):
                    base=sk.BASE_FRAGMENT.read_text(), spec="source:7.3")
     sk._write_manifest(plan, entry, entry, {})
     assert kernels.check_entry(entry) == f"build/Makefile refers to {gone}, which does not exist"
-    assert kernels.cached_kernels() == []
+    fails = [c for c in doctor.check_cache() if c.status == doctor.FAIL]
+    assert [(c.name, c.fix) for c in fails] == [
+        (f"kernel {rel}", f"invoke fetch-kernel --kernel={rel} --force")], fails
     gone.mkdir(parents=True)
     assert kernels.check_entry(entry) is None
-    assert [k.release for k in kernels.cached_kernels()] == [rel]
+    assert not [c for c in doctor.check_cache() if c.status == doctor.FAIL]
 
 
 def test_lockdep_splats_are_faults_but_a_plain_warning_is_not():
