@@ -298,11 +298,17 @@ class _Shard:
     booted_here: bool = False
 
 
-def run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
-        keep: bool = False, junit: str | None = None, html: str | None = None,
-        pytest_args: list | None = None, jobs=None, progress=print) -> SuiteOutcome:
+def run(names: list[str] | None, kernel_spec: str | None, **kw) -> SuiteOutcome:
     """Build, boot/reuse, install and run the suites of *names* on one kernel, in
-    one VM or (see :func:`shard_count`) split over several."""
+    one VM or (see :func:`shard_count`) split over several. A SIGTERM (CI's
+    timeout, `kill`) stops the VMs this run booted, as Ctrl-C does."""
+    with lab.signals_as_interrupt():
+        return _run(names, kernel_spec, **kw)
+
+
+def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
+         keep: bool = False, junit: str | None = None, html: str | None = None,
+         pytest_args: list | None = None, jobs=None, progress=print) -> SuiteOutcome:
     names = names or spec.catalog_names()
     for n in names:
         spec.load(n)

@@ -163,6 +163,26 @@ def run_invoke(args, env_extra=None, timeout=600):
                           timeout=timeout)
 
 
+def run_stopping(cmd, *, timeout: float, grace: float = 90, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) that, on *timeout*, sends
+    SIGTERM first: `invoke test` then stops its VMs (their QEMUs run in their own
+    sessions, so a SIGKILL of invoke would leave them behind and fail .ci/run).
+    A run that timed out returns exit code 124 and says so in its stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(
+            cmd, 124, out, (err or "") + f"\n[test] timed out after {timeout:g}s: sent SIGTERM")
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests last, so a quick `-x` run reports unit failures first."""
     items.sort(key=lambda it: 1 if it.get_closest_marker("slow") else 0)

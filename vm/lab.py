@@ -341,8 +341,9 @@ def require(vm: str) -> VMState:
 # ---------------------------------------------------------------- boot
 
 @contextmanager
-def _signals_as_interrupt():
-    """Turn SIGTERM/SIGHUP into KeyboardInterrupt while booting, so cleanup runs."""
+def signals_as_interrupt():
+    """Turn SIGTERM/SIGHUP into KeyboardInterrupt (while booting, or a whole suite
+    run), so the cleanup that stops QEMU runs."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -530,7 +531,7 @@ def _boot_once(plan: _BootPlan, budget: float, incoming: Path | None = None) -> 
 
 def _boot(plan: _BootPlan, budget: float, incoming: Path | None = None) -> VMState:
     for _attempt in range(3):
-        with _signals_as_interrupt():
+        with signals_as_interrupt():
             state = _boot_once(plan, budget, incoming)
         if state is not None:
             return state
@@ -541,7 +542,7 @@ def _save_snapshot(plan: _BootPlan, k: str, rec: dict, budget: float) -> Path | 
     """Cold-boot *plan*'s VM, save its ready state as snapshot *k*, stop it; the state
     file, or None (said why) if saving failed."""
     state = _boot(plan, budget)
-    with _signals_as_interrupt():
+    with signals_as_interrupt():
         try:
             # no SSH connection may be open in the saved state: a restored guest would
             # keep a session whose peer never existed in its QEMU

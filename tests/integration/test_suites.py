@@ -8,6 +8,8 @@ subprocess; this test asserts on that run's exit status and JUnit counts.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -15,6 +17,8 @@ import pytest
 
 from ground.paths import REPO
 from nflab.suites import parse_junit
+from vm import lab
+from tests.conftest import run_stopping
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -32,10 +36,10 @@ def test_invoke_test_passes(tmp_path, kernel, name):
     (iprange alone, the quickstart's main job, runs in test_matrix_run.py)."""
     junit = tmp_path / "junit.xml"
     which = [] if name == "catalog" else [f"--name={name}"]
-    res = subprocess.run([sys.executable, "-m", "invoke", "test", *which,
-                          f"--kernel={kernel}", f"--junit={junit}", "--quiet"],
-                         cwd=REPO, capture_output=True, text=True, timeout=1200,
-                         env=dict(os.environ, CI="1"))
+    # a cell takes 5 min on an idle 2-core host, 20 at load 8; the bound catches a hang
+    res = run_stopping([sys.executable, "-m", "invoke", "test", *which,
+                        f"--kernel={kernel}", f"--junit={junit}", "--quiet"],
+                       cwd=REPO, timeout=2700, env=dict(os.environ, CI="1"))
     counts, failures = parse_junit(junit)
     assert res.returncode == 0, (res.stdout[-6000:] + res.stderr[-4000:])
     assert counts["tests"] > 0 and not failures
@@ -50,12 +54,32 @@ def test_a_kernel_without_legacy_xtables_is_tested_through_nft_only(tmp_path):
     legacy half is skipped with that reason, and the run says which backend it tested
     (rules written through one backend are invisible to the other)."""
     junit = tmp_path / "junit.xml"
-    res = subprocess.run([sys.executable, "-m", "invoke", "test", "--kernel=7.3-rt-amd64",
-                          f"--junit={junit}", "--quiet"],
-                         cwd=REPO, capture_output=True, text=True, timeout=1800,
-                         env=dict(os.environ, CI="1"))
+    res = run_stopping([sys.executable, "-m", "invoke", "test", "--kernel=7.3-rt-amd64",
+                        f"--junit={junit}", "--quiet"],
+                       cwd=REPO, timeout=2700, env=dict(os.environ, CI="1"))
     counts, failures = parse_junit(junit)
     assert res.returncode == 0, (res.stdout[-6000:] + res.stderr[-4000:])
     assert not failures and counts["failures"] == 0 and counts["errors"] == 0
     assert counts["tests"] - counts["skipped"] > 0 and counts["skipped"] > 0
     assert "iptables backends tested: nft only (legacy skipped:" in res.stdout, res.stdout[-3000:]
+
+
+def test_sigterm_during_the_suites_stops_the_vms_it_booted():
+    """CI's timeout (and `kill`) sends SIGTERM: the VMs `invoke test` booted stop, as
+    with Ctrl-C (their QEMUs run in their own sessions and would outlive it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "test", "--name=iprange", "--kernel=6.12",
+                             "--jobs=1", "--quiet"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, CI="1"))
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "running " in line and "suite file(s)" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode != 0, out
+    vm = re.search(r"booting \S+ as VM '([^']+)'", out).group(1)
+    assert f"stopping VM {vm}" in out, out
+    state = lab.load(vm)
+    assert state is None or not lab.is_running(state), out
