@@ -202,24 +202,24 @@ def datapath_group(spec, runs, progress, vm: str = "bench", extra: dict | None =
 def twin_rows(twins: datapath.TwinRun) -> list[Measurement]:
     """Rows of the twins (in-tree and kit packets/s, the per-run cost ratios) and
     the hook modules (packets/s loaded, per-run cost over the empty chain)."""
-    n = f"{datapath.TWIN_PACKETS} datagrams, one flow, {datapath.COPIES} copies of the rule"
-    out = [Measurement("datapath baseline: empty FORWARD (packets/s)",
+    n = f"{datapath.TWIN_PACKETS} datagrams, one flow"
+    out = [Measurement("datapath baseline: empty FORWARD (packets/CPU-s)",
                        [x for got in [*twins.twins.values(), *twins.hooks.values()] for x in got["baseline"]],
-                       note=f"{n.split(',')[0]}, before every pair ({twins.backend})")]
+                       note=f"{n}, before every pair ({twins.backend}); packets per second of guest CPU")]
     for label, got in twins.twins.items():
-        ext, rule, why = datapath.TWINS[label]
+        rule, why, copies = datapath.TWINS[label].rule, datapath.TWINS[label].why, datapath.TWINS[label].copies
         r = datapath.twin_ratio(got["baseline"], got["in-tree"], got["kit"])
         proof = twins.proofs.get(label, {})
-        out += [Measurement(f"datapath {label}: in-tree (packets/s)", got["in-tree"],
-                            note=f"{rule}: {why}; {proof.get('in-tree', '')}"),
-                Measurement(f"datapath {label}: kit (packets/s)", got["kit"], note=proof.get("kit", "")),
+        out += [Measurement(f"datapath {label}: in-tree (packets/CPU-s)", got["in-tree"],
+                            note=f"{copies} x {rule}: {why}; {proof.get('in-tree', '')}"),
+                Measurement(f"datapath {label}: kit (packets/CPU-s)", got["kit"], note=proof.get("kit", "")),
                 Measurement(f"datapath {label}: kit/in-tree cost per packet", r.run_ratios,
                             note=f"from the medians {datapath.format_ratio(r)}; rate kit/in-tree "
                                  f"{r.rate_ratio:.2f}; µs/packet over the baseline: in-tree "
-                                 f"{r.cost_stock_us:.2f}, kit {r.cost_kit_us:.2f} ({n})")]
+                                 f"{r.cost_stock_us:.2f}, kit {r.cost_kit_us:.2f} ({n}, {copies} rules)")]
     for hook, got in twins.hooks.items():
         costs = [datapath.cost_us(k, b) for b, k in zip(got["baseline"], got["loaded"])]
-        out += [Measurement(f"datapath {hook} loaded (packets/s)", got["loaded"],
+        out += [Measurement(f"datapath {hook} loaded (packets/CPU-s)", got["loaded"],
                             note=f"{datapath.HOOK_MODULES[hook]}; {twins.proofs.get(hook, {}).get('kit', '')}"),
                 Measurement(f"datapath {hook}: µs per packet over the empty chain", costs,
                             note=f"rate {statistics.median(got['loaded']) / statistics.median(got['baseline']):.2f}"

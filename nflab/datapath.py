@@ -19,6 +19,8 @@ import hashlib
 import re
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 from ground.errors import NflabError
 from kmods.build import build_extension
@@ -36,10 +38,9 @@ FLOWS = {"one flow": (10000, 10000), "a new flow per packet": (1024, 65535)}
 _RESULT = re.compile(r"forwarded (\d+) usec (\d+)")
 
 
-def flood_lines(sports: tuple[int, int], count: int) -> list[str]:
-    """Shell lines: send *count* datagrams (source ports *sports*) from the client
-    namespace with pktgen and print ``forwarded N usec T`` (what the guest
-    forwarded towards the server, pktgen's run time)."""
+def pktgen_lines(sports: tuple[int, int], count: int) -> list[str]:
+    """Shell lines: set pktgen up in the client namespace to send *count* datagrams
+    (source ports *sports*) to the server namespace."""
     src, dst = ADDR["ipv4"]
     conf = [f"count {count}", "pkt_size 96", "delay 0", f"dst {dst}", f"src_min {src}", f"src_max {src}",
             "dst_mac $mac", "udp_dst_min 9", "udp_dst_max 9", f"udp_src_min {sports[0]}",
@@ -50,6 +51,15 @@ def flood_lines(sports: tuple[int, int], count: int) -> list[str]:
         f"{pg} 'echo reset > /proc/net/pktgen/pgctrl'",
         f"{pg} 'echo add_device eth0 > /proc/net/pktgen/kpktgend_0'",
         *(f"{pg} \"echo '{c}' > /proc/net/pktgen/eth0\"" for c in conf),
+    ]
+
+
+def start_lines() -> list[str]:
+    """Shell lines: run the pktgen set up by :func:`pktgen_lines` and print
+    ``forwarded N usec T`` (what the guest forwarded towards the server, pktgen's
+    run time)."""
+    pg = f"ip netns exec {CLIENT_NS} sh -c"
+    return [
         f"tx=/sys/class/net/{DEVS[SERVER_NS]}/statistics/tx_packets",
         "before=$(cat $tx)",
         f"{pg} 'echo start > /proc/net/pktgen/pgctrl'",
@@ -57,6 +67,11 @@ def flood_lines(sports: tuple[int, int], count: int) -> list[str]:
         f"usec=$({pg} 'cat /proc/net/pktgen/eth0' | sed -n 's/.*Result: OK: \\([0-9]*\\)(.*/\\1/p')",
         'echo "forwarded $((after - before)) usec $usec"',
     ]
+
+
+def flood_lines(sports: tuple[int, int], count: int) -> list[str]:
+    """Shell lines: :func:`pktgen_lines`, then :func:`start_lines`."""
+    return pktgen_lines(sports, count) + start_lines()
 
 
 def pktgen_script(rules: list[str], sports: tuple[int, int], count: int = PACKETS) -> str:
@@ -94,31 +109,39 @@ def measure(vm: str, runs: int, progress=print) -> dict[str, list[float]]:
 
 # ------------------------------------------------ the kit's matches against their in-tree twins
 #
-# Each twin's rule sits COPIES times in FORWARD, without a target: the flood
-# traverses every copy, the match runs on every packet, and nothing is dropped.
-# The copies lift a match's cost above the run-to-run noise of an emulated
-# guest; every cost below is per packet (all copies), the ratios do not depend
-# on the number of copies.
+# Each twin's rule sits in FORWARD several times (``Twin.copies``), without a
+# target: the flood traverses every copy, the match runs on every packet, and
+# nothing is dropped. The copies lift a match's cost well above the run-to-run
+# noise of an emulated guest on a shared host (cheap matches get more); the
+# ratios do not depend on the number of copies, and the table also gives the
+# cost per rule evaluation (the cost over the baseline / copies).
 
-TWIN_PACKETS = 100000
-COPIES = 10
+TWIN_PACKETS = 60000
 ONE_FLOW = FLOWS["one flow"]
-# label -> (extension, rule options, why the rule runs on every packet and keeps the flood)
+
+
+class Twin(NamedTuple):
+    ext: str            # the catalog extension (xt_<ext>, libxt_<ext>.so)
+    rule: str           # the rule's options, the same for both sides
+    copies: int         # how many times the rule sits in FORWARD
+    why: str            # why the match runs on every packet and keeps the flood
+
+
 TWINS = {
-    "iprange": ("iprange", "-m iprange --src-range 10.77.1.1-10.77.1.9 --dst-range 10.77.2.1-10.77.2.9",
-                "matches (both ranges compared), no target"),
-    "string --algo bm": ("string", "-m string --algo bm --string nflab-needle",
-                         "never matches: the whole datagram is searched, no target"),
-    "string --algo kmp": ("string", "-m string --algo kmp --string nflab-needle",
-                          "never matches: the whole datagram is searched, no target"),
-    "quota": ("quota", "-m quota --quota 1000000000000",
-              "matches (1 TB is never used up): every packet is counted under the rule's lock, no target"),
-    "connlimit": ("connlimit", "-m connlimit --connlimit-above 1000000 --connlimit-mask 32 --connlimit-saddr",
-                  "never matches: every packet counts its source's connections; both sides turn conntrack on"),
-    "time": ("time", "-m time --timestart 00:00:00 --timestop 23:59:59 "
-                     "--weekdays Mon,Tue,Wed,Thu,Fri,Sat,Sun",
-             "matches at any time (day time and weekday both checked), no target"),
-    "comment": ("comment", '-m comment --comment "nflab bench"', "matches every packet, no target"),
+    "iprange": Twin("iprange", "-m iprange --src-range 10.77.1.1-10.77.1.9 --dst-range 10.77.2.1-10.77.2.9",
+                    100, "matches (both ranges compared), no target"),
+    "string --algo bm": Twin("string", "-m string --algo bm --string nflab-needle", 30,
+                             "never matches: the whole datagram is searched, no target"),
+    "string --algo kmp": Twin("string", "-m string --algo kmp --string nflab-needle", 30,
+                              "never matches: the whole datagram is searched, no target"),
+    "quota": Twin("quota", "-m quota --quota 1000000000000", 100,
+                  "matches (1 TB is never used up): every packet is counted under the rule's lock, no target"),
+    "connlimit": Twin("connlimit", "-m connlimit --connlimit-above 1000000 --connlimit-mask 32 --connlimit-saddr",
+                      20, "never matches: every packet counts its source's connections; "
+                          "both sides turn conntrack on"),
+    "time": Twin("time", "-m time --timestart 00:00:00 --timestop 23:59:59 --weekdays Mon,Tue,Wed,Thu,Fri,Sat,Sun",
+                 50, "matches at any time (day time and weekday both checked), no target"),
+    "comment": Twin("comment", '-m comment --comment "nflab bench"', 100, "matches every packet, no target"),
 }
 HOOK_MODULES = {"pktcount": "per-CPU packet and byte counters on every inet hook",
                 "tracer": "nothing tagged: each packet's payload is checked for the magic"}
@@ -158,44 +181,53 @@ def module_proof_line(module: str) -> str:
             f'echo "@@module {module} taint=${{t:--}} srcversion=${{s:--}}"')
 
 
-def twin_script(tool: str, ext: str, rule: str, side: str, ko: str, *, copies: int = COPIES,
-                count: int = TWIN_PACKETS, sports: tuple[int, int] = ONE_FLOW) -> str:
-    """Shell: load *side*'s ``xt_<ext>`` (in-tree: ``modprobe``, which resolves the
+@dataclass(frozen=True)
+class Flood:
+    """One measurement: *prep* (unload what the last one left, load, set the rules,
+    set pktgen up) and *go* (the flood alone: what is timed)."""
+
+    prep: str
+    go: str
+
+
+def twin_script(tool: str, ext: str, rule: str, side: str, ko: str, *, copies: int = 10,
+                count: int = TWIN_PACKETS, sports: tuple[int, int] = ONE_FLOW) -> Flood:
+    """Load *side*'s ``xt_<ext>`` (in-tree: ``modprobe``, which resolves the
     kernel's own file, .ko.xz or .ko.zst; kit: ``insmod`` of *ko*), set *copies* of
     *rule* with that side's plugin (in-tree: ``XTABLES_LIBDIR`` = the stock plugins
     only; kit: the guest's xtables dir, where ``nflab.deploy`` put the kit's),
     prove both (``@@module``, ``@@plugin``: the file ld.so opened and its sha256,
-    ``@@rules``), flood, flush."""
+    ``@@rules``); then flood."""
     if side not in SIDES:
         raise ValueError(f"side {side!r}: one of {', '.join(SIDES)}")
     mod, so = f"xt_{ext}", f"libxt_{ext}.so"
     load = f"modprobe {mod}" if side == "in-tree" else f"insmod {ko}"
     libdir = STOCK_XTDIR if side == "in-tree" else XTLIBDIR
     env = f"XTABLES_LIBDIR={libdir} LD_DEBUG=files LD_DEBUG_OUTPUT={LD_LOG}"
-    return "\n".join([
+    prep = "\n".join([
         "set -e", *restore_lines(tool, []), "conntrack -F >/dev/null 2>&1 || true",
         f"if [ -d /sys/module/{mod} ]; then rmmod {mod}; fi", load, module_proof_line(mod),
         f"rm -f {LD_LOG}.*", *restore_lines(tool, [rule] * copies, env),
         f"p=$(cat {LD_LOG}.* 2>/dev/null | sed -n 's/.*opening file=\\(.*\\/{re.escape(so)}\\) .*/\\1/p' | head -n 1)",
         'echo "@@plugin ${p:--} sha256=$(if [ -n "$p" ]; then sha256sum < "$p" | cut -d" " -f1; else echo -; fi)"',
         f'echo "@@rules $(XTABLES_LIBDIR={libdir} {tool} -w -S FORWARD | grep -c -- "-m {ext}\\( \\|$\\)" || :)"',
-        *flood_lines(sports, count),
-        *restore_lines(tool, []),
+        *pktgen_lines(sports, count),
     ])
+    return Flood(prep, "\n".join(["set -e", *start_lines()]))
 
 
-def hook_script(tool: str, module: str | None = None, ko: str | None = None, *,
-                count: int = TWIN_PACKETS, sports: tuple[int, int] = ONE_FLOW) -> str:
-    """Shell: FORWARD empty; with *module* and *ko* that hook module is loaded for
-    the flood (proved by ``@@module``) and unloaded after; without, the baseline
-    (the empty chain on its own)."""
-    load, unload = [], []
+def hook_script(tool: str, module: str | None = None, ko: str | None = None, *, unload: tuple = (),
+                count: int = TWIN_PACKETS, sports: tuple[int, int] = ONE_FLOW) -> Flood:
+    """FORWARD empty and the hook modules *unload* unloaded; with *module* and
+    *ko* that hook module is loaded for the flood (proved by ``@@module``);
+    without, the baseline (the empty chain on its own)."""
+    lines = [f"if [ -d /sys/module/{m} ]; then rmmod {m}; fi" for m in unload]
     if module and ko:
-        load = [f"if [ -d /sys/module/{module} ]; then rmmod {module}; fi", f"insmod {ko}",
-                module_proof_line(module)]
-        unload = [f"rmmod {module}"]
-    return "\n".join(["set -e", *restore_lines(tool, []), "conntrack -F >/dev/null 2>&1 || true", *load,
-                      *flood_lines(sports, count), *unload])
+        lines += [f"if [ -d /sys/module/{module} ]; then rmmod {module}; fi", f"insmod {ko}",
+                  module_proof_line(module)]
+    prep = "\n".join(["set -e", *restore_lines(tool, []), "conntrack -F >/dev/null 2>&1 || true", *lines,
+                      *pktgen_lines(sports, count)])
+    return Flood(prep, "\n".join(["set -e", *start_lines()]))
 
 
 @dataclass(frozen=True)
@@ -237,7 +269,7 @@ class KitBuild:
     plugin_sha256: str = "-"
 
 
-def check_twin_proof(proof: Proof, side: str, kit: KitBuild, copies: int = COPIES) -> str:
+def check_twin_proof(proof: Proof, side: str, kit: KitBuild, copies: int) -> str:
     """Refuse a measurement that cannot say which module and plugin ran; else a
     one-line account of them. In-tree: no ``O`` taint (out of tree), not the kit's
     srcversion, the stock plugin from :data:`STOCK_XTDIR`; kit: taint ``O``, the
@@ -297,6 +329,7 @@ class TwinRatio:
     cost_ratio: float | None
     run_ratios: list
     rate_ratio: float
+    best_ratio: float | None = None     # the same from each side's best run (interference only slows)
 
     @property
     def spread(self) -> tuple | None:
@@ -312,7 +345,9 @@ def twin_ratio(base: list[float], stock: list[float], kit: list[float]) -> TwinR
     b, s, k = (statistics.median(x) for x in (base, stock, kit))
     cs, ck = cost_us(s, b), cost_us(k, b)
     runs = [cost_us(k_, b_) / cost_us(s_, b_) for b_, s_, k_ in zip(base, stock, kit) if cost_us(s_, b_) > 0]
-    return TwinRatio(b, s, k, cs, ck, ck / cs if cs > 0 else None, runs, k / s)
+    bb, bs, bk = max(base), max(stock), max(kit)
+    best = cost_us(bk, bb) / cost_us(bs, bb) if cost_us(bs, bb) > 0 else None
+    return TwinRatio(b, s, k, cs, ck, ck / cs if cs > 0 else None, runs, k / s, best)
 
 
 def format_ratio(r: TwinRatio) -> str:
@@ -337,9 +372,42 @@ def kit_builds(vm: str, names) -> dict[str, KitBuild]:
     return out
 
 
-def _flood(vm: str, script: str) -> tuple[str, float]:
-    out = lab.exec(vm, script, timeout=600, check=True).stdout
-    return out, rate(out)
+def schedstat_ns(texts) -> int:
+    """Nanoseconds on a CPU: the sum of the first field of each thread's
+    ``/proc/PID/task/TID/schedstat`` text in *texts*."""
+    return sum(int(t.split()[0]) for t in texts if t.strip())
+
+
+def _cpu_ns(pid: int) -> int:
+    texts = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            texts.append((task / "schedstat").read_text())
+        except OSError:         # a thread that ended meanwhile
+            pass
+    return schedstat_ns(texts)
+
+
+def cpu_rate(output: str, cpu_ns: int) -> float:
+    """Packets forwarded per second of the guest's CPU time (QEMU's, on the host)."""
+    m = _RESULT.search(output)
+    if not m or cpu_ns <= 0:
+        raise ValueError(f"no pktgen result in {output!r} or no CPU time ({cpu_ns} ns)")
+    return int(m.group(1)) * 1e9 / cpu_ns
+
+
+def _flood(vm: str, flood: Flood) -> tuple[str, float]:
+    """Run *flood*: its prep, then its flood timed by the CPU time the QEMU
+    process spent (all its threads: TCG runs the guest in one) rather than by the
+    clock, which every other process on the host moves; (output, packets/s of
+    guest CPU)."""
+    out = lab.exec(vm, flood.prep, timeout=300, check=True).stdout
+    pid = lab.require(vm).pid
+    before = _cpu_ns(pid)
+    res = lab.exec(vm, flood.go, timeout=600, check=True)
+    spent = _cpu_ns(pid) - before
+    rate(res.stdout)                # pktgen said OK
+    return out + res.stdout, cpu_rate(res.stdout, spent)
 
 
 @dataclass
@@ -357,48 +425,51 @@ def measure_twins(vm: str, runs: int, progress=print) -> TwinRun:
     the empty chain, in the running VM *vm*: per run and twin a baseline, then
     both sides (in-tree first in odd runs, kit first in even ones); per run and
     hook module a baseline, then the module loaded."""
-    names = sorted({ext for ext, _, _ in TWINS.values()}) + list(HOOK_MODULES)
+    names = sorted({t.ext for t in TWINS.values()}) + list(HOOK_MODULES)
     kits = kit_builds(vm, names)
     deploy.install_many(names, vm=vm, progress=lambda *_: None)
-    unload = " ".join(kits[h].module for h in HOOK_MODULES)
+    hook_mods = tuple(kits[h].module for h in HOOK_MODULES)
     lab.exec(vm, "set -e\n" + app_netns.setup_script() + "\nmodprobe pktgen\n" + stock_xtdir_script()
-             + f"\nrmmod {unload}", check=True, timeout=120)
+             + f"\nrmmod {' '.join(hook_mods)}", check=True, timeout=120)
     tool = f"iptables-{xtables.for_vm(vm).primary}"
     res = TwinRun(tool, {}, {}, {})
     for i in range(runs):
         progress(f"datapath twins run {i + 1}/{runs} ({tool})")
-        for label, (ext, rule, _) in TWINS.items():
+        for label, twin in TWINS.items():
             got = res.twins.setdefault(label, {"baseline": [], "in-tree": [], "kit": []})
-            got["baseline"].append(_flood(vm, hook_script(tool))[1])
+            got["baseline"].append(_flood(vm, hook_script(tool, unload=hook_mods))[1])
             for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
-                out, pps = _flood(vm, twin_script(tool, ext, rule, side, kits[ext].ko))
-                account = check_twin_proof(parse_proof(out), side, kits[ext])
+                kit = kits[twin.ext]
+                out, pps = _flood(vm, twin_script(tool, twin.ext, twin.rule, side, kit.ko, copies=twin.copies))
+                account = check_twin_proof(parse_proof(out), side, kit, twin.copies)
                 res.proofs.setdefault(label, {})[side] = account
                 got[side].append(pps)
         for hook in HOOK_MODULES:
             got = res.hooks.setdefault(hook, {"baseline": [], "loaded": []})
-            got["baseline"].append(_flood(vm, hook_script(tool))[1])
-            out, pps = _flood(vm, hook_script(tool, kits[hook].module, kits[hook].ko))
+            got["baseline"].append(_flood(vm, hook_script(tool, unload=hook_mods))[1])
+            out, pps = _flood(vm, hook_script(tool, kits[hook].module, kits[hook].ko, unload=hook_mods))
             res.proofs[hook] = {"kit": check_hook_proof(parse_proof(out), kits[hook])}
             got["loaded"].append(pps)
     return res
 
 
-RATIO_HEADER = ["datapath (median of runs)", "baseline pkt/s", "in-tree pkt/s", "kit pkt/s",
-                "kit/in-tree cost (min–max)", "rate kit/in-tree", "in-tree µs/pkt", "kit µs/pkt"]
+RATIO_HEADER = ["datapath (median of runs)", "rules", "baseline pkt/CPU-s", "in-tree pkt/CPU-s",
+                "kit pkt/CPU-s", "kit/in-tree cost (min–max)", "best runs", "rate kit/in-tree",
+                "in-tree ns/match", "kit ns/match"]
 
 
 def ratio_rows(run: TwinRun) -> list[list[str]]:
     """The ratio table: per twin the median rates, the cost ratio with its spread,
-    the rate ratio and the costs over the baseline (all COPIES rules); per hook
-    module its rate against the empty chain and its cost."""
+    the rate ratio and the cost of one rule evaluation (the cost over the baseline
+    / copies); per hook module its rate against the empty chain and its cost per
+    packet (in the kit's ns column)."""
     rows = []
     for label, got in run.twins.items():
-        r = twin_ratio(got["baseline"], got["in-tree"], got["kit"])
-        rows.append([label, f"{r.base:.0f}", f"{r.stock:.0f}", f"{r.kit:.0f}", format_ratio(r),
-                     f"{r.rate_ratio:.2f}", f"{r.cost_stock_us:.2f}", f"{r.cost_kit_us:.2f}"])
+        r, n = twin_ratio(got["baseline"], got["in-tree"], got["kit"]), TWINS[label].copies
+        rows.append([label, str(n), f"{r.base:.0f}", f"{r.stock:.0f}", f"{r.kit:.0f}", format_ratio(r),
+                     "-" if r.best_ratio is None else f"{r.best_ratio:.2f}", f"{r.rate_ratio:.2f}", f"{1000 * r.cost_stock_us / n:.0f}", f"{1000 * r.cost_kit_us / n:.0f}"])
     for hook, got in run.hooks.items():
         b, k = statistics.median(got["baseline"]), statistics.median(got["loaded"])
-        rows.append([f"{hook} (hook, no twin)", f"{b:.0f}", "-", f"{k:.0f}", "-",
-                     f"{k / b:.2f} of the baseline", "-", f"{cost_us(k, b):.2f}"])
+        rows.append([f"{hook} (hook, no twin)", "-", f"{b:.0f}", "-", f"{k:.0f}", "-", "-",
+                     f"{k / b:.2f} of the baseline", "-", f"{1000 * cost_us(k, b):.0f} per packet"])
     return rows
