@@ -21,9 +21,12 @@ Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
   ``skipped: <reason>``;
 * ``test``: ``invoke test --name=iprange`` with no VM running, plain and with
   ``--html`` (the per-test packet report: its cost);
-* ``datapath`` (``--only=datapath``): packets/s the guest router forwards
-  under a pktgen flood, with conntrack alone and with a layer7 rule, one flow
-  and a new flow per packet (``nflab/datapath.py``);
+* ``datapath`` (``--only=datapath``, in the VM ``--vm``): packets the guest
+  router forwards under a pktgen flood per second of guest CPU, the kit's
+  matches against their in-tree twins and the hook modules against the empty
+  chain (a ratio table: ``info["datapath_ratios"]``); packets/s with
+  conntrack alone and with a layer7 rule, one flow and a new flow per packet
+  (``nflab/datapath.py``);
 * ``workshop`` (``--workshop``): every exercise's reference solution on 6.1 and
   6.12 as an attendee runs it (build from a clean tree, install, its suite), one
   VM per kernel: seconds per exercise and the total (boot + exercises + poweroff).

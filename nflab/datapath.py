@@ -2,13 +2,29 @@
 
 pktgen, in the client namespace of ``vm/app_netns.py``, floods the guest
 router with UDP datagrams for the server namespace; what the guest
-forwarded (the ``tx_packets`` of its veth towards the server) divided by
-pktgen's run time is the rate. Each configuration is run with one flow (one
-conntrack entry: after its first packets layer7 only looks its record up)
-and with a new flow per packet (random source ports: a conntrack entry and
-a layer7 record per packet, each scanned once), first with conntrack alone
-(a rule that never matches), then with a ``-m layer7 --l7proto http`` rule
-added. Runs alternate between the configurations; ``invoke bench
+forwarded (the ``tx_packets`` of its veth towards the server) is counted.
+
+The kit's matches against their in-tree twins (:func:`measure_twins`):
+iprange, string (bm, kmp), quota, connlimit, time and comment, each the same
+rule (:data:`TWINS`) in FORWARD, with the kernel's own ``xt_<name>`` and the
+stock plugin (``XTABLES_LIBDIR`` = the stock plugins only), then with the
+kit's module and plugin, alternately in one guest; and the hook modules
+(pktcount, the tracer with nothing tagged) against the empty chain. Every
+measurement proves what ran (module taint and srcversion, the plugin file
+ld.so opened and its sha256) or is refused. These floods are timed by the
+CPU time QEMU spent on them (TCG runs the guest in one host thread), not by
+the clock: on a shared host the clock also counts other processes' turns.
+The cost of a rule is 1/rate minus the empty chain's 1/rate; the table
+gives the kit/in-tree cost ratio, its spread over runs and the plain rate
+ratio (:func:`ratio_rows`).
+
+conntrack against layer7 (:func:`measure`): each configuration is run with
+one flow (one conntrack entry: after its first packets layer7 only looks its
+record up) and with a new flow per packet (random source ports: a conntrack
+entry and a layer7 record per packet, each scanned once), first with
+conntrack alone (a rule that never matches), then with a ``-m layer7
+--l7proto http`` rule added; the rate is the forwarded packets over pktgen's
+run time. Runs alternate between the configurations; ``invoke bench
 --only=datapath`` reports the medians. Under TCG these are the emulated
 guest's rates: compare the rows, not the absolute numbers.
 """
