@@ -433,7 +433,7 @@ class TwinRun:
     backend: str
     twins: dict          # label -> {"baseline"|"in-tree"|"kit": [packets/s per run]}
     hooks: dict          # name -> {"baseline"|"loaded": [packets/s per run]}
-    proofs: dict         # label or hook name -> [one-line account per side]
+    proofs: dict         # label or hook name -> {side: one-line account of what ran}
 
 
 def measure_twins(vm: str, runs: int, progress=print) -> TwinRun:
