@@ -107,9 +107,10 @@ def doctor(c):
     "workshop": "also time every workshop exercise's reference solution on 6.1 and 6.12 (per exercise and total)",
     "only": "comma list of groups to run: build, boot, snapshot, vng, test, datapath, workshop "
             "(default: all but datapath and workshop)",
+    "vm": "name of the VM the datapath group boots and measures in (default: bench)",
 })
 @friendly
-def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop=False, only=None):
+def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop=False, only=None, vm=None):
     """Benchmark build, boot, command, test and workshop cycles (reports, never asserts)."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import bench as b
@@ -117,11 +118,16 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop
     b.groups_for(only, workshop)        # an unknown group fails before anything runs
     with Progress(False) as progress:
         data = b.run(kernel, int(runs), cold=cold, matrix=catalog, progress=progress, only=only,
-                     workshop=workshop)
+                     workshop=workshop, vm=vm or "bench")
     table(["measurement", "median s", "min s", "max s", "runs", "note"], data["rows"],
           title=f"nflab bench on {data['info']['kernel']}")
+    ratios = data["info"].get("datapath_ratios")
+    if ratios:
+        table(ratios["header"], ratios["rows"],
+              title=f"datapath: the kit's matches against their in-tree twins on {data['info']['kernel']}")
     for k, v in data["info"].items():
-        print(f"{k}: {v}")
+        if k != "datapath_ratios":
+            print(f"{k}: {v}")
     if json:
         b.write_json(data, json)
         print(f"wrote {json}")

@@ -21,9 +21,12 @@ Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
   ``skipped: <reason>``;
 * ``test``: ``invoke test --name=iprange`` with no VM running, plain and with
   ``--html`` (the per-test packet report: its cost);
-* ``datapath`` (``--only=datapath``): packets/s the guest router forwards
-  under a pktgen flood, with conntrack alone and with a layer7 rule, one flow
-  and a new flow per packet (``nflab/datapath.py``);
+* ``datapath`` (``--only=datapath``, in the VM ``--vm``): packets the guest
+  router forwards under a pktgen flood per second of guest CPU, the kit's
+  matches against their in-tree twins and the hook modules against the empty
+  chain (a ratio table: ``info["datapath_ratios"]``); packets/s with
+  conntrack alone and with a layer7 rule, one flow and a new flow per packet
+  (``nflab/datapath.py``);
 * ``workshop`` (``--workshop``): every exercise's reference solution on 6.1 and
   6.12 as an attendee runs it (build from a clean tree, install, its suite), one
   VM per kernel: seconds per exercise and the total (boot + exercises + poweroff).
@@ -128,7 +131,7 @@ MATRIX_KERNELS = "6.1,6.12"
 
 
 def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bool = False,
-        progress=print, *, only: str | None = None, workshop: bool = False) -> dict:
+        progress=print, *, only: str | None = None, workshop: bool = False, vm: str = "bench") -> dict:
     groups = groups_for(only, workshop)
     kern = kernels.get(kernel, progress=progress)
     spec = kern.abi
@@ -137,7 +140,6 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
                    "groups": ",".join(groups), "loadavg_start": _load()}
     if "build" in groups:
         _build_group(spec, runs, cold, results, progress)
-    vm = "bench"
     if "boot" in groups:
         _boot_group(spec, runs, results, extra, progress)
     if "snapshot" in groups:
@@ -164,7 +166,7 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
                                     lambda: _invoke("matrix", f"--kernels={MATRIX_KERNELS}", "-j", "2"), 1,
                                     note="one VM per kernel, both at once"))
     if "datapath" in groups:
-        results += datapath_group(spec, runs, progress)
+        results += datapath_group(spec, runs, progress, vm, extra)
     if "workshop" in groups:
         results += workshop_group(WORKSHOP_KERNELS, extra, progress)
     lab.down(vm)
@@ -173,12 +175,23 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
             "rows": [m.row() for m in results], "info": extra}
 
 
-def datapath_group(spec, runs, progress) -> list[Measurement]:
-    """Packets/s through the guest router, with conntrack alone and with a
-    layer7 rule (these rows are in packets per second, not seconds)."""
-    progress("datapath: pktgen through the guest router")
-    lab.up(spec, "bench", progress=lambda *_: None)
-    rates = datapath.measure("bench", runs, progress)
+def datapath_group(spec, runs, progress, vm: str = "bench", extra: dict | None = None) -> list[Measurement]:
+    """Packets/s through the guest router (these rows are in packets per second,
+    not seconds): the kit's twins against the in-tree modules and the hook
+    modules against the empty chain (the ratio table goes to
+    ``extra["datapath_ratios"]``), then conntrack alone against a layer7 rule."""
+    progress(f"datapath: pktgen through the guest router of VM {vm}")
+    lab.up(spec, vm, progress=lambda *_: None)
+    try:
+        twins = datapath.measure_twins(vm, runs, progress)
+        rates = datapath.measure(vm, runs, progress)
+    finally:
+        lab.down(vm)
+    out = twin_rows(twins)
+    if extra is not None:
+        extra["datapath_backend"] = twins.backend
+        extra["datapath_ratios"] = {"header": datapath.RATIO_HEADER, "rows": datapath.ratio_rows(twins)}
+        extra["datapath_proofs"] = twins.proofs
     rows = {name: Measurement(f"datapath: {name} (packets/s)", values,
                               note=f"{datapath.PACKETS} UDP datagrams from pktgen")
             for name, values in rates.items()}
@@ -186,7 +199,35 @@ def datapath_group(spec, runs, progress) -> list[Measurement]:
         base, l7 = (rows[f"{flows}, {r}"] for r in datapath.RULES)
         if base.median and l7.median:
             l7.note += f"; {100 * l7.median / base.median:.0f}% of the rate with conntrack only"
-    return list(rows.values())
+    return out + list(rows.values())
+
+
+def twin_rows(twins: datapath.TwinRun) -> list[Measurement]:
+    """Rows of the twins (in-tree and kit packets/s, the per-run cost ratios) and
+    the hook modules (packets/s loaded, per-run cost over the empty chain)."""
+    n = f"{datapath.TWIN_PACKETS} datagrams, one flow"
+    out = [Measurement("datapath baseline: empty FORWARD (packets/CPU-s)",
+                       [x for got in [*twins.twins.values(), *twins.hooks.values()] for x in got["baseline"]],
+                       note=f"{n}, before every pair ({twins.backend}); packets per second of guest CPU")]
+    for label, got in twins.twins.items():
+        rule, why, copies = datapath.TWINS[label].rule, datapath.TWINS[label].why, datapath.TWINS[label].copies
+        r = datapath.twin_ratio(got["baseline"], got["in-tree"], got["kit"])
+        proof = twins.proofs.get(label, {})
+        out += [Measurement(f"datapath {label}: in-tree (packets/CPU-s)", got["in-tree"],
+                            note=f"{copies} x {rule}: {why}; {proof.get('in-tree', '')}"),
+                Measurement(f"datapath {label}: kit (packets/CPU-s)", got["kit"], note=proof.get("kit", "")),
+                Measurement(f"datapath {label}: kit/in-tree cost per packet", r.run_ratios,
+                            note=f"from the medians {datapath.format_ratio(r)}; rate kit/in-tree "
+                                 f"{r.rate_ratio:.2f}; µs/packet over the baseline: in-tree "
+                                 f"{r.cost_stock_us:.2f}, kit {r.cost_kit_us:.2f} ({n}, {copies} rules)")]
+    for hook, got in twins.hooks.items():
+        costs = [datapath.cost_us(k, b) for b, k in zip(got["baseline"], got["loaded"])]
+        out += [Measurement(f"datapath {hook} loaded (packets/CPU-s)", got["loaded"],
+                            note=f"{datapath.HOOK_MODULES[hook]}; {twins.proofs.get(hook, {}).get('kit', '')}"),
+                Measurement(f"datapath {hook}: µs per packet over the empty chain", costs,
+                            note=f"rate {statistics.median(got['loaded']) / statistics.median(got['baseline']):.2f}"
+                                 " of the baseline (medians)")]
+    return out
 
 
 def _build_group(spec, runs, cold, results, progress):
