@@ -74,15 +74,26 @@ def ignored(f: Finding, entries: list[dict]) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _tree(line: str) -> Path:
-    return source_kernels.source_tree(source_kernels.plan(f"source:{line}"))
+def _plan(line: str):
+    return source_kernels.plan(f"source:{line}")
+
+
+def _line() -> str:
+    return os.environ.get(LINE_ENV, "6.12").strip()
 
 
 def source_tree() -> Path:
     """The linux-source tree whose checkpatch.pl and coccinelle scripts are used,
     resolved once per process (finding the newest source package reads the
     archive's indexes)."""
-    return _tree(os.environ.get(LINE_ENV, "6.12").strip())
+    return source_kernels.source_tree(_plan(_line()))
+
+
+def tools_root(progress=None):
+    """The build root checkpatch and coccicheck run in: the Debian release of the
+    source tree whose scripts they are (bullseye's spatch 1.1 segfaults on 6.12's
+    device_attr_show.cocci for some inputs; the scripts and their spatch belong together)."""
+    return buildroot.ensure(_plan(_line()).debian_release, extra=CHECK_PACKAGES, progress=progress)
 
 
 def check_tree(exts: list, kernel) -> Path:
@@ -175,9 +186,10 @@ def run(exts, kernel, *, progress=None) -> list[Finding]:
     entries = load_ignores()
     tree = source_tree()
     root = buildroot.for_kernel(kernel, extra=CHECK_PACKAGES, progress=progress)
+    tools = tools_root(progress)
     with file_lock(build_dir() / kernel.release / ".check.lock"):
         top = check_tree(exts, kernel)
         if progress:
             progress(f"checkpatch, W=1 + sparse, coccicheck on {len(exts)} module(s) in {top}")
-        found = checkpatch(top, tree, root) + w1_sparse(top, kernel, root) + coccicheck(top, tree, root)
+        found = checkpatch(top, tree, tools) + w1_sparse(top, kernel, root) + coccicheck(top, tree, tools)
     return [f for f in found if not ignored(f, entries)]
