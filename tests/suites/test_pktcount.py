@@ -37,10 +37,6 @@ def test_loaded_and_registered(host):
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_forwarded_packets_are_counted_per_hook(host, wire, routed, family, tag):
-    from scapy.all import UDP
-    from nflab.tracing import payload
-
-    client, server = PEERS[family]
     host.run_test(STRAYS_ON)
     try:
         _count_forwarded(host, wire, family, tag)
