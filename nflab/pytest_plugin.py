@@ -5,6 +5,8 @@ Loaded by ``tests/suites/conftest.py`` (``pytest_plugins``). Options:
 * ``--nflab-vm=NAME``   the kit VM the suites run in (default: ``$NFLAB_VM``;
   unset when the suites run against a real machine given with ``--hosts``)
 * ``--nflab-ext=NAME``  extensions installed for this run (repeatable)
+* ``--nflab-test-timeout=SECONDS``  bound on each test's setup, call and
+  teardown (default ``$NFLAB_TEST_TIMEOUT`` or 300; 0: none), ``nflab/watchdog.py``
 
 When a test fails, its report gets the guest's rule set (``iptables-save``,
 ``ip6tables-save``, ``nft list ruleset``), the tracer log when the tracer is
@@ -32,6 +34,7 @@ import testinfra
 
 from nflab import report as rep
 from nflab import start_gate, tracing
+from nflab import watchdog
 from vm import lab, topology
 from vm import wire as vm_wire
 
@@ -42,6 +45,14 @@ def pytest_addoption(parser):
                     help="kit VM the suites run in (default $NFLAB_VM)")
     group.addoption("--nflab-ext", action="append", default=[],
                     help="extension installed for this run (repeatable)")
+    group.addoption("--nflab-test-timeout", default=None,
+                    help=f"seconds each test phase may take (default ${watchdog.ENV} or "
+                         f"{watchdog.DEFAULT:g}; 0: no bound)")
+
+
+def pytest_configure(config):
+    seconds = watchdog.bound_from(config.getoption("--nflab-test-timeout"))
+    config.pluginmanager.register(watchdog.Watchdog(seconds), "nflab-watchdog")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -267,8 +267,11 @@ def server_cmd(kind: str, family: str, port: int, **opts) -> str:
     addr = ADDR[family][1]
     if kind == "ssh":
         listen = f"[{addr}]:{port}" if family == "ipv6" else f"{addr}:{port}"
-        return (f"ip netns exec {SERVER_NS} timeout 20 dropbear -F -E -s -p {listen} "
-                f"-r /etc/dropbear/dropbear_ed25519_host_key 2>/dev/null &\nsrv=$!\n"
+        # -k 1: dropbear can miss a TERM that lands between its exit check and its
+        # select() (it then waits for a connection forever); and no server keeps the
+        # SSH channel's stdout, or the host's command would wait for it
+        return (f"ip netns exec {SERVER_NS} timeout -k 1 20 dropbear -F -E -s -p {listen} "
+                f"-r /etc/dropbear/dropbear_ed25519_host_key >/dev/null 2>&1 &\nsrv=$!\n"
                 f"(for i in $(seq 200); do ip netns exec {SERVER_NS} ss -Hltn 'sport = :{port}' "
                 f"| grep -q . && break; sleep 0.05; done; touch {READY}) &")
     return _py(SERVER_NS, "server", kind, family=family, addr=addr, port=port, ready=READY,
