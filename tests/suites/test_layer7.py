@@ -41,10 +41,14 @@ NEEDLE = f"--l7dir {TESTDIR} --l7proto needle"
 PROC = "/proc/net/nflab_layer7"
 MAXDATALEN, NUM_PACKETS = 2048, 10     # the module's defaults (ext.toml [[params]])
 SSH = ("ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-       "-o ConnectTimeout=8 -p {port} nobody@{addr} true")
+       "-o ConnectTimeout={wait} -p {port} nobody@{addr} true")
 # what a client waits for an answer before it calls the exchange blocked: long
-# enough for a TCG guest on a loaded host, paid only where a rule drops
+# enough for a TCG guest on a loaded host to get through
 WAIT = 8
+# ... and under a DROP rule, whose own counter proves the drop (drop_count), so a
+# short wait cannot pass a slow exchange off as a blocked one
+BLOCKED_WAIT = 3
+TLS_ALERT = "15030300020228"        # alert record, TLS 1.2: fatal, handshake_failure
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +59,30 @@ def loaded(host, apps):  # noqa: F811
     assert res.rc == 0, res.stderr
 
 
-def exchange(host, proto: str, family: str = "ipv4") -> tuple[bool, dict]:
-    """One real exchange of *proto* from the client to the server namespace:
-    (did it get through, both sides' reports)."""
+def exchange(host, proto: str, family: str = "ipv4", wait: int = WAIT) -> tuple[bool, dict]:
+    """One real exchange of *proto* from the client to the server namespace, the
+    client waiting *wait* seconds for each answer: (did it get through, both
+    sides' reports)."""
     addr = ADDR[family][1]
     if proto == "http":
-        rep = run(host, ("http", family, 8080), ("http", family, 8080, {"timeout": WAIT}))
+        rep = run(host, ("http", family, 8080), ("http", family, 8080, {"timeout": wait}))
         return rep["client"].get("ok", False), rep
     if proto == "ssh":
         rep = run(host, ("ssh", family, 2222),
-                  ("cmd", family, 0, {"cmd": SSH.format(port=2222, addr=addr), "timeout": 3 * WAIT}))
+                  ("cmd", family, 0, {"cmd": SSH.format(port=2222, addr=addr, wait=wait),
+                                      "timeout": 3 * wait}))
         # the server's banner and key exchange came through: it refuses the login
         return "Permission denied" in rep["client"]["output"], rep
     if proto == "ssl":
-        rep = run(host, ("tcp", family, 8443, {"idle": 3}), ("tls", family, 8443, {"timeout": WAIT}))
+        # the server answers the ClientHello with a TLS alert (handshake_failure):
+        # the client ends at once instead of waiting for a ServerHello
+        rep = run(host, ("tcp", family, 8443, {"idle": 3, "reply": TLS_ALERT}),
+                  ("tls", family, 8443, {"timeout": wait}))
         return rep["server"].get("received", "").startswith("1603"), rep
     # glibc's resolver (getent) with this namespace's resolv.conf naming the server
-    cmd = (f"printf 'nameserver {addr}\\noptions timeout:{WAIT // 2} attempts:2\\n' > /etc/resolv.conf && "
-           "getent ahostsv4 www.example.test")
-    rep = run(host, ("dns", family, 53, {"idle": 1}), ("cmd", family, 0, {"cmd": cmd, "timeout": 3 * WAIT}))
+    cmd = (f"printf 'nameserver {addr}\\noptions timeout:{max(wait // 2, 1)} attempts:2\\n' "
+           "> /etc/resolv.conf && getent ahostsv4 www.example.test")
+    rep = run(host, ("dns", family, 53, {"idle": 1}), ("cmd", family, 0, {"cmd": cmd, "timeout": 3 * wait}))
     return rep["client"]["rc"] == 0 and "10.77.2.99" in rep["client"]["output"], rep
 
 
@@ -86,6 +95,12 @@ def l7_counts(host, family, backend) -> dict:
         if p and "-j" not in m.group(2).split():
             counts[p.group(1)] = counts.get(p.group(1), 0) + int(m.group(1))
     return counts
+
+
+def drop_count(host, family, backend) -> int:
+    """Packets the FORWARD chain's DROP rules stopped."""
+    out = host.check_output(f"{TOOLS[family]}-{backend}-save -c -t filter")
+    return sum(int(m.group(1)) for m in re.finditer(r"^\[(\d+):\d+\] -A FORWARD .* -j DROP$", out, re.M))
 
 
 def classes(host) -> dict:
@@ -110,8 +125,9 @@ def test_real_exchange_is_classified_then_dropped(host, loaded, clean_forward, b
     others = {p: n for p, n in counts.items() if p != proto and n}
     assert not others, f"{proto} traffic matched other protocols' patterns: {others}"
     add_rules(host, [f"{ipt} -I FORWARD 1 -m layer7 --l7proto {proto} -j DROP"])
-    ok, rep = exchange(host, proto)
+    ok, rep = exchange(host, proto, wait=BLOCKED_WAIT)
     assert not ok, f"the {proto} exchange got through -m layer7 --l7proto {proto} -j DROP: {rep}"
+    assert drop_count(host, "ipv4", backend) > 0, f"the {proto} exchange failed, but not at the DROP rule: {rep}"
 
 
 @pytest.mark.parametrize("backend", ["nft"])
@@ -127,7 +143,8 @@ def test_ipv6_exchanges(host, loaded, clean_forward, backend):
         assert grew == {proto}, f"{proto} over IPv6 counted for {sorted(grew)}"
         before = after
     add_rules(host, ["ip6tables-nft -w -I FORWARD 1 -m layer7 --l7proto http -j DROP"])
-    assert not exchange(host, "http", "ipv6")[0], "HTTP over IPv6 got through the DROP rule"
+    assert not exchange(host, "http", "ipv6", wait=BLOCKED_WAIT)[0], "HTTP over IPv6 got through the DROP rule"
+    assert drop_count(host, "ipv6", "nft") > 0, "HTTP over IPv6 failed, but not at the DROP rule"
 
 
 def _chunks(host, port, chunks, family="ipv4", reply=""):
@@ -230,7 +247,9 @@ def test_flood_is_bounded_and_evicted(host, loaded, clean_forward, xtables):
         add_rules(host, [f"{xtables.tool('ipv4')} -w -A FORWARD -p tcp -m layer7 {NEEDLE} -j DROP"])
         script = "\n".join([
             start_server("hold", "ipv4", 5007),
-            client_cmd("hold", "ipv4", 5007, count=6, timeout=60) + " > /tmp/nflab_hold.out &",
+            # in the background, its output to a file: the idle connections stay
+            # open while the GC evicts them (finally: stopped)
+            client_cmd("hold", "ipv4", 5007, count=6, timeout=60) + " > /tmp/nflab_hold.out 2>&1 &",
             "for i in $(seq 600); do grep -q opened /tmp/nflab_hold.out && break; sleep 0.05; done",
             "sleep 0.5", f"cat {PROC}",
         ])
