@@ -143,6 +143,13 @@ def check_disk() -> list[Check]:
                   "" if status == OK else "the caches need ~3 GiB: free space or set NFLAB_CACHE")]
 
 
+def _refetch(k) -> str:
+    """The command that replaces a cached kernel entry: a Debian kernel by its ABI and
+    flavour (any flavour, rt included), a kernel built from source by its release."""
+    again = f"{k.abi}-{k.flavour}" if k.flavour in kernels.FLAVOURS else k.release
+    return f"invoke fetch-kernel --kernel={again} --force"
+
+
 def check_cache() -> list[Check]:
     checks = []
     try:
@@ -153,19 +160,13 @@ def check_cache() -> list[Check]:
         for k in cached:
             missing = [p for p in (k.vmlinuz, k.headers, k.config) if not os.path.exists(p)]
             if missing:
-                # a Debian kernel is refetched by its ABI, a custom one by its release
-                again = k.abi if k.flavour in kernels.FLAVOURS else k.release
-                checks.append(Check(f"kernel {k.release}", FAIL, f"missing {missing}",
-                                    f"invoke fetch-kernel --kernel={again} --force"))
+                checks.append(Check(f"kernel {k.release}", FAIL, f"missing {missing}", _refetch(k)))
             else:
                 # the entry against what its fetch or build recorded (listing, vmlinuz
                 # hash, the headers Makefile's references)
                 problem = kernels.check_entry(Path(k.root).parent)
                 if problem:
-                    again = (f"{k.abi}-{k.flavour}" if k.flavour in kernels.FLAVOURS
-                             else f"{k.release} --force")
-                    checks.append(Check(f"kernel {k.release}", FAIL, f"damaged: {problem}",
-                                        f"invoke fetch-kernel --kernel={again}"))
+                    checks.append(Check(f"kernel {k.release}", FAIL, f"damaged: {problem}", _refetch(k)))
     except Exception as exc:
         checks.append(Check("kernels cached", WARN, f"cannot read cache: {exc}"))
     try:
