@@ -179,7 +179,9 @@ def run_watched(cmd: list, vm: str, *, env: dict, poll: float = 0.5, quiet: bool
 # file over two VMs of the same kernel, each with its own pytest. Files are
 # dealt longest first to the shard that will finish first (the second shard
 # starts after the first one's boot and installs); durations come from the
-# previous run on that kernel (``suite-seconds.json`` beside the reports).
+# previous run on that kernel (``suite-seconds.json`` beside the reports), else
+# from the seconds measured when the suites were written (BASELINE_DURATIONS:
+# a fresh clone, as in CI, splits a whole-catalog run as well as a second run).
 
 SHARD_MIN_SECONDS = 40.0     # expected suite time below which one VM is quicker
 VM_MEMORY_GIB = 1.5          # what one more VM may take of the host's memory
@@ -191,11 +193,19 @@ def durations_path(release: str) -> Path:
     return build_dir() / "reports" / release / "suite-seconds.json"
 
 
-def load_durations(release: str) -> dict[str, float]:
+BASELINE_DURATIONS = SUITES / "suite-seconds.json"
+
+
+def _read_durations(path: Path) -> dict[str, float]:
     try:
-        return {k: float(v) for k, v in json.loads(durations_path(release).read_text()).items()}
+        return {k: float(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         return {}
+
+
+def load_durations(release: str) -> dict[str, float]:
+    """Seconds per suite file: the last run on *release*, over the shipped baseline."""
+    return {**_read_durations(BASELINE_DURATIONS), **_read_durations(durations_path(release))}
 
 
 def record_durations(release: str, junit: Path):
@@ -207,7 +217,7 @@ def record_durations(release: str, junit: Path):
             if f:
                 times[Path(f).name] = times.get(Path(f).name, 0.0) + float(case.get("time") or 0)
     if times:
-        data = {**load_durations(release), **{k: round(v, 2) for k, v in times.items()}}
+        data = {**_read_durations(durations_path(release)), **{k: round(v, 2) for k, v in times.items()}}
         path = durations_path(release)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")

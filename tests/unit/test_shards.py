@@ -91,6 +91,7 @@ def _junit(path: Path, cases: list[tuple[str, str, float, bool]]):
 
 def test_merge_junit_and_record_durations(tmp_path, monkeypatch):
     monkeypatch.setattr(suites, "build_dir", lambda: tmp_path)
+    monkeypatch.setattr(suites, "BASELINE_DURATIONS", tmp_path / "none.json")
     a, b = tmp_path / "a.xml", tmp_path / "b.xml"
     _junit(a, [("tests/suites/test_x.py", "t1", 1.5, True), ("tests/suites/test_x.py", "t2", 2.0, True)])
     _junit(b, [("tests/suites/test_y.py", "t3", 4.0, False)])
@@ -104,3 +105,22 @@ def test_merge_junit_and_record_durations(tmp_path, monkeypatch):
     _junit(a, [("tests/suites/test_x.py", "t1", 1.0, True)])
     suites.record_durations("6.1-x", a)                  # later runs update, others stay
     assert suites.load_durations("6.1-x") == {"test_x.py": 1.0, "test_y.py": 4.0}
+
+
+def test_a_kernel_never_run_is_split_by_the_shipped_baseline(tmp_path, monkeypatch):
+    """A fresh clone (CI) has no previous run: the seconds shipped with the suites
+    deal layer7, the longest file, a VM of its own, as a second run would."""
+    monkeypatch.setattr(suites, "build_dir", lambda: tmp_path)
+    base = suites.load_durations("never-run")
+    assert base == suites._read_durations(suites.BASELINE_DURATIONS) and base["test_layer7.py"] > 60
+    files = sorted(suites.SUITES.glob("test_*.py"))
+    assert {f.name for f in files} - {"test_placement.py", "test_tables.py"} <= set(base), \
+        "a suite file has no baseline seconds: add it to tests/suites/suite-seconds.json"
+    groups = suites.plan_shards(files, 2, base)
+    alone = [g for g in groups if any(f.name == "test_layer7.py" for f in g)][0]
+    assert len(alone) <= 2, alone
+    out = tmp_path / "junit.xml"
+    _junit(out, [("tests/suites/test_layer7.py", "t1", 5.0, True)])
+    suites.record_durations("never-run", out)           # a run's own seconds win
+    assert suites.load_durations("never-run")["test_layer7.py"] == 5.0
+    assert suites._read_durations(suites.durations_path("never-run")) == {"test_layer7.py": 5.0}
