@@ -111,7 +111,8 @@ def cached_kernels() -> list[Kernel]:
     found = []
     if base.is_dir():
         for entry in sorted(base.iterdir()):
-            if (entry / MANIFEST).is_file():
+            # .tmp-* and .build-* hold a manifest for a moment before their rename
+            if not entry.name.startswith(".") and (entry / MANIFEST).is_file():
                 try:
                     found.append(Kernel.load(entry))
                 except (KernelError, TypeError, json.JSONDecodeError):

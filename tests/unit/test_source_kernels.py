@@ -4,6 +4,7 @@ options (pure parts; the real Kconfig runs are in tests/integration/test_source_
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -149,6 +150,11 @@ def test_cached_source_builds_are_found_and_debian_resolution_ignores_them(cache
     assert kernels.resolve("source:6.12").release == "6.12.117-nflab-0123abcd"
     got = [k.release for k in kernels.cached_kernels()]
     assert got == ["6.12.117-nflab-0123abcd"]
+    # a build's work directory holds its manifest for a moment before the rename
+    work = entry.with_name(f".build-{rel}")
+    shutil.copytree(entry, work)
+    assert [k.release for k in kernels.cached_kernels()] == got
+    shutil.rmtree(work)
     assert kernels.KernelRef("6.1.192", "nflab-0123abcd").line == "6.1"
     data = json.loads((entry / sk.SOURCE_INFO).read_text())
     assert data["version"] == "6.12.117-1~deb12u1" and data["key"] == "0123abcd"
