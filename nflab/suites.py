@@ -217,8 +217,8 @@ def record_durations(release: str, junit: Path):
             if f:
                 times[Path(f).name] = times.get(Path(f).name, 0.0) + float(case.get("time") or 0)
     if times:
-        data = {**_read_durations(durations_path(release)), **{k: round(v, 2) for k, v in times.items()}}
         path = durations_path(release)
+        data = {**_read_durations(path), **{k: round(v, 2) for k, v in times.items()}}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

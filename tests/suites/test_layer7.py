@@ -28,7 +28,8 @@ import time
 
 import pytest
 
-from tests.suites.catalog_helpers import BACKENDS, TOOLS, add_rules, assert_kit_module, clean_forward  # noqa: F401
+from tests.suites.catalog_helpers import (BACKENDS, TOOLS, add_rules, assert_kit_module,  # noqa: F401
+                                          clean_forward, rule_counters)
 from tests.suites.guest_apps import ADDR, apps, client_cmd, run, start_server  # noqa: F401
 from tests.suites.guest_traffic import reload_script
 
@@ -99,8 +100,7 @@ def l7_counts(host, family, backend) -> dict:
 
 def drop_count(host, family, backend) -> int:
     """Packets the FORWARD chain's DROP rules stopped."""
-    out = host.check_output(f"{TOOLS[family]}-{backend}-save -c -t filter")
-    return sum(int(m.group(1)) for m in re.finditer(r"^\[(\d+):\d+\] -A FORWARD .* -j DROP$", out, re.M))
+    return sum(rule_counters(host, TOOLS[family], backend, key=r"(-j DROP)$").values())
 
 
 def classes(host) -> dict:
