@@ -21,8 +21,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.vm]
 KERNEL = "6.1"
 VM = "it-iprange-bad"
 EXCLUSIVE = {
-    "ntohl(addr) <= ntohl(max->ip)": "ntohl(addr) < ntohl(max->ip)",
-    "iprange_cmp6(addr, &max->in6) <= 0": "iprange_cmp6(addr, &max->in6) < 0",
+    f"m |= ntohl(iph->{a}) > ntohl(info->{d}_max.ip);": f"m |= ntohl(iph->{a}) >= ntohl(info->{d}_max.ip);"
+    for a, d in (("saddr", "src"), ("daddr", "dst"))
+} | {
+    f"m |= iprange_lt6(&info->{d}_max.in6, &iph->{a});": f"m |= !iprange_lt6(&iph->{a}, &info->{d}_max.in6);"
+    for a, d in (("saddr", "src"), ("daddr", "dst"))
 }
 
 

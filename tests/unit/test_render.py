@@ -45,7 +45,7 @@ def test_render_produces_every_source(iprange_files):
 
 def test_iprange_uses_its_own_template(iprange_files):
     c = iprange_files["xt_iprange.c"]
-    assert "iprange_in4(" in c and "iprange_cmp6(" in c
+    assert "m ^= !!(info->flags & IPRANGE_SRC_INV);" in c and "iprange_lt6(" in c
     assert '.name\t\t= "iprange",' in c and ".revision\t= 1," in c
     assert c.count("xt_register_matches(") == 1
     assert '#include "xt_iprange.h"' in c
