@@ -6,6 +6,7 @@ import sys
 
 from invoke import Exit, task
 
+from cli import SNAPSHOT_HELP, snapshot_flag
 from ground.output import Progress, friendly, table
 from supply import buildroot
 
@@ -77,18 +78,17 @@ def rootfs(c, rebuild=False, quiet=False, userland=None):
 
 @task(help={"kernel": "kernel spec (default 6.12)", "vm": VM_HELP,
             "replace": "stop a running VM of that name with another kernel first",
-            "snapshot": "restore the saved state of a freshly booted VM (~0.6 s instead of a "
-                        "~2.2 s boot; off by default; NFLAB_SNAPSHOT=1 makes it the default)",
+            "snapshot": SNAPSHOT_HELP,
             "userland": buildroot.USERLAND_HELP})
 @friendly
-def vm_up(c, kernel=None, vm="default", replace=False, snapshot=False, userland=None):
+def vm_up(c, kernel=None, vm="default", replace=False, snapshot=True, userland=None):
     """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
     buildroot.use_userland(userland)
 
-    state = lab.up(kernel, vm, replace=replace, snapshot=True if snapshot else None,
+    state = lab.up(kernel, vm, replace=replace, snapshot=snapshot_flag(snapshot),
                    progress=lambda m: print(m, file=sys.stderr))
     if state.boot_seconds:
         how = "restored" if state.restored_from else "booted"

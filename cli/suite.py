@@ -8,6 +8,7 @@ from pathlib import Path
 
 from invoke import task
 
+from cli import SNAPSHOT_HELP, snapshot_flag
 from ground.output import Progress, friendly, table
 from ground.errors import NflabError
 from supply import buildroot
@@ -47,10 +48,11 @@ def _extra_catalog(folder):
     "jobs": "VMs of the kernel to split the suite files over (default auto: 2 on a 2-core host "
             "when the run is long and the kit boots its own VMs; 1: one VM; also $NFLAB_TEST_JOBS)",
     "userland": buildroot.USERLAND_HELP,
+    "snapshot": SNAPSHOT_HELP,
 })
 @friendly
 def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
-         quiet=False, extensions_dir=None, jobs=None, userland=None):
+         quiet=False, extensions_dir=None, jobs=None, userland=None, snapshot=True):
     """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import suites
@@ -63,7 +65,7 @@ def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None,
         selected = [name] if name else ([n for n in names.split(",") if n] if names else None)
         outcome = suites.run(selected, kernel, vm=vm, keep=keep, junit=junit,
                              html=html, pytest_args=shlex.split(pytest or ""), jobs=jobs,
-                             progress=progress)
+                             snapshot=snapshot_flag(snapshot), progress=progress)
     c_ = outcome.counts
     passed = c_["tests"] - c_["failures"] - c_["errors"] - c_["skipped"]
     table(["kernel", "passed", "failed", "errors", "skipped", "seconds", "junit"],

@@ -6,6 +6,7 @@ import shlex
 
 from invoke import task
 
+from cli import SNAPSHOT_HELP, snapshot_flag
 from ground.output import Progress, friendly, table
 from ground.errors import NflabError
 
@@ -20,10 +21,11 @@ from ground.errors import NflabError
     "pytest": "extra pytest arguments, e.g. \"-x -k mark\"",
     "list": "only list the exercises and their files",
     "quiet": "no progress display",
+    "snapshot": SNAPSHOT_HELP,
 })
 @friendly
 def workshop(c, exercise=None, solution=False, kernel=None, vm=None, keep=False, junit=None,
-             pytest=None, list=False, quiet=False):
+             pytest=None, list=False, quiet=False, snapshot=True):
     """Workshop exercises (docs/workshop.md): build, install in a VM, run the suite; green or red."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import workshop as ws
@@ -36,7 +38,8 @@ def workshop(c, exercise=None, solution=False, kernel=None, vm=None, keep=False,
         return
     with Progress(quiet) as progress:
         out = ws.run(exercise, kernel, solution=solution, vm=vm, keep=keep, junit=junit,
-                     pytest_args=shlex.split(pytest or ""), progress=progress)
+                     pytest_args=shlex.split(pytest or ""), snapshot=snapshot_flag(snapshot),
+                     progress=progress)
     names = {e.number: e.name for e in ws.exercises()}
     table(["#", "exercise", "variant", "kernel", "result"],
           [[n, names.get(n, "?"), out.variant, out.release, v] for n, v in out.verdicts.items()])

@@ -318,7 +318,8 @@ def run(names: list[str] | None, kernel_spec: str | None, **kw) -> SuiteOutcome:
 
 def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
          keep: bool = False, junit: str | None = None, html: str | None = None,
-         pytest_args: list | None = None, jobs=None, progress=print) -> SuiteOutcome:
+         pytest_args: list | None = None, jobs=None, snapshot: bool | None = None,
+         progress=print) -> SuiteOutcome:
     names = names or spec.catalog_names()
     for n in names:
         spec.load(n)
@@ -347,7 +348,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
             sh.proc = start_pytest(_pytest_command(sh, built, html, pytest_args), log=sh.log,
                                    env=dict(os.environ, NFLAB_VM=sh.vm, **sh.gate.env()))
         for i, sh in enumerate(shards):
-            _up_and_install(sh, kernel_spec, built, progress)
+            _up_and_install(sh, kernel_spec, built, progress, snapshot=snapshot)
             where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
             progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
             sh.gate.go()
@@ -411,11 +412,12 @@ def _pytest_command(sh: _Shard, built: list, html: str | None, pytest_args: list
             *map(str, sh.files), *(pytest_args or [])]
 
 
-def _up_and_install(sh: _Shard, kernel_spec: str | None, built: list, progress):
-    """Boot (or reuse) the shard's VM and install every built extension in it."""
+def _up_and_install(sh: _Shard, kernel_spec: str | None, built: list, progress,
+                    snapshot: bool | None = None):
+    """Boot or restore (or reuse) the shard's VM and install every built extension in it."""
     old = lab.load(sh.vm)
     sh.booted_here = not (old and lab.is_running(old))
-    state = lab.up(kernel_spec if kernel_spec else None, sh.vm, progress=progress)
+    state = lab.up(kernel_spec if kernel_spec else None, sh.vm, snapshot=snapshot, progress=progress)
     if state.testinfra_spec != lab.testinfra_spec_for(sh.vm):
         raise NflabError(f"VM {sh.vm!r} answers at {state.testinfra_spec}, "
                          f"not {lab.testinfra_spec_for(sh.vm)}", hint=f"run `invoke vm-down --vm={sh.vm}`")

@@ -219,8 +219,9 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
 
 def run(selection: str | None, kernel_spec: str | None, *, solution: bool = False,
         vm: str | None = None, keep: bool = False, junit: str | None = None,
-        pytest_args=None, progress=print) -> Outcome:
-    """Build, boot (or reuse) a VM, install and test the chosen exercises on one kernel."""
+        pytest_args=None, snapshot: bool | None = None, progress=print) -> Outcome:
+    """Build, restore or boot (or reuse) a VM, install and test the chosen exercises on
+    one kernel."""
     exs = select(selection)
     for ex in exs:                       # validate both variants before anything slow
         ex.load(solution)
@@ -230,7 +231,7 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
     vm = vm or ("ws-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel.release.split("-cloud")[0])[:24].strip("-"))
     old = lab.load(vm)
     booted_here = not (old and lab.is_running(old))
-    state = lab.up(kernel_spec, vm, progress=progress)
+    state = lab.up(kernel_spec, vm, snapshot=snapshot, progress=progress)
     try:
         return run_suites(exs, state.name, solution=solution, junit=Path(junit) if junit else None,
                           pytest_args=pytest_args, progress=progress)

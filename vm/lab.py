@@ -590,10 +590,10 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
        budget: float | None = None, snapshot: bool | None = None, progress=print) -> VMState:
     """Boot *spec*'s kernel as VM *vm* and return once SSH answers.
 
-    With *snapshot* (default off; ``$NFLAB_SNAPSHOT=1`` turns it on) the VM is
-    restored from the saved state of a freshly booted one (see ``vm/snapshot.py``;
-    the first use of a kernel saves it), falling back to a cold boot, with a
-    message, if that fails; ``snapshot=False`` always boots cold.
+    By default (*snapshot* None, unless ``$NFLAB_SNAPSHOT=0``) the VM is restored
+    from the saved state of a freshly booted one (see ``vm/snapshot.py``; the
+    first use of a kernel saves it), falling back to a cold boot, with a message,
+    if that fails; ``snapshot=False`` always boots cold.
 
     A running VM with the same kernel is reused; one with a different kernel is
     an error unless *replace*. On any failure, Ctrl-C or SIGTERM the QEMU is

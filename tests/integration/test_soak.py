@@ -33,7 +33,11 @@ it for the generator's packets. That is how this test found a QEMU fault: with
 multi-threaded TCG (one host thread per vCPU), 6.12.117 oopses on a stale
 ``int3`` within 5 s and 6.1.0-56 soft-locks both vCPUs there within 40 s; with
 the kit's single-threaded TCG (``vm.qemu.tcg_threading``) all 200 cycles pass
-on both. ``NFLAB_TCG_THREAD=multi`` reproduces it.
+on both. ``NFLAB_TCG_THREAD=multi`` reproduces it. On 6.1.0-57 the console then
+reads ``rcu_preempt kthread timer wakeup didn't happen`` and a self-detected RCU
+stall, on a restored guest as on a cold-booted one: the stall that had kept
+snapshot restores opt-in. The VM here is whatever ``lab.up`` gives by default,
+a restored guest (``NFLAB_SNAPSHOT=0``: a cold one).
 """
 
 from __future__ import annotations

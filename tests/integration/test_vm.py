@@ -343,6 +343,34 @@ def test_cold_boot_without_snapshot():
     assert not qemu_pids_of(lab.vm_dir(name))
 
 
+def _vm_up(*args, env=None):
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def test_vm_up_restores_by_default_and_no_snapshot_boots_cold():
+    name = "it-default"
+    env = {k: v for k, v in os.environ.items() if k != "NFLAB_SNAPSHOT"}
+    try:
+        res = _vm_up(f"--vm={name}", env=env)
+        assert f"VM {name} restored and ready" in res.stderr, res.stderr[-2000:]
+        assert lab.load(name).restored_from
+        assert res.stdout.strip().splitlines()[-1] == lab.testinfra_spec_for(name)
+        subprocess.run([sys.executable, "-m", "invoke", "vm-down", f"--vm={name}"], cwd=REPO,
+                       check=True, capture_output=True, timeout=60)
+        for how, extra in (("--no-snapshot", {}), ("", {"NFLAB_SNAPSHOT": "0"})):
+            res = _vm_up(f"--vm={name}", *([how] if how else []), env=dict(env, **extra))
+            assert f"VM {name} booted and ready" in res.stderr, (how, extra, res.stderr[-2000:])
+            assert lab.load(name).restored_from is None
+            lab.down(name)
+    finally:
+        lab.down(name)
+    assert not qemu_pids_of(lab.vm_dir(name))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_snapshot_restores_a_clean_guest(kernel):
     name = "it-snap" + kernel.replace(".", "")

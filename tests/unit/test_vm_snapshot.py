@@ -70,9 +70,10 @@ def test_lookup_needs_a_complete_manifest(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("env,flag,want", [
-    (None, None, False), ("0", None, False), ("off", None, False), ("1", None, True),
-    ("on", None, True), ("0", True, True), ("1", False, False), (None, False, False)])
-def test_enabled_default_off_env_opt_in(monkeypatch, env, flag, want):
+    (None, None, True), ("0", None, False), ("off", None, False), ("false", None, False),
+    ("no", None, False), ("1", None, True), ("on", None, True), ("", None, True),
+    ("0", True, True), ("1", False, False), (None, False, False)])
+def test_enabled_default_on_env_opt_out(monkeypatch, env, flag, want):
     if env is None:
         monkeypatch.delenv("NFLAB_SNAPSHOT", raising=False)
     else:
@@ -94,3 +95,18 @@ def test_ssh_config_pins_cheap_algorithms(tmp_path):
     # the default sntrup761x25519 key exchange costs ~0.3 s more per login under TCG
     assert "KexAlgorithms curve25519-sha256" in text
     assert "HostKeyAlgorithms ssh-ed25519" in text
+
+
+@pytest.mark.parametrize("task_name", ["vm-up", "test", "workshop"])
+def test_tasks_restore_by_default_and_take_no_snapshot(task_name):
+    import copy
+
+    import tasks
+    from cli import snapshot_flag
+    t = copy.copy(tasks.ns.tasks[task_name])
+    t.help = dict(t.help or {})
+    arg = {a.name: a for a in t.get_arguments()}["snapshot"]
+    assert arg.default is True and arg.kind is bool     # invoke adds --no-snapshot for it
+    assert "--no-snapshot" in arg.help
+    assert snapshot_flag(True) is None                  # lab.up decides: on unless NFLAB_SNAPSHOT=0
+    assert snapshot_flag(False) is False                # always a cold boot

@@ -21,6 +21,8 @@ fail() {
     poweroff -f
 }
 
+read -r up _ < /proc/uptime
+echo "nflab-initramfs: started after ${up}s" > /dev/console
 read -r cmdline < /proc/cmdline
 for m in $(cat /modules.order); do
     case "$m $cmdline " in
