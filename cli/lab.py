@@ -82,7 +82,7 @@ def rootfs(c, rebuild=False, quiet=False, userland=None):
             "userland": buildroot.USERLAND_HELP})
 @friendly
 def vm_up(c, kernel=None, vm="default", replace=False, snapshot=True, userland=None):
-    """Boot a kernel in QEMU; returns when SSH answers; last line: testinfra host spec."""
+    """Restore (or boot) a kernel's guest in QEMU; returns when SSH answers; last line: testinfra host spec."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 

@@ -53,7 +53,7 @@ def _extra_catalog(folder):
 @friendly
 def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None, html=None, pytest=None,
          quiet=False, extensions_dir=None, jobs=None, userland=None, snapshot=True):
-    """Build, boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
+    """Build, restore/boot (or reuse) a VM, install, and run the extension's scapy/testinfra suites."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import suites
 

@@ -26,7 +26,7 @@ from ground.errors import NflabError
 @friendly
 def workshop(c, exercise=None, solution=False, kernel=None, vm=None, keep=False, junit=None,
              pytest=None, list=False, quiet=False, snapshot=True):
-    """Workshop exercises (docs/workshop.md): build, install in a VM, run the suite; green or red."""
+    """Workshop exercises (docs/workshop.md): build, install in a restored VM, run the suite; green or red."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import workshop as ws
 
