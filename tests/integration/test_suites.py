@@ -81,7 +81,7 @@ def test_sigterm_during_the_suites_stops_the_vms_it_booted():
     rest, _ = proc.communicate(timeout=120)
     out = "".join(seen) + rest
     assert proc.returncode != 0, out
-    vm = re.search(r"booting \S+ as VM '([^']+)'", out).group(1)
+    vm = re.search(r"(?:booting|restoring) \S+ as VM '([^']+)'", out).group(1)
     assert f"stopping VM {vm}" in out, out
     state = lab.load(vm)
     assert state is None or not lab.is_running(state), out
