@@ -316,12 +316,19 @@ def test_ctrl_c_during_vm_up_leaves_no_qemu():
     assert lab.load(name) is None
 
 
+def _vm_up(*args, env=None):
+    """`invoke vm-up --kernel=6.1 ARGS` as a user runs it; asserts it succeeded."""
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
 def test_vm_exec_cli_exit_status_and_spec_is_last_line(vms):
     st = vms("6.1", "it-61")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    up = subprocess.run([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", f"--vm={st.name}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert up.returncode == 0, up.stderr
+    up = _vm_up(f"--vm={st.name}")
     assert up.stdout.strip().splitlines()[-1] == st.testinfra_spec
     res = subprocess.run([sys.executable, "-m", "invoke", "vm-exec", f"--vm={st.name}",
                           "--cmd=echo hello; exit 5"], cwd=REPO, env=env, capture_output=True,
@@ -342,14 +349,6 @@ def test_cold_boot_without_snapshot():
     finally:
         lab.down(name)
     assert not qemu_pids_of(lab.vm_dir(name))
-
-
-def _vm_up(*args, env=None):
-    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res
 
 
 def test_vm_up_restores_by_default_and_no_snapshot_boots_cold():
