@@ -209,7 +209,7 @@ def _listing_diff(entry: Path, now: dict[str, str]) -> str:
     return "; ".join(parts) or "its file listing digest differs from the one recorded"
 
 
-def _check_records(entry: Path, kernel: Kernel) -> str | None:
+def _check_records(entry: Path, kernel: Kernel, listing: bool = True) -> str | None:
     try:
         data = json.loads((entry / INTEGRITY).read_text())
     except FileNotFoundError:
@@ -223,16 +223,21 @@ def _check_records(entry: Path, kernel: Kernel) -> str | None:
     vm = data["vmlinuz"]
     vmlinuz = entry / "root" / vm["path"]
     wrong = integrity.check(vmlinuz, vm, name=str(vmlinuz.relative_to(entry)))
-    if wrong:
+    if wrong or not listing:
         return wrong
-    listing = _walk(entry / "root")
-    if _digest(listing) != data["digest"]:
-        return f"files under root/ changed since the fetch: {_listing_diff(entry, listing)}"
+    now = _walk(entry / "root")
+    if _digest(now) != data["digest"]:
+        return f"files under root/ changed since the fetch: {_listing_diff(entry, now)}"
     return None
 
 
-def check_entry(entry: Path) -> str | None:
-    """None if the cache entry is whole, else what is wrong with it (one line)."""
+def check_entry(entry: Path, *, listing: bool = True) -> str | None:
+    """None if the cache entry is whole, else what is wrong with it (one line).
+
+    Without *listing* the walk of every file under ``root/`` (~14 000 ``lstat``s,
+    0.05 s) is left out: the key files and the recorded ``vmlinuz`` are still
+    checked. A boot whose boot files are current needs no more (they carry their
+    own records, see ``vm/initramfs.py``); a build always walks."""
     if not entry.is_dir():
         return "it does not exist"
     if not (entry / MANIFEST).is_file():
@@ -241,7 +246,7 @@ def check_entry(entry: Path) -> str | None:
         kernel = Kernel.load(entry)
     except (KernelError, TypeError, ValueError, OSError) as exc:
         return f"its manifest is unreadable ({exc})"
-    return _key_problem(entry, kernel) or _check_records(entry, kernel)
+    return _key_problem(entry, kernel) or _check_records(entry, kernel, listing)
 
 
 def _key_problem(entry: Path, kernel: Kernel) -> str | None:

@@ -98,14 +98,15 @@ def _offer_for(ref) -> Offer:
     return dk.choose(ref.abi, ref.flavour, dk.offers())
 
 
-def fetch(spec: str | None = None, *, progress=None, force=False) -> Kernel:
-    """Make sure the kernel for *spec* is in the cache and return it."""
+def fetch(spec: str | None = None, *, progress=None, force=False, listing=True) -> Kernel:
+    """Make sure the kernel for *spec* is in the cache and return it (*listing*: see
+    ``check_entry``; a damaged entry is always checked whole before it is replaced)."""
     if source_kernels.is_source_spec(spec):
-        return source_kernels.fetch(spec, progress=progress, force=force)
+        return source_kernels.fetch(spec, progress=progress, force=force, listing=listing)
     ref = resolve(spec)
     base = kernels_dir()
     entry = base / ref.key
-    if not force and check_entry(entry) is None:
+    if not force and check_entry(entry, listing=listing) is None:
         return Kernel.load(entry)
     base.mkdir(parents=True, exist_ok=True)
     with file_lock(base / f".{ref.key}.lock"):
@@ -208,18 +209,20 @@ def _fix_headers_makefile(root: Path, final_root: Path, release: str) -> Path:
     return hdr
 
 
-def get(spec: str | None = None, *, fetch_missing=True, progress=None) -> Kernel:
-    """The cached kernel for *spec*, fetching it first when allowed."""
+def get(spec: str | None = None, *, fetch_missing=True, progress=None, listing=True) -> Kernel:
+    """The cached kernel for *spec*, fetching it first when allowed; *listing* False
+    skips the walk of the entry's files (see ``check_entry``)."""
     if source_kernels.is_source_spec(spec):
-        return source_kernels.get(spec, fetch_missing=fetch_missing, progress=progress)
+        return source_kernels.get(spec, fetch_missing=fetch_missing, progress=progress,
+                                  listing=listing)
     if fetch_missing:
-        return fetch(spec, progress=progress)
+        return fetch(spec, progress=progress, listing=listing)
     ref = resolve(spec)
     entry = kernels_dir() / ref.key
     if not (entry / MANIFEST).is_file():
         raise KernelError(f"kernel {ref.release} is not in the cache",
                           hint=f"run `invoke fetch-kernel --kernel={ref.release}`")
-    problem = check_entry(entry)
+    problem = check_entry(entry, listing=listing)
     if problem:
         raise KernelError(f"kernel cache entry {entry} is damaged: {problem}",
                           hint=f"run `invoke fetch-kernel --kernel={ref.release}` "

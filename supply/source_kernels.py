@@ -627,26 +627,28 @@ def _write_manifest(p: Plan, tmp: Path, entry: Path, times: dict):
     (tmp / MANIFEST).write_text(kernel.manifest())
 
 
-def _load_checked(entry: Path, spec: str):
+def _load_checked(entry: Path, spec: str, listing: bool = True):
     """Kernel.load of a complete entry, after the integrity check Debian entries get."""
-    problem = check_entry(entry)
+    problem = check_entry(entry, listing=listing)
     if problem:
         raise KernelError(f"the cache entry {entry} is damaged: {problem}",
                           hint=f"rebuild it: `invoke fetch-kernel --kernel={spec} --force`")
     return Kernel.load(entry)
 
 
-def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = None):
-    """The cached kernel for a ``source:`` spec or release, built first when missing."""
+def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = None,
+          listing: bool = True):
+    """The cached kernel for a ``source:`` spec or release, built first when missing
+    (*listing*: see ``check_entry``)."""
     if RELEASE_RE.match(spec.strip()):
         entry = kernels_dir() / spec.strip()
         if (entry / MANIFEST).is_file() and not force:
-            return _load_checked(entry, spec.strip())
+            return _load_checked(entry, spec.strip(), listing)
     p = plan(spec, prefer_cached=not force)
     base = kernels_dir()
     entry = base / p.release
     if not force and (entry / MANIFEST).is_file():
-        return _load_checked(entry, p.spec)
+        return _load_checked(entry, p.spec, listing)
     base.mkdir(parents=True, exist_ok=True)
     store = fragments_store()
     store.mkdir(exist_ok=True)
@@ -685,15 +687,15 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
     return _load_checked(entry, p.spec)
 
 
-def get(spec: str, *, fetch_missing: bool = True, progress=None):
+def get(spec: str, *, fetch_missing: bool = True, progress=None, listing: bool = True):
     if fetch_missing:
-        return fetch(spec, progress=progress)
+        return fetch(spec, progress=progress, listing=listing)
     p = plan(spec)
     entry = kernels_dir() / p.release
     if not (entry / MANIFEST).is_file():
         raise KernelError(f"custom kernel {p.release} is not in the cache",
                           hint=f"build it: `invoke fetch-kernel --kernel={p.spec}`")
-    return _load_checked(entry, p.spec)
+    return _load_checked(entry, p.spec, listing)
 
 
 def info(release: str) -> dict | None:

@@ -18,6 +18,7 @@ file; a stale or damaged entry is rebuilt under a file lock, with a message.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -67,7 +68,9 @@ def boot_dir(release: str) -> Path:
     return cache_dir() / "boot" / release
 
 
+@functools.lru_cache(maxsize=None)
 def _busybox() -> Path:
+    """The static busybox the initramfs is made with (looked up once per process)."""
     for cand in BUSYBOX_CANDIDATES:
         path = Path(cand)
         if path.is_file():
@@ -231,13 +234,24 @@ def _pvh_vmlinux(vmlinuz: Path, out: Path, progress=print) -> str:
     return reason
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of *path*, computed once per (size, mtime) in a process."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _recipe(kernel, busybox: Path, modules: list[str]) -> dict:
     return {
         "version": RECIPE_VERSION,
         "release": kernel.release,
         "kernel_packages": kernel.packages,
         "init": hashlib.sha256(INIT_SCRIPT.read_bytes()).hexdigest(),
-        "busybox": hashlib.sha256(busybox.read_bytes()).hexdigest(),
+        "busybox": _digest(busybox, *_identity(busybox)),
         "modules": modules,
         "modules_label": MODULES_LABEL,
     }
@@ -276,8 +290,26 @@ def write_modules_image(out: Path, kernel):
          "-E", "root_owner=0:0", "-d", src, "-F", out, f"{size_kib}k"], timeout=300)
 
 
-def ensure(kernel, *, progress=print) -> BootFiles:
-    """Initramfs and modules image for *kernel* (a ``supply.kernels.Kernel``), built if stale."""
+@dataclass(frozen=True)
+class _Plan:
+    """What the boot files of one kernel are made from, and where they live."""
+
+    kernel: object
+    busybox: Path
+    dep: dict
+    modules: tuple[str, ...]
+    recipe: dict
+    key: str
+    entry: Path
+
+    def files(self) -> BootFiles:
+        vmlinux = self.entry / "vmlinux"
+        return BootFiles(self.kernel.release,
+                         vmlinux if vmlinux.is_file() else Path(self.kernel.vmlinuz),
+                         self.entry / "initramfs.cpio", self.entry / "modules.img", self.modules)
+
+
+def _plan(kernel) -> _Plan:
     busybox = _busybox()
     dep_file = Path(kernel.modules) / "modules.dep"
     if not dep_file.is_file():
@@ -287,55 +319,66 @@ def ensure(kernel, *, progress=print) -> BootFiles:
     modules = load_order(dep)
     rec = _recipe(kernel, busybox, modules)
     key = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
-    entry = boot_dir(kernel.release)
-    def files() -> BootFiles:
-        vmlinux = entry / "vmlinux"
-        return BootFiles(kernel.release, vmlinux if vmlinux.is_file() else Path(kernel.vmlinuz),
-                         entry / "initramfs.cpio", entry / "modules.img", tuple(modules))
+    return _Plan(kernel, busybox, dep, tuple(modules), rec, key, boot_dir(kernel.release))
 
-    def current() -> bool:
-        try:
-            data = json.loads((entry / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        if data.get("key") != key or check_files(entry, data) is not None:
-            return False
-        if "files" not in data:     # an entry from before the records: record it as it is
-            data["files"] = record_files(entry)
-            tmp = entry / f".{MANIFEST}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, entry / MANIFEST)
-        return True
 
-    if current():
-        return files()
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(entry.parent / f".{kernel.release}.lock"):
-        if current():
-            return files()
-        try:
-            data = json.loads((entry / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            data = None
-        if data is not None and data.get("key") == key:
-            progress(f"boot files in {entry} are damaged: {check_files(entry, data)}; rebuilding them")
-        progress(f"building initramfs, modules image and vmlinux for {kernel.release}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kernel.release}-", dir=entry.parent))
-        try:
-            tmp.chmod(0o755)
-            write_initramfs(tmp / "initramfs.cpio", kernel, busybox, modules, dep)
-            write_modules_image(tmp / "modules.img", kernel)
-            pvh = _pvh_vmlinux(Path(kernel.vmlinuz), tmp / "vmlinux", progress)
-            (tmp / MANIFEST).write_text(json.dumps({"key": key, "recipe": rec, "pvh": pvh,
-                                                    "files": record_files(tmp)}, indent=2) + "\n")
-            if entry.exists():
-                # running VMs keep their open files; unlinking is safe
-                shutil.rmtree(entry)
-            tmp.rename(entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return files()
+def _current(plan: _Plan) -> bool:
+    try:
+        data = json.loads((plan.entry / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if data.get("key") != plan.key or check_files(plan.entry, data) is not None:
+        return False
+    if "files" not in data:     # an entry from before the records: record it as it is
+        data["files"] = record_files(plan.entry)
+        tmp = plan.entry / f".{MANIFEST}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, plan.entry / MANIFEST)
+    return True
+
+
+def current(kernel) -> bool:
+    """Are *kernel*'s boot files built for this recipe and whole? (Then booting it
+    reads nothing else of the kernel's cache entry but its manifest.)"""
+    return _current(_plan(kernel))
+
+
+def ensure(kernel, *, progress=print) -> BootFiles:
+    """Initramfs and modules image for *kernel* (a ``supply.kernels.Kernel``), built if stale."""
+    plan = _plan(kernel)
+    if _current(plan):
+        return plan.files()
+    plan.entry.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(plan.entry.parent / f".{kernel.release}.lock"):
+        if not _current(plan):
+            _build(plan, progress)
+    return plan.files()
+
+
+def _build(plan: _Plan, progress):
+    entry, kernel = plan.entry, plan.kernel
+    try:
+        data = json.loads((entry / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        data = None
+    if data is not None and data.get("key") == plan.key:
+        progress(f"boot files in {entry} are damaged: {check_files(entry, data)}; rebuilding them")
+    progress(f"building initramfs, modules image and vmlinux for {kernel.release}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kernel.release}-", dir=entry.parent))
+    try:
+        tmp.chmod(0o755)
+        write_initramfs(tmp / "initramfs.cpio", kernel, plan.busybox, list(plan.modules), plan.dep)
+        write_modules_image(tmp / "modules.img", kernel)
+        pvh = _pvh_vmlinux(Path(kernel.vmlinuz), tmp / "vmlinux", progress)
+        (tmp / MANIFEST).write_text(json.dumps({"key": plan.key, "recipe": plan.recipe, "pvh": pvh,
+                                                "files": record_files(tmp)}, indent=2) + "\n")
+        if entry.exists():
+            # running VMs keep their open files; unlinking is safe
+            shutil.rmtree(entry)
+        tmp.rename(entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 BOOT_FILES = ("initramfs.cpio", "modules.img", "vmlinux")

@@ -192,3 +192,17 @@ def test_a_vmlinux_that_does_not_boot_at_its_pvh_entry_is_refused(tmp_path):
     bogus.write_bytes(b"\x7fELF" + bytes(60))
     ok, reason = probe_pvh_entry(bogus, timeout=5)
     assert not ok and ("PVH entry" in reason), reason
+
+
+@pytest.mark.parametrize("current,walks", [(True, [False]), (False, [False, True])])
+def test_a_boot_walks_the_kernel_entry_only_to_build_boot_files_from_it(monkeypatch, current, walks):
+    """The walk of every file of a kernel entry (0.05 s) is left out of a boot whose
+    boot files are current; boot files about to be built from the entry get it."""
+    seen = []
+    def get(spec, *, progress=None, listing=True):
+        seen.append(listing)
+        return f"kernel of {spec}"
+    monkeypatch.setattr(lab.kernels, "get", get)
+    monkeypatch.setattr(lab.initramfs, "current", lambda kernel: current)
+    assert lab._kernel_for_boot("6.12", print) == "kernel of 6.12"
+    assert seen == walks

@@ -237,3 +237,8 @@ def test_root_image_is_read_only_and_lpj_preset():
 def test_incoming_restores_a_saved_state():
     cmd = qemu.build_command(spec(incoming=Path("/s/a b.state")))
     assert opt_values(cmd, "-incoming") == ["exec:cat '/s/a b.state'"]
+
+
+def test_incoming_reads_the_launchers_descriptor_when_it_has_one():
+    cmd = qemu.build_command(spec(incoming=Path("/s/a b.state"), incoming_fd=7))
+    assert opt_values(cmd, "-incoming") == ["fd:7"]
