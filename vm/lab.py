@@ -47,7 +47,7 @@ from . import snapshot as snapshot_mod
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 BOOT_BUDGET = {"tcg": 60.0, "kvm": 30.0}   # seconds from QEMU start to SSH ready
-POLL = 0.03                                 # seconds between readiness / crash polls
+POLL = 0.01                                 # seconds between readiness / crash polls
 CONTROL_PERSIST = 60
 READY_LINE = "nflab-init: ready after"      # the guest init's console line once sshd runs
 BANNER_PROBE_AFTER = 10.0                   # s after launch: probe sshd directly (no READY_LINE)
@@ -438,7 +438,7 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
                 return
             if res.returncode != 255:
                 raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}")
-        time.sleep(0.01 if restored else POLL)
+        time.sleep(POLL)
 
 
 def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:

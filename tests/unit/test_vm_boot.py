@@ -206,3 +206,14 @@ def test_a_boot_walks_the_kernel_entry_only_to_build_boot_files_from_it(monkeypa
     monkeypatch.setattr(lab.initramfs, "current", lambda kernel: current)
     assert lab._kernel_for_boot("6.12", print) == "kernel of 6.12"
     assert seen == walks
+
+
+def test_the_initramfs_links_every_applet_its_busybox_has_and_its_init_parses():
+    busybox = initramfs._busybox()
+    names = initramfs.applets(busybox)
+    # what the initramfs /init runs, linked at build time (no --install at boot)
+    assert {"sh", "mount", "insmod", "switch_root", "ip", "findfs", "usleep"} <= set(names)
+    assert "busybox" not in names and len(names) == len(set(names))
+    res = subprocess.run([str(busybox), "sh", "-n", str(initramfs.INIT_SCRIPT)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr

@@ -10,8 +10,8 @@
 #   (nflab.key=), then switch_root to /sbin/nflab-init, which starts sshd.
 # A failure prints "nflab-initramfs: FAILED: ..." and powers off, so the host
 # sees QEMU exit and reports the console.
+# (the applets' links to busybox are in the initramfs: made at build time)
 export PATH=/bin
-/bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -79,16 +79,21 @@ hostname nflab
 read -r up _ < /proc/uptime
 echo "nflab-initramfs: disks mounted after ${up}s" > /dev/console
 
-# rename NICs by MAC: nflab.nics=eth0/52:54:00:00:00:01,eth1/...
-for nic in /sys/class/net/*; do
-    [ -e "$nic/address" ] || continue
-    mac=$(cat "$nic/address")
-    for pair in $(echo "$nics" | tr , ' '); do
-        if [ "${pair#*/}" = "$mac" ] && [ "${nic##*/}" != "${pair%%/*}" ]; then
-            ip link set "${nic##*/}" name "nflab-${pair%%/*}"
-        fi
+# rename NICs by MAC: nflab.nics=eth0/52:54:00:00:00:01,eth1/... (no subshells:
+# each fork costs under TCG)
+rename_nics() {
+    local IFS=, nic mac pair
+    for nic in /sys/class/net/*; do
+        [ -e "$nic/address" ] || continue
+        read -r mac < "$nic/address"
+        for pair in $nics; do
+            if [ "${pair#*/}" = "$mac" ] && [ "${nic##*/}" != "${pair%%/*}" ]; then
+                ip link set "${nic##*/}" name "nflab-${pair%%/*}"
+            fi
+        done
     done
-done
+}
+rename_nics
 for nic in /sys/class/net/nflab-*; do
     [ -e "$nic" ] && ip link set "${nic##*/}" name "${nic##*/nflab-}"
 done
