@@ -9,9 +9,12 @@ on it.
 Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
 
 * ``build``: warm ``build-module`` runs, warm ``fetch-kernel``;
-* ``boot``: cold boot to SSH ready, cold boot + ``uname -r`` + poweroff, QEMU RSS,
-  and boot to SSH ready with the other guest SSH server (OpenSSH is the default,
-  dropbear starts faster), with the difference as ``boot_cost_vs_<other>_s``;
+* ``boot``: cold boot to SSH ready, with where its time went on the host's clock
+  (when the console first showed each of the guest's progress lines, and the
+  first login after the ready line), cold boot + ``uname -r`` + poweroff, QEMU
+  RSS, and boot to SSH ready with the other guest SSH server (OpenSSH is the
+  default, dropbear starts faster), with the difference as
+  ``boot_cost_vs_<other>_s``;
 * ``snapshot``: the same from a post-boot snapshot, and the CLI cycle;
 * ``vng``: virtme-ng on the generic flavour of the same kernel
   (``vng --run <vmlinuz> --exec 'uname -r'``) against the kit's cold boot +
@@ -278,6 +281,7 @@ def _boot_group(spec, runs, results, extra, progress):
     vm = "bench"
     lab.down(vm)
     rss = []
+    boots = []      # (guest SSH server, VMState) of every cold boot
 
     def boot_ready():
         t0 = time.monotonic()
@@ -285,6 +289,7 @@ def _boot_group(spec, runs, results, extra, progress):
         elapsed = time.monotonic() - t0
         extra["accel"] = state.accel
         extra["machine"] = state.machine
+        boots.append((qemu.sshd_choice(), state))
         lab.exec(vm, "true")
         r = _peak_rss_kib(state.pid)
         if r:
@@ -293,6 +298,7 @@ def _boot_group(spec, runs, results, extra, progress):
         return elapsed
     results.append(_measure("boot to SSH ready (in-process)", boot_ready, runs,
                             note=f"guest SSH server: {qemu.sshd_choice()}"))
+    results += phase_rows([st for server, st in boots if server == qemu.sshd_choice()])
     results.append(_measure("boot + uname -r + poweroff", _up_cmd_down(spec, vm, False), runs))
     if rss:
         extra["qemu_peak_rss_mib"] = round(max(rss) / 1024, 1)
@@ -311,6 +317,20 @@ def _boot_group(spec, runs, results, extra, progress):
     results.append(alt)
     if alt.median is not None and results[-3].median is not None:
         extra[f"boot_cost_vs_{other}_s"] = round(results[-3].median - alt.median, 2)
+
+
+def phase_rows(states: list) -> list[Measurement]:
+    """Where the cold boots' time went, on the host's clock: when the console first
+    showed each guest progress line, and the first login after the ready line."""
+    rows = {}
+    for st in states:
+        for line, seconds in st.boot_marks.items():
+            rows.setdefault(line, Measurement(f"  console: {line}", note="s after QEMU started"))
+            rows[line].runs.append(seconds)
+    login = Measurement("  first SSH login after the ready line", note="the ready command")
+    login.runs = [round(st.boot_seconds - st.boot_marks[lab.READY_LINE.removesuffix(" after")], 3)
+                  for st in states if lab.READY_LINE.removesuffix(" after") in st.boot_marks]
+    return [*rows.values(), login] if rows else []
 
 
 def _snapshot_group(spec, runs, results, progress):

@@ -51,6 +51,10 @@ POLL = 0.01                                 # seconds between readiness / crash 
 CONTROL_PERSIST = 60
 READY_LINE = "nflab-init: ready after"      # the guest init's console line once sshd runs
 BANNER_PROBE_AFTER = 10.0                   # s after launch: probe sshd directly (no READY_LINE)
+# the guest's progress lines ("nflab-init: ready after 1.47s"): the host notes when it
+# first saw each on its own clock, since the guest's uptime runs ~0.3 s slow through
+# early boot under TCG (jiffies timekeeping while the APIC timer is calibrated)
+MARK_RE = re.compile(r"^(nflab-init(?:ramfs)?: .+?) after [\d.]+s$", re.M)
 STATE = "vm.json"
 _children: dict[str, subprocess.Popen] = {}  # QEMUs this process started (to reap them)
 
@@ -74,6 +78,9 @@ class VMState:
     status: str = "booting"
     cmd: list = field(default_factory=list)
     restored_from: str | None = None  # the saved state file a snapshot VM started from
+    # cold boots: host seconds from QEMU's start until the console first showed each
+    # guest progress line ("nflab-initramfs: modules loaded", ...), polled every POLL
+    boot_marks: dict = field(default_factory=dict)
 
     @property
     def vmdir(self) -> Path:
@@ -405,6 +412,7 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
             raise crash_error(state, f"died while booting (QEMU exit {proc.returncode})",
                               extra=f"qemu: {qlog[-1500:]}" if qlog else "")
         text = console_text(state)
+        _note_marks(state.boot_marks, text, t0)
         fault = qemu.find_fault(text)
         if fault:
             raise crash_error(state, "crashed while booting", fault=fault)
@@ -439,6 +447,12 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
             if res.returncode != 255:
                 raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}")
         time.sleep(POLL)
+
+
+def _note_marks(marks: dict, text: str, t0: float):
+    now = round(time.monotonic() - t0, 3)
+    for m in MARK_RE.finditer(text):
+        marks.setdefault(m.group(1), now)
 
 
 def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 
 from nflab import bench
 from ground.errors import NflabError
 from ground.paths import REPO
+from vm import lab
 
 
 def test_groups_default_only_and_workshop():
@@ -64,3 +67,34 @@ def test_vng_command_has_what_this_host_needs():
     assert argv == ["vng", "--disable-kvm", "--force-9p", "--verbose", "--run", "/k/vmlinuz",
                     "--exec", "uname -r"]
     assert "--disable-kvm" not in bench._vng_argv("vng", "/k/vmlinuz", "kvm")
+
+
+CONSOLE = ("[    0.303913] PCI: Fatal: No config space access function found\n"
+           "nflab-initramfs: started after 0.77s\n"
+           "nflab-initramfs: modules loaded after 0.95s\n"
+           "nflab-init: starting sshd (OpenSSH) after 1.25s\n"
+           "nflab-init: ready after 1.47s\n")
+
+
+def test_boot_marks_are_the_host_time_each_progress_line_was_first_seen():
+    marks = {}
+    lab._note_marks(marks, CONSOLE[:CONSOLE.index("nflab-init: starting")], time.monotonic() - 1.2)
+    lab._note_marks(marks, CONSOLE + "nflab-init: powering off\n", time.monotonic() - 1.9)
+    assert list(marks) == ["nflab-initramfs: started", "nflab-initramfs: modules loaded",
+                           "nflab-init: starting sshd (OpenSSH)", "nflab-init: ready"]
+    # the first sighting stays; the guest's own "after" figures play no part
+    assert 1.2 <= marks["nflab-initramfs: started"] < 1.5
+    assert 1.9 <= marks["nflab-init: ready"] < 2.2
+
+
+def test_phase_rows_in_boot_order_with_the_login_after_the_ready_line():
+    boots = [SimpleNamespace(boot_seconds=2.20, boot_marks={
+                 "nflab-initramfs: started": 1.17, "nflab-init: ready": 1.87}),
+             SimpleNamespace(boot_seconds=2.30, boot_marks={
+                 "nflab-initramfs: started": 1.19, "nflab-init: ready": 1.91})]
+    rows = bench.phase_rows(boots)
+    assert [r.name for r in rows] == ["  console: nflab-initramfs: started",
+                                      "  console: nflab-init: ready",
+                                      "  first SSH login after the ready line"]
+    assert rows[0].runs == [1.17, 1.19] and rows[-1].runs == pytest.approx([0.33, 0.39])
+    assert bench.phase_rows([SimpleNamespace(boot_seconds=0.6, boot_marks={})]) == []
