@@ -327,9 +327,10 @@ def phase_rows(states: list) -> list[Measurement]:
         for line, seconds in st.boot_marks.items():
             rows.setdefault(line, Measurement(f"  console: {line}", note="s after QEMU started"))
             rows[line].runs.append(seconds)
+    ready = lab.READY_LINE.removesuffix(" after")
     login = Measurement("  first SSH login after the ready line", note="the ready command")
-    login.runs = [round(st.boot_seconds - st.boot_marks[lab.READY_LINE.removesuffix(" after")], 3)
-                  for st in states if lab.READY_LINE.removesuffix(" after") in st.boot_marks]
+    login.runs = [round(st.boot_seconds - st.boot_marks[ready], 3)
+                  for st in states if ready in st.boot_marks]
     return [*rows.values(), login] if rows else []
 
 
