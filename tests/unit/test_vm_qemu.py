@@ -28,7 +28,7 @@ def opt_values(cmd, opt):
 def test_microvm_command_shape():
     cmd = qemu.build_command(spec(tsc_khz=2600000))
     assert cmd[0] == "qemu-system-x86_64"
-    assert opt_values(cmd, "-M") == ["microvm,acpi=on"]
+    assert opt_values(cmd, "-M") == ["microvm,acpi=on,pic=off"]
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in cmd
     assert opt_values(cmd, "-accel") == ["tcg,thread=single"]
