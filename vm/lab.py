@@ -457,8 +457,8 @@ def _note_marks(marks: dict, text: str, t0: float):
 
 def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:
     with ExitStack() as stack:
-        if spec.incoming is not None:
-            # QEMU reads the saved state straight from this descriptor (-incoming fd:N)
+        if spec.incoming is not None and not qemu.reads_state_files():
+            # QEMU < 8.2 reads the saved state from this descriptor (-incoming fd:N)
             fd = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
             stack.callback(os.close, fd)
             spec = dc_replace(spec, incoming_fd=fd)

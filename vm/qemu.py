@@ -24,10 +24,10 @@ Devices, in order (the guest renames NICs by MAC, see ``NICS``):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import subprocess
@@ -112,7 +112,7 @@ class LaunchSpec:
     tsc_khz: int | None = None  # TCG: the host's TSC rate, see host_tsc_khz()
     extra_cmdline: tuple[str, ...] = ()
     incoming: Path | None = None  # restore this saved VM state instead of booting
-    incoming_fd: int | None = None  # ... read from this open descriptor of it (the launcher's)
+    incoming_fd: int | None = None  # ... from this open descriptor (QEMU < 8.2, see _incoming)
 
     @property
     def console_log(self) -> Path:
@@ -315,13 +315,37 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
 
 def _incoming(spec: LaunchSpec) -> str:
     """A saved state of a VM with this very device layout (ports may differ: the
-    user-net forwards and dgram sockets are host-side properties, not state). QEMU
-    reads it from a descriptor the launcher opened and passed on: 0.05 s sooner
-    running than through ``exec:cat`` (no shell, no cat, no pipe), which stays for
-    a command built without one."""
+    user-net forwards and dgram sockets are host-side properties, not state), read
+    by QEMU itself: ``file:PATH`` (QEMU 8.2 and later), else ``fd:N`` from a
+    descriptor the launcher opened and passed on (QEMU 9.1 deprecates ``fd:`` for
+    files). Either way the state runs 0.05 s sooner than through ``exec:cat``: no
+    shell, no cat, no pipe for ~90 MB."""
     if spec.incoming_fd is not None:
         return f"fd:{spec.incoming_fd}"
-    return f"exec:cat {shlex.quote(str(spec.incoming))}"
+    if "," in str(spec.incoming):
+        raise VMError(f"saved state path {spec.incoming} has a comma, which ends a file: URI",
+                      hint="set NFLAB_CACHE to a directory without commas")
+    return f"file:{spec.incoming}"
+
+
+FILE_MIGRATION = (8, 2)     # the first QEMU with the file: migration URI
+
+
+@functools.lru_cache(maxsize=None)
+def version(qemu: str = QEMU) -> tuple[int, int]:
+    """(major, minor) of *qemu*, from ``--version``; (0, 0) if it cannot say."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def reads_state_files(qemu: str = QEMU) -> bool:
+    """Can *qemu* restore from ``-incoming file:PATH``?"""
+    return version(qemu) >= FILE_MIGRATION
 
 
 # ---------------------------------------------------------------- ports

@@ -234,11 +234,21 @@ def test_root_image_is_read_only_and_lpj_preset():
     assert "-incoming" not in cmd
 
 
-def test_incoming_restores_a_saved_state():
+def test_incoming_restores_a_saved_state_qemu_reads_itself():
     cmd = qemu.build_command(spec(incoming=Path("/s/a b.state")))
-    assert opt_values(cmd, "-incoming") == ["exec:cat '/s/a b.state'"]
+    assert opt_values(cmd, "-incoming") == ["file:/s/a b.state"]
+    with pytest.raises(VMError, match="comma"):
+        qemu.build_command(spec(incoming=Path("/s/a,b.state")))
 
 
 def test_incoming_reads_the_launchers_descriptor_when_it_has_one():
     cmd = qemu.build_command(spec(incoming=Path("/s/a b.state"), incoming_fd=7))
     assert opt_values(cmd, "-incoming") == ["fd:7"]
+
+
+def test_qemu_version_decides_how_a_state_is_read():
+    major, minor = qemu.version()
+    assert major >= 7, "qemu-system-x86_64 --version did not parse"
+    assert qemu.reads_state_files() == ((major, minor) >= (8, 2))
+    assert qemu.version("/nonexistent/qemu") == (0, 0)
+    assert not qemu.reads_state_files("/nonexistent/qemu")
