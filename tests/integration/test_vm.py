@@ -296,7 +296,13 @@ def test_ctrl_c_during_vm_up_leaves_no_qemu():
     name = "it-sigint"
     vmdir = lab.vm_dir(name)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", f"--vm={name}"],
+    # as from a terminal: a shell without job control (CI started in the background)
+    # hands its children SIGINT ignored, and Python keeps it so; reset it to the
+    # default before exec, so Python's KeyboardInterrupt handler is in place
+    argv = [sys.executable, "-m", "invoke", "vm-up", "--kernel=6.1", f"--vm={name}"]
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); " \
+            "os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", reset, *argv],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
