@@ -92,6 +92,44 @@ class Ports:
         return cls(ssh=data["ssh"], wire={k: Wire(**v) for k, v in data.get("wire", {}).items()})
 
 
+# Built-in initcalls the guest kernel skips (initcall_blacklist=), each a start-up
+# job no lab guest needs that costs a TCG boot tens of milliseconds of guest CPU.
+# Single-threaded TCG runs every vCPU on one host thread, so work a kernel hands
+# to a worker "in the background" still delays the boot by all it costs. The kernel
+# matches the names against module init functions too: a module whose init is so
+# named does not load (jitterentropy_rng on 6.1, where it is one).
+SKIPPED_INITCALLS = (
+    # the jitter-entropy RNG's self-test times memory accesses (~0.06 s); nothing in
+    # a lab guest asks for that RNG (the DRBG goes on without it outside FIPS mode,
+    # and random.trust_cpu=on seeds the pool from RDRAND)
+    "jent_mod_init",
+    # ftrace's scan of its ~42 600 call sites for ones left in discarded weak
+    # functions (a kallsyms lookup each, ~0.17 s of a 6.12 boot; 5.19 to 6.13 run it):
+    # without it, function tracing of a function that holds such a stale site
+    # reports an ftrace bug instead of skipping that site
+    "ftrace_check_for_weak_functions",
+    # rewriting every trace event's format file with the values of the enums it
+    # names (~0.19 s): without it the `format` files keep enum names (the kernel's
+    # own `trace` output is unaffected; perf and trace-cmd show raw numbers there)
+    "trace_eval_init",
+)
+
+
+def skipped_initcalls(env: str | None = None) -> tuple[str, ...]:
+    """``$NFLAB_SKIP_INITCALLS`` (comma-separated; empty: skip none), else
+    ``SKIPPED_INITCALLS``."""
+    value = os.environ.get("NFLAB_SKIP_INITCALLS") if env is None else env
+    if value is None:
+        return SKIPPED_INITCALLS
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+    if bad:
+        raise VMError(f"NFLAB_SKIP_INITCALLS names {', '.join(map(repr, bad))}, not initcall functions",
+                      hint="give C function names separated by commas, e.g. "
+                           "NFLAB_SKIP_INITCALLS=jent_mod_init, or an empty value to skip none")
+    return names
+
+
 @dataclass
 class LaunchSpec:
     """Everything the QEMU command depends on."""
@@ -102,7 +140,7 @@ class LaunchSpec:
     initrd: Path
     rootfs: Path
     modules_img: Path
-    ssh_pubkey: str           # base64 blob of the lab's ssh-ed25519 public key
+    ssh_pubkey: str           # base64 blob of the lab's login public key (lab.ssh_key)
     ports: Ports
     accel: str = "tcg"        # "tcg" or "kvm"
     tcg_thread: str = "single"  # TCG: "single" (one host thread for all vCPUs) or "multi"
@@ -111,6 +149,7 @@ class LaunchSpec:
     smp: int = 2
     tsc_khz: int | None = None  # TCG: the host's TSC rate, see host_tsc_khz()
     extra_cmdline: tuple[str, ...] = ()
+    skip_initcalls: tuple[str, ...] = SKIPPED_INITCALLS  # see skipped_initcalls()
     incoming: Path | None = None  # restore this saved VM state instead of booting
     incoming_fd: int | None = None  # ... from this open descriptor (QEMU < 8.2, see _incoming)
 
@@ -138,10 +177,6 @@ BASE_CMDLINE = (
     # boundary, and they cost ~5% of the guest's CPU time to ready under TCG)
     "8250.nr_uarts=1", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
     "cryptomgr.notests", "mitigations=off", "tsc=reliable", "no_timer_check", "random.trust_cpu=on",
-    # no jitter-entropy RNG: its start-up self-test times memory accesses for ~0.06 s
-    # of a TCG boot; nothing in a lab guest asks for it (the DRBG goes on without it
-    # unless in FIPS mode, and random.trust_cpu=on seeds the pool from RDRAND)
-    "initcall_blacklist=jent_mod_init",
     # no address-space randomisation: TCG caches translated code by virtual address,
     # so with ASLR every exec maps the same libraries elsewhere and translates them
     # all again; without it a process's second start reuses the first one's
@@ -156,6 +191,8 @@ KERNEL_HZ = 250
 def kernel_cmdline(spec: LaunchSpec) -> str:
     nics = ",".join(f"{n.name}/{n.mac}" for n in NICS)
     parts = [*BASE_CMDLINE, f"nflab.key={spec.ssh_pubkey}", f"nflab.nics={nics}"]
+    if spec.skip_initcalls:
+        parts.append("initcall_blacklist=" + ",".join(spec.skip_initcalls))
     if spec.machine == "microvm":
         parts.append("pci=off")
     # every vCPU comes up at boot: booting on one (maxcpus=1) and onlining the

@@ -136,6 +136,22 @@ def test_vm_names_rejected(name):
         lab.check_name(name)
 
 
+def test_lab_ssh_key_is_rsa_made_once(monkeypatch, tmp_path):
+    """The login key is made on first use (RSA: cheaper for the guest's sshd to verify
+    under TCG than ed25519), kept private, and reused."""
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
+    key, blob = lab.ssh_key()
+    assert key == tmp_path / "ssh" / "id_rsa" and (key.stat().st_mode & 0o777) == 0o600
+    assert blob.startswith("AAAAB3NzaC1yc2E")   # what the initramfs /init tells ssh-rsa by
+    bits = subprocess.run(["ssh-keygen", "-l", "-f", str(key)], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    assert bits == str(lab.SSH_KEY_BITS) == "3072"
+    assert lab.ssh_key() == (key, blob)
+    key.with_suffix(".pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA x\n")
+    with pytest.raises(VMError, match="not an ssh-rsa public key"):
+        lab.ssh_key()
+
+
 def test_ssh_config_has_what_testinfra_needs(tmp_path):
     path = lab.write_ssh_config("k1", tmp_path, 40022, Path("/c/ssh/id_ed25519"))
     text = path.read_text()

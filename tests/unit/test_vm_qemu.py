@@ -75,6 +75,31 @@ def test_kernel_cmdline():
     assert "-append" in qemu.build_command(spec())
 
 
+def test_kernel_cmdline_skips_the_kits_initcalls_unless_told_otherwise():
+    words = qemu.kernel_cmdline(spec()).split()
+    assert "initcall_blacklist=jent_mod_init,ftrace_check_for_weak_functions,trace_eval_init" in words
+    assert [w for w in words if w.startswith("initcall_blacklist=")] == [
+        "initcall_blacklist=" + ",".join(qemu.SKIPPED_INITCALLS)]
+    words = qemu.kernel_cmdline(spec(skip_initcalls=())).split()
+    assert not any(w.startswith("initcall_blacklist") for w in words)
+    words = qemu.kernel_cmdline(spec(skip_initcalls=("jent_mod_init",))).split()
+    assert "initcall_blacklist=jent_mod_init" in words
+
+
+def test_skipped_initcalls_from_the_environment(monkeypatch):
+    monkeypatch.delenv("NFLAB_SKIP_INITCALLS", raising=False)
+    assert qemu.skipped_initcalls() == qemu.SKIPPED_INITCALLS
+    assert qemu.skipped_initcalls("") == ()
+    assert qemu.skipped_initcalls(" jent_mod_init , trace_eval_init,") == ("jent_mod_init", "trace_eval_init")
+    monkeypatch.setenv("NFLAB_SKIP_INITCALLS", "")
+    assert qemu.skipped_initcalls() == ()
+    with pytest.raises(VMError) as exc:
+        qemu.skipped_initcalls("jent_mod_init trace_eval_init")
+    assert "NFLAB_SKIP_INITCALLS" in str(exc.value) and "commas" in exc.value.hint
+    with pytest.raises(VMError):
+        qemu.skipped_initcalls("x;reboot")
+
+
 def test_kvm_uses_host_cpu_and_all_vcpus():
     cmd = qemu.build_command(spec(accel="kvm"))
     assert opt_values(cmd, "-accel") == ["kvm"]

@@ -104,9 +104,15 @@ done
 ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
     || echo "nflab-initramfs: eth0 setup failed" > /dev/console
 
+# the key's type is the first field of its blob: base64 of "\0\0\0\7ssh-rsa" or
+# "\0\0\0\13ssh-ed25519"
+case "$key" in
+    AAAAB3NzaC1yc2E*) keytype=ssh-rsa ;;
+    *) keytype=ssh-ed25519 ;;
+esac
 if [ -n "$key" ]; then
     mkdir -p -m 700 $R/root/.ssh
-    echo "ssh-ed25519 $key nflab" > $R/root/.ssh/authorized_keys
+    echo "$keytype $key nflab" > $R/root/.ssh/authorized_keys
     chmod 600 $R/root/.ssh/authorized_keys
 else
     echo "nflab-initramfs: no nflab.key= on the kernel command line: SSH login will fail" > /dev/console
