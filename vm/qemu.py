@@ -104,7 +104,7 @@ SKIPPED_INITCALLS = (
     # and random.trust_cpu=on seeds the pool from RDRAND)
     "jent_mod_init",
     # ftrace's scan of its ~42 600 call sites for ones left in discarded weak
-    # functions (a kallsyms lookup each, ~0.17 s of a 6.12 boot; 5.19 to 6.13 run it):
+    # functions (a kallsyms lookup each, ~0.17 s of a 6.12 boot; kernels from 5.19 on):
     # without it, function tracing of a function that holds such a stale site
     # reports an ftrace bug instead of skipping that site
     "ftrace_check_for_weak_functions",
