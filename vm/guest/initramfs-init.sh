@@ -105,10 +105,13 @@ ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
     || echo "nflab-initramfs: eth0 setup failed" > /dev/console
 
 # the key's type is the first field of its blob: base64 of "\0\0\0\7ssh-rsa" or
-# "\0\0\0\13ssh-ed25519"
+# "\0\0\0\13ssh-ed25519"; any other type is said on the console, not guessed
 case "$key" in
     AAAAB3NzaC1yc2E*) keytype=ssh-rsa ;;
-    *) keytype=ssh-ed25519 ;;
+    AAAAC3NzaC1lZDI1NTE5*) keytype=ssh-ed25519 ;;
+    "") ;;
+    *) echo "nflab-initramfs: nflab.key= is neither ssh-rsa nor ssh-ed25519: SSH login will fail" > /dev/console
+       key= ;;
 esac
 if [ -n "$key" ]; then
     mkdir -p -m 700 $R/root/.ssh
