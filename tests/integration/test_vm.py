@@ -10,6 +10,7 @@ the rootfs, about a minute). VM names start with ``it-`` so a developer's
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -126,12 +127,13 @@ def test_the_kits_skipped_initcalls_were_skipped_and_tracing_works(booted, host_
     /proc/kallsyms, init text included) was skipped: the kernel logs "initcall X
     blacklisted" when it reaches X. The list is one for every kernel line, so a name
     may be absent from one (jitter-entropy is a module on 6.1), but both tracing
-    scans are built into 6.1 and 6.12. Tracing still works without them."""
+    scans and the KDF self-test are built into 6.1 and 6.12. Tracing still works
+    without them."""
     host = host_of(booted)
     skipped = lab.qemu.SKIPPED_INITCALLS
     kallsyms = host.check_output("grep -wE '%s' /proc/kallsyms || true" % "|".join(skipped))
     built_in = {line.split()[2] for line in kallsyms.splitlines() if "[" not in line}
-    assert built_in >= {"ftrace_check_for_weak_functions", "trace_eval_init"}, kallsyms
+    assert built_in >= {"ftrace_check_for_weak_functions", "trace_eval_init", "crypto_kdf108_init"}, kallsyms
     dmesg = host.check_output("dmesg")
     for name in built_in:
         assert f"initcall {name} blacklisted" in dmesg, name
@@ -139,6 +141,23 @@ def test_the_kits_skipped_initcalls_were_skipped_and_tracing_works(booted, host_
     host.run_test("mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing")
     fmt = host.check_output("cat /sys/kernel/tracing/events/sched/sched_switch/format")
     assert "prev_comm" in fmt
+    # the KDF self-test was the first user of hmac(sha256): the kernel makes it on
+    # first use instead, here through AF_ALG, and its digest is the right one
+    assert host.check_output("python3 -c %s" % shlex.quote(HMAC_BY_AF_ALG)) == "ok"
+
+
+HMAC_BY_AF_ALG = """
+import hashlib, hmac, socket
+with socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0) as alg:
+    alg.bind(("hash", "hmac(sha256)"))
+    alg.setsockopt(socket.SOL_ALG, socket.ALG_SET_KEY, b"nflab-key")
+    op, _ = alg.accept()
+    with op:
+        op.sendall(b"netfilter")
+        digest = op.recv(32)
+want = hmac.new(b"nflab-key", b"netfilter", hashlib.sha256).digest()
+print("ok" if digest == want else "hmac(sha256) by AF_ALG: %s, want %s" % (digest.hex(), want.hex()))
+"""
 
 
 def test_login_key_is_the_labs_rsa_key(booted, host_of):
