@@ -14,6 +14,7 @@
 #include <linux/netfilter.h>
 #include <linux/netfilter/x_tables.h>
 #include <linux/string.h>
+#include <linux/u64_stats_sync.h>
 
 #include "nflab_features.h"
 
@@ -46,6 +47,22 @@
 #else
 #define nflab_timer_delete(t) del_timer(t)
 #define nflab_timer_delete_sync(t) del_timer_sync(t)
+#endif
+
+/*
+ * Takes val off a per-CPU u64_stats_t counter (inside its update section).
+ * Without u64_stats_sub(), adding the two's complement through
+ * u64_stats_add(), whose argument is an unsigned long, is exact only where a
+ * long has 64 bits: a 32-bit build stops here instead of miscounting.
+ */
+#if NFLAB_HAVE_U64_STATS_SUB
+#define nflab_u64_stats_sub(p, val) u64_stats_sub(p, val)
+#else
+static inline void nflab_u64_stats_sub(u64_stats_t *p, s64 val)
+{
+	BUILD_BUG_ON(BITS_PER_LONG != 64);
+	u64_stats_add(p, -val);
+}
 #endif
 
 #if NFLAB_HAVE_GET_RANDOM_U32_BELOW

@@ -210,3 +210,31 @@ def test_rules_share_one_copy_of_a_country(host, db, clean_forward, xtables):
     gone = host.run("for i in $(seq 50); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = "
                     "'0 0' ] && exit 0; sleep 0.1; done; exit 1")
     assert gone.rc == 0, f"the last rule gone, the copy must be freed: {_copies(host)}"
+
+
+def test_each_netns_keeps_its_own_copies(host, db, clean_forward, xtables):
+    """Rules share a country's copy only within their netns: the digest that
+    decides the sharing is whatever the rule's author sends (root in a user
+    namespace can send any), so the same rule in a second netns holds a second
+    copy. Deleting that netns destroys its rules after the module's pernet
+    exit has run; the copy goes with them and the first netns keeps its own."""
+    rule = "-A FORWARD -p udp --dport 40840 -m geoip --src-cc XA -j DROP"
+    tool = xtables.tool("ipv4")
+    before = _copies(host)
+    host.run_test(f"{tool} -w {rule}")
+    one = _copies(host)
+    size = one[1] - before[1]
+    assert one[0] == before[0] + 1 and size > 0, (before, one)
+    host.run_test(f"{tool} -w {rule.replace('40840', '40841')}")
+    assert _copies(host) == one, "two rules in one netns: not one shared copy"
+    try:
+        host.run_test(f"ip netns add nflab-geoip && ip netns exec nflab-geoip {tool} -w {rule}")
+        assert _copies(host) == (one[0] + 1, one[1] + size), "the second netns shares the first's copy"
+    finally:
+        host.run("ip netns del nflab-geoip")
+    # the netns is cleaned up from a work item: wait for it
+    want = f"{one[0]} {one[1]}"
+    back = host.run(f"for i in $(seq 100); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = '{want}' ] "
+                    "&& exit 0; sleep 0.1; done; exit 1")
+    assert back.rc == 0, f"the second netns deleted: its copy must go, the first's stay: {_copies(host)}"
+    assert rule_counters(host, *tool.split("-", 1)).keys() >= {"40840", "40841"}

@@ -41,6 +41,7 @@ SAMPLES = {
                     "extern int timer_delete(struct timer_list *timer);",
     "get_random_u32_below": "static inline u32 get_random_u32_below(u32 ceil)\n{\n}",
     "prandom_u32": "u32 prandom_u32(void);",
+    "u64_stats_sub": "static inline void u64_stats_sub(u64_stats_t *p, s64 val)\n{\n}",
     "pde_data": "static inline void *pde_data(const struct inode *inode)\n{\n}",
     "linux_unaligned_h": "",
     "module_import_ns_string": "#define MODULE_IMPORT_NS(ns)\tMODULE_INFO(import_ns, ns)",
@@ -61,6 +62,7 @@ NEAR_MISSES = {
     "timer_container_of": "#define from_timer(var, callback_timer, timer_fieldname) \\\n"
                           "\tcontainer_of(callback_timer, typeof(*var), timer_fieldname)",
     "pde_data": "void *PDE_DATA(const struct inode *);",
+    "u64_stats_sub": "static inline void u64_stats_add(u64_stats_t *p, unsigned long val)\n{\n}",
     "nla_strscpy": "size_t nla_strlcpy(char *dst, const struct nlattr *nla, size_t dstsize);",
     "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n\tu8 flags;\n};",
     "nf_conncount_count_skb": "unsigned int nf_conncount_count(struct net *net, "
