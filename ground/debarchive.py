@@ -103,7 +103,8 @@ def ttl() -> float:
     try:
         return float(value) if value else TTL
     except ValueError:
-        raise ArchiveError(f"NFLAB_ARCHIVE_TTL={value!r} is not a number of seconds") from None
+        raise ArchiveError(f"NFLAB_ARCHIVE_TTL={value!r} is not a number of seconds",
+                           hint="e.g. NFLAB_ARCHIVE_TTL=3600, or 0 to read the archive's indexes again") from None
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -111,7 +112,8 @@ def env_flag(name: str, default: bool) -> bool:
     if not value:
         return default
     if value not in ("0", "1", "yes", "no", "true", "false"):
-        raise ArchiveError(f"{name}={value!r} is not 0 or 1")
+        raise ArchiveError(f"{name}={value!r} is not a yes/no value",
+                           hint="use 1, yes or true; 0, no or false; or leave it unset")
     return value in ("1", "yes", "true")
 
 

@@ -201,6 +201,7 @@ class Member:
     align: int = 1
     private: bool = False
     comment: str = ""
+    compared: bool = True     # within the bytes iptables compares and lists
 
     @property
     def decl(self) -> str:
@@ -379,13 +380,19 @@ class Extension:
 
     @property
     def userspace_size(self) -> int:
-        """Bytes of the struct userspace owns (up to the first private member)."""
+        """Bytes iptables compares and the kernel lists back: up to the first member
+        that is private or a field with ``compared = false``."""
         offset = 0
         for m in self.members:
-            if m.private:
-                return _align(offset, m.align)   # == offsetof(struct, first private)
+            if m.private or not m.compared:
+                return _align(offset, m.align)   # == offsetof(struct, compare_end)
             offset = _align(offset, m.align) + m.size
         return struct_size(self.members)
+
+    @property
+    def compare_end(self) -> str | None:
+        """The first member outside :attr:`userspace_size`, or None (the whole struct)."""
+        return next((m.name for m in self.members if m.private or not m.compared), None)
 
     @property
     def has_private(self) -> bool:
@@ -424,11 +431,12 @@ def struct_members(ext: Extension) -> list:
     if ext.options and ext.has_flags:
         fsize = {"__u8": 1, "__u16": 2, "__u32": 4}[ext.flags_type]
         members.append(Member(ext.flags_type, "flags", 0, fsize, fsize))
-    for fld in ext.fields:
+    # compared fields first: those with compared = false sit between them and the private ones
+    for fld in sorted(ext.fields, key=lambda f: not f.get("compared", True)):
         ft = OPTION_TYPES[fld["type"]]
         count = fld.get("count", 0)
         members.append(Member(ft.ctype, fld["name"], count, ft.size * max(count, 1), ft.align,
-                              comment=fld.get("comment", "")))
+                              comment=fld.get("comment", ""), compared=fld.get("compared", True)))
     for priv in ext.private:
         ctype, size, align = PRIVATE_TYPES[priv["type"]]
         members.append(Member(ctype, priv["name"], 0, size, align, True,
@@ -775,11 +783,12 @@ def _fields(fields, kind: str, where: str, seen: set) -> list:
     if not isinstance(fields, list) or (fields and kind == "hook"):
         raise _fail(where, "fields", f"{fields!r}", "[[fields]] name=... type=... on a match or target")
     for f in fields:
-        if (not isinstance(f, dict) or set(f) - {"name", "type", "count", "comment"}
+        if (not isinstance(f, dict) or set(f) - {"name", "type", "count", "comment", "compared"}
                 or f.get("type") not in FIELD_TYPES or not isinstance(f.get("name"), str)
-                or f["name"] in seen or f["name"] == "flags"):
+                or f["name"] in seen or f["name"] == "flags" or not isinstance(f.get("compared", True), bool)):
             raise _fail(where, "fields", f"{f!r}", "name = a new C identifier, type = "
-                        + ", ".join(FIELD_TYPES) + f", optional count = 1..{FIELD_COUNT_MAX}, comment")
+                        + ", ".join(FIELD_TYPES) + f", optional count = 1..{FIELD_COUNT_MAX}, comment, "
+                        "compared = false (outside what iptables compares and lists)")
         check_ident(f["name"], where, "fields name")
         count = f.get("count", 0)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= FIELD_COUNT_MAX:

@@ -32,6 +32,7 @@ import threading
 import pytest
 import testinfra
 
+from ground.errors import VMError
 from nflab import report as rep
 from nflab import start_gate, tracing
 from nflab import watchdog
@@ -129,7 +130,8 @@ class _HtmlReport:
             return res.returncode, res.stdout
         host = item.funcargs.get("host") or item.funcargs.get("guest")
         if host is None:
-            raise RuntimeError("no target host for this test")
+            raise VMError("no target host for this test",
+                          hint="run it through invoke test, or give pytest --hosts=<vm-up's last line>")
         res = host.run(cmd)
         return res.rc, res.stdout
 

@@ -23,6 +23,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from ground.errors import VMError
 from vm import remote
 
 BACKENDS = ("legacy", "nft")
@@ -195,7 +196,8 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
             saved.setdefault((table, chain), []).append(line.strip())
     missing = [c.id for i, c in enumerate(cases) if i not in by_index]
     if missing:
-        raise RuntimeError(f"guest script stopped early; no result for {missing[:3]}...")
+        raise VMError(f"the guest's rule script stopped early: no result for {missing[:3]}...",
+                      hint="see the guest console (invoke vm-exec --cmd=dmesg) for a crash or OOM kill")
     # the n-th rule accepted in a chain is its n-th saved line
     for key in {(c.table, c.chain) for c in cases}:
         accepted = [by_index[i] for i in order
@@ -209,8 +211,9 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
 def _run(host, cases, family, backend, fast):
     out = remote.run(host, remote_command(script(cases, family, backend, fast=fast)))
     if _NS not in out.stdout:
-        raise RuntimeError(f"cannot create a network namespace in the guest "
-                           f"(unshare --net exited {out.rc}): {out.stderr.strip()}")
+        raise VMError(f"cannot create a network namespace in the guest "
+                      f"(unshare --net exited {out.rc}): {out.stderr.strip()}",
+                      hint="the rule tests need CONFIG_NET_NS; boot a Debian kernel or enable it in a source: build")
     return results(cases, backend, out.stdout)
 
 
@@ -289,13 +292,15 @@ def run_many(host, runs: list[tuple[Path, str]], jobs: int = 2) -> dict:
         # ~80 KiB: over the guest SSH server's exec limit, so it goes over stdin
         out = remote.run(host, batch_command(batch, jobs))
         if out.rc == 91:
-            raise RuntimeError(f"cannot create a scratch directory in the guest: {out.stderr.strip()}")
+            raise VMError(f"cannot create a scratch directory in the guest: {out.stderr.strip()}",
+                          hint="the guest's /tmp is its tmpfs overlay: check free memory (invoke vm-exec --cmd='df -h /tmp')")
         texts += split_jobs(out.stdout, len(batch))
     done: dict = {}
     for (path, backend, cases, fam), text in zip(plans, texts):
         try:
             if _NS not in text:
-                raise RuntimeError(f"cannot create a network namespace in the guest: {text.strip()[:300]}")
+                raise VMError(f"cannot create a network namespace in the guest: {text.strip()[:300]}",
+                              hint="the rule tests need CONFIG_NET_NS; boot a Debian kernel or enable it in a source: build")
             res = results(cases, backend, text)
             if not all(r.passed for r in res):
                 res = _run(host, cases, fam, backend, fast=False)

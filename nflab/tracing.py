@@ -23,6 +23,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
+from ground.errors import VMError
 from kmods import build, spec
 from supply import kernels
 from vm import lab, topology
@@ -245,13 +246,15 @@ class Tracer:
     def read(self) -> Log:
         rc, out, err = self.run(f"cat {self.proc}")
         if rc != 0:
-            raise RuntimeError(f"cannot read {self.proc}: {err.strip()}")
+            raise VMError(f"cannot read {self.proc}: {err.strip()}",
+                          hint="is the tracer loaded in this VM? invoke install --name=tracer")
         return parse(out)
 
     def clear(self) -> None:
         rc, out, err = self.run(f"echo clear > {self.proc}")
         if rc != 0:
-            raise RuntimeError(f"cannot clear {self.proc}: {err.strip()}")
+            raise VMError(f"cannot clear {self.proc}: {err.strip()}",
+                          hint="is the tracer loaded in this VM? invoke install --name=tracer")
 
     def wait(self, tag: int, count: int, *, timeout: float = 5.0, settle: float = 0.0) -> Log:
         """Read until at least *count* entries carry *tag* (or *timeout*); with

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ground.errors import NflabError, VMError
+from ground.errors import SpecError, VMError
 from vm import lab
 
 GUEST_DIR = "/root/nflab"
@@ -95,7 +95,8 @@ def _params(params: dict | None) -> str:
     words = []
     for key, value in (params or {}).items():
         if not key.isidentifier():
-            raise NflabError(f"module parameter {key!r} is not a C identifier")
+            raise SpecError(f"module parameter {key!r} is not a C identifier",
+                            hint="name a parameter the module declares (modinfo -p <module>)")
         if isinstance(value, bool):
             value = int(value)
         words.append(f"{key}={shlex.quote(str(value))}")

@@ -451,10 +451,13 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
             if res.returncode == 0:
                 got = res.stdout.strip()
                 if got != state.release:
-                    raise VMError(f"VM {state.name!r} booted {got!r}, expected {state.release!r}")
+                    raise VMError(f"VM {state.name!r} booted {got!r}, expected {state.release!r}",
+                                  hint="its boot files are stale: run invoke fetch-kernel --kernel=SPEC again")
                 return
             if res.returncode != 255:
-                raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}")
+                raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}",
+                              hint="the guest's sshd refused the lab key: see the console for nflab-initramfs "
+                                   "lines, or remove the cache's ssh/ folder to make a new key")
         time.sleep(POLL)
 
 

@@ -400,7 +400,8 @@ def free_port(kind: str = "tcp", exclude: set[int] = frozenset()) -> int:
             port = s.getsockname()[1]
         if port not in exclude:
             return port
-    raise VMError("no free port on 127.0.0.1")
+    raise VMError("no free port on 127.0.0.1",
+                  hint="too many sockets are open on this host: stop unused VMs (invoke vm-down --vm=NAME)")
 
 
 def allocate_ports(exclude: set[int] = frozenset()) -> Ports:
@@ -580,7 +581,8 @@ def choose_accel(vmlinuz: Path, initrd: Path, *, progress=print) -> tuple[str, s
     forced = os.environ.get("NFLAB_ACCEL")
     if forced:
         if forced not in ("kvm", "tcg"):
-            raise VMError(f"NFLAB_ACCEL={forced!r} is not kvm or tcg")
+            raise VMError(f"NFLAB_ACCEL={forced!r} is not kvm or tcg",
+                          hint="set it to kvm or tcg, or unset it to let the kit probe KVM")
         return forced, "set by NFLAB_ACCEL"
     with file_lock(cache_dir() / ".accel.lock"):
         cached = cached_accel()

@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ground.errors import SpecError
 from supply import kernels
 
 from . import lab
@@ -155,8 +156,8 @@ def selected(found: Backends, choice: str | None = None) -> Backends:
         return found
     bad = [b for b in names if b not in BACKENDS]
     if bad:
-        raise ValueError(f"{SELECT_ENV}={choice!r}: unknown backend(s) {', '.join(bad)}; "
-                         f"use {', '.join(BACKENDS)}")
+        raise SpecError(f"{SELECT_ENV}={choice!r} names unknown backend(s) {', '.join(bad)}",
+                        hint=f"use {', '.join(BACKENDS)} or both, comma-separated, or leave it unset")
     extra = {b: f"not selected ({SELECT_ENV}={choice})" for b in BACKENDS
              if b not in names and b not in found.missing}
     return Backends({**found.missing, **extra}, found.source)

@@ -169,6 +169,19 @@ def test_save_round_trip(host, db, clean_forward, xtables):
         assert "-A FORWARD -m geoip ! --src-cc XC,XA --dst-cc XB -j DROP" in saved, saved
 
 
+def test_check_and_delete_by_rule_spec(host, db, clean_forward, xtables):
+    """`iptables -C` and `-D` by rule spec find a geoip rule another iptables
+    process added: the plugin's pointers to its ranges (different in every
+    process) are outside the bytes iptables compares."""
+    spec_ = "FORWARD -p udp --dport 40850 -m geoip --src-cc XA,XC ! --dst-cc XB -j DROP"
+    for backend in xtables.usable:
+        tool = f"iptables-{backend}"
+        host.run_test(f"{tool} -w -A {spec_}")
+        assert host.run(f"{tool} -w -C {spec_}").rc == 0, f"{tool} -C: the rule is not found"
+        host.run_test(f"{tool} -w -D {spec_}")
+        assert host.run(f"{tool} -w -C {spec_}").rc != 0, f"{tool} -D left the rule in place"
+
+
 def _copies(host) -> tuple[int, int]:
     """What the module says its shared country copies are: (copies, bytes)."""
     n, size = host.check_output("cat /sys/module/xt_geoip/parameters/copies").split()

@@ -154,3 +154,14 @@ def test_counter_survives_rule_replacement(host, wire, fresh, family, backend, t
     assert (first, second) == ([2], [1, 2]), \
         f"before replacement {first}, after {second}; a counter restarted by the replacement " \
         f"would give [2], [2, 3]"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_positions_are_refused_by_the_plugin(host, loaded, backend, xtables):
+    """--packet and --start must be below --every: the plugin says so itself,
+    where the kernel's checkentry would refuse the rule with only EINVAL."""
+    if xtables.skip_reason(backend):
+        pytest.skip(xtables.skip_reason(backend))
+    for opt, value in (("packet", 5), ("start", 3)):
+        res = host.run(f"iptables-{backend} -w -A FORWARD -m nth --every 3 --{opt} {value} -j ACCEPT")
+        assert res.rc != 0 and f"--{opt} {value} is not below --every 3" in res.stderr, res.stderr

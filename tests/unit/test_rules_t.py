@@ -2,6 +2,7 @@
 
 import pytest
 
+from ground.errors import VMError
 from kmods.spec import CATALOG
 from nflab import rules_t
 
@@ -69,7 +70,7 @@ def test_saved_lines_map_to_accepted_rules_in_order():
 
 def test_truncated_output_is_reported():
     cases = rules_t.parse(SAMPLE, "libxt_x.t")
-    with pytest.raises(RuntimeError, match="stopped early"):
+    with pytest.raises(VMError, match="stopped early"):
         rules_t.results(cases, "legacy", "@@NFLAB-T 0\nrc 0\n@@NFLAB-T-END\n")
 
 
@@ -150,7 +151,7 @@ def test_run_file_reruns_slowly_when_the_fast_run_disagrees(tmp_path):
 def test_missing_netns_is_reported(tmp_path):
     path = tmp_path / "libxt_x.t"
     path.write_text(":INPUT\n-m x --a;=;OK\n")
-    with pytest.raises(RuntimeError, match="network namespace"):
+    with pytest.raises(VMError, match="network namespace"):
         rules_t.run_file(_Guest("", ""), path, "legacy")
 
 

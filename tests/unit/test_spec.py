@@ -339,6 +339,25 @@ def test_fields_are_plugin_filled_members_before_the_private_ones():
     assert (ext.userspace_size, ext.info_size) == (40, 48)
 
 
+def test_uncompared_fields_follow_the_compared_ones_and_end_what_iptables_compares():
+    raw = copy.deepcopy(MATCH_RAW)
+    raw["fields"] = [{"name": "user", "type": "uint64", "count": 2, "compared": False},
+                     {"name": "keys", "type": "uint64", "count": 2}]
+    raw["private"] = [{"name": "state", "type": "kptr"}]
+    ext = spec.validate(raw)
+    assert [m.name for m in ext.members] == ["min_len", "flags", "keys", "user", "state"]
+    # min_len 0..2, flags 2, keys 8..24, user 24..40, state 40..48
+    assert (ext.compare_end, ext.userspace_size, ext.info_size) == ("user", 24, 48)
+    raw["private"] = []
+    ext = spec.validate(raw)
+    assert (ext.compare_end, ext.userspace_size, ext.has_private) == ("user", 24, False)
+    raw["fields"] = [{"name": "keys", "type": "uint64"}]
+    assert spec.validate(raw).compare_end is None
+    with pytest.raises(SpecError, match="compared = false"):
+        raw["fields"] = [{"name": "user", "type": "uint64", "compared": "no"}]
+        spec.validate(raw)
+
+
 @pytest.mark.parametrize("bad", [{"name": "k", "type": "int"}, {"name": "flags", "type": "uint8"},
                                  {"name": "min_len", "type": "uint8"}, {"name": "k", "type": "uint8", "count": 65497},
                                  {"name": "k", "type": "uint8", "size": 2}, "k"])

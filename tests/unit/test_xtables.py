@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ground.errors import SpecError
 from nflab import matrix, suites
 from tests.suites.conftest import backend_of
 from vm import xtables
@@ -179,5 +180,5 @@ def test_selection_narrows_the_backends_and_says_so(monkeypatch):
     # a kernel's own reason is kept over "not selected"
     no_legacy = xtables.decide(NO_LEGACY_617 + NFT, None, source="test")
     assert xtables.selected(no_legacy, "nft").missing == no_legacy.missing
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(SpecError, match="unknown backend"):
         xtables.selected(both, "iptables")

@@ -27,6 +27,9 @@
 -m string --hex-string "|0a 0b 0c|" --algo bm;-m string --hex-string "|0a0b0c|" --algo bm;OK
 -m string --string "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" --algo bm;=;OK
 -m string --string "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" --algo bm;;FAIL
+# 128 bytes, the most there is (what --string of 127 A and a backslash saves as)
+-m string --hex-string "|414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141415c|" --algo bm;=;OK
+-m string --hex-string "|414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141414141|" --algo bm;;FAIL
 -m string --string "test";;FAIL
 -m string --algo bm;;FAIL
 -m string --string "test" --algo ac;;FAIL
