@@ -70,3 +70,14 @@ def test_ttl_rewritten_and_continues(host, wire, mangle, family, backend, tag):
     counts = rule_counters(host, TOOLS[family], backend, table="mangle")
     # each port has two rules (TTLSET and the counting one): both saw the packet once
     assert all(counts.get(str(p)) == 2 for p in CASES), counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_action_per_rule_is_checked_by_the_plugin(host, mangle, backend, xtables):
+    """No action, or two, is the plugin's error with what to do (as stock
+    libipt_TTL's), not the kernel's bare EINVAL."""
+    if xtables.skip_reason(backend):
+        pytest.skip(xtables.skip_reason(backend))
+    for opts, says in (("", "give one action"), ("--ttl-set 5 --ttl-dec 1", "one action per rule")):
+        res = host.run(f"iptables-{backend} -w -t mangle -A FORWARD -j TTLSET {opts}")
+        assert res.rc != 0 and f"TTLSET: {says}" in res.stderr, res.stderr

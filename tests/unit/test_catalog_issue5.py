@@ -111,7 +111,7 @@ def test_plugin_dump_and_print_name_blocks():
 
 
 def test_no_fcheck_unless_filled():
-    c = render.render(spec.load("TTLSET"))["libxt_TTLSET.c"]
+    c = render.render(spec.load("quota"))["libxt_quota.c"]
     assert "fcheck" not in c
     c = render.render(spec.load("nth"))["libxt_nth.c"]
     assert "static void nth_mt_fcheck(struct xt_fcheck_call *cb)" in c and ".x6_fcheck\t= nth_mt_fcheck," in c
