@@ -50,7 +50,8 @@ def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=Non
             print(exc.detail, file=sys.stderr)
         print(f"error: {n}: {exc}", file=sys.stderr)
     if failed:
-        raise NflabError(f"{len(failed)} of {len(names)} extensions failed to build")
+        raise NflabError(f"{len(failed)} of {len(names)} extensions failed to build",
+                         hint="each error above names its full build.log")
     if check:
         with Progress(quiet) as progress:
             findings = checks.run([art.name for art in built], kern, progress=progress)

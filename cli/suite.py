@@ -163,7 +163,8 @@ def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
     bad = [c_ for c_ in cells if not c_.ok]
     if bad:
         raise NflabError(f"{len(bad)} of {len(cells)} kernel cell(s) failed: "
-                         + ", ".join(c_.release for c_ in bad))
+                         + ", ".join(c_.release for c_ in bad),
+                         hint="each cell's junit and log are in build/reports/matrix/")
 
 
 @task(name="upstream-t", help={

@@ -226,7 +226,8 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
     for ex in exs:                       # validate both variants before anything slow
         ex.load(solution)
         if not ex.suite.is_file():
-            raise NflabError(f"exercise {ex.number}: no suite {ex.suite}")
+            raise NflabError(f"exercise {ex.number}: no suite {ex.suite}",
+                             hint="the workshop tree is incomplete: git checkout -- tests/workshop")
     kernel = kernels.get(kernel_spec, progress=progress)
     vm = vm or ("ws-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel.release.split("-cloud")[0])[:24].strip("-"))
     old = lab.load(vm)

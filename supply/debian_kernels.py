@@ -236,7 +236,9 @@ def lines(all_offers: list[Offer]) -> list[str]:
 def stable_line(all_offers: list[Offer]) -> str:
     released = [l for l in lines(all_offers) if l != "rc"]
     if not released:
-        raise KernelError("Debian's archive offers no released kernel line")
+        raise KernelError("Debian's archive offers no released kernel line",
+                          hint="invoke doctor checks that the archive is reachable; "
+                               "invoke kernels lists what it offers")
     return released[-1]
 
 

@@ -166,7 +166,8 @@ def _normalise_boot(root: Path, release: str):
         found = [root / c.format(r=release) for c in candidates if (root / c.format(r=release)).exists()]
         if not found:
             raise KernelError(f"the packages of {release} hold no {what} (looked at "
-                              f"{', '.join(c.format(r=release) for c in candidates)})")
+                              f"{', '.join(c.format(r=release) for c in candidates)})",
+                              hint=f"the unpacked packages look incomplete: invoke fetch-kernel --kernel={release} --force")
         want = root / "boot" / f"{what}-{release}"
         if found[0] != want:
             shutil.move(found[0], want)
@@ -178,7 +179,8 @@ def _record(offer: Offer, tmp: Path, entry: Path, progress=None) -> Kernel:
     release = offer.release
     _normalise_boot(root, release)
     if not (root / "lib/modules" / release).is_dir():
-        raise KernelError(f"the packages of {release} hold no lib/modules/{release}")
+        raise KernelError(f"the packages of {release} hold no lib/modules/{release}",
+                          hint=f"the unpacked packages look incomplete: invoke fetch-kernel --kernel={release} --force")
     _fix_headers_makefile(root, entry / "root", release)
     _say(progress, f"depmod {release}", quiet_ok=True)
     run(["depmod", "-b", root, release], timeout=300)

@@ -54,6 +54,9 @@ SAVE_TIMEOUT = 120.0
 RESTORE_BUDGET = {"tcg": 30.0, "kvm": 20.0}
 
 
+QMP_HINT = ("QEMU stopped or its control socket went away: see qemu.log and console.log in the VM's "
+            "directory; NFLAB_SNAPSHOT=0 (or --no-snapshot) boots cold without saved states")
+
 def enabled(flag: bool | None) -> bool:
     """*flag* if given, else ``$NFLAB_SNAPSHOT`` (``0``/``no``/``off``/``false`` turn
     restores off), else on.
@@ -160,16 +163,17 @@ def qmp(sock_path: Path, *commands: tuple[str, dict | None], timeout: float = 5.
                 while True:  # skip asynchronous events
                     line = f.readline()
                     if not line:
-                        raise VMError(f"QMP closed the connection during {name}")
+                        raise VMError(f"QMP closed the connection during {name}", hint=QMP_HINT)
                     reply = json.loads(line)
                     if "event" not in reply:
                         break
                 if "error" in reply:
-                    raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+                    raise VMError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}",
+                                  hint=QMP_HINT)
                 if name != "qmp_capabilities":
                     out.append(reply.get("return"))
     except (OSError, ValueError) as exc:
-        raise VMError(f"QMP on {sock_path} failed: {exc}") from exc
+        raise VMError(f"QMP on {sock_path} failed: {exc}", hint=QMP_HINT) from exc
     return out
 
 
@@ -194,7 +198,7 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
                 break
             if status in ("failed", "cancelled") or time.monotonic() > deadline:
                 raise VMError(f"saving the VM state {status or 'timed out'}: "
-                              f"{info.get('error-desc', '')}".rstrip(": "))
+                              f"{info.get('error-desc', '')}".rstrip(": "), hint=QMP_HINT)
             time.sleep(0.05)
         size = tmp.stat().st_size
         tmp.rename(state)

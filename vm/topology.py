@@ -135,10 +135,14 @@ def setup(target) -> None:
     run = _runner(target)
     rc, out, err = run("sh -c " + shlex.quote(script()))
     if rc != 0:
-        raise VMError("guest topology setup failed", detail=(err or out).strip()[-2000:])
+        raise VMError("guest topology setup failed", detail=(err or out).strip()[-2000:],
+                      hint="the detail names the failing ip/sysctl command; a fresh VM "
+                           "(invoke vm-down, then vm-up) starts from a clean guest")
     problems = check(target)
     if problems:
-        raise VMError("guest topology is not as configured", detail="\n".join(problems))
+        raise VMError("guest topology is not as configured", detail="\n".join(problems),
+                      hint="something in the guest changed the lab's namespaces or routes: "
+                           "invoke vm-down, then vm-up for a clean guest")
 
 
 def check(target) -> list[str]:
