@@ -9,7 +9,6 @@ fault and carrying the console lines that show it.
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
@@ -42,13 +41,12 @@ def faulty_vm():
 @pytest.mark.parametrize("fault,console", [("oops", "NULL pointer dereference"),
                                            ("bug", "kernel BUG at")])
 def test_oops_and_bug_end_the_command_with_the_console_excerpt(faulty_vm, fault, console):
-    t0 = time.monotonic()
+    # the console's oops/BUG report (not the 120 s timeout) ends the command
     with pytest.raises(VMError) as info:
         lab.exec(faulty_vm, f"echo {fault} > /proc/net/nflab_faulty", timeout=120)
-    elapsed = time.monotonic() - t0
     text = f"{info.value}\n{info.value.detail or ''}"
     assert console in text, text
-    assert elapsed < 120, f"took {elapsed:.0f}s"
+    assert "timed out" not in str(info.value), text
     assert not _qemu_of(faulty_vm), "the crashed VM's QEMU is still running"
     with pytest.raises(VMError):
         lab.exec(faulty_vm, "true", timeout=10)
@@ -58,10 +56,8 @@ def test_module_hanging_in_init_ends_install_within_its_budget():
     lab.down(VM)
     lab.up(KERNEL, VM, progress=lambda *_: None)
     try:
-        t0 = time.monotonic()
         with pytest.raises(NflabError) as info:
             deploy.install("faulty", VM, params={"hang_in_init": True}, timeout=20)
-        assert time.monotonic() - t0 < 90
         assert "timed out" in str(info.value) or "answer" in str(info.value), str(info.value)
     finally:
         lab.down(VM)

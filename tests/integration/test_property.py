@@ -179,6 +179,12 @@ def _compile(ext) -> None:
         assert "-Werror" in (Path(tmp) / kernel.release / ext.name / "Kbuild").read_text()
 
 
+def _raw_opts(*opts, kind="match"):
+    raw = copy.deepcopy(MATCH_RAW if kind == "match" else TARGET_RAW)
+    raw["options"] = list(opts)
+    return raw
+
+
 @settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @example(copy.deepcopy(MATCH_RAW))
@@ -201,6 +207,10 @@ def test_accepted_definitions_compile_rejected_never_reach_jinja(raw):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@example({**copy.deepcopy(MATCH_RAW), "name": "../x"})
+@example({**copy.deepcopy(MATCH_RAW), "bogus": 1})
+@example(_raw_opts({"name": "x", "type": "float"}))
+@example(_raw_opts({"name": "int", "type": "uint8"}))
 @given(definition())
 def test_rejected_definitions_raise_spec_error_before_jinja(raw):
     """Fast half of the property: validation is pure, errors are SpecError naming a field."""
@@ -212,12 +222,6 @@ def test_rejected_definitions_raise_spec_error_before_jinja(raw):
         return
     assert isinstance(ext, spec.Extension)
     assert render.render(ext)         # accepted definitions render (StrictUndefined) without error
-
-
-def _raw_opts(*opts, kind="match"):
-    raw = copy.deepcopy(MATCH_RAW if kind == "match" else TARGET_RAW)
-    raw["options"] = list(opts)
-    return raw
 
 
 def _starter_body(ext) -> str:

@@ -39,10 +39,15 @@ def _syn(family, src, dst, sport, dport, tag, flags="S"):
     return l3(family)(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload(tag, 24)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def loaded(host):
+    """The kit's xt_connlimit, not the in-tree one of the same name, answers every test."""
+    assert_kit_module(host, "xt_connlimit")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_above_two_per_source(host, wire, clean_forward, family, backend, tag):
-    assert_kit_module(host, "xt_connlimit")
     cfmt, sfmt, plen = NET[family]
     tool = f"{TOOLS[family]}-{backend} -w"
     port = 40801 if backend == "legacy" else 40802
@@ -115,7 +120,10 @@ STALL_BUDGET = 2   # connections over the limit a stalled vCPU can let in (see b
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_two_cpus_never_exceed_the_limit(host, clean_filter, sink, family, backend):
+def test_two_cpus_stay_within_the_limit_and_its_stall_budget(host, clean_filter, sink, family, backend):
+    """Connections from both vCPUs at once: at most the limit plus STALL_BUDGET are
+    live (the budget is nf_conncount's own, see below; a missing lock lets in ~35),
+    and a one-CPU top-up afterwards is exact."""
     limit, per_cpu = 5, 20
     port = 40850 + (4 if family == "ipv6" else 0) + (2 if backend == "nft" else 0)
     tool = f"{TOOLS[family]}-{backend} -w"

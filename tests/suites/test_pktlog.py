@@ -316,13 +316,23 @@ def test_flood_is_rate_limited_and_drops_are_reported(host, pktlog, sink):
     assert f"{st['events']} events, {st['ratelimited'] + st['failed']} lost" in listener.err
 
 
+def _drained(listener: "Listener", seconds: float = 20) -> str:
+    """Shell that waits (bounded) until *listener* has written as many events as the
+    kernel says it queued for it (`stats`: events), instead of a fixed sleep."""
+    return (f"n=$(pktlog-listen stats --json | tail -1 | python3 -c "
+            f"'import json,sys; print(json.load(sys.stdin)[\"events\"])')\n"
+            f"for i in $(seq {int(seconds / 0.05)}); do "
+            f"[ $(wc -l < {listener.base}.out) -ge $n ] && break; sleep 0.05; done")
+
+
 def test_listener_overrun_is_counted_and_told(host, pktlog, sink):
     listener = Listener("o", "--rcvbuf 4096 --timeout 120")
     flt = f"--filter hook=LOCAL_OUT --filter l4proto=udp --filter dport={PORT}"
     out = sh(host, f"pktlog-listen set --rate 1000000 --burst 10000 {flt} && {RESET}\n"
                    f"{listener.start()}\n{listener.signal('STOP')}\n"
                    f"{parallel_script('udp', 'ipv4', PORT, 16, 400, cpus=(0,))}\n"
-                   f"{listener.signal('CONT')}\nsleep 1\n{listener.signal('TERM')}\n{listener.wait()}")
+                   f"{listener.signal('CONT')}\n{_drained(listener)}\n{listener.signal('TERM')}\n"
+                   f"{listener.wait()}")
     parse_senders(out, cpus=(0,))
     listener.parse(out)
     st = stats(host)

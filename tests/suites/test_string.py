@@ -118,9 +118,13 @@ def test_straddling_fragments_and_datagrams(host, wire, loaded, clean_forward, c
             data = payload(t, lead) + NEEDLE + payload(t, 400)
             frags = fragment(IP(src=c, dst=s, id=t & 0xffff) / UDP(sport=33000, dport=port) / data, fragsize=256)
             assert len(frags) >= 2
+            # a sentinel after them: once it is out, the datagram has arrived or been dropped
+            stag, spkt = sentinel("ipv4", tag())
             since = wire.mark("server")
-            wire.send("client", frags)
-            got = wire.sniff("server", lambda p, t=t: has_tag(p, t), count=1, timeout=1.5, since=since)
+            wire.send("client", frags + [spkt])
+            assert wire.sniff("server", lambda p, s_=stag: has_tag(p, s_), timeout=4.0, since=since), \
+                "the sentinel did not come out on the server wire: the path is broken"
+            got = wire.sniff("server", lambda p, t=t: has_tag(p, t), count=1, timeout=0, since=since)
             results[(where, "bm" if port == bm else "kmp")] = "arrived" if got else "dropped"
     assert results == {("inside the first fragment", "bm"): "dropped",
                        ("inside the first fragment", "kmp"): "dropped",

@@ -36,8 +36,15 @@ CLOCKS = {
     "2024-03-06 23:30:00": {40702, 40703, 40704, 40706, 40707, 40709},
     "2024-03-07 01:00:00": {40702, 40703, 40705, 40707, 40710},            # Thursday, after midnight
     "2024-04-02 12:00:00": {40701, 40705, 40708, 40710},                   # Tuesday, after the date range
-    "2024-02-29 23:59:59": {40702, 40705, 40710},                          # Thursday, before it
+    # a minute before the date range, not a second: the send must not see midnight
+    "2024-02-29 23:59:00": {40702, 40705, 40710},                          # Thursday, before it
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded(host):
+    """The kit's xt_time, not the in-tree one of the same name, answers every test."""
+    assert_kit_module(host, "xt_time")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.suites.catalog_helpers import (PEERS, TOOLS, assert_kit_module,
-                                         l3, rule_counters, send_tagged)
+                                         l3, rule_counters, send_tagged, sentinel)
 
 pytestmark = pytest.mark.vm
 
@@ -39,7 +39,7 @@ def test_marks_and_continues(host, wire, forwarding, loaded, rules, tag, family)
     for _ in range(N):
         t = tag()
         pkts[t] = l3(family)(src=src, dst=dst) / UDP(sport=33000, dport=port) / payload(t, 48)
-    arrived = send_tagged(wire, pkts, expect=0)
+    arrived = send_tagged(wire, pkts, sentinel=sentinel(family, tag()))
     after = rule_counters(host, TOOLS[family], rules.backend, table="mangle", chain="PREROUTING",
                           key=r"-m mark --mark (\S+)")
     counted = sum(after.values())

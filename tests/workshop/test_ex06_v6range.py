@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.suites.catalog_helpers import CLIENT6, assert_kit_module, send_tagged
+from tests.suites.catalog_helpers import CLIENT6, assert_kit_module, send_tagged, sentinel
 
 pytestmark = pytest.mark.vm
 
@@ -37,7 +37,7 @@ def _check(host, wire, rules, tag, port, addrs: dict):
         t = tag()
         pkts[t] = IPv6(src=CLIENT6, dst=addr) / UDP(sport=33000, dport=port) / payload(t, 48)
         addr_of[t] = addr
-    arrived = send_tagged(wire, pkts, expect=sum(1 for d in addrs.values() if not d))
+    arrived = send_tagged(wire, pkts, sentinel=sentinel("ipv6", tag()))
     wrong = [f"{addr_of[t]}: {'arrived' if t in arrived else 'dropped'}, expected "
              f"{'dropped' if addrs[addr_of[t]] else 'to arrive'}"
              for t in pkts if (t in arrived) == addrs[addr_of[t]]]
