@@ -15,7 +15,6 @@
 -m time --monthdays 1,15,31;=;OK
 -m time ! --monthdays 31;-m time --monthdays 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30;OK
 -m time --datestart 2024-01-01T00:00:00 --datestop 2038-01-20T03:14:08;=;OK
--m time --datestop 1970-01-01;-m time --datestop 1970-01-01T00:00:00;OK
 -m time ! --weekdays Mon,Tue,Wed,Thu,Fri,Sat,Sun;;FAIL
 -m time ! --monthdays 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31;;FAIL
 -m time --timestart 12:30junk;;FAIL
