@@ -1054,12 +1054,8 @@ def _measure_attachment(s: _Session, fam: str, chains: dict):
     atlas.paths[fam] = {}
     for path in PATHS:
         s.say(f"{fam}: {PATH_TITLE[path]} packet through the counters")
-        tag = next(s.tags)
-        before = _counters(s.guest, s.rules.tools[fam])
-        log, entries = s.trace(fam, path, tag)
-        after = _counters(s.guest, s.rules.tools[fam])
-        for (table, hook), n in after.items():
-            delta = n - before.get((table, hook), 0)
+        entries, deltas = _trace_path(s, fam, path)
+        for (table, hook), delta in deltas.items():
             if table in atlas.counts[fam] and hook in atlas.counts[fam][table]:
                 atlas.counts[fam][table][hook][path] = delta
         visits = _visits(entries)
@@ -1068,6 +1064,23 @@ def _measure_attachment(s: _Session, fam: str, chains: dict):
             atlas.checks.append(Check(False, f"{fam} {path}: the tracer never saw the packet"))
             continue
         _locate_conntrack(atlas, fam, visits, entries)
+
+
+def _trace_path(s: _Session, fam: str, path: str) -> tuple:
+    """(tracer entries, {(table, hook): packets counted}) of one tagged packet along
+    *path*. A packet the tracer missed is sent once more with a new tag, and the
+    atlas notes it (CI saw a 6.1 guest's local-out datagram counted by the tables
+    but not traced, once in four runs); a second miss is the check's failure."""
+    for attempt in (1, 2):
+        before = _counters(s.guest, s.rules.tools[fam])
+        _, entries = s.trace(fam, path, next(s.tags))
+        after = _counters(s.guest, s.rules.tools[fam])
+        if _visits(entries) or attempt == 2:
+            break
+    if attempt == 2:
+        s.atlas.notes.append(f"{fam} {path}: the tracer missed the first packet; the second was "
+                             + ("traced" if _visits(entries) else "missed too"))
+    return entries, {k: n - before.get(k, 0) for k, n in after.items()}
 
 
 def _locate_conntrack(atlas: Atlas, fam: str, visits: list, entries: list):
