@@ -917,7 +917,11 @@ class _Sender:
             # a SYN with data to a closed port: the guest's RST carries no payload (no tag)
             self.wire.send("client", tracing.packet(family, "tcp", a["client"], a["guest_client"], tag, dport=9))
             return 6
-        self.guest.run(tracing.bash_udp(a["server"], tag) + " 2>/dev/null; true")
+        # not out of eth0 (SSH, slirp; the tracer ignores it): wait, bounded, for the
+        # route to the server wire (CI once saw a 6.1 guest's local-out go untraced)
+        self.guest.run(f"for i in $(seq 50); do ip route get {a['server']} | grep -q ' dev eth0 ' "
+                       f"|| break; sleep 0.1; done; "
+                       + tracing.bash_udp(a["server"], tag) + " 2>/dev/null; true")
         return 17
 
 
