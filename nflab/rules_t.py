@@ -26,6 +26,8 @@ from pathlib import Path
 from ground.errors import VMError
 from vm import remote
 
+NETNS_HINT = "the rule tests need CONFIG_NET_NS; boot a Debian kernel or enable it in a source: build"
+
 BACKENDS = ("legacy", "nft")
 _BEGIN, _END, _SAVE = "@@NFLAB-T", "@@NFLAB-T-END", "@@NFLAB-T-SAVE"
 _NS, _FALLBACK, _JOB = "@@NFLAB-T-NETNS", "@@NFLAB-T-SLOW", "@@NFLAB-T-JOB"
@@ -213,7 +215,7 @@ def _run(host, cases, family, backend, fast):
     if _NS not in out.stdout:
         raise VMError(f"cannot create a network namespace in the guest "
                       f"(unshare --net exited {out.rc}): {out.stderr.strip()}",
-                      hint="the rule tests need CONFIG_NET_NS; boot a Debian kernel or enable it in a source: build")
+                      hint=NETNS_HINT)
     return results(cases, backend, out.stdout)
 
 
@@ -300,7 +302,7 @@ def run_many(host, runs: list[tuple[Path, str]], jobs: int = 2) -> dict:
         try:
             if _NS not in text:
                 raise VMError(f"cannot create a network namespace in the guest: {text.strip()[:300]}",
-                              hint="the rule tests need CONFIG_NET_NS; boot a Debian kernel or enable it in a source: build")
+                              hint=NETNS_HINT)
             res = results(cases, backend, text)
             if not all(r.passed for r in res):
                 res = _run(host, cases, fam, backend, fast=False)

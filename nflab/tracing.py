@@ -235,6 +235,9 @@ def nft_problems(text: str, points, module: str = MODULE) -> list[str]:
 
 # ---------------------------------------------------------------- the tracer in a guest
 
+TRACER_HINT = "is the tracer loaded in this VM? invoke install --name=tracer"
+
+
 class Tracer:
     """The tracer's proc file through a ``run(cmd) -> (rc, stdout, stderr)``."""
 
@@ -247,14 +250,14 @@ class Tracer:
         rc, out, err = self.run(f"cat {self.proc}")
         if rc != 0:
             raise VMError(f"cannot read {self.proc}: {err.strip()}",
-                          hint="is the tracer loaded in this VM? invoke install --name=tracer")
+                          hint=TRACER_HINT)
         return parse(out)
 
     def clear(self) -> None:
         rc, out, err = self.run(f"echo clear > {self.proc}")
         if rc != 0:
             raise VMError(f"cannot clear {self.proc}: {err.strip()}",
-                          hint="is the tracer loaded in this VM? invoke install --name=tracer")
+                          hint=TRACER_HINT)
 
     def wait(self, tag: int, count: int, *, timeout: float = 5.0, settle: float = 0.0) -> Log:
         """Read until at least *count* entries carry *tag* (or *timeout*); with
