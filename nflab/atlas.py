@@ -917,11 +917,7 @@ class _Sender:
             # a SYN with data to a closed port: the guest's RST carries no payload (no tag)
             self.wire.send("client", tracing.packet(family, "tcp", a["client"], a["guest_client"], tag, dport=9))
             return 6
-        # not out of eth0 (SSH, slirp; the tracer ignores it): wait, bounded, for the
-        # route to the server wire (CI once saw a 6.1 guest's local-out go untraced)
-        self.guest.run(f"for i in $(seq 50); do ip route get {a['server']} | grep -q ' dev eth0 ' "
-                       f"|| break; sleep 0.1; done; "
-                       + tracing.bash_udp(a["server"], tag) + " 2>/dev/null; true")
+        self.guest.run(tracing.bash_udp(a["server"], tag) + " 2>/dev/null; true")
         return 17
 
 
@@ -1058,8 +1054,12 @@ def _measure_attachment(s: _Session, fam: str, chains: dict):
     atlas.paths[fam] = {}
     for path in PATHS:
         s.say(f"{fam}: {PATH_TITLE[path]} packet through the counters")
-        entries, deltas = _trace_path(s, fam, path)
-        for (table, hook), delta in deltas.items():
+        tag = next(s.tags)
+        before = _counters(s.guest, s.rules.tools[fam])
+        _, entries = s.trace(fam, path, tag)
+        after = _counters(s.guest, s.rules.tools[fam])
+        for (table, hook), n in after.items():
+            delta = n - before.get((table, hook), 0)
             if table in atlas.counts[fam] and hook in atlas.counts[fam][table]:
                 atlas.counts[fam][table][hook][path] = delta
         visits = _visits(entries)
@@ -1068,23 +1068,6 @@ def _measure_attachment(s: _Session, fam: str, chains: dict):
             atlas.checks.append(Check(False, f"{fam} {path}: the tracer never saw the packet"))
             continue
         _locate_conntrack(atlas, fam, visits, entries)
-
-
-def _trace_path(s: _Session, fam: str, path: str) -> tuple:
-    """(tracer entries, {(table, hook): packets counted}) of one tagged packet along
-    *path*. A packet the tracer missed is sent once more with a new tag, and the
-    atlas notes it (CI saw a 6.1 guest's local-out datagram counted by the tables
-    but not traced, once in four runs); a second miss is the check's failure."""
-    for attempt in (1, 2):
-        before = _counters(s.guest, s.rules.tools[fam])
-        _, entries = s.trace(fam, path, next(s.tags))
-        after = _counters(s.guest, s.rules.tools[fam])
-        if _visits(entries) or attempt == 2:
-            break
-    if attempt == 2:
-        s.atlas.notes.append(f"{fam} {path}: the tracer missed the first packet; the second was "
-                             + ("traced" if _visits(entries) else "missed too"))
-    return entries, {k: n - before.get(k, 0) for k, n in after.items()}
 
 
 def _locate_conntrack(atlas: Atlas, fam: str, visits: list, entries: list):

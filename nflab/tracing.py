@@ -420,9 +420,14 @@ def reassembled_payload(family: str, frames) -> bytes | None:
 
 
 def bash_udp(dst: str, tag: int, *, port: int = 9, size: int = 48) -> str:
-    """A guest command that sends one tagged UDP datagram (bash's /dev/udp)."""
+    """A guest command that sends one tagged UDP datagram (bash's /dev/udp).
+
+    bash line-buffers its stdout, so printf alone would send one datagram per
+    0x0a byte of the payload (a tag byte can be one): dd gathers the whole
+    payload (iflag=fullblock) and writes it once."""
     esc = "".join(f"\\x{b:02x}" for b in payload(tag, size))
-    return "bash -c " + shlex.quote(f"printf '{esc}' > /dev/udp/{dst}/{port}")
+    return "bash -c " + shlex.quote(f"printf '{esc}' | dd bs=64k iflag=fullblock status=none "
+                                    f"> /dev/udp/{dst}/{port}")
 
 
 def ping(dst: str, tag: int, family: str = "ipv4", *, wait: float = 0.5) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+
 import pytest
 
 from kmods import render, spec
@@ -122,6 +125,23 @@ family netdev {
 \t}
 }
 """
+
+
+@pytest.mark.parametrize("tag", [0x0a0a_0101, 0x2b0a_0107, 0x1234_010a, 0x0000_0102])
+def test_bash_udp_sends_the_whole_payload_in_one_datagram(tag):
+    """bash line-buffers stdout: a printf alone split the datagram at every 0x0a
+    tag byte, and the tracer (magic + 4 tag bytes) saw none of the pieces; CI's
+    atlas once lost a whole guest's local-out path that way. Sent here over
+    127.0.0.1 to a socket of this test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        cmd = tracing.bash_udp("127.0.0.1", tag, port=sock.getsockname()[1])
+        subprocess.run(cmd, shell=True, check=True, timeout=30)
+        assert sock.recv(4096) == tracing.payload(tag, 48)
+        sock.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            sock.recv(4096)
 
 
 def test_nft_hooks_parser_and_check():
