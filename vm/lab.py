@@ -683,7 +683,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
                          image=image, key=key, pub=pub, accel=accel, machine=machine,
                          progress=progress, sshd=sshd, tcg_thread=tcg_thread,
-                         skip_initcalls=qemu.skipped_initcalls())
+                         skip_initcalls=qemu.skipped_initcalls(config=Path(kernel.config).read_text()))
         if use_snapshot:
             state = _up_from_snapshot(plan, budget)
             if state is not None:

@@ -96,8 +96,9 @@ class Ports:
 # job no lab guest needs that costs a TCG boot tens of milliseconds of guest CPU.
 # Single-threaded TCG runs every vCPU on one host thread, so work a kernel hands
 # to a worker "in the background" still delays the boot by all it costs. The kernel
-# matches the names against module init functions too: a module whose init is so
-# named does not load (jitterentropy_rng on 6.1, where it is one).
+# matches the names against module init functions too, so a name whose code a
+# kernel builds as a module (MODULAR_INITCALLS) is not skipped there: the module
+# costs nothing at boot unless something loads it, and skipped it would never load.
 SKIPPED_INITCALLS = (
     # the jitter-entropy RNG's self-test times memory accesses (~0.06 s); nothing in
     # a lab guest asks for that RNG (the DRBG goes on without it outside FIPS mode,
@@ -119,12 +120,23 @@ SKIPPED_INITCALLS = (
 )
 
 
-def skipped_initcalls(env: str | None = None) -> tuple[str, ...]:
-    """``$NFLAB_SKIP_INITCALLS`` (comma-separated; empty: skip none), else
-    ``SKIPPED_INITCALLS``."""
+# the skipped initcalls whose code may be a module, and the Kconfig symbol that says
+# so (=m: jitter-entropy on 5.10, 6.1 and 7.3; the others are bool or built in)
+MODULAR_INITCALLS = {
+    "jent_mod_init": "CRYPTO_JITTERENTROPY",
+    "crypto_kdf108_init": "CRYPTO_KDF800108_CTR",
+}
+
+
+def skipped_initcalls(env: str | None = None, config: str = "") -> tuple[str, ...]:
+    """``$NFLAB_SKIP_INITCALLS`` (comma-separated; empty: skip none; taken as given),
+    else ``SKIPPED_INITCALLS`` less the names whose code *config* (the kernel's
+    .config text) builds as a module."""
     value = os.environ.get("NFLAB_SKIP_INITCALLS") if env is None else env
     if value is None:
-        return SKIPPED_INITCALLS
+        lines = set(config.splitlines())
+        return tuple(n for n in SKIPPED_INITCALLS
+                     if f"CONFIG_{MODULAR_INITCALLS.get(n)}=m" not in lines)
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
     if bad:

@@ -8,6 +8,14 @@ import pytest
 from ground.errors import VMError
 from vm import qemu
 
+# the jitter-entropy and KDF lines of Debian's cloud kernels' boot/config-*
+CONFIGS = {
+    "5.10.0-46-cloud-amd64": "CONFIG_CRYPTO_JITTERENTROPY=m\n",
+    "6.1.0-57-cloud-amd64": "CONFIG_CRYPTO_JITTERENTROPY=m\nCONFIG_CRYPTO_KDF800108_CTR=y\n",
+    "6.12.118+deb13-cloud-amd64": "CONFIG_CRYPTO_JITTERENTROPY=y\nCONFIG_CRYPTO_KDF800108_CTR=y\n",
+    "7.3.4+deb13-cloud-amd64": "CONFIG_CRYPTO_JITTERENTROPY=m\nCONFIG_CRYPTO_KDF800108_CTR=y\n",
+}
+
 
 def spec(**kw):
     ports = qemu.Ports(ssh=2222, wire={
@@ -99,6 +107,24 @@ def test_skipped_initcalls_from_the_environment(monkeypatch):
     assert "NFLAB_SKIP_INITCALLS" in str(exc.value) and "commas" in exc.value.hint
     with pytest.raises(VMError):
         qemu.skipped_initcalls("x;reboot")
+
+
+@pytest.mark.parametrize("release", ["5.10.0-46-cloud-amd64", "6.1.0-57-cloud-amd64",
+                                     "6.12.118+deb13-cloud-amd64", "7.3.4+deb13-cloud-amd64"])
+def test_a_skipped_initcall_built_as_a_module_is_not_skipped(monkeypatch, release):
+    """The kernel also refuses a module whose init is a skipped name: where
+    jitter-entropy is a module (5.10, 6.1, 7.3) its init is left alone, so
+    jitterentropy_rng still loads; built in (6.12) it is skipped. The configs are
+    lines of the kernels' own configs (boot/config-*, as the packages ship them)."""
+    monkeypatch.delenv("NFLAB_SKIP_INITCALLS", raising=False)
+    config = CONFIGS[release]
+    got = qemu.skipped_initcalls(config=config)
+    modular = {n for n, sym in qemu.MODULAR_INITCALLS.items() if f"CONFIG_{sym}=m" in config.splitlines()}
+    assert set(got) == set(qemu.SKIPPED_INITCALLS) - modular
+    assert ("jent_mod_init" in got) == release.startswith("6.12")
+    assert "crypto_kdf108_init" in got and "trace_eval_init" in got
+    # what the user names is taken as given
+    assert qemu.skipped_initcalls("jent_mod_init", config=config) == ("jent_mod_init",)
 
 
 def test_kvm_uses_host_cpu_and_all_vcpus():
