@@ -43,6 +43,7 @@ linux unix i386 current jiffies NULL min max likely unlikely
 NAME_MAX = 28           # XT_EXTENSION_MAXNAMELEN (29) minus the NUL
 MODULE_NAME_MAX = 55    # MODULE_NAME_LEN (64 - sizeof(unsigned long)) minus the NUL
 TEXT_MAX = 512
+HOOK_POINTS_MAX = 256   # the generated point's index (and the tracer's record of it) is a u8
 
 # Netfilter modules of the stock kernels; a kit module must not shadow one silently.
 IN_TREE_MODULES = frozenset("""
@@ -843,6 +844,9 @@ def _validate_hook(ext: Extension, raw: dict, where: str):
     if not isinstance(hooks, list) or not hooks:
         raise _fail(where, "hooks", "a hook module needs at least one [[hooks]] entry",
                     "[[hooks]] hook = \"PRE_ROUTING\" priority = -175 family = \"ipv4\"")
+    if len(hooks) > HOOK_POINTS_MAX:
+        raise _fail(where, "hooks", f"{len(hooks)} [[hooks]] entries, more than {HOOK_POINTS_MAX}",
+                    f"at most {HOOK_POINTS_MAX} hook points (the generated C numbers them in a u8)")
     points = []
     for i, h in enumerate(hooks):
         hwhere = f"{where} hooks[{i}]"

@@ -8,7 +8,7 @@ frames (vm/wire.py) and runs the commands.
 
 ``/proc/net/<module>`` (see ``kmods/catalog/tracer/nflab_tracer.c.j2``)::
 
-    point <family> <hook> <priority> <registered> <packets>      # the definition's claims
+    point <family> <hook> <priority> <registered> <packets>      # the claims: the definition's (portdrop: its prio=)
     ring size=1024 used=3 dropped=0 seq=17
     entry seq=14 point=1 family=ipv4 hook=PRE_ROUTING priority=-450 in=eth1 out=- mark=0x0
           ct=none l3=ipv4 src=192.0.2.2 dst=198.51.100.2 proto=17 frag=0 len=92 tag=00010203

@@ -25,8 +25,8 @@ import pytest
 from kmods import spec
 from kmods.spec import CATALOG
 from vm import remote
-from tests.suites.catalog_helpers import (BACKENDS, PEERS, TOOLS, assert_kit_module, clean_forward,  # noqa: F401
-                                          flush_chains,
+from tests.suites.catalog_helpers import (BACKENDS, GUEST_DIR, PEERS, TOOLS, assert_kit_module,
+                                          clean_forward, flush_chains,  # noqa: F401
                                           add_rules, l3, rule_counters, send_tagged, sentinel)
 
 pytestmark = pytest.mark.vm
@@ -182,6 +182,16 @@ def test_check_and_delete_by_rule_spec(host, db, clean_forward, xtables):
         assert host.run(f"{tool} -w -C {spec_}").rc != 0, f"{tool} -D left the rule in place"
 
 
+def _big_country(n: int) -> str:
+    """CSV lines of country XD: n ranges 10.x.y.z-z+1, every 4th address (8 bytes each)."""
+    return "".join(f"10.{i >> 14 & 255}.{i >> 6 & 255}.{(i & 63) * 4},"
+                   f"10.{i >> 14 & 255}.{i >> 6 & 255}.{(i & 63) * 4 + 1},XD\n" for i in range(n))
+
+
+BIG_XD = (200_000, _big_country(200_000))          # 1.6 MB of ranges in the kernel
+CGROUP = "/sys/fs/cgroup"
+
+
 def _copies(host) -> tuple[int, int]:
     """What the module says its shared country copies are: (copies, bytes)."""
     n, size = host.check_output("cat /sys/module/xt_geoip/parameters/copies").split()
@@ -197,9 +207,7 @@ def test_rules_share_one_copy_of_a_country(host, db, clean_forward, xtables):
     (MemFree, measured at first, moved by several MB either way with kernel
     caches and deferred frees; the module's own count does not.)"""
     b, _ = db
-    n = 200_000                                     # 10.x.y.z, every 4th address: 1.6 MB of ranges
-    big = "".join(f"10.{i >> 14 & 255}.{i >> 6 & 255}.{(i & 63) * 4},"
-                  f"10.{i >> 14 & 255}.{i >> 6 & 255}.{(i & 63) * 4 + 1},XD\n" for i in range(n))
+    n, big = BIG_XD
     shipped = (CATALOG / "geoip" / "geoip.csv").read_text()
 
     def add(backend, ports):
@@ -223,6 +231,60 @@ def test_rules_share_one_copy_of_a_country(host, db, clean_forward, xtables):
     gone = host.run("for i in $(seq 50); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = "
                     "'0 0' ] && exit 0; sleep 0.1; done; exit 1")
     assert gone.rc == 0, f"the last rule gone, the copy must be freed: {_copies(host)}"
+
+
+def test_copies_cannot_be_set_at_load(host, clean_forward):
+    """copies is read-only (0444), but the kernel hands a parameter given at
+    load time (insmod, modprobe, an options line) to the parameter's .set
+    whatever its mode: copies=1 is refused with EPERM and the kernel's own
+    message, where a parameter without .set would oops. With no geoip rule
+    left the module unloads and loads again as the suites installed it."""
+    gone = host.run("for i in $(seq 50); do rmmod xt_geoip 2>/dev/null && exit 0; sleep 0.1; done; exit 1")
+    assert gone.rc == 0, "xt_geoip is still in use with every chain flushed"
+    try:
+        res = host.run(f"insmod {GUEST_DIR}/xt_geoip.ko copies=1")
+        assert res.rc != 0 and "Operation not permitted" in res.stderr, (res.rc, res.stderr)
+        assert "`1' invalid for parameter `copies'" in host.check_output("dmesg | tail -n 20")
+        assert not host.file("/sys/module/xt_geoip").exists
+    finally:
+        host.run_test(f"insmod {GUEST_DIR}/xt_geoip.ko")
+    assert _copies(host) == (0, 0)
+
+
+def _charged(host, group) -> int:
+    """The memory cgroup's charge in bytes with the page cache dropped (the
+    plugin's read of the database file is charged to it too)."""
+    return int(host.check_output(f"sync; echo 3 > /proc/sys/vm/drop_caches; cat {group}/memory.current"))
+
+
+def test_copies_are_charged_to_the_rule_writers_memory_cgroup(host, db, clean_forward, xtables):
+    """A country's copy is charged to the memory cgroup of the process that
+    adds the first rule naming it (GFP_KERNEL_ACCOUNT), so root in a container
+    cannot hold 16 MiB a country outside its limit: the cgroup's charge falls
+    by at least the copy's size when the last rule goes."""
+    b, _ = db
+    n, big = BIG_XD
+    shipped = (CATALOG / "geoip" / "geoip.csv").read_text()
+    group = f"{CGROUP}/nflab-geoip"
+    host.run_test(f"mountpoint -q {CGROUP} || mount -t cgroup2 none {CGROUP}; "
+                  f"echo +memory > {CGROUP}/cgroup.subtree_control; mkdir -p {group}")
+    rule = "-A FORWARD -p udp --dport 40850 -m geoip --src-cc XD -j DROP"
+    try:
+        install_db(host, b.build(shipped + big, "big.csv"))
+        host.run_test(f"sh -c 'echo $$ > {group}/cgroup.procs && exec {xtables.tool('ipv4')} -w {rule}'")
+        assert _copies(host) == (1, n * 8)
+        held = _charged(host, group)
+        flush_chains(host)
+        gone = host.run("for i in $(seq 50); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = "
+                        "'0 0' ] && exit 0; sleep 0.1; done; exit 1")
+        assert gone.rc == 0, f"the rule gone, its copy must be freed: {_copies(host)}"
+        freed = _charged(host, group)
+        assert held - freed >= n * 8 * 9 // 10, \
+            f"the cgroup held {held} bytes with the rule, {freed} without: the {n * 8}-byte copy was not charged"
+    finally:
+        flush_chains(host)
+        install_db(host, b.build(shipped))
+        host.run(f"rmdir {group}")
 
 
 def test_each_netns_keeps_its_own_copies(host, db, clean_forward, xtables):

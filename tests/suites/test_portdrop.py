@@ -40,6 +40,8 @@ def test_drop_at_priority(host, wire, portdrop, family, prio, raw_sees, tag, xta
     res = portdrop(f"port={PORT} proto=udp prio={prio}")
     assert res.rc == 0, res.stderr
     assert _effective(host) == {"port": str(PORT), "proto": "udp", "prio": str(prio)}
+    # the points claim where they are registered: the atlas and the tracer read this
+    assert {int(w[3]) for w in proc_lines(host, MOD, "point")} == {prio}
     tool = TOOLS[family]
     host.run_test(f"{xtables.tool(family)} -w -t raw -A PREROUTING -p udp --dport {PORT} -j ACCEPT")
     client, server = PEERS[family]
@@ -93,3 +95,4 @@ def test_bad_params_refused(host, portdrop, params):
     res = portdrop(params)
     assert res.rc != 0
     assert not host.file(f"/sys/module/{MOD}").exists
+

@@ -177,7 +177,7 @@ def test_counters_are_the_base_per_cpu_u64_stats(pktlog_c):
     get = get[:get.index("\n}\n")]
     # GET's reset takes off what it reported, under the base's clear mutex
     assert get.index("pktlog_sum(pn, sum);") < get.index("pktlog_put_state(msg, pn, sum)") \
-        < get.index("pktlog_subtract(pn, sum);") < get.index("mutex_unlock(&pktlog_clear_mutex);")
+        < get.index("pktlog_subtract(pn, sum);") < get.index("mutex_unlock(&pn->clear_mutex);")
 
 
 def test_nothing_is_formatted_under_a_spinlock(pktlog_c):

@@ -160,6 +160,18 @@ def test_valid_definitions_are_accepted(good):
     assert ext.name == good["name"] and ext.kind == good["kind"]
 
 
+def _points(n):
+    return {**copy.deepcopy(HOOK_RAW),
+            "hooks": [{"hook": "PRE_ROUTING", "priority": i, "family": "ipv4"} for i in range(n)]}
+
+
+def test_hook_points_fit_the_generated_u8_index():
+    assert len(spec.validate(_points(spec.HOOK_POINTS_MAX)).hooks) == 256
+    with pytest.raises(SpecError) as info:
+        spec.validate(_points(spec.HOOK_POINTS_MAX + 1))
+    assert "hooks: 257 [[hooks]] entries, more than 256" in info.value.message
+
+
 def test_priority_string_is_converted_to_int():
     assert spec.check_priority("-175") == -175
     assert spec.validate(_hook(priority="12")).hooks[0].priority == 12
