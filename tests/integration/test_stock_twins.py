@@ -31,6 +31,12 @@ pytestmark = pytest.mark.slow
 DELIBERATE = {"time": [(" --datestop 2038-01-19T03:14:07", "--datestop",
                         "the kit's dates are 64-bit: a rule without --datestop has no end date, where "
                         "the stock plugin saves its 32-bit default")]}
+# ext -> [(the kit's save or -L text, the stock plugin's in its place, why)]
+KIT_ONLY = {"time": [(" --datestop 1970-01-01T00:00:00", "",
+                      "a --datestop at the epoch never matches: the stock plugin's save drops it, "
+                      "so its saved rule restores as one that always matches"),
+                     (" until date 1970-01-01 00:00:00", " until date",
+                      "and its -L prints the label without the date")]}
 STOP = {"-m", "--match", "-j", "--jump", "-p", "--protocol", "-s", "-d", "-i", "-o", "-g"}
 
 
@@ -77,6 +83,12 @@ def _stock_save(ext, args, text):
     return text
 
 
+def _kit_output(ext, save, listing):
+    for kit, stock, _ in KIT_ONLY.get(ext, []):
+        save, listing = save.replace(kit, stock), listing.replace(kit, stock)
+    return save, listing
+
+
 def test_kit_plugins_save_and_list_what_stock_plugins_do(upstream, exe, build_root):
     from kmods.spec import CATALOG, load
 
@@ -99,9 +111,10 @@ def test_kit_plugins_save_and_list_what_stock_plugins_do(upstream, exe, build_ro
             if stock.rc != 0 or kit.rc != 0:
                 continue
             compared += 1
-            if _stock_save(name, args, stock.save) != kit.save:
+            kit_save, kit_listing = _kit_output(name, kit.save, kit.listing)
+            if _stock_save(name, args, stock.save) != kit_save:
                 diffs.append(f"{where}: save\n  stock:{stock.save}\n  kit:  {kit.save}")
-            if stock.listing != kit.listing:
+            if stock.listing != kit_listing:
                 diffs.append(f"{where}: -L\n  stock:{stock.listing}\n  kit:  {kit.listing}")
             encodings.setdefault((fam, stock.data), set()).add((kit.data, where))
         for (fam, _), kits in encodings.items():

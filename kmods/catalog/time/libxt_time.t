@@ -3,8 +3,10 @@
 # not the whole day), monthdays, weekdays ("!" folded into the other days),
 # datestart, datestop, kerneltz, contiguous; times with seconds, dates as
 # UTC. Not as it: a rule without --datestop saves none (the classic plugin
-# saves its 32-bit default --datestop 2038-01-19T03:14:07), and dates past
-# 2038 and lower-case day names are taken.
+# saves its 32-bit default --datestop 2038-01-19T03:14:07), a --datestop at
+# the epoch is saved (the classic plugin drops it, so its rule that never
+# matches restores as one that always does), dates past 2038 and lower-case
+# day names are taken, and numbers are digits only, no more than the field has.
 :INPUT,FORWARD,OUTPUT
 -m time --timestart 01:02:03 --timestop 04:05:06;=;OK
 -m time --timestart 08:00 --timestop 17:00;-m time --timestart 08:00:00 --timestop 17:00:00;OK
@@ -38,3 +40,10 @@
 -m time --datestart 2024-13-01;;FAIL
 -m time --datestart 2024-02-01 --datestop 2024-01-01;;FAIL
 -m time --timestart 08:00 --timestop 17:00 --contiguous;;FAIL
+-m time --datestop 1970-01-01;-m time --datestop 1970-01-01T00:00:00;OK
+-m time --timestart 4294967319:00;;FAIL
+-m time --timestart +1:02;;FAIL
+-m time --timestart -0:00;;FAIL
+-m time --datestart -001-01-01;;FAIL
+-m time --datestart 2024-02-31;;FAIL
+-m time --datestart 2024-02-29T12:00;-m time --datestart 2024-02-29T12:00:00;OK
