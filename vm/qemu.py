@@ -128,15 +128,19 @@ MODULAR_INITCALLS = {
 }
 
 
-def skipped_initcalls(env: str | None = None, config: str = "") -> tuple[str, ...]:
+def _modular(name: str, config: dict[str, str]) -> bool:
+    """True if *config* ({CONFIG_X: value}) builds the code of initcall *name* as a module."""
+    symbol = MODULAR_INITCALLS.get(name)
+    return symbol is not None and config.get(f"CONFIG_{symbol}") == "m"
+
+
+def skipped_initcalls(env: str | None = None, config: dict[str, str] | None = None) -> tuple[str, ...]:
     """``$NFLAB_SKIP_INITCALLS`` (comma-separated; empty: skip none; taken as given),
     else ``SKIPPED_INITCALLS`` less the names whose code *config* (the kernel's
-    .config text) builds as a module."""
+    .config as {CONFIG_X: value}) builds as a module."""
     value = os.environ.get("NFLAB_SKIP_INITCALLS") if env is None else env
     if value is None:
-        lines = set(config.splitlines())
-        return tuple(n for n in SKIPPED_INITCALLS
-                     if f"CONFIG_{MODULAR_INITCALLS.get(n)}=m" not in lines)
+        return tuple(n for n in SKIPPED_INITCALLS if not _modular(n, config or {}))
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
     if bad:

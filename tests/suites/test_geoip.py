@@ -190,12 +190,21 @@ def _big_country(n: int) -> str:
 
 BIG_XD = (200_000, _big_country(200_000))          # 1.6 MB of ranges in the kernel
 CGROUP = "/sys/fs/cgroup"
+COPIES = "/sys/module/xt_geoip/parameters/copies"
 
 
 def _copies(host) -> tuple[int, int]:
     """What the module says its shared country copies are: (copies, bytes)."""
-    n, size = host.check_output("cat /sys/module/xt_geoip/parameters/copies").split()
+    n, size = host.check_output(f"cat {COPIES}").split()
     return int(n), int(size)
+
+
+def _copies_become(host, want: str, tries: int = 50) -> bool:
+    """Whether the copies parameter reads *want* ("<copies> <bytes>") within tries
+    tenths of a second: nf_tables destroys removed rules, and the netns core a
+    deleted netns, from a work item."""
+    return host.run(f"for i in $(seq {tries}); do [ \"$(cat {COPIES})\" = '{want}' ] && exit 0; "
+                    "sleep 0.1; done; exit 1").rc == 0
 
 
 def test_rules_share_one_copy_of_a_country(host, db, clean_forward, xtables):
@@ -227,10 +236,7 @@ def test_rules_share_one_copy_of_a_country(host, db, clean_forward, xtables):
     finally:
         flush_chains(host)
         install_db(host, b.build(shipped))
-    # nf_tables destroys removed rules from a work item: wait for it
-    gone = host.run("for i in $(seq 50); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = "
-                    "'0 0' ] && exit 0; sleep 0.1; done; exit 1")
-    assert gone.rc == 0, f"the last rule gone, the copy must be freed: {_copies(host)}"
+    assert _copies_become(host, "0 0"), f"the last rule gone, the copy must be freed: {_copies(host)}"
 
 
 def test_copies_cannot_be_set_at_load(host, clean_forward):
@@ -275,9 +281,7 @@ def test_copies_are_charged_to_the_rule_writers_memory_cgroup(host, db, clean_fo
         assert _copies(host) == (1, n * 8)
         held = _charged(host, group)
         flush_chains(host)
-        gone = host.run("for i in $(seq 50); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = "
-                        "'0 0' ] && exit 0; sleep 0.1; done; exit 1")
-        assert gone.rc == 0, f"the rule gone, its copy must be freed: {_copies(host)}"
+        assert _copies_become(host, "0 0"), f"the rule gone, its copy must be freed: {_copies(host)}"
         freed = _charged(host, group)
         assert held - freed >= n * 8 * 9 // 10, \
             f"the cgroup held {held} bytes with the rule, {freed} without: the {n * 8}-byte copy was not charged"
@@ -307,9 +311,6 @@ def test_each_netns_keeps_its_own_copies(host, db, clean_forward, xtables):
         assert _copies(host) == (one[0] + 1, one[1] + size), "the second netns shares the first's copy"
     finally:
         host.run("ip netns del nflab-geoip")
-    # the netns is cleaned up from a work item: wait for it
-    want = f"{one[0]} {one[1]}"
-    back = host.run(f"for i in $(seq 100); do [ \"$(cat /sys/module/xt_geoip/parameters/copies)\" = '{want}' ] "
-                    "&& exit 0; sleep 0.1; done; exit 1")
-    assert back.rc == 0, f"the second netns deleted: its copy must go, the first's stay: {_copies(host)}"
+    assert _copies_become(host, f"{one[0]} {one[1]}", tries=100), \
+        f"the second netns deleted: its copy must go, the first's stay: {_copies(host)}"
     assert rule_counters(host, *tool.split("-", 1)).keys() >= {"40840", "40841"}

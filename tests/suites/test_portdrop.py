@@ -95,4 +95,3 @@ def test_bad_params_refused(host, portdrop, params):
     res = portdrop(params)
     assert res.rc != 0
     assert not host.file(f"/sys/module/{MOD}").exists
-
