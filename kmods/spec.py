@@ -177,6 +177,10 @@ class Option:
     label: str = ""      # word used by `iptables -L` print
     member: str = ""     # custom options: integer type of their own member
     index: int = 0       # bit position of the "present" flag
+    # the value a rule has without the option (a choice's index); given, it
+    # leaves no trace (flag clear, field 0), so every spelling of a rule is one
+    # encoding and the saved text finds it again (iptables -D, -C)
+    default: int | None = None
 
     @property
     def ident(self) -> str:
@@ -189,6 +193,7 @@ class Option:
     @property
     def otype(self) -> OptionType:
         return OPTION_TYPES[self.type]
+
 
 
 @dataclass
@@ -371,6 +376,18 @@ class Extension:
     def inv_const(self, opt: Option) -> str:
         return f"{self.flag_const(opt)}_INV"
 
+    def choice_const(self, opt: Option, choice: str) -> str:
+        return f"{self.lname.upper()}_{opt.ident.upper()}_{choice.replace('-', '_').upper()}"
+
+    def default_const(self, opt: Option) -> str:
+        return f"{self.flag_const(opt)}_DEFAULT"
+
+    def default_value(self, opt: Option) -> str:
+        """*opt*'s default as C: a choice by its enum name, a number unsigned."""
+        if opt.type == "choice":
+            return self.choice_const(opt, opt.choices[opt.default])
+        return f"{opt.default}{'ULL' if opt.type == 'uint64' else 'U'}"
+
     @property
     def members(self) -> list:
         return struct_members(self)
@@ -534,7 +551,7 @@ def _option(raw, index, where) -> Option:
     if not isinstance(raw, dict):
         raise _fail(where, "options", "each option must be a table", "[[options]] name=... type=...")
     known = {"name", "type", "help", "field", "invert", "mandatory", "length", "choices",
-             "min", "max", "label", "member"}
+             "min", "max", "label", "member", "default"}
     extra = set(raw) - known
     if extra:
         raise _fail(where, "options", f"unknown key(s) {sorted(extra)}", ", ".join(sorted(known)))
@@ -560,6 +577,7 @@ def _option(raw, index, where) -> Option:
             raise _fail(owhere, key, f"{raw[key]!r} is not a boolean", "true or false")
     _option_storage(opt, raw, owhere)
     _option_bounds(opt, raw, owhere)
+    _option_default(opt, raw, owhere)
     return opt
 
 
@@ -606,6 +624,29 @@ def _option_bounds(opt: Option, raw: dict, owhere: str):
             setattr(opt, "minimum" if key == "min" else "maximum", raw[key])
     if opt.minimum is not None and opt.maximum is not None and opt.minimum > opt.maximum:
         raise _fail(owhere, "min", f"min {opt.minimum} > max {opt.maximum}", "min <= max")
+
+
+def _option_default(opt: Option, raw: dict, owhere: str):
+    """``default``: a value of a uint option within its bounds, or one of a
+    choice's names; not on an option that must be given or can be inverted."""
+    if "default" not in raw:
+        return
+    value = raw["default"]
+    if opt.mandatory or opt.invert:
+        raise _fail(owhere, "default", "a mandatory or invertible option has no default",
+                    "drop default, or mandatory/invert")
+    if opt.type == "choice":
+        if value not in opt.choices:
+            raise _fail(owhere, "default", f"{value!r} is not one of the choices", ", ".join(opt.choices))
+        opt.default = opt.choices.index(value)
+        return
+    if not opt.type.startswith("uint") or isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(owhere, "default", f"{value!r}", "an integer on a uint option, a name on a choice")
+    low = opt.minimum if opt.minimum is not None else 0
+    high = opt.maximum if opt.maximum is not None else 2 ** int(opt.type[4:]) - 1
+    if not low <= value <= high:
+        raise _fail(owhere, "default", f"{value} is out of range", f"{low}..{high}")
+    opt.default = value
 
 
 DEFINITION_KEYS = {"kind", "name", "summary", "families", "revision", "options", "private", "fields", "hooks",
@@ -702,6 +743,10 @@ def _validate_options(ext: Extension, raw: dict, where: str):
                 raise _fail(where, "flags_type", f"\"none\" cannot record --{opt.name} ({opt.type}"
                             f"{', invertible' if opt.invert else ''})",
                             "a flags type, or only non-invertible value options")
+            if opt.default not in (None, 0):
+                raise _fail(where, "flags_type", f"\"none\" cannot tell --{opt.name}'s default "
+                            "from a given value (it is not the first choice or 0)",
+                            "a flags type, or a default that is the first choice or 0")
     bits = {"__u8": 8, "__u16": 16, "__u32": 32, "none": 64}[ext.flags_type]
     ext.invert_shift = raw.get("invert_shift", bits // 2)
     if isinstance(ext.invert_shift, bool) or not isinstance(ext.invert_shift, int):

@@ -9,7 +9,12 @@ The format is upstream iptables' own (``iptables-test.py``)::
 ``libxt_*.t`` and ``libipt_*.t`` run with iptables, ``libip6t_*.t`` with
 ip6tables; every file runs once per backend the kernel serves (legacy and
 nft; nft only where the kernel has no legacy xtables, ``vm/xtables.py``:
-``tests/suites/test_rules_t.py`` skips the legacy half then). All rules of a
+``tests/suites/test_rules_t.py`` skips the legacy half then). Beyond the
+format, every accepted rule must be found again by the text iptables-save
+prints for it: the script deletes each one by its saved line (``-D``), as
+``iptables-save | iptables -D`` scripts and ``iptables -C`` in provisioning
+tools do, so a rule with two encodings (an option given at its default
+recorded as given) fails its case. All rules of a
 file run as one shell script inside a throwaway network namespace in the
 guest, so the host's (and the guest's main) rule set is never touched and a
 file costs one SSH round trip (two when the fast path disagrees, see
@@ -31,6 +36,7 @@ NETNS_HINT = "the rule tests need CONFIG_NET_NS; boot a Debian kernel or enable 
 BACKENDS = ("legacy", "nft")
 _BEGIN, _END, _SAVE = "@@NFLAB-T", "@@NFLAB-T-END", "@@NFLAB-T-SAVE"
 _NS, _FALLBACK, _JOB = "@@NFLAB-T-NETNS", "@@NFLAB-T-SLOW", "@@NFLAB-T-JOB"
+_DEL, _UNDELETABLE = "@@NFLAB-T-DEL", "undeletable "
 MAX_COMMAND = 128 * 1024   # MAX_ARG_STRLEN: the longest single argv string Linux takes
 
 
@@ -56,6 +62,7 @@ class RuleResult:
     exit_code: int
     saved_lines: list
     stderr: str
+    undeletable: bool = False   # iptables -D by its saved line left it in place
 
     @property
     def passed(self) -> bool:
@@ -73,6 +80,10 @@ class RuleResult:
         want = f"-A {c.chain} {c.saved}".strip()
         if want not in self.saved_lines:
             return f"iptables-save printed {self.saved_lines}, expected {want!r}"
+        if self.undeletable:
+            return (f"iptables -D by the saved text {want!r} does not find the rule: the rule has "
+                    "another encoding than its saved text gives (an option at its default "
+                    "recorded as given? a definition's option `default` folds it away)")
         return ""
 
 
@@ -134,11 +145,14 @@ def script(cases: list[RuleCase], family: str, backend: str, *, fast: bool = Tru
       only save time, never change a verdict;
     * error output is prefixed with shell builtins, not ``sed``;
     * each table is saved once: rules are only ever appended, so the n-th rule
-      accepted in a chain is the n-th ``-A CHAIN`` line iptables-save prints.
+      accepted in a chain is the n-th ``-A CHAIN`` line iptables-save prints;
+    * then every saved rule is deleted by its saved text, with one
+      ``iptables-restore -n`` of ``-D`` lines per table; only when that is
+      refused does each rule go on its own (``-D``), naming the ones left.
     """
     tool = {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
     # scratch files per shell ($$): run_many runs several scripts at once
-    lines = ["#!/bin/sh", f"echo '{_NS}'", "tmp=/tmp/nflab-t.$$", "trap 'rm -f $tmp.err $tmp.rules' EXIT",
+    lines = ["#!/bin/sh", f"echo '{_NS}'", "tmp=/tmp/nflab-t.$$", "trap 'rm -f $tmp.err $tmp.rules $tmp.save $tmp.del' EXIT",
              "err() { while IFS= read -r l || [ -n \"$l\" ]; do echo \"err $l\"; done < $tmp.err; }",
              f"ipt() {{ {tool} -w \"$@\" 2>$tmp.err; echo \"rc $?\"; err; }}"]
 
@@ -163,8 +177,30 @@ def script(cases: list[RuleCase], family: str, backend: str, *, fast: bool = Tru
         lines += [ln for i, c in enumerate(cases) if c.table == table and not c.ok
                   for ln in one_by_one(i, c)]
     for table in tables:
-        lines += [f"echo '{_SAVE} {table}'", f"{tool}-save -t {shlex.quote(table)}", f"echo '{_END}'"]
+        lines += _save_and_delete(tool, table, any(c.ok for c in cases if c.table == table))
     return "\n".join(lines) + "\n"
+
+
+def _save_and_delete(tool: str, table: str, has_rules: bool) -> list[str]:
+    """Shell lines that print *table*'s saved rules, then delete each by its
+    saved line (one restore; one restore per rule when that is refused) and
+    print ``undeletable <line>`` for each rule that its line does not find.
+    Lines go through ``printf '%s'`` and iptables-restore's own quoting, never
+    ``echo`` or ``eval`` (saved patterns hold backslashes and ``$``)."""
+    t = shlex.quote(table)
+    each = 'while IFS= read -r l; do case "$l" in "-A "*) '
+    lines = [f"{tool}-save -t {t} > $tmp.save", f"echo '{_SAVE} {table}'",
+             "while IFS= read -r l; do printf '%s\\n' \"$l\"; done < $tmp.save", f"echo '{_END}'"]
+    if not has_rules:
+        return lines
+    restore = f"{tool}-restore -w -n"
+    one = (f"{each}{{ echo '*{table}'; printf -- '-D %s\\n' \"${{l#-A }}\"; echo COMMIT; }} > $tmp.del; "
+           f"{restore} < $tmp.del 2>/dev/null || printf '{_UNDELETABLE}%s\\n' \"$l\";; esac; done < $tmp.save")
+    return lines + [f"echo '{_DEL} {table}'",
+                    f"{{ echo '*{table}'; {each}printf -- '-D %s\\n' \"${{l#-A }}\";; esac; done < $tmp.save; "
+                    f"echo COMMIT; }} > $tmp.del",
+                    f"{restore} < $tmp.del 2>/dev/null || {{ {one}; }}",
+                    f"echo '{_END}'"]
 
 
 def remote_command(text: str) -> str:
@@ -178,7 +214,8 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
     by_index: dict[int, RuleResult] = {}
     order: list[int] = []            # cases in the order the guest ran them
     saved: dict[tuple[str, str], list[str]] = {}
-    current, table = None, None
+    undeletable: set[tuple[str, str]] = set()   # (table, saved line)
+    current, table, deleting = None, None, None
     for line in output.splitlines():
         if line.startswith(_BEGIN + " "):
             idx = int(line.split()[1])
@@ -186,8 +223,12 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
             order.append(idx)
         elif line.startswith(_SAVE + " "):
             table, current = line.split()[1], None
+        elif line.startswith(_DEL + " "):
+            deleting, current = line.split()[1], None
         elif line == _END:
-            current, table = None, None
+            current, table, deleting = None, None, None
+        elif deleting is not None and line.startswith(_UNDELETABLE):
+            undeletable.add((deleting, line[len(_UNDELETABLE):].strip()))
         elif current is not None:
             if line.startswith("rc "):
                 current.exit_code = int(line[3:])
@@ -207,6 +248,7 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
         lines = saved.get(key, [])
         for n, r in enumerate(accepted):
             r.saved_lines = [lines[n]] if n < len(lines) else []
+            r.undeletable = bool(r.saved_lines) and (key[0], r.saved_lines[0]) in undeletable
     return [by_index[i] for i in range(len(cases))]
 
 

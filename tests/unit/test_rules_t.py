@@ -105,7 +105,7 @@ def test_fast_script_restores_ok_cases_and_runs_fail_cases_one_by_one():
     assert text.count("-A INPUT -m iprange --src-range 1.1.1.10-1.1.1.1") == 1
     assert "@@NFLAB-T-SLOW filter" in text
     slow = rules_t.script(cases, "ipv4", "nft", fast=False)
-    assert "restore" not in slow and slow.count("ipt -t") == len(cases)
+    assert "@@NFLAB-T-EOF" not in slow and slow.count("ipt -t") == len(cases)
 
 
 def test_saved_lines_follow_execution_order():
@@ -120,6 +120,16 @@ def test_saved_lines_follow_execution_order():
     assert "expected FAIL" in res[1].problem and res[1].saved_lines == ["-A INPUT -m x --bad"]
 
 
+def test_a_rule_its_saved_text_does_not_delete_fails_its_case():
+    cases = rules_t.parse(":INPUT\n-m x --a;=;OK\n-m x --b 0;-m x;OK\n", "libxt_x.t")
+    out = ["@@NFLAB-T 0", "rc 0", "@@NFLAB-T-END", "@@NFLAB-T 1", "rc 0", "@@NFLAB-T-END",
+           "@@NFLAB-T-SAVE filter", "-A INPUT -m x --a", "-A INPUT -m x", "@@NFLAB-T-END",
+           "@@NFLAB-T-DEL filter", "undeletable -A INPUT -m x", "@@NFLAB-T-END"]
+    res = rules_t.results(cases, "nft", "\n".join(out))
+    assert res[0].passed
+    assert "iptables -D by the saved text '-A INPUT -m x'" in res[1].problem
+
+
 class _Guest:
     """Plays back what a guest printed for each script it was sent."""
 
@@ -130,7 +140,7 @@ class _Guest:
         import base64
         from types import SimpleNamespace
         text = base64.b64decode(command.split()[1]).decode()
-        fast = "restore" in text
+        fast = "@@NFLAB-T-EOF" in text
         self.sent.append(fast)
         return SimpleNamespace(rc=0, stdout=self.outs[fast], stderr="")
 
@@ -172,3 +182,68 @@ def test_batch_output_splits_per_job_in_order():
     import base64
     text = base64.b64decode(cmd.split()[1]).decode()
     assert "xargs -P 2" in text and "unshare --net" in text and "seq 0 1" in text
+
+
+# A stand-in for iptables-legacy{,-save,-restore} in a scratch directory: it
+# keeps each rule as the words it was given (its "encoding") and saves it
+# without "--b 0" (the default), quoting as iptables-save does; -D finds a
+# rule only by the same words. So a rule added with "--b 0" has two
+# encodings, which only the delete step of the script can notice.
+FAKE_IPTABLES = r"""#!/usr/bin/env python3
+import os, shlex, sys
+store = os.environ["FAKE_STORE"]
+rules = [tuple(line.split("\0")) for line in open(store).read().splitlines()] if os.path.exists(store) else []
+def quote(w):
+    return '"' + w.replace("\\", "\\\\").replace('"', '\\"') + '"' if (" " in w or "\\" in w) else w
+def save(words):
+    out = list(words)
+    while "--b" in out and out[out.index("--b") + 1] == "0":
+        del out[out.index("--b"):out.index("--b") + 2]
+    return " ".join(quote(w) for w in out)
+def write(rs):
+    open(store, "w").write("".join("\0".join(r) + "\n" for r in rs))
+tool, args = os.path.basename(sys.argv[0]), [a for a in sys.argv[1:] if a not in ("-w", "-n")]
+if tool.endswith("-save"):
+    print("*filter")
+    for r in rules:
+        print("-A " + save(r))
+    print("COMMIT")
+elif tool.endswith("-restore"):
+    for line in sys.stdin.read().splitlines():
+        words = shlex.split(line)
+        if words and words[0] == "-A":
+            rules.append(tuple(words[1:]))
+        elif words and words[0] == "-D":
+            if tuple(words[1:]) not in rules:
+                sys.exit(1)
+            rules.remove(tuple(words[1:]))
+    write(rules)
+else:
+    if "--bad" in args:
+        sys.exit(2)
+    rules.append(tuple(args[args.index("-A") + 1:]))
+    write(rules)
+"""
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_script_deletes_each_rule_by_its_saved_text(tmp_path, fast):
+    """The generated shell, run by dash against the stand-in above: a pattern
+    with a backslash and a quote survives the round trip, the rule given at
+    its default is the one reported."""
+    import os
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"):
+        (bin_dir / name).write_text(FAKE_IPTABLES)
+        (bin_dir / name).chmod(0o755)
+    text = (":INPUT\n-m x --s \"ends in \\\\\";=;OK\n-m x --s \"say \\\"hi\\\"\";=;OK\n"
+            "-m x --b 0;-m x;OK\n-m x --bad;;FAIL\n")
+    cases = rules_t.parse(text, "libxt_x.t")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STORE": str(tmp_path / "rules")}
+    out = subprocess.run(["sh", "-c", rules_t.script(cases, "ipv4", "legacy", fast=fast)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    res = rules_t.results(cases, "legacy", out)
+    assert [r.passed for r in res] == [True, True, False, True], [r.problem for r in res]
+    assert "does not find the rule" in res[2].problem

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmods import spec
+from kmods import render, spec
 from ground.errors import NflabError, SpecError
 from tests.conftest import HOOK_RAW, MATCH_RAW, TARGET_RAW
 
@@ -118,6 +118,20 @@ BAD = [
      "distinct"),
     ("options-on-hook", {**copy.deepcopy(HOOK_RAW), "options": MATCH_RAW["options"]}, "options",
      "[[params]]"),
+    # defaults: within bounds, a choice by name, never on mandatory/invertible
+    # options, and without flags only one that needs no flag to tell
+    ("default-out-of-bounds", _opts({"name": "n", "type": "uint8", "max": 15, "default": 16}), "default",
+     "0..15"),
+    ("default-not-a-choice", _opts({"name": "c", "type": "choice", "choices": ["a", "b"], "default": "z"}),
+     "default", "a, b"),
+    ("default-on-string", _opts({"name": "s", "type": "string", "default": 1}), "default", "uint option"),
+    ("default-bool", _opts({"name": "n", "type": "uint8", "default": True}), "default", "uint option"),
+    ("default-mandatory", _opts({"name": "n", "type": "uint8", "mandatory": True, "default": 1}), "default",
+     "drop default"),
+    ("default-invertible", _opts({"name": "n", "type": "uint8", "invert": True, "default": 1}), "default",
+     "drop default"),
+    ("default-nonzero-without-flags", {**_opts({"name": "n", "type": "uint16", "default": 7}),
+                                       "flags_type": "none"}, "flags_type", "first choice or 0"),
     ("options-too-many", _opts(*({"name": f"o{i}", "type": "flag"} for i in range(5))), "options",
      "flags_type"),
     # other fields
@@ -378,3 +392,19 @@ def test_fields_are_validated(bad):
     raw["fields"] = [bad]
     with pytest.raises(SpecError, match="fields"):
         spec.validate(raw)
+
+
+def test_a_given_default_leaves_no_trace_in_the_rule():
+    """The header names each default; the plugin folds a given one away
+    (flag clear, field 0) and prints the option only when it was not the
+    default, so a rule has one encoding however it is spelt."""
+    raw = _opts({"name": "to", "type": "uint16", "default": 65535},
+                {"name": "with", "type": "choice", "choices": ["port", "host"], "default": "port"})
+    ext = spec.validate(raw)
+    assert [o.default for o in ext.options] == [65535, 0]
+    files = render.render(ext)
+    header, plugin = files[ext.header], files[f"{ext.plugin}.c"]
+    assert re.search(r"#define \w+_TO_DEFAULT\t65535U", header)
+    assert re.search(r"#define \w+_WITH_DEFAULT\t\w+_WITH_PORT", header)
+    assert re.search(r"if \(info->to == \w+_TO_DEFAULT\) \{\n\t+info->flags &= ~\w+_TO;\n\t+info->to = 0;",
+                     plugin)

@@ -1,7 +1,7 @@
 # Rule syntax of the UNREACH target (IPv4), iptables' *.t format
 :INPUT,FORWARD,OUTPUT
 -j UNREACH;=;OK
--j UNREACH --reject-with port-unreach;=;OK
+-j UNREACH --reject-with port-unreach;-j UNREACH;OK
 -j UNREACH --reject-with host-unreach;=;OK
 -j UNREACH --reject-with net-unreach;=;OK
 -j UNREACH --reject-with admin-prohib;=;OK

@@ -1,5 +1,7 @@
 :INPUT,FORWARD,OUTPUT
 -m nth --every 2;=;OK
+-m nth --every 2 --counter 0;-m nth --every 2;OK
+-m nth --every 3 --start 0 --packet 1;-m nth --every 3 --packet 1;OK
 -m nth --every 3 --counter 1 --packet 2;=;OK
 -m nth --every 10 --counter 15 --start 5 --packet 9;=;OK
 -m nth --every 3 --packet 3;;FAIL
