@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ground import integrity
+from ground import integrity, kconfig
 from ground.errors import KernelError
 from ground.paths import kernels_dir
 
@@ -86,11 +86,7 @@ class Kernel:
 
     def config_value(self, option: str):
         """Value of CONFIG_<option> in the kernel's .config, or None if unset."""
-        name = option if option.startswith("CONFIG_") else f"CONFIG_{option}"
-        for line in Path(self.config).read_text().splitlines():
-            if line.startswith(name + "="):
-                return line.split("=", 1)[1].strip('"')
-        return None
+        return kconfig.value(kconfig.read(self.config), option)
 
     @classmethod
     def load(cls, entry: Path) -> "Kernel":

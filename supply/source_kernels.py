@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ground import deb, debarchive, debversion
+from ground import deb, debarchive, debversion, kconfig
 from ground.errors import KernelError
 from ground.paths import REPO, kernels_dir
 from ground.proc import file_lock, run
@@ -69,8 +69,6 @@ BUILD_ENV = {"KBUILD_BUILD_USER": "nflab", "KBUILD_BUILD_HOST": "nflab"}
 
 _SPEC_RE = re.compile(r"^source:(?P<line>\d+\.\d+)(?:\+(?P<frag>.+))?$")
 RELEASE_RE = re.compile(r"^(?P<version>\d+\.\d+\.\d+)-nflab-(?P<key>[0-9a-f]{8})$")
-_OPT_RE = re.compile(r"^(?P<name>CONFIG_[A-Za-z0-9_]+)=(?P<value>.*)$")
-_UNSET_RE = re.compile(r"^# (?P<name>CONFIG_[A-Za-z0-9_]+) is not set$")
 _HASH_RE = re.compile(r"^[0-9a-f]{8}$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
@@ -81,26 +79,9 @@ SPEC_HINT = ("use source:6.1 or source:6.12, optionally +debug (a fragment in vm
 
 # ---------------------------------------------------------------- fragments
 
-def parse_fragment(text: str, where: str = "fragment") -> dict[str, str]:
-    """Option lines of a Kconfig fragment -> {CONFIG_X: value}; ``# CONFIG_X is not
-    set`` is ``n``. Comments and blank lines are ignored; anything else is an error
-    naming the line."""
-    opts: dict[str, str] = {}
-    for no, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        m = _OPT_RE.match(line) or _UNSET_RE.match(line)
-        if m:
-            value = m.groupdict().get("value")
-            opts[m.group("name")] = "n" if value is None or value == "n" else value
-        elif line and not line.startswith("#"):
-            raise KernelError(f"{where}:{no}: not a Kconfig option line: {raw!r}",
-                              hint="use CONFIG_NAME=y|m|<value> or '# CONFIG_NAME is not set'")
-    return opts
-
-
 def normalize(text: str, where: str = "fragment") -> str:
     """The option lines of a fragment in a canonical form (what the hash covers)."""
-    return "".join(f"{k}={v}\n" for k, v in parse_fragment(text, where).items())
+    return "".join(f"{k}={v}\n" for k, v in kconfig.parse(text, where).items())
 
 
 def fragment_hash(text: str) -> str:
@@ -179,7 +160,7 @@ def parse_spec(spec: str) -> SourceSpec:
                               hint=f"shipped: {', '.join(shipped_fragments()) or 'none'}; or give a "
                                    "path: source:6.12+./my.config")
         text = path.read_text()
-        parse_fragment(text, str(path))
+        kconfig.parse(text, str(path))
         return SourceSpec(line, text, frag)
     path = Path(frag).expanduser()
     if not path.is_file():
@@ -187,7 +168,7 @@ def parse_spec(spec: str) -> SourceSpec:
                           hint="give an existing file of CONFIG_ lines, "
                                f"or a shipped fragment: {', '.join(shipped_fragments())}")
     text = path.read_text()
-    parse_fragment(text, str(path))
+    kconfig.parse(text, str(path))
     return SourceSpec(line, text, str(path.resolve()))
 
 
@@ -427,11 +408,6 @@ def depends_on(sym: str, symbols: dict[str, list[str]]) -> set[str]:
     return seen
 
 
-def read_config(path: Path) -> dict[str, str]:
-    """A .config -> {CONFIG_X: value} ('n' for '# ... is not set')."""
-    return parse_fragment(path.read_text(), str(path))
-
-
 def _satisfied(want: str, got: str | None) -> bool:
     if want == "n":
         return got in (None, "n")
@@ -481,7 +457,7 @@ def configure(src: Path, out: Path, p: Plan, progress=None, symbols=None) -> Pat
                     frags / "base.config", frags / "user.config", frags / "release.config"],
              cwd=src, rw=work)
     _in_root(root, make + ["olddefconfig"], rw=work)
-    given_up = check_survivors(p, read_config(out / ".config"),
+    given_up = check_survivors(p, kconfig.read(out / ".config"),
                                symbols if symbols is not None else kconfig_symbols(src), out)
     if given_up and progress:
         progress(f"{p.release}: {len(given_up)} option(s) of the kit's base go with what "
@@ -497,9 +473,9 @@ def check_survivors(p: Plan, final: dict[str, str], symbols: dict[str, list[str]
     other options must survive, except those depending on an option the user
     turned off on purpose (a kernel without legacy xtables loses the
     iptables-legacy tables the base asks for): those are returned, named."""
-    user = parse_fragment(p.fragment)
+    user = kconfig.parse(p.fragment)
     off = {k[len("CONFIG_"):] for k, v in user.items() if v == "n"}
-    base = {k: v for k, v in parse_fragment(p.base).items()
+    base = {k: v for k, v in kconfig.parse(p.base).items()
             if k[len("CONFIG_"):] in symbols and k not in user}
     waived = {k: v for k, v in base.items() if depends_on(k[len("CONFIG_"):], symbols) & off}
     lost_user = dropped_options(user, final, symbols)

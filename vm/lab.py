@@ -36,11 +36,12 @@ from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dc_replace
 from pathlib import Path
 
+from ground import kconfig
 from ground.errors import VMError
 from ground.paths import cache_dir, vms_dir
 from ground.proc import file_lock, run
 
-from supply import kernels, source_kernels
+from supply import kernels
 
 from . import initramfs, qemu, remote, rootfs
 from . import snapshot as snapshot_mod
@@ -683,7 +684,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
                          image=image, key=key, pub=pub, accel=accel, machine=machine,
                          progress=progress, sshd=sshd, tcg_thread=tcg_thread,
-                         skip_initcalls=qemu.skipped_initcalls(config=source_kernels.read_config(Path(kernel.config))))
+                         skip_initcalls=qemu.skipped_initcalls(config=kconfig.read(kernel.config)))
         if use_snapshot:
             state = _up_from_snapshot(plan, budget)
             if state is not None:

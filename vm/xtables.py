@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ground import kconfig
 from ground.errors import SpecError
 from supply import kernels
 
@@ -40,8 +41,6 @@ NEEDS = {
 # option", not "off" (NETFILTER_XTABLES_LEGACY: 6.17; IP*_NF_IPTABLES_LEGACY: 6.9)
 OPTIONAL = {"CONFIG_NETFILTER_XTABLES_LEGACY", "CONFIG_IP_NF_IPTABLES_LEGACY",
             "CONFIG_IP6_NF_IPTABLES_LEGACY"}
-_SET_RE = re.compile(r"^(CONFIG_\w+)=(.*)$")
-_UNSET_RE = re.compile(r"^# (CONFIG_\w+) is not set$")
 _MODULE_RE = re.compile(r"(?:^|/)([^/\s:]+)\.ko(?:\.\w+)?:?")
 
 GUEST_COMMAND = (
@@ -95,16 +94,6 @@ class Backends:
         return {**asdict(self), "usable": list(self.usable)}
 
 
-def parse_config(text: str) -> dict[str, str]:
-    """``CONFIG_X=v`` lines -> {CONFIG_X: v}; ``# CONFIG_X is not set`` -> ``n``."""
-    out = {}
-    for line in text.splitlines():
-        m = _SET_RE.match(line.strip()) or _UNSET_RE.match(line.strip())
-        if m:
-            out[m.group(1)] = m.group(2).strip('"') if m.re is _SET_RE else "n"
-    return out
-
-
 def parse_modules(text: str) -> set[str]:
     """Module names from ``modules.dep``/``modules.builtin`` lines (paths, any compression)."""
     names = set()
@@ -138,7 +127,7 @@ def decide(config_text: str | None, modules_text: str | None = None, *, source: 
         missing = {b: f"no {', '.join(m for _, m in NEEDS[b] if m and m not in modules)} module"
                    for b in BACKENDS if any(m and m not in modules for _, m in NEEDS[b])}
         return Backends(missing, source)
-    config = parse_config(config_text)
+    config = kconfig.parse(config_text, strict=False)
     modules = parse_modules(modules_text) if (modules_text or "").strip() else None
     missing = {b: r for b in BACKENDS if (r := _why_not(b, config, modules))}
     return Backends(missing, source)

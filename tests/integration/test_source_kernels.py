@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from kmods import scaffold, spec
+from ground import kconfig
 from ground.errors import KernelError, VMError
 from ground.paths import REPO
 from supply import kernels
@@ -67,8 +68,8 @@ def test_debug_fragment_survives_kconfig_whole(src_612, tmp_path):
     plan, src = src_612
     frag = (sk.CONFIGS / "debug.config").read_text()
     config = sk.configure(src, tmp_path / "build", _plan(plan, frag))
-    final = sk.read_config(config)
-    for name, value in sk.parse_fragment(frag).items():
+    final = kconfig.read(config)
+    for name, value in kconfig.parse(frag).items():
         assert final.get(name) == value, name
     assert final["CONFIG_LOCALVERSION"] == '"-nflab-feedf00d"'
     assert final["CONFIG_VIRTIO_BLK"] == "y" and final["CONFIG_VIRTIO_MMIO"] == "y"

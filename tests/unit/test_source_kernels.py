@@ -20,21 +20,6 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_fragment_lines_parse_including_unset_and_strings():
-    text = ('# a comment\n\nCONFIG_KASAN=y\n# CONFIG_KASAN_OUTLINE is not set\n'
-            'CONFIG_LOCALVERSION="-x y"\nCONFIG_NR_CPUS=8\nCONFIG_VETH=m\n')
-    assert sk.parse_fragment(text) == {"CONFIG_KASAN": "y", "CONFIG_KASAN_OUTLINE": "n",
-                                       "CONFIG_LOCALVERSION": '"-x y"', "CONFIG_NR_CPUS": "8",
-                                       "CONFIG_VETH": "m"}
-
-
-@pytest.mark.parametrize("bad", ["KASAN=y", "CONFIG_KASAN y", "make menuconfig", "CONFIG_=y"])
-def test_a_line_that_is_no_option_is_named(bad):
-    with pytest.raises(KernelError, match=r"frag.config:2: not a Kconfig option line") as info:
-        sk.parse_fragment(f"CONFIG_X=y\n{bad}\n", "frag.config")
-    assert "CONFIG_NAME=y" in info.value.hint
-
-
 def test_hashes_ignore_comments_and_blank_lines_but_not_values():
     a = "CONFIG_KASAN=y\nCONFIG_DEBUG_LIST=y\n"
     assert sk.fragment_hash(a) == sk.fragment_hash("# mine\n\n" + a + "\n# end\n")

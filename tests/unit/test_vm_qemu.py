@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from ground import kconfig
 from ground.errors import VMError
-from supply import source_kernels
 from vm import qemu
 
 # the jitter-entropy and KDF lines of Debian's cloud kernels' boot/config-*
@@ -118,7 +118,7 @@ def test_a_skipped_initcall_built_as_a_module_is_not_skipped(monkeypatch, releas
     jitterentropy_rng still loads; built in (6.12) it is skipped. The configs are
     lines of the kernels' own configs (boot/config-*, as the packages ship them)."""
     monkeypatch.delenv("NFLAB_SKIP_INITCALLS", raising=False)
-    config = source_kernels.parse_fragment(CONFIGS[release])
+    config = kconfig.parse(CONFIGS[release])
     got = qemu.skipped_initcalls(config=config)
     modular = {n for n, sym in qemu.MODULAR_INITCALLS.items() if config.get(f"CONFIG_{sym}") == "m"}
     assert set(got) == set(qemu.SKIPPED_INITCALLS) - modular
