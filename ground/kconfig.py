@@ -29,7 +29,9 @@ def parse(text: str, where: str = "fragment", *, strict: bool = True) -> dict[st
             opts[m.group("name")] = "n" if value is None or value == "n" else value
         elif strict and line and not line.startswith("#"):
             raise KernelError(f"{where}:{no}: not a Kconfig option line: {raw!r}",
-                              hint="use CONFIG_NAME=y|m|<value> or '# CONFIG_NAME is not set'")
+                              hint="Kconfig text holds CONFIG_NAME=y|m|<value>, '# CONFIG_NAME is not set', "
+                                   "comments and blank lines only: fix that line of a fragment, or fetch "
+                                   "a kernel whose cached .config is damaged again")
     return opts
 
 

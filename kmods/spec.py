@@ -195,7 +195,6 @@ class Option:
         return OPTION_TYPES[self.type]
 
 
-
 @dataclass
 class Member:
     """One member of the shared info struct, in declaration order."""
@@ -381,6 +380,11 @@ class Extension:
 
     def default_const(self, opt: Option) -> str:
         return f"{self.flag_const(opt)}_DEFAULT"
+
+    def value_getter(self, opt: Option) -> str:
+        """The header's function giving *opt*'s value in a rule, its default
+        when not given (only where the default is not 0: the zeroed field)."""
+        return f"{self.lname}_{opt.field}_value"
 
     def default_value(self, opt: Option) -> str:
         """*opt*'s default as C: a choice by its enum name, a number unsigned."""
@@ -640,8 +644,11 @@ def _option_default(opt: Option, raw: dict, owhere: str):
             raise _fail(owhere, "default", f"{value!r} is not one of the choices", ", ".join(opt.choices))
         opt.default = opt.choices.index(value)
         return
-    if not opt.type.startswith("uint") or isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(owhere, "default", f"{value!r}", "an integer on a uint option, a name on a choice")
+    if not opt.type.startswith("uint"):
+        raise _fail(owhere, "default", f"a {opt.type} option has no default",
+                    "default only on uint8..uint64 and choice options")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(owhere, "default", f"{value!r} is not an integer", "an integer on a uint option")
     low = opt.minimum if opt.minimum is not None else 0
     high = opt.maximum if opt.maximum is not None else 2 ** int(opt.type[4:]) - 1
     if not low <= value <= high:
@@ -876,7 +883,10 @@ def _check_generated_names(ext: Extension, where: str):
             names.append((ext.inv_const(opt), f"! --{opt.name}"))
         names.append((opt.id_const, f"--{opt.name}"))
         for c in opt.choices:
-            names.append((f"{opt.ident}_{c}".upper().replace("-", "_"), f"--{opt.name} {c}"))
+            names.append((ext.choice_const(opt, c), f"--{opt.name} {c}"))
+        if opt.default is not None:
+            names.append((ext.default_const(opt), f"--{opt.name}'s default"))
+            names.append((ext.value_getter(opt), f"--{opt.name}'s value"))
     for name, origin in names:
         if name in seen and seen[name] != origin:
             raise _fail(where, "options", f"{origin} and {seen[name]} both generate {name}",

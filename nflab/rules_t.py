@@ -38,6 +38,23 @@ _BEGIN, _END, _SAVE = "@@NFLAB-T", "@@NFLAB-T-END", "@@NFLAB-T-SAVE"
 _NS, _FALLBACK, _JOB = "@@NFLAB-T-NETNS", "@@NFLAB-T-SLOW", "@@NFLAB-T-JOB"
 _DEL, _UNDELETABLE = "@@NFLAB-T-DEL", "undeletable "
 MAX_COMMAND = 128 * 1024   # MAX_ARG_STRLEN: the longest single argv string Linux takes
+# delete_saved TABLE: delete each rule of $tmp.save by its saved line, all in
+# one restore, or one restore per rule when that is refused, printing
+# "undeletable LINE" and iptables' own words for each rule its line leaves.
+# Lines go through printf '%s' and iptables-restore's quoting, never echo or
+# eval: saved patterns hold backslashes, quotes and $.
+_DELETE_SAVED = r"""delete_saved() {
+    { echo "*$1"
+      while IFS= read -r l; do case "$l" in "-A "*) printf -- '-D %s\n' "${l#-A }";; esac; done < $tmp.save
+      echo COMMIT; } > $tmp.del
+    RESTORE < $tmp.del 2>/dev/null && return
+    while IFS= read -r l; do
+        case "$l" in "-A "*)
+            { echo "*$1"; printf -- '-D %s\n' "${l#-A }"; echo COMMIT; } > $tmp.del
+            RESTORE < $tmp.del 2>$tmp.err || { printf 'undeletable %s\n' "$l"; err; } ;;
+        esac
+    done < $tmp.save
+}"""
 
 
 @dataclass
@@ -62,7 +79,7 @@ class RuleResult:
     exit_code: int
     saved_lines: list
     stderr: str
-    undeletable: bool = False   # iptables -D by its saved line left it in place
+    undeletable: str = ""   # why iptables -D by its saved line left it in place
 
     @property
     def passed(self) -> bool:
@@ -80,11 +97,7 @@ class RuleResult:
         want = f"-A {c.chain} {c.saved}".strip()
         if want not in self.saved_lines:
             return f"iptables-save printed {self.saved_lines}, expected {want!r}"
-        if self.undeletable:
-            return (f"iptables -D by the saved text {want!r} does not find the rule: the rule has "
-                    "another encoding than its saved text gives (an option at its default "
-                    "recorded as given? a definition's option `default` folds it away)")
-        return ""
+        return self.undeletable
 
 
 class TFormatError(ValueError):
@@ -153,8 +166,9 @@ def script(cases: list[RuleCase], family: str, backend: str, *, fast: bool = Tru
     tool = {"ipv4": "iptables", "ipv6": "ip6tables"}[family] + f"-{backend}"
     # scratch files per shell ($$): run_many runs several scripts at once
     lines = ["#!/bin/sh", f"echo '{_NS}'", "tmp=/tmp/nflab-t.$$", "trap 'rm -f $tmp.err $tmp.rules $tmp.save $tmp.del' EXIT",
-             "err() { while IFS= read -r l || [ -n \"$l\" ]; do echo \"err $l\"; done < $tmp.err; }",
-             f"ipt() {{ {tool} -w \"$@\" 2>$tmp.err; echo \"rc $?\"; err; }}"]
+             "err() { while IFS= read -r l || [ -n \"$l\" ]; do printf 'err %s\\n' \"$l\"; done < $tmp.err; }",
+             f"ipt() {{ {tool} -w \"$@\" 2>$tmp.err; echo \"rc $?\"; err; }}",
+             _DELETE_SAVED.replace("RESTORE", f"{tool}-restore -w -n")]
 
     def one_by_one(i: int, c: RuleCase) -> list[str]:
         return [f"echo '{_BEGIN} {i}'",
@@ -182,25 +196,13 @@ def script(cases: list[RuleCase], family: str, backend: str, *, fast: bool = Tru
 
 
 def _save_and_delete(tool: str, table: str, has_rules: bool) -> list[str]:
-    """Shell lines that print *table*'s saved rules, then delete each by its
-    saved line (one restore; one restore per rule when that is refused) and
-    print ``undeletable <line>`` for each rule that its line does not find.
-    Lines go through ``printf '%s'`` and iptables-restore's own quoting, never
-    ``echo`` or ``eval`` (saved patterns hold backslashes and ``$``)."""
-    t = shlex.quote(table)
-    each = 'while IFS= read -r l; do case "$l" in "-A "*) '
-    lines = [f"{tool}-save -t {t} > $tmp.save", f"echo '{_SAVE} {table}'",
+    """Shell lines that print *table*'s saved rules, then (when the file has
+    OK cases there) delete each by its saved line (``delete_saved``)."""
+    lines = [f"{tool}-save -t {shlex.quote(table)} > $tmp.save", f"echo '{_SAVE} {table}'",
              "while IFS= read -r l; do printf '%s\\n' \"$l\"; done < $tmp.save", f"echo '{_END}'"]
-    if not has_rules:
-        return lines
-    restore = f"{tool}-restore -w -n"
-    one = (f"{each}{{ echo '*{table}'; printf -- '-D %s\\n' \"${{l#-A }}\"; echo COMMIT; }} > $tmp.del; "
-           f"{restore} < $tmp.del 2>/dev/null || printf '{_UNDELETABLE}%s\\n' \"$l\";; esac; done < $tmp.save")
-    return lines + [f"echo '{_DEL} {table}'",
-                    f"{{ echo '*{table}'; {each}printf -- '-D %s\\n' \"${{l#-A }}\";; esac; done < $tmp.save; "
-                    f"echo COMMIT; }} > $tmp.del",
-                    f"{restore} < $tmp.del 2>/dev/null || {{ {one}; }}",
-                    f"echo '{_END}'"]
+    if has_rules:
+        lines += [f"echo '{_DEL} {table}'", f"delete_saved {shlex.quote(table)}", f"echo '{_END}'"]
+    return lines
 
 
 def remote_command(text: str) -> str:
@@ -214,8 +216,8 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
     by_index: dict[int, RuleResult] = {}
     order: list[int] = []            # cases in the order the guest ran them
     saved: dict[tuple[str, str], list[str]] = {}
-    undeletable: set[tuple[str, str]] = set()   # (table, saved line)
-    current, table, deleting = None, None, None
+    undeletable: dict[tuple[str, str], list[str]] = {}   # (table, saved line) -> iptables' words, one per rule left
+    current, table, deleting, left = None, None, None, None
     for line in output.splitlines():
         if line.startswith(_BEGIN + " "):
             idx = int(line.split()[1])
@@ -228,7 +230,10 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
         elif line == _END:
             current, table, deleting = None, None, None
         elif deleting is not None and line.startswith(_UNDELETABLE):
-            undeletable.add((deleting, line[len(_UNDELETABLE):].strip()))
+            left = (deleting, line[len(_UNDELETABLE):].strip())
+            undeletable.setdefault(left, []).append("")
+        elif deleting is not None and line.startswith("err ") and left is not None:
+            undeletable[left][-1] += line[4:].strip() + " "
         elif current is not None:
             if line.startswith("rc "):
                 current.exit_code = int(line[3:])
@@ -248,8 +253,24 @@ def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult
         lines = saved.get(key, [])
         for n, r in enumerate(accepted):
             r.saved_lines = [lines[n]] if n < len(lines) else []
-            r.undeletable = bool(r.saved_lines) and (key[0], r.saved_lines[0]) in undeletable
+    _blame_undeletable(by_index, undeletable)
     return [by_index[i] for i in range(len(cases))]
+
+
+def _blame_undeletable(by_index: dict, undeletable: dict):
+    """Say on each case saved as a line that ``-D`` with it left rules in
+    place how many of the rules saved so it left, and the other cases'
+    lines: which spelling has the other encoding, the text cannot tell."""
+    for (table, text), words in undeletable.items():
+        same = [r for r in by_index.values() if r.case.table == table and r.saved_lines == [text]]
+        lines = ", ".join(sorted({str(r.case.lineno) for r in same}))
+        said = "; ".join(sorted({w.strip() for w in words if w.strip()}))
+        for r in same:
+            r.undeletable = (f"iptables -D with the saved text {text!r} left {len(words)} of the "
+                             f"{len(same)} rules saved as it in place (.t line(s) {lines})"
+                             f"{': ' + said if said else ''}. The saved text gives another encoding "
+                             "than one of those rules has (an option given at its default and "
+                             "recorded? an option's `default` in the definition folds it away)")
 
 
 def _run(host, cases, family, backend, fast):

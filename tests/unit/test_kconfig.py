@@ -20,7 +20,7 @@ def test_fragment_lines_parse_including_unset_and_strings():
 def test_a_line_that_is_no_option_is_named(bad):
     with pytest.raises(KernelError, match=r"frag.config:2: not a Kconfig option line") as info:
         kconfig.parse(f"CONFIG_X=y\n{bad}\n", "frag.config")
-    assert "CONFIG_NAME=y" in info.value.hint
+    assert "CONFIG_NAME=y" in info.value.hint and "fetch" in info.value.hint
 
 
 def test_a_guest_config_among_other_output_is_read_leniently():

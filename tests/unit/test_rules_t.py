@@ -1,5 +1,10 @@
 """The .t parser and result checker (no guest needed)."""
 
+import base64
+import os
+import subprocess
+from types import SimpleNamespace
+
 import pytest
 
 from ground.errors import VMError
@@ -124,10 +129,11 @@ def test_a_rule_its_saved_text_does_not_delete_fails_its_case():
     cases = rules_t.parse(":INPUT\n-m x --a;=;OK\n-m x --b 0;-m x;OK\n", "libxt_x.t")
     out = ["@@NFLAB-T 0", "rc 0", "@@NFLAB-T-END", "@@NFLAB-T 1", "rc 0", "@@NFLAB-T-END",
            "@@NFLAB-T-SAVE filter", "-A INPUT -m x --a", "-A INPUT -m x", "@@NFLAB-T-END",
-           "@@NFLAB-T-DEL filter", "undeletable -A INPUT -m x", "@@NFLAB-T-END"]
+           "@@NFLAB-T-DEL filter", "undeletable -A INPUT -m x", "err Bad rule", "@@NFLAB-T-END"]
     res = rules_t.results(cases, "nft", "\n".join(out))
     assert res[0].passed
-    assert "iptables -D by the saved text '-A INPUT -m x'" in res[1].problem
+    assert res[1].problem.startswith("iptables -D with the saved text '-A INPUT -m x' left 1 of the 1 "
+                                     "rules saved as it in place (.t line(s) 3): Bad rule.")
 
 
 class _Guest:
@@ -137,8 +143,6 @@ class _Guest:
         self.outs, self.sent = {True: fast_out, False: slow_out}, []
 
     def run(self, command):
-        import base64
-        from types import SimpleNamespace
         text = base64.b64decode(command.split()[1]).decode()
         fast = "@@NFLAB-T-EOF" in text
         self.sent.append(fast)
@@ -179,7 +183,6 @@ def test_batch_output_splits_per_job_in_order():
                      "@@NFLAB-T-JOB 2"])
     assert rules_t.split_jobs(out, 3) == ["@@NFLAB-T-NETNS\na", "b\nc", ""]
     cmd = rules_t.batch_command(["echo 1", "echo 2"], jobs=2)
-    import base64
     text = base64.b64decode(cmd.split()[1]).decode()
     assert "xargs -P 2" in text and "unshare --net" in text and "seq 0 1" in text
 
@@ -215,11 +218,12 @@ elif tool.endswith("-restore"):
             rules.append(tuple(words[1:]))
         elif words and words[0] == "-D":
             if tuple(words[1:]) not in rules:
-                sys.exit(1)
+                sys.exit("Bad rule (does a matching rule exist in that chain?)")
             rules.remove(tuple(words[1:]))
     write(rules)
 else:
     if "--bad" in args:
+        print("Bad argument", file=sys.stderr)
         sys.exit(2)
     rules.append(tuple(args[args.index("-A") + 1:]))
     write(rules)
@@ -229,21 +233,21 @@ else:
 @pytest.mark.parametrize("fast", [True, False])
 def test_script_deletes_each_rule_by_its_saved_text(tmp_path, fast):
     """The generated shell, run by dash against the stand-in above: a pattern
-    with a backslash and a quote survives the round trip, the rule given at
-    its default is the one reported."""
-    import os
-    import subprocess
+    with a backslash and a quote survives the round trip; the rule given at
+    its default is reported with the other rule saved as the same text (the
+    text cannot tell which one of the two is at fault) and iptables' words."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ("iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"):
         (bin_dir / name).write_text(FAKE_IPTABLES)
         (bin_dir / name).chmod(0o755)
     text = (":INPUT\n-m x --s \"ends in \\\\\";=;OK\n-m x --s \"say \\\"hi\\\"\";=;OK\n"
-            "-m x --b 0;-m x;OK\n-m x --bad;;FAIL\n")
+            "-m x;=;OK\n-m x --b 0;-m x;OK\n-m x --bad;;FAIL\n")
     cases = rules_t.parse(text, "libxt_x.t")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STORE": str(tmp_path / "rules")}
     out = subprocess.run(["sh", "-c", rules_t.script(cases, "ipv4", "legacy", fast=fast)],
                          capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
     res = rules_t.results(cases, "legacy", out)
-    assert [r.passed for r in res] == [True, True, False, True], [r.problem for r in res]
-    assert "does not find the rule" in res[2].problem
+    assert [r.passed for r in res] == [True, True, False, False, True], [r.problem for r in res]
+    assert res[2].problem == res[3].problem
+    assert "left 1 of the 2 rules saved as it in place (.t line(s) 4, 5): Bad rule (does a" in res[3].problem

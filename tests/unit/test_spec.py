@@ -124,7 +124,7 @@ BAD = [
      "0..15"),
     ("default-not-a-choice", _opts({"name": "c", "type": "choice", "choices": ["a", "b"], "default": "z"}),
      "default", "a, b"),
-    ("default-on-string", _opts({"name": "s", "type": "string", "default": 1}), "default", "uint option"),
+    ("default-on-string", _opts({"name": "s", "type": "string", "default": 1}), "default", "uint8..uint64"),
     ("default-bool", _opts({"name": "n", "type": "uint8", "default": True}), "default", "uint option"),
     ("default-mandatory", _opts({"name": "n", "type": "uint8", "mandatory": True, "default": 1}), "default",
      "drop default"),
@@ -408,3 +408,12 @@ def test_a_given_default_leaves_no_trace_in_the_rule():
     assert re.search(r"#define \w+_WITH_DEFAULT\t\w+_WITH_PORT", header)
     assert re.search(r"if \(info->to == \w+_TO_DEFAULT\) \{\n\t+info->flags &= ~\w+_TO;\n\t+info->to = 0;",
                      plugin)
+    # the module reads a non-zero default through the header (the field is 0 then)
+    assert "return info->flags & NFLTEST_TO ? info->to : NFLTEST_TO_DEFAULT;" in header
+    assert "nfltest_to_value(" in header and "nfltest_with_value(" not in header
+
+
+def test_a_default_constant_may_not_shadow_another_options_flag():
+    raw = _opts({"name": "to", "type": "uint16", "default": 5}, {"name": "to-default", "type": "flag"})
+    with pytest.raises(SpecError, match="--to-default and --to's default both generate NFLTEST_TO_DEFAULT"):
+        spec.validate(raw)
