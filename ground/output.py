@@ -61,11 +61,16 @@ def table(headers, rows, title=None):
 
 
 class Progress:
-    """Step messages on stderr; a rich status spinner on a terminal, plain lines in CI."""
+    """Step messages on stderr; a rich status spinner on a terminal, plain lines in CI.
+
+    Reporting never stops the work: once the reader of stderr has gone (``invoke
+    test 2>&1 | head``), messages are dropped, so a task still stops the VMs it
+    booted instead of dying on the broken pipe in its clean-up."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet_wanted(quiet)
         self._status = None
+        self._reader_gone = False
         if not self.quiet:
             try:    # optional dependency: without rich, plain lines
                 from rich.console import Console
@@ -74,21 +79,38 @@ class Progress:
                 self._console = None
 
     def __call__(self, message: str):
-        if self.quiet:
+        if self._reader_gone:
+            return
+        try:
+            self._show(message)
+        except BrokenPipeError:
+            self._lose_reader()
+
+    def _show(self, message: str):
+        if self.quiet or self._console is None:
             print(f"nflab: {message}", file=sys.stderr, flush=True)
-        elif self._console is not None:
-            if self._status is None:
-                self._status = self._console.status(message)
-                self._status.start()
-            else:
-                self._status.update(message)
+        elif self._status is None:
+            self._status = self._console.status(message)
+            self._status.start()
         else:
-            print(f"nflab: {message}", file=sys.stderr, flush=True)
+            self._status.update(message)
 
     def done(self):
         if self._status is not None:
-            self._status.stop()
+            try:
+                self._status.stop()
+            except BrokenPipeError:
+                self._lose_reader()
             self._status = None
+
+    def _lose_reader(self):
+        """stderr's reader is gone: drop what is buffered for it, and point the
+        descriptor at /dev/null so no later write (an error line, Python's own
+        flush at exit) fails again."""
+        self._reader_gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
 
     def __enter__(self):
         return self
