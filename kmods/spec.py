@@ -158,6 +158,8 @@ COMMANDS = (
     ("get", "counters, filter and rate limit of the netns"),
     ("set", "filter and rate limit of the netns (CAP_NET_ADMIN)"),
 )
+# "(default 0)", "default: 32": a help text saying a default the definition declares
+HELP_DEFAULT_RE = re.compile(r"\bdefault\b\s*:?\s*[\w-]", re.I)
 RATE_MAX = 1000000      # events per second per netns
 BURST_MAX = 10000
 
@@ -193,6 +195,21 @@ class Option:
     @property
     def otype(self) -> OptionType:
         return OPTION_TYPES[self.type]
+
+    @property
+    def default_word(self) -> str:
+        """The declared default as a user types it (a choice's name), or ''."""
+        if self.default is None:
+            return ""
+        return self.choices[self.default] if self.type == "choice" else str(self.default)
+
+    @property
+    def help_text(self) -> str:
+        """The help line of ``iptables -m NAME --help``: *help*, and the declared
+        default (said once, by the kit, so it cannot disagree with the code)."""
+        if self.default is None:
+            return self.help
+        return f"{self.help} (default {self.default_word})" if self.help else f"default {self.default_word}"
 
 
 @dataclass
@@ -582,6 +599,7 @@ def _option(raw, index, where) -> Option:
     _option_storage(opt, raw, owhere)
     _option_bounds(opt, raw, owhere)
     _option_default(opt, raw, owhere)
+    _check_default_help(opt, owhere)
     return opt
 
 
@@ -654,6 +672,13 @@ def _option_default(opt: Option, raw: dict, owhere: str):
     if not low <= value <= high:
         raise _fail(owhere, "default", f"{value} is out of range", f"{low}..{high}")
     opt.default = value
+
+
+def _check_default_help(opt: Option, owhere: str):
+    """A help text does not state a declared default itself: ``help_text`` does."""
+    if opt.default is not None and HELP_DEFAULT_RE.search(opt.help):
+        raise _fail(owhere, "help", f"{opt.help!r} states the default itself",
+                    f"drop it from help: the kit appends \"(default {opt.default_word})\" from default")
 
 
 DEFINITION_KEYS = {"kind", "name", "summary", "families", "revision", "options", "private", "fields", "hooks",

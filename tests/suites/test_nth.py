@@ -165,3 +165,14 @@ def test_out_of_range_positions_are_refused_by_the_plugin(host, loaded, backend,
     for opt, value in (("packet", 5), ("start", 3)):
         res = host.run(f"iptables-{backend} -w -A FORWARD -m nth --every 3 --{opt} {value} -j ACCEPT")
         assert res.rc != 0 and f"--{opt} {value} is not below --every 3" in res.stderr, res.stderr
+
+
+def test_help_names_the_declared_defaults(host, loaded):
+    """The plugin's help line of an option with a declared default ends with
+    it, taken from ext.toml (the kit appends it; the help text never says it)."""
+    res = host.run("iptables -m nth --help")
+    assert res.rc == 0, res.stderr
+    assert "--counter n\n\t\tuse counter 0..15 (default 0)\n" in res.stdout, res.stdout
+    assert "--start n\n\t\tinitialize the counter at this value (< every) (default 0)\n" \
+        in res.stdout, res.stdout
+    assert "--every n\n\t\tmatch every Nth packet\n" in res.stdout, res.stdout

@@ -417,3 +417,25 @@ def test_a_default_constant_may_not_shadow_another_options_flag():
     raw = _opts({"name": "to", "type": "uint16", "default": 5}, {"name": "to-default", "type": "flag"})
     with pytest.raises(SpecError, match="--to-default and --to's default both generate NFLTEST_TO_DEFAULT"):
         spec.validate(raw)
+
+
+def test_help_says_a_declared_default_once_from_the_definition():
+    """`iptables -m NAME --help` ends an option's line with its declared default;
+    a help text that states the default itself is refused, so the two cannot drift."""
+    raw = _opts({"name": "to", "type": "uint16", "default": 65535, "help": "offset to stop at"},
+                {"name": "with", "type": "choice", "choices": ["port", "host"], "default": "host"},
+                {"name": "from", "type": "uint16", "help": "offset to start at"})
+    ext = spec.validate(raw)
+    assert [o.help_text for o in ext.options] == [
+        "offset to stop at (default 65535)", "default host", "offset to start at"]
+    plugin = render.render(ext)[f"{ext.plugin}.c"]
+    assert "--to n\\n\\t\\toffset to stop at (default 65535)\\n" in plugin
+    for stated in ("offset to stop at (default 65535)", "offset to stop at, default: 0",
+                   "offset to stop at (Default 7)"):
+        raw = _opts({"name": "to", "type": "uint16", "default": 65535, "help": stated})
+        with pytest.raises(SpecError, match=r"states the default itself.*\(default 65535\)"):
+            spec.validate(raw)
+    # a help that only mentions the word keeps it (an option without a declared default too)
+    raw = _opts({"name": "to", "type": "uint16", "default": 1, "help": "scan at most this much (l7-filter's default)"},
+                {"name": "mask", "type": "uint8", "help": "prefix length (default 32 / 128)"})
+    assert spec.validate(raw).options[0].help_text == "scan at most this much (l7-filter's default) (default 1)"
