@@ -107,8 +107,8 @@ def doctor(c):
     "cold": "also measure cold kernel fetch and cold rootfs build (slow, downloads)",
     "catalog": "also time `invoke test` over the whole catalog and `invoke matrix --kernels=6.1,6.12 -j 2`",
     "workshop": "also time every workshop exercise's reference solution on 6.1 and 6.12 (per exercise and total)",
-    "only": "comma list of groups to run: build, boot, snapshot, vng, test, datapath, workshop "
-            "(default: all but datapath and workshop)",
+    "only": "comma list of groups to run: build, boot, boottrace, snapshot, vng, test, datapath, workshop "
+            "(default: all but boottrace, datapath and workshop)",
     "vm": "name of the VM the datapath group boots and measures in (default: bench)",
 })
 @friendly

@@ -22,6 +22,11 @@ Groups (``--only=a,b``; default: build, boot, snapshot, vng, test):
   the identical generic image when it can, else the cloud flavour of the same
   ABI (the reason is recorded); a run that cannot happen is a row with
   ``skipped: <reason>``;
+* ``boottrace`` (``--only=boottrace``): cold boots with the kernel's own
+  messages on the console (no ``quiet``), each line timed on the host's clock
+  as it showed: when the console came up, ``Run /init``, and the longest
+  waits between two lines, each named by the line that ended it (a line
+  printed after a silent stretch of work names that work's end);
 * ``test``: ``invoke test --name=iprange`` with no VM running, plain and with
   ``--html`` (the per-test packet report: its cost);
 * ``datapath`` (``--only=datapath``, in the VM ``--vm``): packets the guest
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -107,7 +113,7 @@ def _peak_rss_kib(pid: int) -> int | None:
     return None
 
 
-GROUPS = ("build", "boot", "snapshot", "vng", "test", "datapath", "workshop")
+GROUPS = ("build", "boot", "boottrace", "snapshot", "vng", "test", "datapath", "workshop")
 DEFAULT_GROUPS = ("build", "boot", "snapshot", "vng", "test")
 WORKSHOP_KERNELS = ("6.1", "6.12")
 
@@ -145,6 +151,8 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         _build_group(spec, runs, cold, results, progress)
     if "boot" in groups:
         _boot_group(spec, runs, results, extra, progress)
+    if "boottrace" in groups:
+        results += boottrace_group(spec, runs, progress)
     if "snapshot" in groups:
         _snapshot_group(spec, runs, results, progress)
     if "vng" in groups:
@@ -338,6 +346,70 @@ def phase_rows(states: list) -> list[Measurement]:
     login.runs = [round(st.boot_seconds - st.boot_marks[ready], 3)
                   for st in states if ready in st.boot_marks]
     return [*rows.values(), login] if rows else []
+
+
+# ---------------------------------------------------------------- boot trace
+
+TRACE_GAPS = 8          # the longest waits between console lines, reported
+KERNEL_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
+GUEST_AFTER = re.compile(r" after [\d.]+s$")
+INIT_LINE = "Run /init as init process"
+
+
+def line_text(line: str) -> str:
+    """A console line without the kernel's timestamp and the guest init's "after N s"."""
+    return GUEST_AFTER.sub("", KERNEL_STAMP.sub("", line)).strip()
+
+
+def trace_waits(lines: list) -> dict[str, tuple[float, str, str]]:
+    """{key: (seconds since the line before, this line, the line before)} of one
+    traced boot's ``boot_lines`` ([host seconds, line]) from its second line on
+    (the first one's wait is the console's start). The key is the line with its
+    numbers blanked ("initialised in 12ms" and "in 24ms" are one line); a key
+    seen twice keeps its first wait."""
+    out: dict[str, tuple[float, str, str]] = {}
+    texts = [(t, line_text(line)) for t, line in lines]
+    texts = [(t, text) for t, text in texts if text]
+    for (prev_t, prev), (t, text) in zip(texts, texts[1:]):
+        out.setdefault(re.sub(r"\d+", "#", text), (round(t - prev_t, 3), text, prev))
+    return out
+
+
+def trace_rows(boots: list) -> list[Measurement]:
+    """Rows of traced boots (``VMState``s with ``boot_lines``): when the console
+    came up and ``Run /init``, then the *TRACE_GAPS* longest waits by median
+    over the boots that printed the line."""
+    firsts = [st.boot_lines[0][0] for st in boots if st.boot_lines]
+    inits = [next(t for t, ln in st.boot_lines if INIT_LINE in ln)
+             for st in boots if any(INIT_LINE in ln for _, ln in st.boot_lines)]
+    rows = [Measurement("  kernel console up (first line)", firsts,
+                        note="s after QEMU started; the kernel buffers its messages until then"),
+            Measurement(f"  kernel: {INIT_LINE}", inits, note="s after QEMU started")]
+    waits: dict[str, Measurement] = {}
+    for st in boots:
+        for key, (gap, text, prev) in trace_waits(st.boot_lines).items():
+            waits.setdefault(key, Measurement(f"  wait before: {text[:72]}", note=f"after: {prev[:60]}"))
+            waits[key].runs.append(gap)
+    longest = sorted(waits.values(), key=lambda m: m.median, reverse=True)[:TRACE_GAPS]
+    return rows + longest
+
+
+def boottrace_group(spec, runs, progress) -> list[Measurement]:
+    """Cold boots with the kernel's messages on the console, each line timed."""
+    progress("boot trace (kernel messages on the console)")
+    vm, boots = "bench", []
+    lab.down(vm)
+
+    def traced():
+        t0 = time.monotonic()
+        state = lab.up(spec, vm, snapshot=False, trace=True, progress=lambda *_: None)
+        elapsed = time.monotonic() - t0
+        boots.append(state)
+        lab.down(vm)
+        return elapsed
+    total = _measure("boot trace: cold boot to SSH ready, kernel messages on", traced, runs,
+                     note="slower than a quiet boot by the console's own output")
+    return [total, *trace_rows(boots)]
 
 
 def _snapshot_group(spec, runs, results, progress):

@@ -82,6 +82,9 @@ class VMState:
     # cold boots: host seconds from QEMU's start until the console first showed each
     # guest progress line ("nflab-initramfs: modules loaded", ...), polled every POLL
     boot_marks: dict = field(default_factory=dict)
+    # a traced boot (up(trace=True)): [host seconds since QEMU started, line] of
+    # every console line, the kernel's own messages included
+    boot_lines: list = field(default_factory=list)
 
     @property
     def vmdir(self) -> Path:
@@ -410,9 +413,9 @@ def _ready_command(smp: int, clock: float | None = None) -> str:
 
 
 def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float, smp: int,
-                restored: bool = False):
+                restored: bool = False, trace: bool = False):
     """Poll until the ready command works over SSH; raise on QEMU exit, console fault
-    or budget."""
+    or budget. *trace*: note when each console line first showed (``boot_lines``)."""
     port = state.ports["ssh"]
     deadline = t0 + budget
     running = False
@@ -423,6 +426,8 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
                               extra=f"qemu: {qlog[-1500:]}" if qlog else "")
         text = console_text(state)
         _note_marks(state.boot_marks, text, t0)
+        if trace:
+            note_lines(state.boot_lines, text, round(time.monotonic() - t0, 3))
         fault = qemu.find_fault(text)
         if fault:
             raise crash_error(state, "crashed while booting", fault=fault)
@@ -460,6 +465,13 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
                               hint="the guest's sshd refused the lab key: see the console for nflab-initramfs "
                                    "lines, or remove the cache's ssh/ folder to make a new key")
         time.sleep(POLL)
+
+
+def note_lines(lines: list, text: str, now: float):
+    """Append [*now*, line] for each complete line of console *text* past those
+    *lines* holds (the console only grows while a VM boots)."""
+    done = text.split("\n")[:-1]
+    lines += [[now, line.rstrip("\r")] for line in done[len(lines):]]
 
 
 def _note_marks(marks: dict, text: str, t0: float):
@@ -510,13 +522,14 @@ class _BootPlan:
     sshd: str = "dropbear"
     tcg_thread: str = "single"
     skip_initcalls: tuple[str, ...] = qemu.SKIPPED_INITCALLS
+    trace: bool = False
 
     def launch_spec(self, ports: qemu.Ports, incoming: Path | None = None) -> qemu.LaunchSpec:
         return qemu.LaunchSpec(
             name=self.vm, vmdir=self.vmdir, kernel=self.boot.kernel, initrd=self.boot.initrd,
             rootfs=self.image, modules_img=self.boot.modules_img, ssh_pubkey=self.pub,
             ports=ports, accel=self.accel, tcg_thread=self.tcg_thread, machine=self.machine,
-            incoming=incoming,
+            incoming=incoming, verbose=self.trace,
             extra_cmdline=qemu.sshd_cmdline(self.sshd), skip_initcalls=self.skip_initcalls,
             tsc_khz=qemu.host_tsc_khz() if self.accel == "tcg" and self.machine == "microvm"
             else None)
@@ -545,7 +558,8 @@ def _boot_once(plan: _BootPlan, budget: float, incoming: Path | None = None) -> 
         state.pid = proc.pid
         _save(state)
         try:
-            _wait_ready(state, proc, budget, t0, launch.smp, restored=incoming is not None)
+            _wait_ready(state, proc, budget, t0, launch.smp, restored=incoming is not None,
+                        trace=plan.trace)
         except VMError:
             qlog = (vmdir / "qemu.log").read_text(errors="replace")
             if proc.poll() is not None and ("Could not set up host forwarding" in qlog
@@ -635,7 +649,8 @@ def _kernel_for_boot(spec: str | None, progress):
 
 
 def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
-       budget: float | None = None, snapshot: bool | None = None, progress=print) -> VMState:
+       budget: float | None = None, snapshot: bool | None = None, trace: bool = False,
+       progress=print) -> VMState:
     """Boot *spec*'s kernel as VM *vm* and return once SSH answers.
 
     By default (*snapshot* None, unless ``$NFLAB_SNAPSHOT=0``) the VM is restored
@@ -645,7 +660,11 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
 
     A running VM with the same kernel is reused; one with a different kernel is
     an error unless *replace*. On any failure, Ctrl-C or SIGTERM the QEMU is
-    killed before the exception propagates."""
+    killed before the exception propagates.
+
+    *trace*: a cold boot with the kernel's messages on the console (no ``quiet``),
+    each console line noted with when the host first saw it (``boot_lines``), for
+    ``invoke bench --only=boottrace``."""
     check_name(vm)
     vmdir = vm_dir(vm)
     vms_dir().mkdir(parents=True, exist_ok=True)
@@ -675,7 +694,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         sshd = qemu.sshd_choice()
         tcg_thread = qemu.tcg_threading()
         budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[accel]))
-        use_snapshot = snapshot_mod.enabled(snapshot)
+        use_snapshot = snapshot_mod.enabled(snapshot) and not trace
         progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
                  f"with {accel.upper()} ({reason}"
                  f"{', ' + tcg_thread + '-threaded' if accel == 'tcg' else ''}), -M {machine}")
@@ -683,7 +702,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         vmdir.mkdir(parents=True, exist_ok=True)
         plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
                          image=image, key=key, pub=pub, accel=accel, machine=machine,
-                         progress=progress, sshd=sshd, tcg_thread=tcg_thread,
+                         progress=progress, sshd=sshd, tcg_thread=tcg_thread, trace=trace,
                          skip_initcalls=qemu.skipped_initcalls(config=kconfig.read(kernel.config)))
         if use_snapshot:
             state = _up_from_snapshot(plan, budget)

@@ -172,6 +172,7 @@ class LaunchSpec:
     skip_initcalls: tuple[str, ...] = SKIPPED_INITCALLS  # see skipped_initcalls()
     incoming: Path | None = None  # restore this saved VM state instead of booting
     incoming_fd: int | None = None  # ... from this open descriptor (QEMU < 8.2, see _incoming)
+    verbose: bool = False     # the kernel's own boot messages on the console (no "quiet")
 
     @property
     def console_log(self) -> Path:
@@ -210,7 +211,8 @@ KERNEL_HZ = 250
 
 def kernel_cmdline(spec: LaunchSpec) -> str:
     nics = ",".join(f"{n.name}/{n.mac}" for n in NICS)
-    parts = [*BASE_CMDLINE, f"nflab.key={spec.ssh_pubkey}", f"nflab.nics={nics}"]
+    base = [p for p in BASE_CMDLINE if not (spec.verbose and p == "quiet")]
+    parts = [*base, f"nflab.key={spec.ssh_pubkey}", f"nflab.nics={nics}"]
     if spec.skip_initcalls:
         parts.append("initcall_blacklist=" + ",".join(spec.skip_initcalls))
     if spec.machine == "microvm":

@@ -463,3 +463,25 @@ def test_bad_snapshot_falls_back_to_cold_boot():
         lab.down(name)
     assert not state_file.exists(), "a state that failed to restore must be discarded"
     assert not qemu_pids_of(lab.vm_dir(name))
+
+
+def test_a_traced_boot_times_the_kernels_own_lines():
+    """``up(trace=True)`` (``invoke bench --only=boottrace``): a cold boot whose
+    console carries the kernel's messages, each line with when the host saw it,
+    in boot order; the guest's own progress lines are among them."""
+    from nflab import bench
+    st = lab.up("6.12", "it-trace", trace=True, progress=lambda m: None)
+    try:
+        assert st.restored_from is None and "quiet" not in " ".join(st.cmd).split()
+        times = [t for t, _ in st.boot_lines]
+        texts = [line for _, line in st.boot_lines]
+        assert times == sorted(times) and 0 < times[0] < times[-1] <= st.boot_seconds
+        assert texts[0].startswith("[    0.000000] Linux version 6.12")
+        for line in ("Run /init as init process", "nflab-initramfs: started", "nflab-init: ready"):
+            assert any(line in t for t in texts), f"no {line!r} in the traced console"
+        rows = bench.trace_rows([st])
+        assert rows[1].runs and 0 < rows[1].runs[0] < st.boot_seconds     # Run /init
+        assert len(rows) == 2 + bench.TRACE_GAPS
+    finally:
+        lab.down("it-trace")
+    assert not qemu_pids_of(lab.vm_dir("it-trace"))

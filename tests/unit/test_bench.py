@@ -26,6 +26,8 @@ def test_groups_default_only_and_workshop():
 
 def test_datapath_is_a_group_of_its_own():
     assert bench.groups_for("datapath,boot") == ["boot", "datapath"]
+    assert bench.groups_for("snapshot,boottrace,boot") == ["boot", "boottrace", "snapshot"]
+    assert "boottrace" not in bench.groups_for(None)
     assert "datapath" not in bench.groups_for(None)
 
 
@@ -47,7 +49,7 @@ def test_cli_rejects_an_unknown_group_before_anything_runs():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "unknown group(s) warp" in res.stdout + res.stderr
-    assert "valid: build, boot, snapshot, vng, test, datapath, workshop" in res.stdout + res.stderr
+    assert "valid: build, boot, boottrace, snapshot, vng, test, datapath, workshop" in res.stdout + res.stderr
 
 
 def test_vng_missing_is_a_skipped_row_with_the_reason(monkeypatch):
@@ -98,3 +100,49 @@ def test_phase_rows_in_boot_order_with_the_login_after_the_ready_line():
                                       "  first SSH login after the ready line"]
     assert rows[0].runs == [1.17, 1.19] and rows[-1].runs == pytest.approx([0.33, 0.39])
     assert bench.phase_rows([SimpleNamespace(boot_seconds=0.6, boot_marks={})]) == []
+
+
+def test_traced_console_lines_keep_when_the_host_first_saw_them():
+    lines = []
+    lab.note_lines(lines, "[    0.000000] Linux version 6.12\r\n[    0.1] half", 0.3)
+    lab.note_lines(lines, "[    0.000000] Linux version 6.12\r\n[    0.1] half a line\nnext\n", 0.5)
+    assert lines == [[0.3, "[    0.000000] Linux version 6.12"], [0.5, "[    0.1] half a line"],
+                     [0.5, "next"]]
+
+
+def test_kernel_messages_reach_the_console_only_when_traced():
+    from vm import qemu
+    spec = qemu.LaunchSpec(name="t", vmdir=REPO, kernel=REPO, initrd=REPO, rootfs=REPO, modules_img=REPO,
+                           ssh_pubkey="AAAA", ports=qemu.Ports(ssh=1))
+    assert " quiet " in f" {qemu.kernel_cmdline(spec)} "
+    spec.verbose = True
+    assert " quiet " not in f" {qemu.kernel_cmdline(spec)} " and "console=ttyS0" in qemu.kernel_cmdline(spec)
+
+
+TRACE = [[0.27, "[    0.000000] Linux version 6.12.118"],
+         [0.28, "[    0.169083] x86/fpu: x87 FPU will use FXSAVE"],
+         [0.45, "[    0.169083] Freeing SMP alternatives memory: 40K"],
+         [0.47, "[    0.222104] node 0 deferred pages initialised in 12ms"],
+         [1.17, "[    0.697885] Run /init as init process"],
+         [1.19, "nflab-initramfs: started after 0.73s"]]
+
+
+def test_boot_trace_rows_name_the_longest_waits_by_the_line_that_ended_them():
+    other = [list(x) for x in TRACE]
+    other[2][0], other[3] = 0.48, [0.50, "[    0.222104] node 0 deferred pages initialised in 24ms"]
+    waits = bench.trace_waits(TRACE)
+    assert "Linux version 6.12.118" not in {w[1] for w in waits.values()}      # the console's start
+    assert waits["Freeing SMP alternatives memory: #K"] == (0.17, "Freeing SMP alternatives memory: 40K",
+                                                             "x86/fpu: x87 FPU will use FXSAVE")
+    assert waits["nflab-initramfs: started"][0] == 0.02
+    rows = bench.trace_rows([SimpleNamespace(boot_lines=TRACE), SimpleNamespace(boot_lines=other)])
+    assert [r.name for r in rows[:4]] == [
+        "  kernel console up (first line)", "  kernel: Run /init as init process",
+        "  wait before: Run /init as init process",
+        "  wait before: Freeing SMP alternatives memory: 40K"]
+    assert rows[0].runs == [0.27, 0.27] and rows[1].runs == [1.17, 1.17]
+    assert rows[3].runs == pytest.approx([0.17, 0.20]) and rows[3].note == "after: x86/fpu: x87 FPU will use FXSAVE"
+    # numbers that differ from boot to boot do not split a line in two
+    deferred = next(r for r in rows if "deferred" in r.name)
+    assert len(deferred.runs) == 2
+    assert len(rows) <= 2 + bench.TRACE_GAPS
