@@ -648,6 +648,23 @@ def _kernel_for_boot(spec: str | None, progress):
     return kernels.get(spec, progress=progress)
 
 
+def _plan(kernel, vm: str, spec: str | None, trace: bool, progress) -> tuple[_BootPlan, str]:
+    """What every launch of VM *vm* with *kernel* shares (its boot files, rootfs and
+    key made if missing), and why it runs on the accelerator it does."""
+    image = rootfs.ensure(progress=progress)
+    boot = initramfs.ensure(kernel, progress=progress)
+    accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
+    key, pub = ssh_key()
+    vmdir = vm_dir(vm)
+    vmdir.mkdir(parents=True, exist_ok=True)
+    plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
+                     image=image, key=key, pub=pub, accel=accel,
+                     machine=os.environ.get("NFLAB_MACHINE", "microvm"), progress=progress,
+                     sshd=qemu.sshd_choice(), tcg_thread=qemu.tcg_threading(), trace=trace,
+                     skip_initcalls=qemu.skipped_initcalls(config=kconfig.read(kernel.config)))
+    return plan, reason
+
+
 def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
        budget: float | None = None, snapshot: bool | None = None, trace: bool = False,
        progress=print) -> VMState:
@@ -666,7 +683,6 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
     each console line noted with when the host first saw it (``boot_lines``), for
     ``invoke bench --only=boottrace``."""
     check_name(vm)
-    vmdir = vm_dir(vm)
     vms_dir().mkdir(parents=True, exist_ok=True)
     with file_lock(vms_dir() / f".{vm}.lock"):
         old = load(vm)
@@ -687,23 +703,12 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
                                   hint=f"run `invoke vm-down --vm={vm}` first, pass --replace, "
                                        "or use another --vm name")
             _teardown(old, graceful=True)
-        image = rootfs.ensure(progress=progress)
-        boot = initramfs.ensure(kernel, progress=progress)
-        accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
-        machine = os.environ.get("NFLAB_MACHINE", "microvm")
-        sshd = qemu.sshd_choice()
-        tcg_thread = qemu.tcg_threading()
-        budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[accel]))
+        plan, reason = _plan(kernel, vm, spec, trace, progress)
+        budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[plan.accel]))
         use_snapshot = snapshot_mod.enabled(snapshot) and not trace
+        threads = f", {plan.tcg_thread}-threaded" if plan.accel == "tcg" else ""
         progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
-                 f"with {accel.upper()} ({reason}"
-                 f"{', ' + tcg_thread + '-threaded' if accel == 'tcg' else ''}), -M {machine}")
-        key, pub = ssh_key()
-        vmdir.mkdir(parents=True, exist_ok=True)
-        plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
-                         image=image, key=key, pub=pub, accel=accel, machine=machine,
-                         progress=progress, sshd=sshd, tcg_thread=tcg_thread, trace=trace,
-                         skip_initcalls=qemu.skipped_initcalls(config=kconfig.read(kernel.config)))
+                 f"with {plan.accel.upper()} ({reason}{threads}), -M {plan.machine}")
         if use_snapshot:
             state = _up_from_snapshot(plan, budget)
             if state is not None:
