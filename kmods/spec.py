@@ -158,8 +158,9 @@ COMMANDS = (
     ("get", "counters, filter and rate limit of the netns"),
     ("set", "filter and rate limit of the netns (CAP_NET_ADMIN)"),
 )
-# "(default 0)", "default: 32": a help text saying a default the definition declares
-HELP_DEFAULT_RE = re.compile(r"\bdefault\b\s*:?\s*[\w-]", re.I)
+# "(default 0)", "default: 32", "defaults to 3": a help text saying a default the
+# definition declares ("the default route", "by default every packet" are not)
+HELP_DEFAULT_RE = re.compile(r"\(default\b|\bdefaults?\s*(?::|=|\bto\b|\bis\b)", re.I)
 RATE_MAX = 1000000      # events per second per netns
 BURST_MAX = 10000
 

@@ -277,9 +277,11 @@ def _build_group(spec, runs, cold, results, progress):
 def _up_cmd_down(spec, vm, snapshot: bool):
     def once():
         t0 = time.monotonic()
-        lab.up(spec, vm, snapshot=snapshot, progress=lambda *_: None)
-        lab.exec(vm, "uname -r")
-        lab.down(vm)
+        try:
+            lab.up(spec, vm, snapshot=snapshot, progress=lambda *_: None)
+            lab.exec(vm, "uname -r")
+        finally:
+            lab.down(vm)
         return time.monotonic() - t0
     return once
 
@@ -293,16 +295,18 @@ def _boot_group(spec, runs, results, extra, progress):
 
     def boot_ready():
         t0 = time.monotonic()
-        state = lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
-        elapsed = time.monotonic() - t0
-        extra["accel"] = state.accel
-        extra["machine"] = state.machine
-        boots.append((qemu.sshd_choice(), state))
-        lab.exec(vm, "true")
-        r = _peak_rss_kib(state.pid)
-        if r:
-            rss.append(r)
-        lab.down(vm)
+        try:
+            state = lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
+            elapsed = time.monotonic() - t0
+            extra["accel"] = state.accel
+            extra["machine"] = state.machine
+            boots.append((qemu.sshd_choice(), state))
+            lab.exec(vm, "true")
+            r = _peak_rss_kib(state.pid)
+            if r:
+                rss.append(r)
+        finally:
+            lab.down(vm)
         return elapsed
     default = _measure("boot to SSH ready (in-process)", boot_ready, runs,
                        note=f"guest SSH server: {qemu.sshd_choice()}")
@@ -351,14 +355,13 @@ def phase_rows(states: list) -> list[Measurement]:
 # ---------------------------------------------------------------- boot trace
 
 TRACE_GAPS = 8          # the longest waits between console lines, reported
-KERNEL_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
 GUEST_AFTER = re.compile(r" after [\d.]+s$")
 INIT_LINE = "Run /init as init process"
 
 
 def line_text(line: str) -> str:
     """A console line without the kernel's timestamp and the guest init's "after N s"."""
-    return GUEST_AFTER.sub("", KERNEL_STAMP.sub("", line)).strip()
+    return GUEST_AFTER.sub("", qemu.strip_timestamp(line)).strip()
 
 
 def trace_waits(lines: list) -> dict[str, tuple[float, str, str]]:
@@ -408,7 +411,7 @@ def boottrace_group(spec, runs, progress) -> list[Measurement]:
         lab.down(vm)
         return elapsed
     total = _measure("boot trace: cold boot to SSH ready, kernel messages on", traced, runs,
-                     note="slower than a quiet boot by the console's own output")
+                     note="the console's own output included: compare the quiet boot of the same run")
     return [total, *trace_rows(boots)]
 
 
@@ -489,19 +492,34 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
     argv = _vng_argv(vng, generic.vmlinuz, accel)
     extra["vng_command"] = " ".join(argv)
     rcs: list = []
-    pairs = ((kit, _up_cmd_down(kit_spec, vm, False)), (vm_, _vng_once(argv, generic, rcs, extra)))
     progress(f"vng vs kit on {kern.abi} ({runs} runs each, alternated)")
-    for _ in range(runs):
-        for m, fn in pairs:
-            if m.error:
-                continue
-            try:
-                m.runs.append(fn())
-            except Exception as exc:
-                m.error = str(exc)[:300]
-                lab.down(vm)
+    failed = _alternate(runs, kit, _up_cmd_down(kit_spec, vm, False), vm_, _vng_once(argv, generic, rcs, extra))
+    lab.down(vm)
+    if failed:
+        # a vng run that fails is vng's own (its guest oopsed under TCG once in 6 here):
+        # counted, and the series went on
+        extra["vng_failures"] = f"{len(failed)} of {runs} vng runs failed; the first: {failed[0]}"
+        vm_.error = vm_.error or (failed[0] if not vm_.runs else "")
+        vm_.note += f"; {len(failed)} of {runs} vng runs failed (vng_failures in info)"
     _vng_notes(kit, vm_, rcs, extra)
     return [kit, vm_]
+
+
+def _alternate(runs: int, kit: Measurement, kit_once, vng: Measurement, vng_once) -> list[str]:
+    """*runs* rounds of a kit run then a vng run. A kit failure ends the kit's
+    series (its error is the row's); a vng failure is returned and vng goes on."""
+    failed = []
+    for _ in range(runs):
+        if not kit.error:
+            try:
+                kit.runs.append(kit_once())
+            except Exception as exc:
+                kit.error = str(exc)[:300]
+        try:
+            vng.runs.append(vng_once())
+        except Exception as exc:
+            failed.append(str(exc)[:300])
+    return failed
 
 
 def _vng_skipped(reason: str, extra: dict) -> list[Measurement]:

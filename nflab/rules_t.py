@@ -209,7 +209,10 @@ def remote_command(text: str) -> str:
     """A one-line command that ships *text* to the guest and runs it with sh
     in a network namespace of its own."""
     b64 = base64.b64encode(text.encode()).decode()
-    return f"echo {b64} | base64 -d > /tmp/nflab-t.sh && unshare --net sh /tmp/nflab-t.sh"
+    # a file of its own: two runs against one guest (upstream-t beside test) never
+    # overwrite each other's script
+    return (f"f=$(mktemp /tmp/nflab-t.XXXXXX.sh) && echo {b64} | base64 -d > $f && "
+            "{ unshare --net sh $f; rc=$?; rm -f $f; exit $rc; }")
 
 
 def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult]:
@@ -359,6 +362,13 @@ def run_many(host, runs: list[tuple[Path, str]], jobs: int = 2) -> dict:
         if out.rc == 91:
             raise VMError(f"cannot create a scratch directory in the guest: {out.stderr.strip()}",
                           hint="the guest's /tmp is its tmpfs overlay: check free memory (invoke vm-exec --cmd='df -h /tmp')")
+        if out.rc != 0:
+            # the batch ends with its clean-up: any other status means it did not run
+            # to the end (the SSH connection dropped, the guest killed its shell)
+            raise VMError(f"the guest's batch of .t runs ended early (status {out.rc}): "
+                          f"{out.stderr.strip()[-300:] or '(nothing on stderr)'}",
+                          hint="see whether the VM still answers (invoke vm-exec --cmd=true) and "
+                               "its console.log for a fault, then run again")
         texts += split_jobs(out.stdout, len(batch))
     done: dict = {}
     for (path, backend, cases, fam), text in zip(plans, texts):

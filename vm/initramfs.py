@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from ground import integrity
 from ground.errors import VMError
 from ground.paths import cache_dir
@@ -127,10 +129,14 @@ def read_module(path: Path) -> bytes:
     if name.endswith(".ko.gz"):
         return gzip.decompress(path.read_bytes())
     if name.endswith(".ko.zst"):
-        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+        # a module's frame may not record its size: read the stream to its end
+        with path.open("rb") as f:
+            return zstandard.ZstdDecompressor().stream_reader(f).read()
     if name.endswith(".ko"):
         return path.read_bytes()
-    raise VMError(f"unknown module compression: {path}")
+    raise VMError(f"unknown module compression: {path}",
+                  hint="the kit reads .ko, .ko.xz, .ko.gz and .ko.zst: refetch the kernel "
+                       "(invoke fetch-kernel --kernel=SPEC) if the file is damaged")
 
 
 class CpioWriter:

@@ -170,7 +170,9 @@ def _prove(art: Built, vm: str, release: str, taint: str, srcversion: str) -> In
         raise VMError(f"{mod} in VM {vm!r} has taint {taint!r} without O: not the kit's module",
                       hint="an in-tree module may be built in; check `modinfo` in the guest")
     if art.srcversion and srcversion != art.srcversion:
-        raise VMError(f"{mod} in VM {vm!r} has srcversion {srcversion}, the build has {art.srcversion}")
+        raise VMError(f"{mod} in VM {vm!r} has srcversion {srcversion}, the build has {art.srcversion}",
+                      hint=f"an older build of {mod} stayed loaded (in use?): `rmmod {mod}` in the guest, "
+                           "or start a fresh guest (invoke vm-down, then run again)")
     return Installed(art.name, mod, release, taint, srcversion, art.plugin)
 
 

@@ -232,7 +232,8 @@ def pid_alive(pid: int | None, vmdir: Path | None = None) -> bool:
         return False
     if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
         return False
-    return vmdir is None or str(vmdir).encode() in cmdline
+    # the QEMU names files inside its VM directory: "…/vms/a/" is no prefix of "…/vms/ab/"
+    return vmdir is None or f"{vmdir}/".encode() in cmdline
 
 
 def is_running(state: VMState) -> bool:
@@ -587,7 +588,9 @@ def _boot(plan: _BootPlan, budget: float, incoming: Path | None = None) -> VMSta
             state = _boot_once(plan, budget, incoming)
         if state is not None:
             return state
-    raise VMError(f"could not find free ports for VM {plan.vm!r} after 3 tries")
+    raise VMError(f"could not find free ports for VM {plan.vm!r} after 3 tries",
+                  hint="another program keeps taking the ports QEMU was given on 127.0.0.1: "
+                       "see `ss -lntup`, stop unused VMs (invoke vm-down --vm=NAME) and retry")
 
 
 def _save_snapshot(plan: _BootPlan, k: str, rec: dict, budget: float) -> Path | None:
@@ -688,6 +691,9 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         old = load(vm)
         healthy = old is not None and is_running(old) and old.status == "ready" \
             and not qemu.find_fault(console_text(old))
+        if healthy and trace:
+            raise VMError(f"VM {vm!r} already runs {old.release}: a traced boot needs a fresh one",
+                          hint=f"run `invoke vm-down --vm={vm}` first, or trace another --vm name")
         if healthy and spec in (old.spec, old.release):
             # same request as the running VM: no need to ask apt what "6.12" means now
             progress(f"VM {vm!r} already runs {old.release}; reusing it")
@@ -703,7 +709,8 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
                                   hint=f"run `invoke vm-down --vm={vm}` first, pass --replace, "
                                        "or use another --vm name")
             _teardown(old, graceful=True)
-        plan, reason = _plan(kernel, vm, spec, trace, progress)
+        with signals_as_interrupt():     # the KVM probe's QEMU is stopped on SIGTERM too
+            plan, reason = _plan(kernel, vm, spec, trace, progress)
         budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[plan.accel]))
         use_snapshot = snapshot_mod.enabled(snapshot) and not trace
         threads = f", {plan.tcg_thread}-threaded" if plan.accel == "tcg" else ""

@@ -469,7 +469,8 @@ class Fault:
         return f"{self.kind}: {self.line.strip()}"
 
 
-def _strip_timestamp(line: str) -> str:
+def strip_timestamp(line: str) -> str:
+    """A console line without the kernel's ``[   1.234567]`` stamp."""
     return re.sub(r"^\[\s*\d+\.\d+\]\s?", "", line)
 
 
@@ -498,7 +499,7 @@ def find_fault(text: str, *, before: int = 3, after: int = 30, max_chars: int = 
     excerpt = "\n".join(chunk)
     if len(excerpt) > max_chars:
         excerpt = excerpt[:max_chars] + "\n..."
-    return Fault(kind, _strip_timestamp(matched), excerpt)
+    return Fault(kind, strip_timestamp(matched), excerpt)
 
 
 def tail(text: str, n: int = 25) -> str:
@@ -537,9 +538,12 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[boo
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
             return False, f"a KVM guest did not finish a probe boot within {timeout:g}s (hangs)"
+        finally:
+            # a hung guest, or Ctrl-C / SIGTERM while it probes: no QEMU outlives the probe
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         ok = "nflab-probe-ok" in log.read_text(errors="replace")
         if ok:
             return True, "KVM probe boot succeeded"

@@ -55,11 +55,12 @@ def ssh_argv(backend) -> list[str]:
 
 def run(host, command: str, timeout: float | None = None):
     """``host.run(command)`` for a testinfra *host*, for commands of any length:
-    a testinfra ``CommandResult``."""
+    a testinfra ``CommandResult``. *timeout* bounds the stdin path's ssh; a
+    command short enough for one exec request runs as testinfra runs it."""
     backend = getattr(host, "backend", None)
     if not needs_stdin(command) or backend is None or backend.get_connection_type() != "ssh":
         return host.run(command)
     request, data = exec_request(command)
     res = subprocess.run(ssh_argv(backend) + [request], input=data, capture_output=True,
                          timeout=timeout, check=False)
-    return backend.result(res.returncode, data, res.stdout, res.stderr)
+    return backend.result(res.returncode, command.encode(), res.stdout, res.stderr)

@@ -89,6 +89,11 @@ def _kit_output(ext, save, listing):
     return save, listing
 
 
+# the stock plugin's revision where the kit's differs: the kit's quota is revision 1
+# because its struct is not the in-tree revision 0's (kmods/catalog/quota/ext.toml)
+STOCK_REVISION = {"quota": 0}
+
+
 def test_kit_plugins_save_and_list_what_stock_plugins_do(upstream, exe, build_root):
     from kmods.spec import CATALOG, load
 
@@ -103,7 +108,7 @@ def test_kit_plugins_save_and_list_what_stock_plugins_do(upstream, exe, build_ro
         kit_files = sorted((CATALOG / name).glob("lib*.t"))
         encodings = {}
         for where, fam, args in _cases(ext.name, up_files + kit_files):
-            stock = xtshow.show(exe, stock_so, ext.name, ext.revision, fam, args)
+            stock = xtshow.show(exe, stock_so, ext.name, STOCK_REVISION.get(name, ext.revision), fam, args)
             kit = xtshow.show(exe, kit_so, ext.name, ext.revision, fam, args)
             upstream_case = where.startswith("extensions/")
             if kit.rc != 0 and (upstream_case or stock.rc == 0):

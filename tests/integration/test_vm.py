@@ -485,3 +485,29 @@ def test_a_traced_boot_times_the_kernels_own_lines():
     finally:
         lab.down("it-trace")
     assert not qemu_pids_of(lab.vm_dir("it-trace"))
+
+
+def test_kernel_warnings_reach_the_console_and_lockdep_splats_are_faults(vms):
+    """The boot is quiet (errors only), but from the initramfs's end on the
+    kernel's warnings reach the console, where the host looks for faults:
+    lockdep's splats are warnings. A plain warning leaves the VM usable."""
+    st = vms("6.12", "it-warn")
+
+    def console_shows(text: str) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if text in lab.console_text(st):
+                return True
+            time.sleep(0.05)
+        return False
+    lab.exec(st.name, "echo '<4>nflab-it: a plain warning' > /dev/kmsg", check=True)
+    assert console_shows("nflab-it: a plain warning")
+    lab.require(st.name)                     # not a fault
+    lab.exec(st.name, "echo '<6>nflab-it: an info line' > /dev/kmsg; "
+                      "echo '<4>WARNING: possible circular locking dependency detected' > /dev/kmsg",
+             check=True)
+    assert console_shows("WARNING: possible circular locking")
+    assert "nflab-it: an info line" not in lab.console_text(st)
+    with pytest.raises(VMError, match="lockdep: WARNING: possible circular locking"):
+        lab.require(st.name)
+    assert not qemu_pids_of(st.vmdir)

@@ -146,3 +146,22 @@ def test_boot_trace_rows_name_the_longest_waits_by_the_line_that_ended_them():
     deferred = next(r for r in rows if "deferred" in r.name)
     assert len(deferred.runs) == 2
     assert len(rows) <= 2 + bench.TRACE_GAPS
+
+
+def test_a_failed_vng_run_is_counted_and_the_series_goes_on():
+    """vng's own failure (its guest oopsed once under TCG here) does not end its
+    series; a kit failure ends the kit's, with the error on its row."""
+    kit, vng = bench.Measurement("kit"), bench.Measurement("vng")
+    vng_results = iter([5.7, RuntimeError("vng exit 255, no release line: Kernel panic"), 5.8])
+    kit_results = iter([2.9, RuntimeError("did not answer SSH"), 3.0])
+
+    def take(results):
+        def once():
+            got = next(results)
+            if isinstance(got, Exception):
+                raise got
+            return got
+        return once
+    failed = bench._alternate(3, kit, take(kit_results), vng, take(vng_results))
+    assert vng.runs == [5.7, 5.8] and failed == ["vng exit 255, no release line: Kernel panic"]
+    assert kit.runs == [2.9] and kit.error == "did not answer SSH"

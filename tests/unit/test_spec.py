@@ -431,11 +431,31 @@ def test_help_says_a_declared_default_once_from_the_definition():
     plugin = render.render(ext)[f"{ext.plugin}.c"]
     assert "--to n\\n\\t\\toffset to stop at (default 65535)\\n" in plugin
     for stated in ("offset to stop at (default 65535)", "offset to stop at, default: 0",
-                   "offset to stop at (Default 7)"):
+                   "offset to stop at (Default 7)", "offset to stop at; defaults to the end",
+                   "offset to stop at (the default is 65535)"):
         raw = _opts({"name": "to", "type": "uint16", "default": 65535, "help": stated})
         with pytest.raises(SpecError, match=r"states the default itself.*\(default 65535\)"):
             spec.validate(raw)
     # a help that only mentions the word keeps it (an option without a declared default too)
     raw = _opts({"name": "to", "type": "uint16", "default": 1, "help": "scan at most this much (l7-filter's default)"},
+                {"name": "via", "type": "uint8", "default": 0, "help": "skip packets to the default gateway, by default none"},
                 {"name": "mask", "type": "uint8", "help": "prefix length (default 32 / 128)"})
-    assert spec.validate(raw).options[0].help_text == "scan at most this much (l7-filter's default) (default 1)"
+    assert [o.help_text for o in spec.validate(raw).options[:2]] == [
+        "scan at most this much (l7-filter's default) (default 1)",
+        "skip packets to the default gateway, by default none (default 0)"]
+
+
+def test_checkentry_refuses_a_rule_without_its_mandatory_options():
+    """The plugin insists on a mandatory option, but nft_compat or a raw
+    setsockopt caller can hand the module a rule without it: checkentry refuses."""
+    one = render.render(spec.validate(_opts({"name": "to", "type": "uint16", "mandatory": True},
+                                            {"name": "by", "type": "uint8"})))["xt_nfltest.c"]
+    assert ('\tif (!(info->flags & NFLTEST_TO)) {\n\t\tpr_info_ratelimited("--to is required\\n");\n'
+            '\t\treturn -EINVAL;\n\t}\n') in one
+    assert "NFLTEST_BY))" not in one
+    two = render.render(spec.validate(_opts({"name": "to", "type": "uint16", "mandatory": True},
+                                            {"name": "by", "type": "uint8", "mandatory": True})))["xt_nfltest.c"]
+    assert ("if ((info->flags & (NFLTEST_TO | NFLTEST_BY)) != (NFLTEST_TO | NFLTEST_BY)) {\n"
+            '\t\tpr_info_ratelimited("--to and --by are required\\n");') in two
+    none = render.render(spec.validate(_opts({"name": "to", "type": "uint16"})))["xt_nfltest.c"]
+    assert "required" not in none

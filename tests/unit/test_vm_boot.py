@@ -5,6 +5,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,40 @@ def test_pid_alive_checks_the_vm_dir(tmp_path):
     assert not lab.pid_alive(os.getpid(), tmp_path / "not-my-vm")
     assert not lab.pid_alive(0)
     assert not lab.pid_alive(2 ** 22 + 12345)
+
+
+def test_pid_alive_names_a_vm_dir_whole_not_as_a_prefix(tmp_path):
+    """QEMU of VM "ab" is not VM "a"'s: its command line names files inside ab/."""
+    # sh stays the process (a command follows the sleep), its argv names ab/console.log
+    proc = subprocess.Popen(["sh", "-c", "sleep 30; :", f"{tmp_path}/ab/console.log"])
+    try:
+        deadline = time.monotonic() + 10
+        while b"console.log" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the child never ran sh"
+            time.sleep(0.01)
+        assert lab.pid_alive(proc.pid, tmp_path / "ab")
+        assert not lab.pid_alive(proc.pid, tmp_path / "a")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_modules_are_read_whatever_their_compression(tmp_path):
+    import gzip
+    import lzma
+    import zstandard
+    elf = b"\x7fELF" + bytes(range(256)) * 40
+    packers = {".ko": bytes, ".ko.xz": lzma.compress, ".ko.gz": gzip.compress,
+               # a streamed frame records no content size, as zstd's own CLI writes it
+               ".ko.zst": lambda b: (lambda c: c.compress(b) + c.flush())(
+                   zstandard.ZstdCompressor().compressobj())}
+    for suffix, pack in packers.items():
+        path = tmp_path / f"m{suffix}"
+        path.write_bytes(pack(elf))
+        assert initramfs.read_module(path) == elf, suffix
+    with pytest.raises(VMError, match="unknown module compression"):
+        (tmp_path / "m.ko.bz2").write_bytes(b"x")
+        initramfs.read_module(tmp_path / "m.ko.bz2")
 
 
 def test_state_roundtrip(tmp_path, monkeypatch):

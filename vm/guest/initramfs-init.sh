@@ -121,6 +121,9 @@ else
     echo "nflab-initramfs: no nflab.key= on the kernel command line: SSH login will fail" > /dev/console
 fi
 
+# from here on the kernel's warnings reach the console too ("quiet" kept the boot's
+# to errors): lockdep's splats are warnings, and the host finds faults on the console
+echo 5 > /proc/sys/kernel/printk
 mount --move /dev $R/dev
 mount --move /proc $R/proc
 mount --move /sys $R/sys
