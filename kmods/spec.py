@@ -161,6 +161,12 @@ COMMANDS = (
 # "(default 0)", "default: 32", "defaults to 3": a help text saying a default the
 # definition declares ("the default route", "by default every packet" are not)
 HELP_DEFAULT_RE = re.compile(r"\(default\b|\bdefaults?\s*(?::|=|\bto\b|\bis\b)", re.I)
+INET_HOOKS = ("PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING")
+# the hooks each xtables table attaches to (net/ipv4/netfilter/iptable_*.c)
+TABLE_HOOKS = {"raw": ("PRE_ROUTING", "LOCAL_OUT"), "mangle": INET_HOOKS,
+               "nat": ("PRE_ROUTING", "LOCAL_IN", "LOCAL_OUT", "POST_ROUTING"),
+               "filter": ("LOCAL_IN", "FORWARD", "LOCAL_OUT"),
+               "security": ("LOCAL_IN", "FORWARD", "LOCAL_OUT")}
 RATE_MAX = 1000000      # events per second per netns
 BURST_MAX = 10000
 
@@ -439,6 +445,17 @@ class Extension:
         return bool(self.private)
 
     @property
+    def valid_hooks(self) -> list[str]:
+        """A target's ``.hooks``: the hooks of the tables it is for (NF_INET_*),
+        as the in-tree REJECT declares its filter hooks. x_tables matches ``.table``
+        by name only, and nft_compat checks a target's hooks only when it has
+        them: without, a base chain of any hook in a table named filter takes it."""
+        hooks = {h for t in self.tables for h in TABLE_HOOKS[t]} if self.kind == "target" else set()
+        if hooks == set(INET_HOOKS):
+            return []           # every hook: nothing to restrict
+        return [h for h in INET_HOOKS if h in hooks]
+
+    @property
     def has_flags(self) -> bool:
         """False for classic layouts without a flags member (e.g. comment)."""
         return self.flags_type != "none"
@@ -483,7 +500,32 @@ def struct_members(ext: Extension) -> list:
                               priv.get("comment", "kernel private")))
     if not members:
         members.append(Member("__u8", "flags", 0, 1, 1))
-    return members
+    return _padded(members)
+
+
+def _pad(n: int, size: int, like: Member) -> Member:
+    """``__u8 __padN[size]``, on the same side of what iptables compares as *like*."""
+    return Member("__u8", f"__pad{n}", size if size > 1 else 0, size, 1, like.private,
+                  compared=like.compared)
+
+
+def _padded(members: list) -> list:
+    """*members* with each alignment hole the compiler would leave unnamed made an
+    explicit ``__padN`` (as new UAPI structs do): every byte of the struct is
+    named, the layout and size stay what they were."""
+    out: list = []
+    offset = max_align = 0
+    for m in members:
+        gap = _align(offset, m.align) - offset
+        if gap:
+            out.append(_pad(sum(x.name.startswith("__pad") for x in out), gap, out[-1]))
+        out.append(m)
+        offset += gap + m.size
+        max_align = max(max_align, m.align)
+    tail = _align(offset, max_align) - offset
+    if tail:
+        out.append(_pad(sum(x.name.startswith("__pad") for x in out), tail, out[-1]))
+    return out
 
 
 def struct_size(members: list) -> int:

@@ -285,7 +285,7 @@ def test_iprange_struct_layout_matches_in_tree():
     assert [(m.ctype, m.name) for m in ext.members] == [
         ("union nf_inet_addr", "src_min"), ("union nf_inet_addr", "src_max"),
         ("union nf_inet_addr", "dst_min"), ("union nf_inet_addr", "dst_max"),
-        ("__u8", "flags"),
+        ("__u8", "flags"), ("__u8", "__pad0"),     # in-tree: 3 unnamed tail bytes
     ]
     assert ext.info_size == 68
     assert ext.userspace_size == 68
@@ -320,8 +320,9 @@ def test_large_fields_sit_between_flags_and_private_ones():
                                         "comment": "filled by the plugin"}],
                                private=[{"name": "state", "type": "kptr"}]))
     names = [m.name for m in ext.members]
-    assert names[names.index("flags") + 1:] == ["n", "table", "state"]
-    assert ext.members[-2].decl == "__u8 table[300]" and not ext.members[-2].private
+    assert names[names.index("flags") + 1:] == ["__pad0", "n", "table", "__pad1", "state"]
+    assert ext.members[-3].decl == "__u8 table[300]" and not ext.members[-3].private
+    assert ext.members[-2].decl == "__u8 __pad1[6]" and not ext.members[-2].private
     # __u16 min_len, __u8 flags, pad, __u16 n, __u8 table[300] ends at 306; the pointer at 312
     assert (ext.userspace_size, ext.info_size) == (312, 320)
 
@@ -359,8 +360,8 @@ def test_fields_are_plugin_filled_members_before_the_private_ones():
     raw["private"] = [{"name": "state", "type": "kptr"}]
     ext = spec.validate(raw)
     decls = [m.decl for m in ext.members]
-    assert decls == ["__u16 min_len", "__u8 flags", "__aligned_u64 keys[3]", "__u32 n",
-                     "void *state __attribute__((aligned(8)))"]
+    assert decls == ["__u16 min_len", "__u8 flags", "__u8 __pad0[5]", "__aligned_u64 keys[3]", "__u32 n",
+                     "__u8 __pad1[4]", "void *state __attribute__((aligned(8)))"]
     # min_len 0..2, flags 2, keys 8..32, n 32..36, state 40..48
     assert (ext.userspace_size, ext.info_size) == (40, 48)
 
@@ -371,7 +372,7 @@ def test_uncompared_fields_follow_the_compared_ones_and_end_what_iptables_compar
                      {"name": "keys", "type": "uint64", "count": 2}]
     raw["private"] = [{"name": "state", "type": "kptr"}]
     ext = spec.validate(raw)
-    assert [m.name for m in ext.members] == ["min_len", "flags", "keys", "user", "state"]
+    assert [m.name for m in ext.members] == ["min_len", "flags", "__pad0", "keys", "user", "state"]
     # min_len 0..2, flags 2, keys 8..24, user 24..40, state 40..48
     assert (ext.compare_end, ext.userspace_size, ext.info_size) == ("user", 24, 48)
     raw["private"] = []
@@ -459,3 +460,33 @@ def test_checkentry_refuses_a_rule_without_its_mandatory_options():
             '\t\tpr_info_ratelimited("--to and --by are required\\n");') in two
     none = render.render(spec.validate(_opts({"name": "to", "type": "uint16"})))["xt_nfltest.c"]
     assert "required" not in none
+
+
+@pytest.mark.parametrize("tables, hooks", [
+    (["filter"], "(1 << NF_INET_LOCAL_IN) |\n\t\t\t\t  (1 << NF_INET_FORWARD) |\n\t\t\t\t  (1 << NF_INET_LOCAL_OUT),"),
+    (["raw", "nat"], "(1 << NF_INET_PRE_ROUTING) |\n\t\t\t\t  (1 << NF_INET_LOCAL_IN) |\n\t\t\t\t  "
+                     "(1 << NF_INET_LOCAL_OUT) |\n\t\t\t\t  (1 << NF_INET_POST_ROUTING),"),
+    (["mangle"], None), ([], None)])
+def test_a_target_declares_the_hooks_of_its_tables(tables, hooks):
+    """As the in-tree REJECT does: nft_compat checks a target's hooks only when it
+    has them (the table is matched by name alone)."""
+    raw = {**copy.deepcopy(TARGET_RAW), "tables": tables}
+    module = render.render(spec.validate(raw))["xt_NFLTEST.c"]
+    if hooks is None:
+        assert ".hooks" not in module
+    else:
+        assert f".hooks\t\t= {hooks}\n" in module
+    assert (len(tables) == 1) == (f'.table\t\t= "{(tables or [""])[0]}",' in module)
+
+
+@pytest.mark.parametrize("name", spec.catalog_names())
+def test_every_byte_of_a_shared_struct_is_named(name):
+    """No hole the compiler fills silently: each alignment gap is an explicit
+    __padN, so the members' sizes add up to the struct's and each starts where
+    the one before ended (layout and size as before: the header's static_asserts)."""
+    ext = spec.load(name)
+    offset = 0
+    for m in ext.members:
+        assert offset % m.align == 0, f"{name}: {m.name} at {offset} is not {m.align}-aligned: a hole before it"
+        offset += m.size
+    assert offset == ext.info_size, f"{name}: {ext.info_size - offset} unnamed tail bytes"
