@@ -514,17 +514,18 @@ def _padded(members: list) -> list:
     explicit ``__padN`` (as new UAPI structs do): every byte of the struct is
     named, the layout and size stay what they were."""
     out: list = []
-    offset = max_align = 0
+    offset = max_align = pads = 0
     for m in members:
         gap = _align(offset, m.align) - offset
         if gap:
-            out.append(_pad(sum(x.name.startswith("__pad") for x in out), gap, out[-1]))
+            out.append(_pad(pads, gap, out[-1]))
+            pads += 1
         out.append(m)
         offset += gap + m.size
         max_align = max(max_align, m.align)
     tail = _align(offset, max_align) - offset
     if tail:
-        out.append(_pad(sum(x.name.startswith("__pad") for x in out), tail, out[-1]))
+        out.append(_pad(pads, tail, out[-1]))
     return out
 
 

@@ -355,13 +355,15 @@ def phase_rows(states: list) -> list[Measurement]:
 # ---------------------------------------------------------------- boot trace
 
 TRACE_GAPS = 8          # the longest waits between console lines, reported
-GUEST_AFTER = re.compile(r" after [\d.]+s$")
 INIT_LINE = "Run /init as init process"
 
 
 def line_text(line: str) -> str:
-    """A console line without the kernel's timestamp and the guest init's "after N s"."""
-    return GUEST_AFTER.sub("", qemu.strip_timestamp(line)).strip()
+    """A console line without the kernel's timestamp and the guest init's "after N s"
+    (its progress lines, ``lab.MARK_RE``)."""
+    text = qemu.strip_timestamp(line).strip()
+    mark = lab.MARK_RE.match(text)
+    return mark.group(1) if mark else text
 
 
 def trace_waits(lines: list) -> dict[str, tuple[float, str, str]]:
@@ -383,8 +385,8 @@ def trace_rows(boots: list) -> list[Measurement]:
     came up and ``Run /init``, then the *TRACE_GAPS* longest waits by median
     over the boots that printed the line."""
     firsts = [st.boot_lines[0][0] for st in boots if st.boot_lines]
-    inits = [next(t for t, ln in st.boot_lines if INIT_LINE in ln)
-             for st in boots if any(INIT_LINE in ln for _, ln in st.boot_lines)]
+    inits = [next((t for t, ln in st.boot_lines if INIT_LINE in ln), None) for st in boots]
+    inits = [t for t in inits if t is not None]
     rows = [Measurement("  kernel console up (first line)", firsts,
                         note="s after QEMU started; the kernel buffers its messages until then"),
             Measurement(f"  kernel: {INIT_LINE}", inits, note="s after QEMU started")]
@@ -494,12 +496,12 @@ def vng_group(kern, runs: int, extra: dict, progress=print) -> list[Measurement]
     rcs: list = []
     progress(f"vng vs kit on {kern.abi} ({runs} runs each, alternated)")
     failed = _alternate(runs, kit, _up_cmd_down(kit_spec, vm, False), vm_, _vng_once(argv, generic, rcs, extra))
-    lab.down(vm)
     if failed:
         # a vng run that fails is vng's own (its guest oopsed under TCG once in 6 here):
         # counted, and the series went on
         extra["vng_failures"] = f"{len(failed)} of {runs} vng runs failed; the first: {failed[0]}"
-        vm_.error = vm_.error or (failed[0] if not vm_.runs else "")
+        if not vm_.runs:
+            vm_.error = failed[0]
         vm_.note += f"; {len(failed)} of {runs} vng runs failed (vng_failures in info)"
     _vng_notes(kit, vm_, rcs, extra)
     return [kit, vm_]
