@@ -10,6 +10,8 @@ the group, so nothing is sent before it listens. Checked:
   and devices;
 * events, filter, limit and counters are per network namespace: a listener
   in another netns sees only the packets of its own;
+* an IPv6 datagram in three fragments (before reassembly) is udp in all
+  three events, ports only in the first;
 * unloading the module with listeners open: rmmod succeeds, the plain
   listener says the family went away and exits 0, a ``--follow`` listener
   picks the reloaded family up and receives again; no kernel warning;
@@ -229,6 +231,33 @@ def test_events_stay_in_their_netns(host, pktlog):
     assert all(e["hook"] == "LOCAL_OUT" and e["l4proto"] == "icmp" for e in here.events + there.events)
     assert (main["events"], other["events"]) == (4, 6), (main, other)
     assert other["rate"] == 77 and main["rate"] != 77, "the limit is per netns"
+
+
+def test_ipv6_fragments_carry_the_upper_protocol(host, pktlog):
+    """A UDP datagram sent in three fragments between two fresh netns, seen at
+    PRE_ROUTING before reassembly (no conntrack, so no defragmentation, there):
+    every fragment is l4proto udp, as nft's meta l4proto says, not 44 (the
+    fragment header), so a filter on udp hears all three; only the first has ports."""
+    a, b = "nflabfa", "nflabfb"
+    listener = Listener("g", "--count 3 --timeout 15", netns=b)
+    send = (f"python3 -c 'import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+            f"s.sendto(bytes(3000), (\"fd00:f::2\", {PORT}))'")
+    try:
+        sh(host, f"ip netns del {a} 2>/dev/null; ip netns del {b} 2>/dev/null\n"
+                 f"ip netns add {a} && ip netns add {b} && ip link add fa netns {a} type veth peer fb netns {b}\n"
+                 f"ip -n {a} addr add fd00:f::1/64 dev fa nodad && ip -n {b} addr add fd00:f::2/64 dev fb nodad\n"
+                 f"ip -n {a} link set fa up && ip -n {b} link set fb up\n"
+                 f"ip netns exec {b} pktlog-listen set --filter hook=PRE_ROUTING --filter l4proto=udp\n"
+                 f"{listener.start()}\nip netns exec {a} {send}")
+        listener.parse(sh(host, listener.wait(20)))
+    finally:
+        host.run(f"ip netns del {a}; ip netns del {b}")
+    assert listener.rc == 0 and len(listener.events) == 3, (listener.err, listener.events)
+    assert all(e["l4proto"] == "udp" and e["nfproto"] == "ipv6" for e in listener.events), listener.events
+    # 8 + 3000 bytes of UDP in pieces of (1500 - 40 - 8) & ~7 = 1448, each behind
+    # the 40-byte IPv6 header and the 8-byte fragment header
+    assert sorted(e["len"] for e in listener.events) == [48 + 112, 48 + 1448, 48 + 1448], listener.events
+    assert [e.get("dport") for e in listener.events].count(PORT) == 1, listener.events
 
 
 def test_unload_with_listeners_open(host, pktlog):
