@@ -211,8 +211,8 @@ def remote_command(text: str) -> str:
     b64 = base64.b64encode(text.encode()).decode()
     # a file of its own: two runs against one guest (upstream-t beside test) never
     # overwrite each other's script
-    return (f"f=$(mktemp /tmp/nflab-t.XXXXXX.sh) && echo {b64} | base64 -d > $f && "
-            "{ unshare --net sh $f; rc=$?; rm -f $f; exit $rc; }")
+    return remote.via_file(f'echo {b64} | base64 -d > "$f"', "unshare --net sh",
+                           template="/tmp/nflab-t.XXXXXX.sh")
 
 
 def results(cases: list[RuleCase], backend: str, output: str) -> list[RuleResult]:

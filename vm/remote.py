@@ -20,8 +20,18 @@ from __future__ import annotations
 import subprocess
 
 MAX_EXEC = 8192   # bytes of one exec request: under dropbear's 9000, with room
-STDIN_RUNNER = ('f=$(mktemp) && cat > "$f" && '
-                '{ "${SHELL:-/bin/sh}" "$f"; rc=$?; rm -f "$f"; exit $rc; }')
+
+
+def via_file(fill: str, runner: str, template: str = "") -> str:
+    """Shell that makes a file of its own (``mktemp [template]``), writes the
+    script into it (*fill*, a command writing to ``"$f"``), runs it with *runner*,
+    removes it and exits with the script's status."""
+    make = f"mktemp {template}" if template else "mktemp"
+    return (f'f=$({make}) && {fill} && '
+            f'{{ {runner} "$f"; rc=$?; rm -f "$f"; exit $rc; }}')
+
+
+STDIN_RUNNER = via_file('cat > "$f"', '"${SHELL:-/bin/sh}"')
 
 
 def needs_stdin(command: str) -> bool:
