@@ -7,6 +7,7 @@ import sys
 from invoke import Exit, task
 
 from cli import SNAPSHOT_HELP, snapshot_flag
+from ground.errors import SpecError
 from ground.output import Progress, friendly, table
 from supply import buildroot
 
@@ -105,7 +106,12 @@ def vm_exec(c, cmd, vm="default", timeout=None):
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from vm import lab
 
-    res = lab.exec(vm, cmd, timeout=float(timeout) if timeout else None, capture=False)
+    try:
+        seconds = float(timeout) if timeout else None
+    except ValueError:
+        raise SpecError(f"--timeout={timeout!r} is not a number of seconds",
+                        hint="e.g. --timeout=30") from None
+    res = lab.exec(vm, cmd, timeout=seconds, capture=False)
     if res.returncode != 0:
         raise Exit(code=res.returncode)
 

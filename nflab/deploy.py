@@ -67,10 +67,12 @@ def guest_files(name: str) -> dict:
     out = mod.files()
     for path, value in out.items():
         if not path.startswith("/") or ".." in path.split("/"):
-            raise NflabError(f"{hook}: guest path {path!r} must be absolute, without ..")
+            raise NflabError(f"{hook}: guest path {path!r} must be absolute, without ..",
+                             hint="return paths like /etc/nflab/<file> from files()")
         if isinstance(value, tuple) and not (len(value) == 2 and isinstance(value[1], int)
                                              and 0 <= value[1] <= 0o777):
-            raise NflabError(f"{hook}: {path}: a tuple must be (bytes, mode 0..0o777)")
+            raise NflabError(f"{hook}: {path}: a tuple must be (bytes, mode 0..0o777)",
+                             hint="give the file as bytes, or as (bytes, 0o755) for a script")
     return out
 
 

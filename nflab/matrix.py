@@ -26,6 +26,10 @@ from nflab.suites import junit_backends, parse_junit
 from supply import debian_kernels, kernels, source_kernels
 
 VM_MEMORY_MIB = 1024
+# the kernel release a cell's `invoke test` output names: any line (5.10.0-46-cloud-amd64,
+# 6.12.118+deb13-rt-amd64, 7.3.4+deb13-cloud-amd64, 7.3-cloud-amd64) or a source build
+RELEASE_RE = re.compile(r"\b(\d+\.\d+(?:\.\d+)?(?:[-+]\S*?)?-(?:cloud-|rt-)?amd64"
+                        r"|\d+\.\d+\.\d+-nflab-[0-9a-f]{8})\b")
 
 
 @dataclass
@@ -113,8 +117,7 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
     cell.log = (res.stdout + res.stderr)[-6000:]
     (out_dir / f"log-{vm}.txt").write_text(res.stdout + res.stderr)
     cell.junit = str(junit)
-    m = re.search(r"(6\.\d+\.\d+[-+]\S*?-(?:cloud-)?amd64|6\.\d+\.\d+-nflab-[0-9a-f]{8})",
-                  res.stdout + res.stderr)
+    m = RELEASE_RE.search(res.stdout + res.stderr)
     cell.release = m.group(1) if m else kernel
     for line in (res.stdout + res.stderr).splitlines():
         if line.startswith("BUILD FAILED "):

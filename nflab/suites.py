@@ -328,7 +328,9 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
     built, failed = build.build_many(names, kernel, progress=lambda n: progress(f"building {n}"))
     if failed and not built:
         raise BuildError("; ".join(f"{n_}: {build_reason(e)}" for n_, e in failed),
-                         detail="\n".join(getattr(e, "detail", None) or "" for _, e in failed).strip())
+                         detail="\n".join(getattr(e, "detail", None) or "" for _, e in failed).strip(),
+                         hint="nothing built, so no suite ran: fix the first compiler error above, "
+                              "then `invoke build-module --name=NAME` until it builds")
     files = suite_files([art.name for art in built])
     if not files:
         broken = "".join(f"; {n_} did not build: {build_reason(e)}" for n_, e in failed)
@@ -389,8 +391,10 @@ def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: s
     elif keep:
         vms = [base]                        # a fixed name the next run reuses
     else:
-        # private to this process: concurrent runs never share (or stop) each other's VM
-        tag = f"{base[:20 if n > 1 else 22]}-{os.getpid() % 100000}"
+        # private to this process: concurrent runs never share (or stop) each other's VM;
+        # the whole pid (pid_max is 4194304 on 64-bit hosts: 7 digits, the name stays
+        # within lab.NAME_RE's 32 characters), not pid % 100000, which two live pids share
+        tag = f"{base[:20 if n > 1 else 22]}-{os.getpid()}"
         vms = [tag] if n == 1 else [f"{tag}-{i}" for i in range(n)]
     reports = build_dir() / "reports" / kernel.release
     reports.mkdir(parents=True, exist_ok=True)

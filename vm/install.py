@@ -58,7 +58,9 @@ def _sh(vm: str, cmd: str, what: str, timeout: float = 60):
     res = lab.exec(vm, cmd, timeout=timeout)
     if res.returncode != 0:
         raise VMError(f"{what} failed in VM {vm!r} (exit {res.returncode})",
-                      detail=(res.stderr or res.stdout).strip()[-2000:])
+                      detail=(res.stderr or res.stdout).strip()[-2000:],
+                      hint=f"the guest's output is above; run it by hand: invoke vm-exec --vm={vm} "
+                           f"--cmd={shlex.quote(cmd)}")
     return res.stdout
 
 
@@ -159,7 +161,9 @@ def _run_loads(plans: list[Plan], vm: str, timeout: float) -> dict:
     if res.returncode != 0:
         failed = failed or next((p.art.module for p in plans if p.art.module not in done), "?")
         raise VMError(f"loading {failed} failed in VM {vm!r} (exit {res.returncode})",
-                      detail=(res.stderr or res.stdout).strip()[-2000:])
+                      detail=(res.stderr or res.stdout).strip()[-2000:],
+                      hint=f"the guest's kernel log says why (an unknown symbol, a refused parameter, "
+                           f"a module in use): invoke vm-exec --vm={vm} --cmd='dmesg | tail -30'")
     return done
 
 

@@ -303,8 +303,29 @@ def _stop_master(state: VMState):
                        check=False)
 
 
+def _is_current(state: VMState) -> bool:
+    """True unless ``vm.json`` now records another launch of the VM (a newer QEMU of
+    the same name, started by another kit process since *state* was read)."""
+    now = load(state.name)
+    return now is None or now.started_at == state.started_at
+
+
+def _orphan_pid(vm: str) -> int | None:
+    """The pid of a QEMU still running in VM *vm*'s directory that no ``vm.json``
+    describes (QEMU holds a lock on its pid file: no new QEMU starts there)."""
+    try:
+        pid = int((vm_dir(vm) / "qemu.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid, vm_dir(vm)) else None
+
+
 def _teardown(state: VMState, *, graceful: bool = False):
-    """Make sure the VM's QEMU and SSH master are gone and forget its state."""
+    """Make sure the VM's QEMU and SSH master are gone and forget its state. A
+    *state* that is no longer the VM's current one (read before another process
+    replaced the VM) touches nothing: its QEMU is gone, the files are the new VM's."""
+    if not _is_current(state):
+        return
     if graceful and is_running(state) and _qmp(state.vmdir / "qmp.sock", "quit"):
         deadline = time.monotonic() + 2.0
         while is_running(state) and time.monotonic() < deadline:
@@ -356,6 +377,11 @@ def require(vm: str) -> VMState:
     state = load(vm)
     if state is None:
         raise VMError(f"VM {vm!r} is not running", hint=f"run `invoke vm-up --vm={vm}` first")
+    if not state.pid:
+        # _boot_once reserved the ports; its QEMU is being started (or that start was killed)
+        raise VMError(f"VM {vm!r} is still starting",
+                      hint=f"wait for the `invoke vm-up --vm={vm}` that starts it; if none runs "
+                           f"(an interrupted start), run `invoke vm-down --vm={vm}`")
     check_health(state)
     return state
 
@@ -668,6 +694,17 @@ def _plan(kernel, vm: str, spec: str | None, trace: bool, progress) -> tuple[_Bo
     return plan, reason
 
 
+def _boot_budget(accel: str) -> float:
+    """``$NFLAB_BOOT_TIMEOUT`` seconds, else the accelerator's ``BOOT_BUDGET``."""
+    value = os.environ.get("NFLAB_BOOT_TIMEOUT", "").strip()
+    try:
+        return float(value) if value else BOOT_BUDGET[accel]
+    except ValueError:
+        raise VMError(f"NFLAB_BOOT_TIMEOUT={value!r} is not a number of seconds",
+                      hint=f"e.g. NFLAB_BOOT_TIMEOUT=120, or unset it for {BOOT_BUDGET[accel]:g}s "
+                           f"under {accel.upper()}") from None
+
+
 def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
        budget: float | None = None, snapshot: bool | None = None, trace: bool = False,
        progress=print) -> VMState:
@@ -689,6 +726,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
     vms_dir().mkdir(parents=True, exist_ok=True)
     with file_lock(vms_dir() / f".{vm}.lock"):
         old = load(vm)
+        _refuse_orphan(vm, old)
         healthy = old is not None and is_running(old) and old.status == "ready" \
             and not qemu.find_fault(console_text(old))
         if healthy and trace:
@@ -711,7 +749,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
             _teardown(old, graceful=True)
         with signals_as_interrupt():     # the KVM probe's QEMU is stopped on SIGTERM too
             plan, reason = _plan(kernel, vm, spec, trace, progress)
-        budget = budget or float(os.environ.get("NFLAB_BOOT_TIMEOUT", BOOT_BUDGET[plan.accel]))
+        budget = budget or _boot_budget(plan.accel)
         use_snapshot = snapshot_mod.enabled(snapshot) and not trace
         threads = f", {plan.tcg_thread}-threaded" if plan.accel == "tcg" else ""
         progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
@@ -723,13 +761,28 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
         return _boot(plan, budget)
 
 
+def _refuse_orphan(vm: str, old: VMState | None):
+    """A QEMU without a ``vm.json`` in the VM's directory holds its pid file: a new one
+    would die at once. Say so instead of booting into that."""
+    pid = _orphan_pid(vm) if old is None else None
+    if pid:
+        raise VMError(f"VM {vm!r}: a QEMU (pid {pid}) still runs in its directory without a vm.json",
+                      hint=f"run `invoke vm-down --vm={vm}` to stop it, then retry")
+
+
 def down(vm: str = "default") -> bool:
-    """Stop VM *vm* (QMP quit, then SIGTERM/SIGKILL); True if it was running."""
+    """Stop VM *vm* (QMP quit, then SIGTERM/SIGKILL); True if it was running. A QEMU
+    left in the VM's directory without a ``vm.json`` is stopped too."""
     check_name(vm)
     with file_lock(vms_dir() / f".{vm}.lock"):
         state = load(vm)
         if state is None:
-            return False
+            pid = _orphan_pid(vm)
+            if pid:
+                _kill(pid, vm_dir(vm))
+                for leftover in ("qmp.sock", "qemu.pid", "ssh.ctl"):
+                    (vm_dir(vm) / leftover).unlink(missing_ok=True)
+            return pid is not None
         was = is_running(state)
         _teardown(state, graceful=True)
         return was
@@ -872,7 +925,8 @@ def exec(vm: str, cmd: str | list[str], timeout: float | None = None, *, capture
                                       err.decode(errors="replace"))
     if check and rc != 0:
         raise VMError(f"`{command}` failed in VM {vm!r} with exit {rc}",
-                      detail=(res.stderr or res.stdout).strip()[-2000:])
+                      detail=(res.stderr or res.stdout).strip()[-2000:],
+                      hint=f"its output is above; try it by hand: invoke vm-ssh --vm={vm}")
     return res
 
 
@@ -880,7 +934,8 @@ def copy_to(vm: str, src: str | Path, dst: str, *, mode: int | None = None) -> N
     """Copy host file *src* to *dst* in VM *vm* (over the SSH master, no scp/sftp)."""
     src = Path(src)
     if not src.is_file():
-        raise VMError(f"cannot copy {src}: no such file")
+        raise VMError(f"cannot copy {src} into VM {vm!r}: no such file on the host",
+                      hint="give the path of an existing host file")
     mode = mode if mode is not None else src.stat().st_mode & 0o777
     q = shlex.quote(dst)
     exec(vm, f"cat > {q}.nflab-tmp && chmod {mode:o} {q}.nflab-tmp && mv -f {q}.nflab-tmp {q}",

@@ -272,6 +272,9 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     the TSC is constant."""
     env = os.environ.get("NFLAB_TSC_KHZ")
     if env:
+        if not env.strip().isdigit():
+            raise VMError(f"NFLAB_TSC_KHZ={env!r} is not a rate in kHz",
+                          hint="give whole kHz, e.g. NFLAB_TSC_KHZ=2600000 for 2.6 GHz, or unset it")
         return int(env)
     if cpuinfo is None:
         try:
@@ -517,7 +520,11 @@ def _accel_key() -> str:
         qemu_id = f"{qemu}:{os.stat(qemu).st_mtime_ns}"
     except OSError:
         qemu_id = qemu
-    return f"{os.uname().release}|{qemu_id}"
+    # whether this process may open /dev/kvm is part of what the probe found: a cache shared
+    # with a container (same host kernel, no /dev/kvm), restored on another CI runner, or
+    # kept across an unloaded kvm module or a group change must not say "kvm" any more
+    kvm = "kvm-rw" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "no-kvm"
+    return f"{os.uname().release}|{qemu_id}|{kvm}"
 
 
 def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[bool, str]:
@@ -528,13 +535,17 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[boo
         return False, "/dev/kvm is missing or not accessible"
     with tempfile.TemporaryDirectory(prefix="nflab-kvm-probe-") as tmp:
         log = Path(tmp) / "console.log"
+        log.touch()          # QEMU creates it only once it has parsed its options
         cmd = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
                "-M", MICROVM, "-accel", "kvm", "-cpu", "host",
                "-m", "256M", "-kernel", str(vmlinuz), "-initrd", str(initrd),
                "-append", "console=ttyS0 quiet panic=-1 rdinit=/init nflab.probe",
                "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError as exc:
+            raise VMError(f"{QEMU} not found", hint="apt-get install qemu-system-x86") from exc
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

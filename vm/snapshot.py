@@ -87,19 +87,39 @@ def _qemu_identity() -> list:
         return [exe]
 
 
+# what a -cpu host (KVM) guest saw of the host CPU at boot: QEMU restores such a state
+# only on a host with the same CPU, microcode and KVM (the host kernel decides which
+# CPUID bits KVM offers); a state saved elsewhere (a shared or CI-restored cache) or
+# before a host kernel update is another snapshot
+_HOST_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "microcode", "flags")
+
+
+def _host_cpu() -> list:
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        first = ""
+    seen = "\n".join(l for l in first.splitlines() if l.split(":", 1)[0].strip() in _HOST_CPU_FIELDS)
+    return [os.uname().release, hashlib.sha256(seen.encode()).hexdigest()[:16]]
+
+
 def recipe(launch: qemu.LaunchSpec) -> dict:
-    """What a saved state depends on (the per-VM parts of *launch* normalised away)."""
+    """What a saved state depends on (the per-VM parts of *launch* normalised away;
+    under KVM also the host CPU and kernel, see ``_host_cpu``)."""
     canon = replace(
         launch, name="snapshot", vmdir=Path("/nflab-snapshot"), incoming=None,
         ports=qemu.Ports(ssh=1, wire={n.name: qemu.Wire(guest=2, host=3, mac=n.mac)
                                       for n in qemu.WIRE_NICS}))
-    return {
+    rec = {
         "version": SNAPSHOT_VERSION,
         "command": qemu.build_command(canon),
         "files": [_identity(p) for p in (launch.kernel, launch.initrd, launch.rootfs,
                                          launch.modules_img)],
         "qemu": _qemu_identity(),
     }
+    if launch.accel == "kvm":     # TCG's qemu64 CPU is the same on every host: keys unchanged
+        rec["host"] = _host_cpu()
+    return rec
 
 
 def key(rec: dict) -> str:
@@ -196,9 +216,12 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
             status = info.get("status")
             if status == "completed":
                 break
-            if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                raise VMError(f"saving the VM state {status or 'timed out'}: "
+            if status in ("failed", "cancelled"):
+                raise VMError(f"saving the VM state {status}: "
                               f"{info.get('error-desc', '')}".rstrip(": "), hint=QMP_HINT)
+            if time.monotonic() > deadline:
+                raise VMError(f"saving the VM state timed out after {SAVE_TIMEOUT:g}s "
+                              f"(migration {status or 'not started'})", hint=QMP_HINT)
             time.sleep(0.05)
         size = tmp.stat().st_size
         tmp.rename(state)

@@ -1,0 +1,177 @@
+"""The lab's behaviour where a review of stop 33 found it wrong (each test failed
+on the code before the fix): a stale KVM probe result, a stale or still-booting VM
+state tearing down a live VM, KVM snapshot keys without the host CPU, matrix cell
+releases of 5.10 and 7.x, private VM names from a truncated pid, a save timeout
+reported as a status, and errors without a hint or with a raw traceback."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ground.errors import VMError
+from nflab import matrix, suites
+from vm import install as vm_install
+from vm import lab, qemu, snapshot
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NFLAB_ACCEL", raising=False)
+    return tmp_path / "cache"
+
+
+def test_cached_kvm_is_probed_again_once_dev_kvm_is_unusable(cache, monkeypatch):
+    cache.mkdir(parents=True)
+    (cache / "accel.json").write_text(json.dumps(
+        {"key": qemu._accel_key(), "accel": "kvm", "reason": "KVM probe boot succeeded"}))
+    # now /dev/kvm is gone or not ours (a container sharing the cache and the host kernel,
+    # kvm_intel unloaded, another CI runner restoring the cache, a group change)
+    real_access = qemu.os.access
+    monkeypatch.setattr(qemu.os, "access",
+                        lambda p, m, **kw: False if str(p) == "/dev/kvm" else real_access(p, m, **kw))
+    probes = []
+    monkeypatch.setattr(qemu, "probe_kvm", lambda *a, **k: probes.append(a) or (False, "no kvm"))
+    accel, reason = qemu.choose_accel(Path("vmlinuz"), Path("initrd"), progress=lambda m: None)
+    assert (accel, len(probes)) == ("tcg", 1), "a cached kvm result outlived /dev/kvm"
+
+
+def _state(vmdir, **kw):
+    base = dict(name=vmdir.name, dir=str(vmdir), spec=None, release="r", ports={"ssh": 1},
+                ssh_config=str(vmdir / "ssh_config"), host=f"nflab-{vmdir.name}",
+                accel="tcg", machine="microvm")
+    return lab.VMState(**base, **kw)
+
+
+@pytest.fixture
+def fake_qemu(cache):
+    vmdir = lab.vm_dir("rv-race")
+    vmdir.mkdir(parents=True)
+    # a process whose argv names files in the VM dir, as QEMU's does (pid_alive checks that)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             f"{vmdir}/console.log"], start_new_session=True)
+    yield vmdir, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_stale_state_never_tears_down_the_running_vm(fake_qemu):
+    vmdir, new = fake_qemu
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = _state(vmdir, pid=dead.pid, started_at=1.0, status="ready")   # held by a long lab.exec
+    lab._save(_state(vmdir, pid=new.pid, started_at=2.0, status="ready"))  # vm-up --replace elsewhere
+    (vmdir / "qmp.sock").touch()
+    with pytest.raises(VMError):
+        lab.check_health(old)          # what _watch/exec/require do with the state they hold
+    assert lab.load("rv-race").pid == new.pid          # the running VM's vm.json stays,
+    assert (vmdir / "qmp.sock").exists()               # and its QMP socket
+
+
+def test_vm_down_stops_a_qemu_left_without_its_state(fake_qemu):
+    vmdir, proc = fake_qemu
+    (vmdir / "qemu.pid").write_text(f"{proc.pid}\n")
+    with pytest.raises(VMError, match="still runs in its directory"):
+        lab._refuse_orphan("rv-race", None)
+    assert lab.down("rv-race") is True
+    proc.wait(timeout=10)
+    assert not (vmdir / "qemu.pid").exists()
+
+
+def test_require_during_a_boot_says_starting_and_touches_nothing(fake_qemu):
+    vmdir, _ = fake_qemu
+    # _boot_once saved this to reserve ports; QEMU is being started (pid not recorded yet)
+    lab._save(_state(vmdir, pid=0, started_at=3.0, status="booting"))
+    (vmdir / "qmp.sock").touch()
+    with pytest.raises(VMError, match="is still starting"):
+        lab.require("rv-race")         # `invoke vm-exec --vm=rv-race` from another shell
+    assert (vmdir / "qmp.sock").exists() and lab.load("rv-race").status == "booting"
+
+
+def test_kvm_snapshot_key_holds_the_host_cpu(tmp_path):
+    files = []
+    for n in ("k", "i", "r", "m"):
+        (tmp_path / n).write_bytes(b"x")
+        files.append(tmp_path / n)
+    launch = qemu.LaunchSpec(name="a", vmdir=tmp_path, kernel=files[0], initrd=files[1],
+                             rootfs=files[2], modules_img=files[3], ssh_pubkey="AAAA",
+                             ports=qemu.Ports(ssh=0), accel="kvm")
+    rec = snapshot.recipe(launch)
+    assert "-cpu" in rec["command"] and "host" in rec["command"]
+    text = json.dumps(rec)
+    # nothing of the host CPU (model, flags) or host kernel enters the key of a -cpu host state
+    assert rec["host"][0] and len(rec["host"][1]) == 16, rec.get("host")
+    tcg = snapshot.recipe(replace(launch, accel="tcg"))
+    assert "host" not in tcg, "TCG keys (qemu64 on every host) must not change"
+
+
+@pytest.mark.parametrize("release,spec", [("5.10.0-46-cloud-amd64", "5.10"),
+                                          ("7.3.4+deb13-cloud-amd64", "7.3")])
+def test_matrix_cell_release_of_every_line(tmp_path, monkeypatch, release, spec):
+    out = (f"kernel                  passed failed errors skipped seconds junit\n"
+           f"{release}  9 0 0 0 7.1 {tmp_path}/j.xml\n")
+    monkeypatch.setattr(matrix.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, out, ""))
+    cell = matrix._run_cell(spec, ["iprange"], tmp_path)
+    assert cell.release == release
+
+
+def test_private_vm_names_keep_the_whole_pid(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path))
+    kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
+    names = []
+    for pid in (123456, 223456):          # pid_max is 4194304 on 64-bit hosts
+        monkeypatch.setattr(suites.os, "getpid", lambda pid=pid: pid)
+        _, shards = suites._shards(["iprange"], kernel, [[Path("t.py")]], 1, vm=None, keep=False, junit=None)
+        names.append(shards[0].vm)
+    assert names[0] != names[1] and all(lab.NAME_RE.fullmatch(n) for n in names), names
+
+
+def test_save_timeout_says_it_timed_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot.initramfs, "boot_dir", lambda r: tmp_path)
+    monkeypatch.setattr(snapshot, "SAVE_TIMEOUT", 0.0)
+    monkeypatch.setattr(snapshot, "qmp", lambda sock, *c, **k: [{"status": "active"}])
+    with pytest.raises(VMError) as err:
+        snapshot.save(tmp_path / "qmp.sock", "r", "k", {}, progress=lambda m: None)
+    assert "timed out" in err.value.message and "active" in err.value.message, err.value.message
+
+
+def test_a_failed_insmod_points_at_dmesg(monkeypatch):
+    res = subprocess.CompletedProcess([], 1, "@@NFLAB-INSTALL-FAILED xt_x\n",
+                                      "insmod: ERROR: could not insert module: Unknown symbol in module")
+    monkeypatch.setattr(vm_install.lab, "exec", lambda *a, **k: res)
+    art = type("A", (), {"module": "xt_x"})()
+    plan = vm_install.Plan(art, {}, 0, [":"])
+    with pytest.raises(VMError) as err:
+        vm_install._run_loads([plan], "rv", 60)
+    assert "dmesg" in err.value.hint, err.value.hint
+
+
+def test_probe_kvm_of_a_qemu_that_fails_early_reports_it(tmp_path, monkeypatch):
+    # QEMU that fails before it opens the console chardev (an option it does not know)
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho 'qemu: -M microvm: Property not found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(qemu, "QEMU", str(fake))
+    real_access = qemu.os.access
+    monkeypatch.setattr(qemu.os, "access",
+                        lambda p, m, **kw: True if str(p) == "/dev/kvm" else real_access(p, m, **kw))
+    ok, reason = qemu.probe_kvm(tmp_path / "vmlinuz", tmp_path / "initrd")
+    assert not ok and "Property not found" in reason, reason
+
+
+def test_bad_numbers_in_the_environment_are_errors_with_a_hint(monkeypatch):
+    monkeypatch.setenv("NFLAB_BOOT_TIMEOUT", "2m")
+    with pytest.raises(VMError, match="NFLAB_BOOT_TIMEOUT") as err:
+        lab._boot_budget("tcg")
+    assert "NFLAB_BOOT_TIMEOUT=120" in err.value.hint
+    monkeypatch.setenv("NFLAB_TSC_KHZ", "2.6GHz")
+    with pytest.raises(VMError, match="NFLAB_TSC_KHZ") as err:
+        qemu.host_tsc_khz()
+    assert "2600000" in err.value.hint
+    monkeypatch.setenv("NFLAB_BOOT_TIMEOUT", "90")
+    assert lab._boot_budget("tcg") == 90.0
