@@ -4,7 +4,9 @@ The module is reloaded with ``port``/``proto``/``prio``. Packets to the port
 must vanish (others arrive); a raw-table PREROUTING rule (priority -300, the
 kernel's primary iptables backend: legacy, or nft where legacy xtables is
 missing) counts the dropped packets only when portdrop sits after it, which
-proves the priority took effect. Bad parameters make insmod fail.
+proves the priority took effect. A packet that claims UDP without holding its
+ports is dropped (IPv4 tinygram, IPv6 chain past the end). Bad parameters make
+insmod fail.
 """
 
 from __future__ import annotations
@@ -77,6 +79,26 @@ def test_proto_any_and_tcp(host, wire, portdrop, tag):
             if l4 in dropped_l4:
                 gone.add(t)
         assert send_tagged(wire, pkts, sentinel=sentinel("ipv4", tag())) == set(pkts) - gone, proto
+
+
+def test_packets_without_their_ports_are_dropped(host, wire, portdrop, tag):
+    """A packet that claims UDP but does not hold its ports is dropped, as
+    xt_tcpudp and ip6_tables hotdrop it: an IPv4 tinygram of 2 bytes, and an
+    IPv6 packet whose destination options header claims 2048 bytes (the ports
+    would be past its end); a whole UDP packet to another port still passes."""
+    from scapy.all import IP, UDP, IPv6, Raw
+    from nflab.tracing import payload
+
+    # before rh0drop (-350), which drops a chain past the end as well
+    assert portdrop(f"port={PORT} proto=udp prio=-380").rc == 0
+    (c4, s4), (c6, s6) = PEERS["ipv4"], PEERS["ipv6"]
+    t_cut, t_keep = tag(), tag()
+    pkts = {t_cut: IPv6(src=c6, dst=s6, nh=60) / Raw(bytes([17, 255]) + bytes(6) + payload(t_cut, 56)),
+            t_keep: IPv6(src=c6, dst=s6) / UDP(sport=33000, dport=PORT + 1) / payload(t_keep, 48)}
+    wire.send("client", IP(src=c4, dst=s4, proto=17) / Raw(b"\x81\x01"))
+    assert send_tagged(wire, pkts, sentinel=sentinel("ipv6", tag())) == {t_keep}
+    dropped = {(w[2], w[3]): int(w[4]) for w in proc_lines(host, MOD, "dropped")}
+    assert (dropped[("ipv4", "PRE_ROUTING")], dropped[("ipv6", "PRE_ROUTING")]) == (1, 1), dropped
 
 
 def test_default_drops_nothing(host, wire, portdrop, tag):

@@ -1,6 +1,7 @@
 """rh0drop: IPv6 packets with a Type 0 Routing Header are dropped, wherever
-the header sits in the chain; other routing header types and plain packets
-pass; without the module the same RH0 packet is forwarded (so the drop is
+the header sits in the chain; so are packets whose header chain runs past
+their end (as ip6t_rt hotdrops them); other routing header types and plain
+packets pass; without the module the same RH0 packet is forwarded (so the drop is
 the module's)."""
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def _packets(tag):
     t = tag(); cases[t] = ("rh2", False, base() / IPv6ExtHdrRouting(type=2, segleft=0, addresses=["2001:db8:9::1"]) / udp(t))  # noqa: E702,E501
     t = tag(); cases[t] = ("look-alike: 0x2b0x00 in payload", False,                          # noqa: E702
                            base() / UDP(sport=33000, dport=40300) / (b"\x2b\x02\x00\x00" * 4 + payload(t, 48)))
+    # a destination options header that claims 2048 bytes, in a packet of 64: the
+    # chain runs past the end, so a routing header may hide in a later fragment
+    t = tag(); cases[t] = ("chain past the end", True,                                        # noqa: E702
+                           IPv6(src=CLIENT6, dst=SERVER6, nh=60) / (bytes([43, 255]) + bytes(6) + payload(t, 56)))
     return cases
 
 
@@ -49,7 +54,7 @@ def test_rh0_dropped_others_pass(host, wire, rh0, tag):
     seen = {w[1]: int(w[2].split("=")[1]) for w in proc_lines(host, MOD, "rh")}
     assert seen["type=0"] == 2 and seen["type=2"] == 1, seen
     dropped = {(w[2], w[3]): int(w[4]) for w in proc_lines(host, MOD, "dropped")}
-    assert dropped[("ipv6", "PRE_ROUTING")] == 2
+    assert dropped[("ipv6", "PRE_ROUTING")] == 3       # two RH0 and the cut chain
 
 
 def test_without_module_rh0_is_forwarded(host, wire, rh0, tag):
