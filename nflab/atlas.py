@@ -410,7 +410,9 @@ def _beyond_points(atlas: Atlas, rows: list, claimed: set):
 
 def _add_proc_points(atlas: Atlas, proc_points: dict, rows: list | None, claimed: set):
     """The user's modules (and the tracer) from their own proc files, each point
-    checked against the nft rows when there are any (*rows* None: no nft)."""
+    checked against the nft rows when there are any (*rows* None: no nft); the
+    summary check only when every checkable point was found."""
+    found, missing, unlisted = 0, 0, 0
     for module, points in sorted(proc_points.items()):
         for fam, hook, prio in points:
             kind = "tracer" if module == "nflab_tracer" else "module"
@@ -420,15 +422,20 @@ def _add_proc_points(atlas: Atlas, proc_points: dict, rows: list | None, claimed
                             and r[:3] == (fam, hook, prio) and r[4] == module), None)
                 if idx is not None:
                     claimed.add(idx)
+                    found += 1
                     e.source, e.function, e.module = "proc+nft", rows[idx][3], module
                 elif fam == "netdev" and not any(r[0] == "netdev" for r in rows):
+                    unlisted += 1
                     e.evidence = "nft list hooks shows no netdev hooks here"
                 else:
+                    missing += 1
                     atlas.checks.append(Check(False, f"{fam} {hook}: {module} claims {prio}, "
                                                      "nft list hooks does not show it there"))
             atlas.entries.append(e)
-    if rows is not None and proc_points:
-        atlas.checks.append(Check(True, "every /proc/net/nflab_* point checked against nft list hooks"))
+    if found and not missing:
+        atlas.checks.append(Check(True, f"every /proc/net/nflab_* point nft list hooks can show is "
+                                        f"there ({found})" + (f"; {unlisted} netdev point(s) it "
+                                                              "does not list" if unlisted else "")))
 
 
 def _add_unclaimed(atlas: Atlas, rows: list, claimed: set):

@@ -90,13 +90,16 @@ def flood_lines(sports: tuple[int, int], count: int) -> list[str]:
     return pktgen_lines(sports, count) + start_lines()
 
 
-def pktgen_script(rules: list[str], sports: tuple[int, int], count: int = PACKETS) -> str:
-    """Shell for the guest: flush, set *rules*, send *count* datagrams (source
-    ports *sports*) with pktgen; prints ``forwarded N usec T``."""
+def pktgen_script(rules: list[str], sports: tuple[int, int], count: int = PACKETS,
+                  tool: str = "iptables-legacy") -> str:
+    """Shell for the guest: flush, set *rules* (written for iptables-legacy, run
+    with *tool*: the kernel's backend), send *count* datagrams (source ports
+    *sports*) with pktgen; prints ``forwarded N usec T``."""
+    rules = [tool + r.removeprefix("iptables-legacy") for r in rules]
     return "\n".join([
-        "set -e", "iptables-legacy -w -F FORWARD", *rules, "conntrack -F >/dev/null 2>&1 || true",
+        "set -e", f"{tool} -w -F FORWARD", *rules, "conntrack -F >/dev/null 2>&1 || true",
         *flood_lines(sports, count),
-        "iptables-legacy -w -F FORWARD",
+        f"{tool} -w -F FORWARD",
     ])
 
 
@@ -113,12 +116,13 @@ def measure(vm: str, runs: int, progress=print) -> dict[str, list[float]]:
     installed, the namespaces made, pktgen loaded)."""
     deploy.install("layer7", vm=vm, progress=lambda *_: None)
     lab.exec(vm, "set -e\n" + app_netns.setup_script() + "\nmodprobe pktgen", check=True)
+    tool = f"iptables-{xtables.for_vm(vm).primary}"     # as measure_twins: legacy where it exists
     results: dict[str, list[float]] = {}
     for i in range(runs):
         progress(f"datapath run {i + 1}/{runs}")
         for rname, rules in RULES.items():
             for fname, sports in FLOWS.items():
-                out = lab.exec(vm, pktgen_script(rules, sports), timeout=300, check=True).stdout
+                out = lab.exec(vm, pktgen_script(rules, sports, tool=tool), timeout=300, check=True).stdout
                 results.setdefault(f"{fname}, {rname}", []).append(rate(out))
     return results
 
@@ -360,9 +364,10 @@ def twin_ratio(base: list[float], stock: list[float], kit: list[float]) -> TwinR
         raise ValueError(f"need one baseline, in-tree and kit rate per run: {len(base)}, {len(stock)}, {len(kit)}")
     b, s, k = (statistics.median(x) for x in (base, stock, kit))
     cs, ck = cost_us(s, b), cost_us(k, b)
-    runs = [cost_us(k_, b_) / cost_us(s_, b_) for b_, s_, k_ in zip(base, stock, kit) if cost_us(s_, b_) > 0]
+    runs = [cost_us(k_, b_) / cost_us(s_, b_) for b_, s_, k_ in zip(base, stock, kit)
+            if cost_us(s_, b_) > 0 and cost_us(k_, b_) > 0]
     bb, bs, bk = max(base), max(stock), max(kit)
-    best = cost_us(bk, bb) / cost_us(bs, bb) if cost_us(bs, bb) > 0 else None
+    best = cost_us(bk, bb) / cost_us(bs, bb) if cost_us(bs, bb) > 0 and cost_us(bk, bb) > 0 else None
     return TwinRatio(b, s, k, cs, ck, ck / cs if cs > 0 else None, runs, k / s, best)
 
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ground import debarchive
+from ground.errors import VMError
 from ground.paths import cache_dir
 from supply import buildroot, kernels
-from vm import lab, qemu, rootfs
+from vm import initramfs, lab, qemu, rootfs
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -44,6 +45,7 @@ def check_tools() -> list[Check]:
         "debootstrap": "apt-get install debootstrap (the guest rootfs)",
         "qemu-system-x86_64": "apt-get install qemu-system-x86", "ssh": "apt-get install openssh-client",
         "xz": "apt-get install xz-utils", "zstd": "apt-get install zstd",
+        "file": "apt-get install file (tells a static busybox from a dynamic one)",
     }
     out = []
     for tool, fix in tools.items():
@@ -53,10 +55,12 @@ def check_tools() -> list[Check]:
     out.append(Check("Debian archive keyring", OK if keyring.is_file() else FAIL, str(keyring),
                      "" if keyring.is_file() else "apt-get install debian-archive-keyring "
                      "(or set NFLAB_DEBIAN_KEYRING)"))
-    if not os.path.exists("/bin/busybox") and not shutil.which("busybox"):
-        out.append(Check("tool busybox (static)", FAIL, "not found", "apt-get install busybox-static"))
-    else:
-        out.append(Check("tool busybox (static)", OK, shutil.which("busybox") or "/bin/busybox"))
+    try:        # the very lookup the initramfs makes: a static one in /bin or /usr/bin
+        out.append(Check("tool busybox (static)", OK, str(initramfs._busybox())))
+    except VMError as exc:
+        out.append(Check("tool busybox (static)", FAIL, exc.message,
+                         "apt-get install busybox-static (it replaces Debian's dynamically "
+                         "linked busybox)"))
     return out
 
 

@@ -200,7 +200,8 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
             progress(f"exercise {ex.number} ({variant(solution)}): {exc}")
     reports = build_dir() / "reports" / state.release
     reports.mkdir(parents=True, exist_ok=True)
-    junit = Path(junit) if junit else reports / f"junit-workshop-{variant(solution)}.xml"
+    # absolute: pytest runs in the repository (nflab.suites.start_pytest), the caller anywhere
+    junit = Path(junit).resolve() if junit else reports / f"junit-workshop-{variant(solution)}.xml"
     junit.unlink(missing_ok=True)
     code = 0
     if ok_exs:

@@ -1,0 +1,86 @@
+"""Workshop, doctor, datapath and atlas behaviour where a review of stop 33 found
+it wrong (each test failed on the code before the fix)."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from ground.errors import VMError
+from nflab import atlas as at
+from nflab import datapath, doctor, suites
+from nflab import workshop as ws
+from vm import initramfs
+
+PASSING = ('<?xml version="1.0"?><testsuites><testsuite tests="1" failures="0" errors="0" skipped="0">'
+           '<testcase classname="tests.workshop.test_ex01_count" name="t"/></testsuite></testsuites>')
+
+
+def test_workshop_relative_junit_is_read_where_pytest_wrote_it(tmp_path, monkeypatch):
+    """pytest runs in the repository (start_pytest); --junit=out.xml given from
+    another directory graded a passing exercise red."""
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    repo.mkdir(), elsewhere.mkdir()
+    monkeypatch.setattr(suites, "REPO", repo)
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "build"))
+    monkeypatch.chdir(elsewhere)
+
+    class St:
+        release, testinfra_spec = "6.1.0-test", "ssh://x"
+    monkeypatch.setattr(ws.lab, "require", lambda vm: St())
+    monkeypatch.setattr(ws.lab, "load", lambda vm: None)
+    monkeypatch.setattr(ws, "install", lambda *a, **k: [])
+
+    def fake_cmd(exs, spec, vm, junit, *a, **k):   # a "pytest" that passes and writes --junitxml
+        return [sys.executable, "-c", f"open({str(junit)!r}, 'w').write({PASSING!r})"]
+    monkeypatch.setattr(ws, "suite_command", fake_cmd)
+
+    out = ws.run_suites([ws.get(1)], "ro-none", junit=Path("out.xml"), progress=lambda *a: None,
+                        capture=True)
+    assert out.exit_code == 0 and out.verdicts == {1: "passed"} and out.ok, out.verdicts
+    assert (elsewhere / "out.xml").is_file()
+
+
+def test_doctor_refuses_the_busybox_the_initramfs_refuses(tmp_path, monkeypatch):
+    if not shutil.which("file"):
+        pytest.skip("the initramfs tells static from dynamic with file(1), which .ci/setup installs")
+    fake = tmp_path / "busybox"
+    shutil.copy("/bin/true", fake)                  # a dynamically linked executable
+    monkeypatch.setattr(initramfs, "BUSYBOX_CANDIDATES", (str(fake),))
+    initramfs._busybox.cache_clear()
+    try:
+        [check] = [c for c in doctor.check_tools() if c.name == "tool busybox (static)"]
+        with pytest.raises(VMError, match="no static busybox"):
+            initramfs._busybox()
+    finally:
+        initramfs._busybox.cache_clear()
+    assert check.status == doctor.FAIL and "busybox-static" in check.fix, check
+
+
+def test_datapath_conntrack_half_runs_the_given_backend():
+    script = datapath.pktgen_script(datapath.RULES["conntrack only"], datapath.FLOWS["one flow"],
+                                    tool="iptables-nft")
+    assert "iptables-legacy" not in script
+    assert script.splitlines()[:2] == ["set -e", "iptables-nft -w -F FORWARD"]
+
+
+def test_atlas_summary_check_only_when_every_point_was_found():
+    a = at.Atlas(kernel="6.12-test")
+    rows = [("ipv4", "PRE_ROUTING", -450, "nflab_tracer_hook", "nflab_tracer")]
+    at.merge(a, rows, {"nflab_tracer": [("ipv4", "PRE_ROUTING", -450)],
+                       "nflab_pktcount": [("ipv4", "LOCAL_IN", 10)]})      # not in nft list hooks
+    assert any(not c.ok and "nflab_pktcount claims 10" in c.what for c in a.checks)
+    assert not any(c.ok and "every /proc/net/nflab_* point" in c.what for c in a.checks)
+    b = at.Atlas(kernel="6.12-test")
+    at.merge(b, [], {"nflab_tracer": [("netdev", "INGRESS", 0)]})     # nothing to compare with
+    assert [c for c in b.checks if c.ok] == []
+    c = at.Atlas(kernel="6.12-test")
+    at.merge(c, rows, {"nflab_tracer": [("ipv4", "PRE_ROUTING", -450)]})
+    assert [x.ok for x in c.checks if "every /proc/net/nflab_* point" in x.what] == [True]
+
+
+def test_twin_ratio_leaves_out_a_kit_run_lost_in_the_noise():
+    r = datapath.twin_ratio([100000, 100000, 100000], [50000, 50000, 50000], [40000, 101000, 45000])
+    assert r.run_ratios and min(r.run_ratios) > 0, r.run_ratios
+    assert datapath.twin_ratio([100000], [50000], [101000]).best_ratio is None
