@@ -128,6 +128,11 @@ class _Expired(Exception):
         self.release = release
 
 
+class _Older(Exception):
+    """A good signature, but an older Release than the cached one (a replay or a
+    mirror that lags behind)."""
+
+
 class Archive:
     """A Debian mirror (and its security mirror) with a local, checked cache."""
 
@@ -206,10 +211,12 @@ class Archive:
             got_release: list[Release] = []
             try:
                 got = self._get(suite, url, self.suite_dir(suite) / "InRelease", headers=headers,
-                                check=self._verifier(url, got_release))
+                                check=self._verifier(url, got_release, suite, rel))
             except _Expired as exc:
                 rel, headers = exc.release, {}
                 continue
+            except _Older:
+                return rel               # a lagging mirror: keep the newer cached one
             except http.Unreachable:
                 if rel is not None and not self._expired(rel) and not forced:
                     return rel
@@ -224,11 +231,22 @@ class Archive:
                            hint="the mirror is out of date: set NFLAB_DEBIAN_MIRROR to another, "
                                 "or NFLAB_DEBIAN_CHECK_VALID_UNTIL=0 to accept it")
 
-    def _verifier(self, url: str, out: list):
-        """A check for http.fetch: the signature must be good and the Release
-        not expired before the new InRelease replaces the cached one."""
+    def _verifier(self, url: str, out: list, suite: str, cached: Release | None = None):
+        """A check for http.fetch: the signature must be good, the Release must
+        be *suite*'s (Suite or Codename, as apt checks), not older than the
+        *cached* one and not expired before the new InRelease replaces it."""
         def check(tmp: Path):
             rel = Release.parse(verify(tmp, self.keyring, url))
+            if suite not in (rel.suite, rel.codename):
+                raise ArchiveError(f"{url}: the signed InRelease is for suite {rel.suite!r} "
+                                   f"(codename {rel.codename!r}), not {suite}",
+                                   hint="the mirror serves the wrong file: set "
+                                        "NFLAB_DEBIAN_MIRROR to another")
+            if cached and cached.date and rel.date and rel.date < cached.date:
+                print(f"nflab: warning: {url} is older ({rel.date:%Y-%m-%d %H:%M}) than the "
+                      f"cached one ({cached.date:%Y-%m-%d %H:%M}); keeping the cached one",
+                      file=sys.stderr)
+                raise _Older()
             if self._expired(rel):
                 raise _Expired(rel)
             out.append(rel)

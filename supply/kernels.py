@@ -65,10 +65,14 @@ class KernelRef:
 
 def _cached_of_line(what: str, flavour: str) -> KernelRef | None:
     for k in cached_kernels():
-        if k.flavour == flavour and (dk.line_of(k.abi) == what or what == "rc" and
-                                     k.extra.get("rc")):
+        if k.flavour == flavour and _line(k) == what:
             return KernelRef(k.abi, k.flavour)
     return None
+
+
+def _line(k: Kernel) -> str:
+    """A cached kernel's line; the release candidate's is rc, not its bare ABI (7.3)."""
+    return "rc" if k.extra.get("rc") else dk.line_of(k.abi)
 
 
 def resolve(spec: str | None):
@@ -103,6 +107,19 @@ def fetch(spec: str | None = None, *, progress=None, force=False, listing=True) 
     ``check_entry``; a damaged entry is always checked whole before it is replaced)."""
     if source_kernels.is_source_spec(spec):
         return source_kernels.fetch(spec, progress=progress, force=force, listing=listing)
+    try:
+        return _fetch_debian(spec, progress, force, listing)
+    except _Gone as exc:   # the offers predate the suite's index: read them again, once
+        _say(progress, f"{exc.message}; reading the archive's kernel lists again")
+        dk.offers(refresh=True)
+        return _fetch_debian(spec, progress, force, listing)
+
+
+class _Gone(KernelError):
+    """A package of an offer is no longer in its suite's index."""
+
+
+def _fetch_debian(spec, progress, force, listing) -> Kernel:
     ref = resolve(spec)
     base = kernels_dir()
     entry = base / ref.key
@@ -114,16 +131,18 @@ def fetch(spec: str | None = None, *, progress=None, force=False, listing=True) 
         if not force and problem is None:
             return Kernel.load(entry)
         _remove_debris(base, ref.key, progress)
+        offer = _offer_for(ref)      # before anything is removed: the ABI may be gone
         if entry.exists():
             _say(progress, f"kernel cache entry {entry} is damaged: {problem}; "
-                           "removing it and fetching again" if problem else
-                           f"removing kernel cache entry {entry} (--force)")
-            shutil.rmtree(entry)
-        _make_entry(_offer_for(ref), base, entry, progress)
+                           "fetching it again" if problem else
+                           f"fetching kernel cache entry {entry} again (--force)")
+        _make_entry(offer, base, entry, progress)
     return Kernel.load(entry)
 
 
 def _make_entry(offer: Offer, base: Path, entry: Path, progress):
+    """Build the entry in a temporary directory; only a complete one replaces
+    what was there (a failed download keeps the old entry)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{offer.key}-", dir=base))
     try:
         root = tmp / "root"
@@ -131,10 +150,13 @@ def _make_entry(offer: Offer, base: Path, entry: Path, progress):
         kernel = _record(offer, tmp, entry, progress)
         record_integrity(tmp, kernel)
         (tmp / MANIFEST).write_text(kernel.manifest())
+        if entry.exists():
+            entry.rename(tmp.with_name(tmp.name + "-old"))   # debris if killed right here
         tmp.rename(entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(tmp.with_name(tmp.name + "-old"), ignore_errors=True)
 
 
 def _unpack(offer: Offer, root: Path, progress):
@@ -148,8 +170,8 @@ def _unpack(offer: Offer, root: Path, progress):
     for name, version in offer.packages:
         pkg = next((p for p in index.get(name) or [] if p.version == version), None)
         if pkg is None:
-            raise KernelError(f"{name} {version} is no longer in {offer.suite}",
-                              hint="run `invoke kernels` (the archive moved on) and fetch again")
+            raise _Gone(f"{name} {version} is no longer in {offer.suite}",
+                        hint="the archive moved on: run `invoke kernels --refresh` and fetch again")
         _say(progress, f"unpacking {name} {version}", quiet_ok=True)
         deb.extract(archive.download(pkg), root)
 
@@ -248,7 +270,7 @@ def table_rows(*, every: bool = False) -> list[dict]:
     for k in cached.values():
         if not any(k.release == f"{r['abi']}-{f}" for r in rows.values() for f in r["flavours"]):
             rows[(k.abi, k.suite or "cache")] = {
-                "line": dk.line_of(k.abi), "abi": k.abi, "suite": k.suite or "(cache only)",
+                "line": _line(k), "abi": k.abi, "suite": k.suite or "(cache only)",
                 "compiler": k.compiler, "version": "", "flavours": [k.flavour],
                 "cached": [k.flavour], "archive": False}
     ordered = sorted(rows.values(), key=lambda r: abi_sort_key(r["abi"]), reverse=True)
