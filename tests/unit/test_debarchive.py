@@ -407,3 +407,44 @@ def test_real_archive_trixie_backports(tmp_path):
     path = a.download(small)
     assert integrity.sha256_file(path) == small.sha256 and path.stat().st_size == small.size
     assert deb.control(path)["Package"] == small.name
+
+
+# an InRelease of another suite, or an older one than the cached (stop 33's review)
+def test_inrelease_of_another_suite_is_refused(mirror, gpg, tmp_path, monkeypatch):
+    monkeypatch.delenv("NFLAB_ARCHIVE_TTL", raising=False)
+    # the mirror (or anyone between) serves sid's signed InRelease at trixie's path
+    sid = mirror.add_deb("sid", dict(HELLO, Version="9.9-1"), HELLO_FILES)
+    mirror.publish("sid", [sid])
+    dists = mirror.archive_dir("trixie") / "dists"
+    (dists / "trixie").mkdir(parents=True)
+    for p in (dists / "sid").rglob("*"):
+        if p.is_file():
+            q = dists / "trixie" / p.relative_to(dists / "sid")
+            q.parent.mkdir(parents=True, exist_ok=True)
+            q.write_bytes(p.read_bytes())
+    a = Archive(mirror.url, mirror.security_url, keyring=gpg.keyring, cache=tmp_path / "cache")
+    with pytest.raises(ArchiveError, match="not trixie"):
+        a.release("trixie")
+
+
+def test_older_inrelease_keeps_the_newer_cached_one(mirror, gpg, tmp_path, monkeypatch):
+    monkeypatch.delenv("NFLAB_ARCHIVE_TTL", raising=False)
+    old = mirror.add_deb("bookworm", HELLO, HELLO_FILES)
+    mirror.publish("bookworm", [old])
+    old_inrelease = mirror.inrelease("bookworm").read_bytes()
+    time.sleep(1.1)                                   # Date has a one-second resolution
+    new = mirror.add_deb("bookworm", dict(HELLO, Version="2.0-1"), HELLO_FILES)
+    mirror.publish("bookworm", [new])
+    a = Archive(mirror.url, mirror.security_url, keyring=gpg.keyring, cache=tmp_path / "cache")
+    assert a.packages("bookworm").newest("hello").version == "2.0-1"
+    newer_date = a.release("bookworm").date
+    # the mirror goes back (a lagging CDN node, or a replay): an older signed InRelease
+    mirror.inrelease("bookworm").write_bytes(old_inrelease)
+    (mirror.archive_dir("bookworm") / "dists/bookworm/main/binary-amd64/Packages.xz").write_bytes(
+        __import__("lzma").compress(
+            "".join(f"{k}: {v}\n" for k, v in old.items()).encode()))
+    monkeypatch.setenv("NFLAB_ARCHIVE_TTL", "0")
+    b = Archive(mirror.url, mirror.security_url, keyring=gpg.keyring, cache=tmp_path / "cache")
+    rel = b.release("bookworm")
+    assert rel.date == newer_date, "a signed but older InRelease replaced the cached one"
+    assert b.packages("bookworm").newest("hello").version == "2.0-1"
