@@ -117,9 +117,10 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import bench as b
 
-    b.groups_for(only, workshop)        # an unknown group fails before anything runs
+    b.groups_for(only, workshop)        # an unknown group or count fails before anything runs
+    runs = b.runs_count(runs)
     with Progress(False) as progress:
-        data = b.run(kernel, int(runs), cold=cold, matrix=catalog, progress=progress, only=only,
+        data = b.run(kernel, runs, cold=cold, matrix=catalog, progress=progress, only=only,
                      workshop=workshop, vm=vm or "bench")
     table(["measurement", "median s", "min s", "max s", "runs", "note"], data["rows"],
           title=f"nflab bench on {data['info']['kernel']}")

@@ -130,7 +130,7 @@ def _named(label):
     except _DAMAGE as exc:
         raise ArchiveError(f"{label}: damaged tarball ({exc})") from None
     except ArchiveError as exc:
-        raise ArchiveError(f"{label}: {exc.message}") from None
+        raise ArchiveError(f"{label}: {exc.message}", hint=exc.hint) from None
 
 
 def extract_tar(tf: tarfile.TarFile, dest: Path, strip: int = 0) -> list[str]:
@@ -140,8 +140,8 @@ def extract_tar(tf: tarfile.TarFile, dest: Path, strip: int = 0) -> list[str]:
     names = []
     for m in tf:
         rel = _member_path(m.name, strip)
-        if rel is None:
-            continue
+        if rel is None or not (m.isdir() or m.isfile() or m.issym() or m.islnk()):
+            continue        # device nodes and fifos are not made (nor is what they would replace removed)
         if m.isdir():
             _mkdir(dest, rel, m)
         else:
@@ -165,7 +165,12 @@ def _place(dest: Path, rel: list[str], name: str) -> Path:
     """Where member *rel* goes: its parent resolved inside *dest*, following
     directory symlinks that stay inside *dest* (merged /usr)."""
     parent = _resolve(dest, rel[:-1], name)
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ArchiveError(f"member {name} lies under {parent}, which is a file, not a directory",
+                           hint="two packages unpacked into one root disagree about that path: "
+                                "remove the root (or the kernel's cache entry) and fetch again") from None
     return parent / rel[-1]
 
 

@@ -27,6 +27,10 @@ class Unreachable(ArchiveError):
     """The server did not answer (refused, no route, DNS, timeout)."""
 
 
+class NotServed(ArchiveError):
+    """The server answered that it has no such file (HTTP 404 or 410)."""
+
+
 @dataclass
 class Fetched:
     """What a GET gave: 200 (the file is in place) or 304 (not modified)."""
@@ -61,7 +65,8 @@ def fetch(url: str, dest: Path, *, size: int | None = None, sha256: str | None =
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
             return Fetched(304, exc.headers.get("ETag"), exc.headers.get("Last-Modified"))
-        raise ArchiveError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        gone = NotServed if exc.code in (404, 410) else ArchiveError
+        raise gone(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
     except ValueError as exc:
@@ -106,6 +111,9 @@ def _copy(resp, out, url, expected, progress) -> tuple[int, str]:
         h.update(block)
         out.write(block)
         got += len(block)
+        if expected is not None and got > expected:     # stop before a bad server fills the disk
+            raise ArchiveError(f"{url}: size mismatch (more than the {expected} bytes expected)",
+                               hint="the mirror serves another file: set NFLAB_DEBIAN_MIRROR to another")
         if progress:
             progress(url, got, expected)
 

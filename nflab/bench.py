@@ -54,7 +54,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ground.errors import NflabError
+from ground.errors import NflabError, SpecError
 from ground.paths import REPO
 from kmods import spec as kspec
 from nflab import datapath
@@ -137,6 +137,18 @@ def _load() -> str:
 
 
 MATRIX_KERNELS = "6.1,6.12"
+
+
+def runs_count(value) -> int:
+    """``--runs`` as a whole number of at least 1 (every group takes medians of its runs)."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise SpecError(f"--runs={value!r} is not a number of runs",
+                        hint="give a whole number of at least 1, e.g. --runs=3")
+    return n
 
 
 def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bool = False,
@@ -575,8 +587,8 @@ def _vng_once(argv: list, generic, rcs: list, extra: dict):
 
 def _vng_notes(kit: Measurement, vm_: Measurement, rcs: list, extra: dict):
     """What the rows and *extra* say about the runs: skipped, exit status, ratio."""
-    if vm_.error and not vm_.runs:
-        vm_.note = f"skipped: {vm_.error}"
+    if vm_.error and not vm_.runs:       # vng never ran, or every run of it failed
+        vm_.note = f"{'failed' if extra.get('vng_failures') else 'skipped'}: {vm_.error}"
         extra["vng"] = vm_.note
     if rcs and any(rcs):
         vm_.note += f"; vng exit status {sorted(set(rcs))} (the command ran: see vng_exit in info)"

@@ -170,9 +170,9 @@ def verdicts(exs: list[Exercise], junit: Path) -> dict:
         return out
     ran, bad = {}, set()
     for case in ET.parse(junit).getroot().iter("testcase"):
-        cls = case.get("classname") or ""
+        modules = (case.get("classname") or "").split(".")   # tests.workshop.test_<name>[.Class]
         for ex in exs:
-            if f"test_{ex.name}" in cls:
+            if f"test_{ex.name}" in modules:
                 if case.find("skipped") is None:
                     ran[ex.number] = ran.get(ex.number, 0) + 1
                 if case.find("failure") is not None or case.find("error") is not None:

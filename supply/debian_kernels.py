@@ -21,12 +21,14 @@ import functools
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ground import debarchive, debversion
 from ground.errors import KernelError
+from ground.http import NotServed
 from ground.paths import kernels_dir
 
 from .entry import abi_sort_key
@@ -170,10 +172,23 @@ def _suite_offers(archive, suite: str) -> list[Offer]:
     return offers
 
 
-def _stamp(archive, refresh: bool = False) -> str:
-    """Changes whenever any kernel suite's signed index changes."""
-    return ",".join(f"{s}:{archive.release(s, refresh).entry('main/binary-amd64/Packages.xz', s)[0]}"
-                    for s in KERNEL_SUITES)
+def _served(archive, refresh: bool = False) -> dict[str, str]:
+    """{kernel suite: the hash of its signed package index} for the suites the mirror
+    serves. A suite it no longer has (HTTP 404: bullseye moving to archive.debian.org)
+    is left out with a warning, so the other lines still resolve."""
+    out = {}
+    for s in KERNEL_SUITES:
+        try:
+            out[s] = archive.release(s, refresh).entry("main/binary-amd64/Packages.xz", s)[0]
+        except NotServed as exc:
+            print(f"nflab: warning: {exc.message}: the kernels of {s} are left out "
+                  "(set NFLAB_DEBIAN_MIRROR to a mirror that has it)", file=sys.stderr)
+    return out
+
+
+def _stamp(served: dict[str, str]) -> str:
+    """Changes whenever any kernel suite's signed index changes (or one goes away)."""
+    return ",".join(f"{s}:{h}" for s, h in served.items())
 
 
 def _read_offers(cache: Path) -> dict | None:
@@ -200,11 +215,12 @@ def offers(*, refresh: bool = False) -> list[Offer]:
     if data and not refresh and time.time() - data.get("made", 0) < debarchive.ttl():
         return data["offers"]
     archive = debarchive.Archive()
-    stamp = _stamp(archive, refresh)
+    served = _served(archive, refresh)
+    stamp = _stamp(served)
     if data and data.get("stamp") == stamp:
         found = data["offers"]
     else:
-        found = sorted((o for s in KERNEL_SUITES for o in _suite_offers(archive, s)),
+        found = sorted((o for s in served for o in _suite_offers(archive, s)),
                        key=sort_key, reverse=True)
     _write_offers(cache, stamp, found)
     return found

@@ -84,6 +84,8 @@ def test_solution_passes(graded, number):
 @pytest.mark.parametrize("number", [e.number for e in EXERCISES])
 def test_skeleton_fails(graded, number):
     out = graded["skeleton"]
-    assert out.verdicts[number] != "passed", \
-        f"exercise {number}: the unsolved skeleton passes its suite on {out.release}: the suite proves nothing"
+    # "failed" by its suite: a skeleton that no longer builds or loads is no proof either
+    assert out.verdicts[number] == "failed", \
+        f"exercise {number}: the unsolved skeleton is {out.verdicts[number]!r} on {out.release}, " \
+        "not failed by its suite: the suite proves nothing"
     assert out.counts["tests"] > 0

@@ -88,6 +88,31 @@ def test_file_member_replaces_a_file_and_a_symlink_but_not_a_directory(tmp_path)
         deb.extract(write_deb(tmp_path, [("file", "./d", b"x")], name="d.deb"), root)
 
 
+def test_a_fifo_member_is_skipped_and_removes_nothing(tmp_path):
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        fifo = tarfile.TarInfo("f")
+        fifo.type = tarfile.FIFOTYPE
+        tf.addfile(fifo)
+    (tmp_path / "t.tar").write_bytes(buf.getvalue())
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_text("kept")
+    assert deb.extract_tarball(tmp_path / "t.tar", root) == []
+    assert (root / "f").read_text() == "kept"
+
+
+def test_a_member_under_a_file_is_an_archive_error(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_text("a file")
+    with pytest.raises(ArchiveError, match="which is a file, not a directory") as err:
+        deb.extract(write_deb(tmp_path, [("file", "./a/b", b"x")]), root)
+    assert "fetch again" in err.value.hint
+
+
 def test_not_a_deb_and_truncated_deb(tmp_path):
     bad = tmp_path / "bad.deb"
     bad.write_bytes(b"PK\x03\x04 not an ar archive")

@@ -136,6 +136,16 @@ def test_truncated_download_is_refused_and_not_cached(mirror, archive, tmp_path)
     assert list((tmp_path / "cache" / "pool").glob("*")) == []
 
 
+def test_oversized_download_stops_at_the_indexed_size(mirror, archive, tmp_path):
+    stanza = publish_hello(mirror)
+    deb_path = mirror.archive_dir("bookworm") / stanza["Filename"]
+    deb_path.write_bytes(deb_path.read_bytes() + bytes(4 << 20))   # 4 MiB the index does not know
+    a = archive()
+    with pytest.raises(ArchiveError, match=r"size mismatch \(more than the \d+ bytes expected\)"):
+        a.download(a.packages("bookworm").newest("hello"))
+    assert list((tmp_path / "cache" / "pool").glob("*")) == []
+
+
 def test_truncated_index_is_refused(mirror, archive, tmp_path):
     publish_hello(mirror)
     mirror.truncate.add(f"{DISTS}/main/binary-amd64/Packages.xz")
@@ -448,3 +458,19 @@ def test_older_inrelease_keeps_the_newer_cached_one(mirror, gpg, tmp_path, monke
     rel = b.release("bookworm")
     assert rel.date == newer_date, "a signed but older InRelease replaced the cached one"
     assert b.packages("bookworm").newest("hello").version == "2.0-1"
+
+
+def test_a_kernel_suite_the_mirror_no_longer_serves_is_left_out(mirror, archive, capsys):
+    """A 404 for one kernel suite (bullseye moving to archive.debian.org) leaves that
+    suite's kernels out with a warning instead of stopping every kernel resolution;
+    a mirror that does not answer still stops it."""
+    from supply import debian_kernels as dk
+    publish_hello(mirror)
+    served = dk._served(archive())
+    assert list(served) == ["bookworm"], served
+    err = capsys.readouterr().err
+    assert "the kernels of trixie are left out" in err and "HTTP 404" in err
+    down = Archive(f"http://127.0.0.1:{closed_port()}/debian", keyring=mirror.gpg.keyring,
+                   cache=mirror.root / "other-cache")
+    with pytest.raises(ArchiveError):
+        dk._served(down)

@@ -84,3 +84,31 @@ def test_twin_ratio_leaves_out_a_kit_run_lost_in_the_noise():
     r = datapath.twin_ratio([100000, 100000, 100000], [50000, 50000, 50000], [40000, 101000, 45000])
     assert r.run_ratios and min(r.run_ratios) > 0, r.run_ratios
     assert datapath.twin_ratio([100000], [50000], [101000]).best_ratio is None
+
+
+def test_workshop_verdicts_match_a_suite_module_whole(tmp_path):
+    junit = tmp_path / "j.xml"
+    junit.write_text('<testsuites><testsuite tests="1">'
+                     '<testcase classname="tests.workshop.test_ex01_count_v6" name="a"/>'
+                     '</testsuite></testsuites>')
+    assert ws.verdicts(ws.select("1"), junit) == {1: "failed"}, "another suite's test counted for ex01"
+
+
+def test_bench_runs_must_be_a_count(monkeypatch):
+    from ground.errors import SpecError
+    from nflab import bench
+    assert bench.runs_count("5") == 5
+    for bad in ("0", "-1", "three", None):
+        with pytest.raises(SpecError, match="--runs"):
+            bench.runs_count(bad)
+
+
+def test_a_vng_that_ran_and_failed_is_not_skipped():
+    from nflab import bench
+    kit, vng = bench.Measurement("kit", runs=[2.0]), bench.Measurement(bench.VNG_ROW, error="oops")
+    extra = {"vng_failures": "3 of 3 vng runs failed; the first: oops"}
+    bench._vng_notes(kit, vng, [], extra)
+    assert vng.note.startswith("failed: oops"), vng.note
+    never = bench.Measurement(bench.VNG_ROW, error="vng is not installed")
+    bench._vng_notes(kit, never, [], {})
+    assert never.note.startswith("skipped: "), never.note
