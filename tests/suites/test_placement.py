@@ -79,6 +79,24 @@ def test_forward_path_visits_pre_forward_post_in_order(host, wire, trace, tag, f
         assert e.l3 == family and not e.frag
 
 
+def test_ipv6_chain_ending_in_no_next_header_is_proto_59(host, wire, trace, tag):
+    """A forwarded IPv6 packet whose destination options header ends the chain (next
+    header 59, the tag in the bytes after it): every point reports proto 59, not the
+    first header's number (60, what ipv6_skip_exthdr leaves when it returns -1)."""
+    from scapy.all import IPv6, IPv6ExtHdrDestOpt, Raw
+
+    t = tag()
+    a = addrs("ipv6")
+    pkt = IPv6(src=a["client"], dst=a["server"]) / IPv6ExtHdrDestOpt(nh=59) / Raw(payload(t, 48))
+    assert wire.exchange("client", pkt, "server", lambda p: has_tag(p, t), timeout=ARRIVE), \
+        "the packet never reached the server wire"
+    log = trace.read()
+    log = trace.wait(t, len(tracing.expected_path(log.points, "ipv6", FORWARD, ingress=True)),
+                     timeout=TRACED)
+    entries = log.tagged(t)
+    assert entries and all(e.proto == 59 for e in entries), log.text(t)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_local_delivery_and_reply_paths(host, wire, trace, tag, family):
     """Echo request to the guest: INGRESS, PRE_ROUTING, LOCAL_IN; the echo reply
