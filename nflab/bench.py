@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -618,41 +619,26 @@ def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
         kern = kernels.get(spec, progress=progress)
         vm = "bench-ws"
         lab.down(vm)
-        tmp = tempfile.mkdtemp(prefix="nflab-bench-ws-")
-        old_build = os.environ.get("NFLAB_BUILD")
-        os.environ["NFLAB_BUILD"] = tmp
         rows, failed = [], []
         load0 = _load()
-        try:
-            t0 = time.monotonic()
-            lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
-            boot = time.monotonic() - t0
-            for ex in exs:
-                progress(f"workshop {spec}: exercise {ex.number} ({ex.name}), solution")
-                t1 = time.monotonic()
-                res = ws.run_suites([ex], vm, solution=True, junit=Path(tmp) / f"junit-{ex.name}.xml",
-                                    progress=lambda *_: None, capture=True)
-                secs = time.monotonic() - t1
-                verdict = res.verdicts.get(ex.number, "failed")
-                c = res.counts
-                passed = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
-                if verdict != "passed":
-                    failed.append(ex.name)
-                rows.append(Measurement(f"workshop {spec} {ex.name} (solution)", [secs],
-                                        note=f"{verdict}: {passed}/{c['tests']} tests; build+install+suite"))
-            lab.down(vm)
-            total = time.monotonic() - t0
-        except Exception as exc:
-            lab.down(vm)
-            rows.append(Measurement(f"workshop {spec} total", error=f"stopped: {str(exc)[:250]}"))
-            out += rows
-            continue
-        finally:
-            if old_build is None:
-                os.environ.pop("NFLAB_BUILD", None)
-            else:
-                os.environ["NFLAB_BUILD"] = old_build
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _fresh_build_dir() as tmp:
+            try:
+                t0 = time.monotonic()
+                lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
+                boot = time.monotonic() - t0
+                for ex in exs:
+                    progress(f"workshop {spec}: exercise {ex.number} ({ex.name}), solution")
+                    row, verdict = _workshop_exercise(spec, vm, ex, tmp)
+                    rows.append(row)
+                    if verdict != "passed":
+                        failed.append(ex.name)
+                lab.down(vm)
+                total = time.monotonic() - t0
+            except Exception as exc:
+                lab.down(vm)
+                rows.append(Measurement(f"workshop {spec} total", error=f"stopped: {str(exc)[:250]}"))
+                out += rows
+                continue
         out += rows
         out.append(Measurement(f"workshop {spec} total ({kern.release})", [total],
                                note=(f"boot {boot:.1f} s + {len(exs)} exercises + poweroff; "
@@ -662,6 +648,37 @@ def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
                                      "total_s": round(total, 2), "failed": failed,
                                      "per_exercise_s": {r.name.split()[2]: round(r.runs[0], 2) for r in rows}}
     return out
+
+
+@contextmanager
+def _fresh_build_dir():
+    """A temporary ``$NFLAB_BUILD`` for the block (every build from a clean tree),
+    then the caller's back and the temporary one removed."""
+    tmp = tempfile.mkdtemp(prefix="nflab-bench-ws-")
+    old = os.environ.get("NFLAB_BUILD")
+    os.environ["NFLAB_BUILD"] = tmp
+    try:
+        yield Path(tmp)
+    finally:
+        if old is None:
+            os.environ.pop("NFLAB_BUILD", None)
+        else:
+            os.environ["NFLAB_BUILD"] = old
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _workshop_exercise(spec: str, vm: str, ex, tmp: Path) -> tuple[Measurement, str]:
+    """One exercise's solution built, installed and tested in the running *vm*: its
+    row and its verdict."""
+    t1 = time.monotonic()
+    res = ws.run_suites([ex], vm, solution=True, junit=tmp / f"junit-{ex.name}.xml",
+                        progress=lambda *_: None, capture=True)
+    secs = time.monotonic() - t1
+    verdict = res.verdicts.get(ex.number, "failed")
+    c = res.counts
+    passed = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
+    return (Measurement(f"workshop {spec} {ex.name} (solution)", [secs],
+                        note=f"{verdict}: {passed}/{c['tests']} tests; build+install+suite"), verdict)
 
 
 def write_json(data: dict, path: str):

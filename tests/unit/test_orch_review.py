@@ -112,3 +112,29 @@ def test_a_vng_that_ran_and_failed_is_not_skipped():
     never = bench.Measurement(bench.VNG_ROW, error="vng is not installed")
     bench._vng_notes(kit, never, [], {})
     assert never.note.startswith("skipped: "), never.note
+
+
+def test_bench_workshop_group_rows_and_its_build_dir(monkeypatch, tmp_path):
+    """Each exercise in one kept VM with a fresh $NFLAB_BUILD, restored afterwards;
+    a failed exercise is named in the total."""
+    import os
+    from nflab import bench
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "mine"))
+    seen, calls = [], []
+    monkeypatch.setattr(bench.kernels, "get", lambda spec, progress=None: type("K", (), {"release": f"{spec}-r"})())
+    monkeypatch.setattr(bench.lab, "up", lambda *a, **k: calls.append("up"))
+    monkeypatch.setattr(bench.lab, "down", lambda vm: calls.append("down"))
+
+    def run_suites(exs, vm, **kw):
+        seen.append(os.environ["NFLAB_BUILD"])
+        ok = exs[0].number != 2
+        return type("O", (), {"verdicts": {exs[0].number: "passed" if ok else "failed"},
+                              "counts": {"tests": 3, "failures": 0 if ok else 1, "errors": 0, "skipped": 0}})()
+    monkeypatch.setattr(bench.ws, "run_suites", run_suites)
+    extra = {}
+    rows = bench.workshop_group(("6.1",), extra, progress=lambda *a: None)
+    n = len(bench.ws.exercises())
+    assert len(rows) == n + 1 and "FAILED: ex02_prio" in rows[-1].note, rows[-1].note
+    assert len(set(seen)) == 1 and seen[0] != str(tmp_path / "mine") and not os.path.exists(seen[0])
+    assert os.environ["NFLAB_BUILD"] == str(tmp_path / "mine")
+    assert calls == ["down", "up", "down"] and extra["workshop_6.1"]["failed"] == ["ex02_prio"]
