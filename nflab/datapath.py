@@ -47,9 +47,10 @@ from vm.install import GUEST_DIR, XTLIBDIR
 from vm.app_netns import ADDR, CLIENT_NS, DEVS, SERVER_NS
 
 PACKETS = 20000
-BASE = ["iptables-legacy -w -A FORWARD -m conntrack --ctstate INVALID -j DROP"]
+# rule arguments; pktgen_script runs them with the kernel's iptables backend
+BASE = ["-w -A FORWARD -m conntrack --ctstate INVALID -j DROP"]
 RULES = {"conntrack only": BASE,
-         "with -m layer7 --l7proto http": BASE + ["iptables-legacy -w -A FORWARD -m layer7 --l7proto http"]}
+         "with -m layer7 --l7proto http": BASE + ["-w -A FORWARD -m layer7 --l7proto http"]}
 FLOWS = {"one flow": (10000, 10000), "a new flow per packet": (1024, 65535)}
 _RESULT = re.compile(r"forwarded (\d+) usec (\d+)")
 
@@ -92,12 +93,12 @@ def flood_lines(sports: tuple[int, int], count: int) -> list[str]:
 
 def pktgen_script(rules: list[str], sports: tuple[int, int], count: int = PACKETS,
                   tool: str = "iptables-legacy") -> str:
-    """Shell for the guest: flush, set *rules* (written for iptables-legacy, run
-    with *tool*: the kernel's backend), send *count* datagrams (source ports
-    *sports*) with pktgen; prints ``forwarded N usec T``."""
-    rules = [tool + r.removeprefix("iptables-legacy") for r in rules]
+    """Shell for the guest: flush, set *rules* (iptables arguments) with *tool* (the
+    kernel's backend), send *count* datagrams (source ports *sports*) with pktgen;
+    prints ``forwarded N usec T``."""
     return "\n".join([
-        "set -e", f"{tool} -w -F FORWARD", *rules, "conntrack -F >/dev/null 2>&1 || true",
+        "set -e", f"{tool} -w -F FORWARD", *(f"{tool} {r}" for r in rules),
+        "conntrack -F >/dev/null 2>&1 || true",
         *flood_lines(sports, count),
         f"{tool} -w -F FORWARD",
     ])
@@ -356,6 +357,13 @@ class TwinRatio:
         return (min(self.run_ratios), max(self.run_ratios)) if self.run_ratios else None
 
 
+def _cost_ratio(kit: float, stock: float, base: float) -> float | None:
+    """The kit's cost over the in-tree one against the baseline *base*; None when
+    either cost is at or under zero (lost in the noise)."""
+    ck, cs = cost_us(kit, base), cost_us(stock, base)
+    return ck / cs if ck > 0 and cs > 0 else None
+
+
 def twin_ratio(base: list[float], stock: list[float], kit: list[float]) -> TwinRatio:
     """*base*, *stock* and *kit* are packets/s per run (same length, run i of each
     measured together). A cost at or under zero (the match lost in the noise)
@@ -364,10 +372,8 @@ def twin_ratio(base: list[float], stock: list[float], kit: list[float]) -> TwinR
         raise ValueError(f"need one baseline, in-tree and kit rate per run: {len(base)}, {len(stock)}, {len(kit)}")
     b, s, k = (statistics.median(x) for x in (base, stock, kit))
     cs, ck = cost_us(s, b), cost_us(k, b)
-    runs = [cost_us(k_, b_) / cost_us(s_, b_) for b_, s_, k_ in zip(base, stock, kit)
-            if cost_us(s_, b_) > 0 and cost_us(k_, b_) > 0]
-    bb, bs, bk = max(base), max(stock), max(kit)
-    best = cost_us(bk, bb) / cost_us(bs, bb) if cost_us(bs, bb) > 0 and cost_us(bk, bb) > 0 else None
+    runs = [r for r in (_cost_ratio(k_, s_, b_) for b_, s_, k_ in zip(base, stock, kit)) if r is not None]
+    best = _cost_ratio(max(kit), max(stock), max(base))
     return TwinRatio(b, s, k, cs, ck, ck / cs if cs > 0 else None, runs, k / s, best)
 
 

@@ -260,6 +260,14 @@ def sshd_cmdline(sshd: str) -> tuple[str, ...]:
     return () if sshd == "dropbear" else (f"nflab.sshd={sshd}",)
 
 
+def first_cpu_info() -> str:
+    """The first CPU's block of the host's /proc/cpuinfo ("" if it cannot be read)."""
+    try:
+        return Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return ""
+
+
 def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     """The host's TSC rate in kHz, which is also the guest's under TCG (QEMU's rdtsc
     reads the host TSC).
@@ -276,12 +284,7 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
             raise VMError(f"NFLAB_TSC_KHZ={env!r} is not a rate in kHz",
                           hint="give whole kHz, e.g. NFLAB_TSC_KHZ=2600000 for 2.6 GHz, or unset it")
         return int(env)
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    first = cpuinfo.split("\n\n", 1)[0]
+    first = first_cpu_info() if cpuinfo is None else cpuinfo.split("\n\n", 1)[0]
     m = re.search(r"^model name\s*:.*@\s*([\d.]+)\s*GHz", first, re.M)
     if m:
         return int(float(m.group(1)) * 1_000_000)

@@ -95,11 +95,7 @@ _HOST_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping"
 
 
 def _host_cpu() -> list:
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
-    except OSError:
-        first = ""
-    seen = "\n".join(l for l in first.splitlines() if l.split(":", 1)[0].strip() in _HOST_CPU_FIELDS)
+    seen = "\n".join(l for l in qemu.first_cpu_info().splitlines() if l.split(":", 1)[0].strip() in _HOST_CPU_FIELDS)
     return [os.uname().release, hashlib.sha256(seen.encode()).hexdigest()[:16]]
 
 
