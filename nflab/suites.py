@@ -398,7 +398,8 @@ def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: s
         vms = [tag] if n == 1 else [f"{tag}-{i}" for i in range(n)]
     reports = build_dir() / "reports" / kernel.release
     reports.mkdir(parents=True, exist_ok=True)
-    junit_path = Path(junit) if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
+    # absolute: pytest runs in the repository (start_pytest), the caller anywhere
+    junit_path = Path(junit).resolve() if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
     return junit_path, [
         _Shard(vm=v, files=g,
                junit=junit_path if n == 1 else junit_path.with_name(f".{junit_path.stem}.{i}.xml"),

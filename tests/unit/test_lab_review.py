@@ -175,3 +175,13 @@ def test_bad_numbers_in_the_environment_are_errors_with_a_hint(monkeypatch):
     assert "2600000" in err.value.hint
     monkeypatch.setenv("NFLAB_BOOT_TIMEOUT", "90")
     assert lab._boot_budget("tcg") == 90.0
+
+
+def test_a_relative_junit_is_made_absolute(tmp_path, monkeypatch):
+    """pytest runs in the repository (start_pytest): `invoke test --junit=out.xml`
+    from another directory must name the file where the caller reads it."""
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "build"))
+    monkeypatch.chdir(tmp_path)
+    kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
+    junit, _ = suites._shards(["iprange"], kernel, [[Path("t.py")]], 1, vm=None, keep=False, junit="out.xml")
+    assert junit == tmp_path / "out.xml"
