@@ -370,6 +370,9 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         ]
     cmd += [
         "-no-reboot",
+        # a saved state carries no run state, so a restore starts the guest although
+        # it was saved stopped (vm/snapshot.py)
+        "-global", "migration.store-global-state=off",
         "-pidfile", str(spec.pidfile),
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
     ]

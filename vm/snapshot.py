@@ -3,10 +3,15 @@ well under the time of a cold boot.
 
 A snapshot is the state of a lab VM right after it became ready (sshd up, all
 vCPUs online, no SSH connection open), written by QEMU's migration to a file
-(``migrate "exec:cat > FILE"``; the guest is idle, so the pre-copy converges at
-once; it is not paused first, because the destination starts the guest only if
-the source was running). A later VM is a new QEMU with the *same device layout* started with
-``-incoming "exec:cat FILE"``. What may differ per VM is host-side only: the
+(``migrate "exec:cat > FILE"``). The guest is stopped first, as ``virsh save``
+and Firecracker's snapshots do: the file is then one consistent copy of a VM
+that does not run, with no live pre-copy whose dirty-page tracking must catch
+every write of a running vCPU (under TCG, a store racing the tracker's reset
+of a page would leave that page stale in the file). Every lab QEMU runs with
+``-global migration.store-global-state=off``: the stream then carries no run
+state, and the destination starts the guest as soon as it is loaded, as it
+would after a live migration. A later VM is a new QEMU with the *same device
+layout* started with ``-incoming`` on that file (``qemu._incoming``). What may differ per VM is host-side only: the
 user-net ``hostfwd`` port and the dgram wire ports are QEMU command-line
 properties, not migrated state (libslirp saves only guestfwd sockets), and the
 console/QMP/pid paths. The root image is never written (readonly=on, the guest
@@ -48,7 +53,8 @@ from ground.errors import VMError
 
 from . import initramfs, qemu
 
-SNAPSHOT_VERSION = 1
+# 2: saved from a stopped guest (1 was a live pre-copy of a running one)
+SNAPSHOT_VERSION = 2
 SAVE_TIMEOUT = 120.0
 # a restore that is not ready within this many seconds falls back to a cold boot
 RESTORE_BUDGET = {"tcg": 30.0, "kvm": 20.0}
@@ -203,6 +209,7 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
     t0 = time.monotonic()
     try:
         qmp(qmp_socket,
+            ("stop", None),
             # default bandwidth cap is 32 MiB/s: lift it, the target is a local file
             ("migrate-set-parameters", {"max-bandwidth": 64 << 30}),
             ("migrate", {"uri": f"exec:cat > {_shell_quote(str(tmp))}"}))

@@ -110,3 +110,25 @@ def test_tasks_restore_by_default_and_take_no_snapshot(task_name):
     assert "--no-snapshot" in arg.help
     assert snapshot_flag(True) is None                  # lab.up decides: on unless NFLAB_SNAPSHOT=0
     assert snapshot_flag(False) is False                # always a cold boot
+
+
+def test_save_stops_the_guest_before_copying_it(tmp_path, monkeypatch):
+    """The state is the copy of a stopped VM (no live pre-copy racing a running vCPU's
+    stores), and every VM's QEMU drops the run state from the stream, so a restore
+    of that stopped state still starts the guest."""
+    sent = []
+
+    def fake_qmp(sock, *commands, **kw):
+        for name, args in commands:
+            sent.append(name)
+            if name == "migrate":     # what `cat > FILE` does in QEMU's place
+                Path(args["uri"].split("> ", 1)[1].strip("'")).write_bytes(b"state")
+        return [{"status": "completed"}] * len(commands)
+
+    monkeypatch.setattr(snapshot.initramfs, "boot_dir", lambda r: tmp_path)
+    monkeypatch.setattr(snapshot, "qmp", fake_qmp)
+    state = snapshot.save(tmp_path / "qmp.sock", "r", "k", {}, progress=lambda m: None)
+    assert state.read_bytes() == b"state"
+    assert sent.index("stop") < sent.index("migrate"), sent
+    cmd = qemu.build_command(launch(tmp_path))
+    assert cmd[cmd.index("migration.store-global-state=off") - 1] == "-global"
