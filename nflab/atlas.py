@@ -981,34 +981,50 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     say = progress or (lambda m: None)
     st = lab.require(vm)
     guest = _Guest(vm)
-    release = guest.sh("uname -r", "uname").strip()
     backends = xtables.selected(xtables.for_vm(vm))
-    atlas = Atlas(kernel=release, spec=spec or st.spec, backend=f"iptables-{backends.primary}",
+    atlas = _new_atlas(guest, spec or st.spec, backends)
+    _prepare(vm, modules, say)
+    rules = _Rules(guest, {fam: backends.tool(fam) for fam in FAMILIES})
+    try:
+        with Wire.for_vm(vm) as wire:
+            s = _Session(guest, tracing.Tracer(guest.run), rules, wire, atlas, say, settle, timeout)
+            _measure_rules(s, families)
+        nft_rows = _nft_hooks(guest, atlas, say)         # while conntrack is still held
+    finally:
+        rules.remove_all()
+    _add_hook_modules(guest, atlas, nft_rows, families, say)
+    return atlas
+
+
+def _new_atlas(guest: _Guest, spec: str | None, backends) -> Atlas:
+    """An empty atlas of the guest's kernel, noting a missing iptables-legacy."""
+    release = guest.sh("uname -r", "uname").strip()
+    atlas = Atlas(kernel=release, spec=spec, backend=f"iptables-{backends.primary}",
                   generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if not backends.legacy:
         atlas.notes.append(f"iptables-legacy not used ({backends.missing['legacy']}): the tables are "
                            "iptables-nft's nf_tables base chains (nft_compat), at the kernel tables' "
                            "priorities except security, which iptables-nft registers at 150 "
                            "(the kernel's security table: 50)")
-    _prepare(vm, modules, say)
-    tracer = tracing.Tracer(guest.run)
-    rules = _Rules(guest, {fam: backends.tool(fam) for fam in FAMILIES})
-    try:
-        chains, count_rules = _add_counting_rules(guest, rules, families, say)
-        with Wire.for_vm(vm) as wire:
-            s = _Session(guest, tracer, rules, wire, atlas, say, settle, timeout)
-            for fam in families:
-                _measure_attachment(s, fam, chains[fam])
-                _locate_defrag(s, fam)
-            rules.remove(count_rules)
-            for fam in families:            # priority intervals: one effect rule per (table, hook)
-                for table in TABLES:
-                    for hook in atlas.attached(fam, table):
-                        _locate_table(s, fam, table, hook)
-        nft_rows = _nft_hooks(guest, atlas, say)         # while conntrack is still held
-    finally:
-        rules.remove_all()
+    return atlas
 
+
+def _measure_rules(s: _Session, families) -> None:
+    """Where each table is attached (counting rules, then defrag), then each
+    table's priority interval (one effect rule per table and hook)."""
+    chains, count_rules = _add_counting_rules(s.guest, s.rules, families, s.say)
+    for fam in families:
+        _measure_attachment(s, fam, chains[fam])
+        _locate_defrag(s, fam)
+    s.rules.remove(count_rules)
+    for fam in families:
+        for table in TABLES:
+            for hook in s.atlas.attached(fam, table):
+                _locate_table(s, fam, table, hook)
+
+
+def _add_hook_modules(guest: _Guest, atlas: Atlas, nft_rows, families, say) -> None:
+    """Merge the hook modules' and the tracer's own points into *atlas*, with notes."""
     say("reading /proc/net/nflab_* (your hook modules and the tracer)")
     proc_points, genl = _proc_points(guest)
     for module, family in sorted(genl.items()):
@@ -1021,7 +1037,6 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
         for table in TABLES:
             hooks = atlas.attached(fam, table)
             atlas.notes.append(f"{fam} {table}: counted at {', '.join(hooks) or 'no hook'}")
-    return atlas
 
 
 def _prepare(vm: str, modules, say):

@@ -44,55 +44,73 @@ def build(sent, log, received, *, magic_bytes: bytes | None = None) -> list[Pack
     that arrived on the wires during the test. Packets are listed in the order
     they were sent; tagged packets the tracer saw but the host did not send
     (the guest's own: ping, a reply, an ICMP error) follow."""
-    views: dict = {}
-    untagged = PacketView(None)
-    for s in sent:
-        t = tracing.tag_of(s.raw, magic_bytes)
-        if t is None:
-            untagged.sent.append(str(s))
-            continue
-        views.setdefault(t, PacketView(t)).sent.append(str(s))
-    if log is not None:
-        for e in log.entries:
-            if e.tag not in views:
-                views[e.tag] = PacketView(e.tag, origin="guest")
-
-    arrivals: dict = {}                  # tag -> [[side, (src, dst) | None, used]]
-    for side, raw in received:
-        t = tracing.tag_of(raw, magic_bytes)
-        if t is not None:
-            arrivals.setdefault(t, []).append([side, tracing.frame_addrs(raw), False])
-
-    points = log.points if log is not None else []
+    views, untagged = _views_by_tag(sent, log, magic_bytes)
+    arrivals = _arrivals(received, magic_bytes)
     for t, view in views.items():
-        frames = arrivals.get(t, [])
-        entries = log.tagged(t) if log is not None else []
-        if not entries:
-            sides = list(dict.fromkeys(f[0] for f in frames))
-            why = "arrived on the " + " and ".join(f"{s} wire" for s in sides) if sides else \
-                "not seen on any wire"
-            if log is None:
-                why += " (no tracer: no path)"
-            elif log.dropped:
-                why += (f"; no path: the tracer log was full ({log.size} entries, {log.dropped} more "
-                        "not recorded), this packet came after")
-            else:
-                why += "; the tracer saw none of it (it never reached a hook, or it was not tagged where the tracer looks)"
-            view.walks.append(Walk([], why))
-            continue
-        for walk in tracing.walks(entries):
-            arrived = _arrived(walk, frames, points)
-            fate = tracing.fate(walk, points, arrived)
-            if not arrived and _maybe_cut(walk, log):
-                fate += (f" (uncertain: the tracer log filled up at entry {log.entries[-1].seq}, "
-                         "right after this packet's last recorded visit; later visits were not recorded)")
-            view.walks.append(Walk(walk, fate))
+        view.walks.extend(_walks_of(t, arrivals.get(t, []), log))
     out = list(views.values())
     if untagged.sent:
         untagged.walks.append(Walk([], "untagged: the tracer records only packets that carry the "
                                        "test magic and a tag (nflab.tracing.payload)"))
         out.append(untagged)
     return out
+
+
+def _views_by_tag(sent, log, magic_bytes) -> tuple[dict, PacketView]:
+    """One view per tag, the host's packets in send order, then the guest's own
+    (tags only the tracer saw); plus the view holding the untagged packets."""
+    views: dict = {}
+    untagged = PacketView(None)
+    for s in sent:
+        t = tracing.tag_of(s.raw, magic_bytes)
+        if t is None:
+            untagged.sent.append(str(s))
+        else:
+            views.setdefault(t, PacketView(t)).sent.append(str(s))
+    for e in log.entries if log is not None else ():
+        if e.tag not in views:
+            views[e.tag] = PacketView(e.tag, origin="guest")
+    return views, untagged
+
+
+def _arrivals(received, magic_bytes) -> dict:
+    """tag -> [[side, (src, dst) | None, used]] of the frames that came back."""
+    arrivals: dict = {}
+    for side, raw in received:
+        t = tracing.tag_of(raw, magic_bytes)
+        if t is not None:
+            arrivals.setdefault(t, []).append([side, tracing.frame_addrs(raw), False])
+    return arrivals
+
+
+def _walks_of(tag, frames, log) -> list[Walk]:
+    """The walks of the packet(s) tagged *tag*, each with its fate."""
+    entries = log.tagged(tag) if log is not None else []
+    if not entries:
+        return [Walk([], _unseen(frames, log))]
+    out = []
+    for walk in tracing.walks(entries):
+        arrived = _arrived(walk, frames, log.points)
+        fate = tracing.fate(walk, log.points, arrived)
+        if not arrived and _maybe_cut(walk, log):
+            fate += (f" (uncertain: the tracer log filled up at entry {log.entries[-1].seq}, "
+                     "right after this packet's last recorded visit; later visits were not recorded)")
+        out.append(Walk(walk, fate))
+    return out
+
+
+def _unseen(frames, log) -> str:
+    """What can be said of a packet the tracer has no entry for."""
+    sides = list(dict.fromkeys(f[0] for f in frames))
+    why = "arrived on the " + " and ".join(f"{s} wire" for s in sides) if sides else \
+        "not seen on any wire"
+    if log is None:
+        return why + " (no tracer: no path)"
+    if log.dropped:
+        return why + (f"; no path: the tracer log was full ({log.size} entries, {log.dropped} more "
+                      "not recorded), this packet came after")
+    return why + ("; the tracer saw none of it (it never reached a hook, or it was not tagged "
+                  "where the tracer looks)")
 
 
 CUT_WINDOW = 64     # entries: a walk that ends this close to a full log's end may be cut short

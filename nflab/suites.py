@@ -325,17 +325,8 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
         spec.load(n)
     kernel = kernels.get(kernel_spec, progress=progress)
     t0 = time.monotonic()
-    built, failed = build.build_many(names, kernel, progress=lambda n: progress(f"building {n}"))
-    if failed and not built:
-        raise BuildError("; ".join(f"{n_}: {build_reason(e)}" for n_, e in failed),
-                         detail="\n".join(getattr(e, "detail", None) or "" for _, e in failed).strip(),
-                         hint="nothing built, so no suite ran: fix the first compiler error above, "
-                              "then `invoke build-module --name=NAME` until it builds")
-    files = suite_files([art.name for art in built])
-    if not files:
-        broken = "".join(f"; {n_} did not build: {build_reason(e)}" for n_, e in failed)
-        raise NflabError(f"no suites found for {', '.join(art.name for art in built)}{broken}",
-                         hint="add tests/suites/test_<name>.py or a lib*.t file")
+    built, failed = _build_some(names, kernel, progress)
+    files = _suite_files_of(built, failed)
     if vm is None:
         vm = _running_default(kernel)
     seconds = load_durations(kernel.release)
@@ -343,18 +334,8 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
     groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
     junit_path, shards = _shards(names, kernel, groups, n, vm=vm, keep=keep, junit=junit)
     try:
-        # pytest starts now: its imports and collection (~1 s) overlap the boots and
-        # the installs, and each waits at its start gate before its first test
-        for sh in shards:
-            sh.gate.arm()
-            sh.proc = start_pytest(_pytest_command(sh, built, html, pytest_args), log=sh.log,
-                                   env=dict(os.environ, NFLAB_VM=sh.vm, **sh.gate.env()))
-        for i, sh in enumerate(shards):
-            _up_and_install(sh, kernel_spec, built, progress, snapshot=snapshot)
-            where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
-            progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
-            sh.gate.go()
-        codes = watch_all([(sh.proc, sh.vm) for sh in shards])
+        codes = _run_shards(shards, kernel, kernel_spec, built, html, pytest_args,
+                            snapshot=snapshot, progress=progress)
         if n > 1:
             _merge_shards(shards, junit_path)
         if not pytest_args and not html:      # only plain, whole runs plan the next split
@@ -371,6 +352,45 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
         raise
     finally:
         _clean_up(shards, sharded=n > 1, keep=keep, progress=progress)
+
+
+def _build_some(names: list[str], kernel, progress) -> tuple[list, list]:
+    """Build *names* for *kernel*: (built artifacts, [(name, error)]); raise if none built."""
+    built, failed = build.build_many(names, kernel, progress=lambda n: progress(f"building {n}"))
+    if failed and not built:
+        raise BuildError("; ".join(f"{n_}: {build_reason(e)}" for n_, e in failed),
+                         detail="\n".join(getattr(e, "detail", None) or "" for _, e in failed).strip(),
+                         hint="nothing built, so no suite ran: fix the first compiler error above, "
+                              "then `invoke build-module --name=NAME` until it builds")
+    return built, failed
+
+
+def _suite_files_of(built: list, failed: list) -> list:
+    """The suite files of the built extensions; raise if they have none."""
+    files = suite_files([art.name for art in built])
+    if not files:
+        broken = "".join(f"; {n_} did not build: {build_reason(e)}" for n_, e in failed)
+        raise NflabError(f"no suites found for {', '.join(art.name for art in built)}{broken}",
+                         hint="add tests/suites/test_<name>.py or a lib*.t file")
+    return files
+
+
+def _run_shards(shards: list, kernel, kernel_spec: str | None, built: list, html: str | None,
+                pytest_args: list | None, *, snapshot: bool | None, progress) -> list:
+    """Start each shard's pytest, bring up and install its VM, open its gate;
+    return the pytest exit codes."""
+    # pytest starts now: its imports and collection (~1 s) overlap the boots and
+    # the installs, and each waits at its start gate before its first test
+    for sh in shards:
+        sh.gate.arm()
+        sh.proc = start_pytest(_pytest_command(sh, built, html, pytest_args), log=sh.log,
+                               env=dict(os.environ, NFLAB_VM=sh.vm, **sh.gate.env()))
+    for i, sh in enumerate(shards):
+        _up_and_install(sh, kernel_spec, built, progress, snapshot=snapshot)
+        where = f" (VM {i + 1} of {len(shards)}: {sh.vm})" if len(shards) > 1 else ""
+        progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
+        sh.gate.go()
+    return watch_all([(sh.proc, sh.vm) for sh in shards])
 
 
 def _running_default(kernel) -> str | None:

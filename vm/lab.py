@@ -443,23 +443,10 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
                 restored: bool = False, trace: bool = False):
     """Poll until the ready command works over SSH; raise on QEMU exit, console fault
     or budget. *trace*: note when each console line first showed (``boot_lines``)."""
-    port = state.ports["ssh"]
     deadline = t0 + budget
     running = False
     while True:
-        if proc.poll() is not None:
-            qlog = (state.vmdir / "qemu.log").read_text(errors="replace").strip()
-            raise crash_error(state, f"died while booting (QEMU exit {proc.returncode})",
-                              extra=f"qemu: {qlog[-1500:]}" if qlog else "")
-        text = console_text(state)
-        _note_marks(state.boot_marks, text, t0)
-        if trace:
-            note_lines(state.boot_lines, text, round(time.monotonic() - t0, 3))
-        fault = qemu.find_fault(text)
-        if fault:
-            raise crash_error(state, "crashed while booting", fault=fault)
-        if time.monotonic() > deadline:
-            raise crash_error(state, f"did not answer SSH within its {budget:g}s boot budget")
+        text = _boot_progress(state, proc, budget, t0, trace)
         # when to try a login: a restored guest's sshd is listening already, a booting
         # guest says so on its console; the banner probe is the fallback (each probe
         # costs the guest's sshd a fork)
@@ -467,31 +454,56 @@ def _wait_ready(state: VMState, proc: subprocess.Popen, budget: float, t0: float
             # ssh only once the state is loaded and the guest runs: a connection made
             # while QEMU is still loading stalls for seconds (its SYN reaches a guest
             # that is not running, and slirp retries late)
-            ready = running or _qmp_status(state) == "running"
-            running = ready
+            running = running or _qmp_status(state) == "running"
+            ready = running
         else:
             # the banner probe blocks while slirp's SYN to a guest without a network
             # goes unanswered: it must never delay noticing the console line
             ready = READY_LINE in text or (time.monotonic() - t0 > BANNER_PROBE_AFTER
-                                           and _ssh_banner(port, timeout=0.2))
-        if ready:
-            # the first login becomes the ControlMaster that later commands reuse
-            clock = time.time() if restored else None
-            res = subprocess.run(state.ssh_argv() + [_ready_command(smp, clock)],
-                                 stdin=subprocess.DEVNULL,
-                                 capture_output=True, text=True,
-                                 timeout=max(5.0, deadline - time.monotonic()), check=False)
-            if res.returncode == 0:
-                got = res.stdout.strip()
-                if got != state.release:
-                    raise VMError(f"VM {state.name!r} booted {got!r}, expected {state.release!r}",
-                                  hint="its boot files are stale: run invoke fetch-kernel --kernel=SPEC again")
-                return
-            if res.returncode != 255:
-                raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}",
-                              hint="the guest's sshd refused the lab key: see the console for nflab-initramfs "
-                                   "lines, or remove the cache's ssh/ folder to make a new key")
+                                           and _ssh_banner(state.ports["ssh"], timeout=0.2))
+        if ready and _login(state, smp, deadline, clock=time.time() if restored else None):
+            return
         time.sleep(POLL)
+
+
+def _boot_progress(state: VMState, proc: subprocess.Popen, budget: float, t0: float,
+                   trace: bool) -> str:
+    """The console so far, its marks noted; raise if QEMU exited, the guest
+    faulted or the boot budget is spent."""
+    if proc.poll() is not None:
+        qlog = (state.vmdir / "qemu.log").read_text(errors="replace").strip()
+        raise crash_error(state, f"died while booting (QEMU exit {proc.returncode})",
+                          extra=f"qemu: {qlog[-1500:]}" if qlog else "")
+    text = console_text(state)
+    _note_marks(state.boot_marks, text, t0)
+    if trace:
+        note_lines(state.boot_lines, text, round(time.monotonic() - t0, 3))
+    fault = qemu.find_fault(text)
+    if fault:
+        raise crash_error(state, "crashed while booting", fault=fault)
+    if time.monotonic() > t0 + budget:
+        raise crash_error(state, f"did not answer SSH within its {budget:g}s boot budget")
+    return text
+
+
+def _login(state: VMState, smp: int, deadline: float, clock: float | None) -> bool:
+    """Run the ready command; True once the guest answered with its release, False
+    while its sshd does not answer yet (ssh's exit 255). The first login becomes
+    the ControlMaster that later commands reuse."""
+    res = subprocess.run(state.ssh_argv() + [_ready_command(smp, clock)],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=max(5.0, deadline - time.monotonic()), check=False)
+    if res.returncode == 255:
+        return False
+    if res.returncode != 0:
+        raise VMError(f"ssh login to VM {state.name!r} failed: {res.stderr.strip()}",
+                      hint="the guest's sshd refused the lab key: see the console for nflab-initramfs "
+                           "lines, or remove the cache's ssh/ folder to make a new key")
+    got = res.stdout.strip()
+    if got != state.release:
+        raise VMError(f"VM {state.name!r} booted {got!r}, expected {state.release!r}",
+                      hint="its boot files are stale: run invoke fetch-kernel --kernel=SPEC again")
+    return True
 
 
 def note_lines(lines: list, text: str, now: float):
@@ -738,27 +750,41 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
             return old
         kernel = _kernel_for_boot(spec, progress)
         if old is not None:
-            if healthy:
-                if old.release == kernel.release:
-                    progress(f"VM {vm!r} already runs {old.release}; reusing it")
-                    return old
-                if not replace:
-                    raise VMError(f"VM {vm!r} runs {old.release}, not {kernel.release}",
-                                  hint=f"run `invoke vm-down --vm={vm}` first, pass --replace, "
-                                       "or use another --vm name")
+            if healthy and _keeps(old, kernel, replace):
+                progress(f"VM {vm!r} already runs {old.release}; reusing it")
+                return old
             _teardown(old, graceful=True)
-        with signals_as_interrupt():     # the KVM probe's QEMU is stopped on SIGTERM too
-            plan, reason = _plan(kernel, vm, spec, trace, progress)
-        budget = budget or _boot_budget(plan.accel)
-        use_snapshot = snapshot_mod.enabled(snapshot) and not trace
-        threads = f", {plan.tcg_thread}-threaded" if plan.accel == "tcg" else ""
-        progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
-                 f"with {plan.accel.upper()} ({reason}{threads}), -M {plan.machine}")
-        if use_snapshot:
-            state = _up_from_snapshot(plan, budget)
-            if state is not None:
-                return state
-        return _boot(plan, budget)
+        return _start(kernel, vm, spec, budget=budget, snapshot=snapshot, trace=trace,
+                      progress=progress)
+
+
+def _keeps(old: VMState, kernel, replace: bool) -> bool:
+    """True when the healthy VM *old* runs *kernel* already; an error when it runs
+    another one and *replace* was not asked for."""
+    if old.release == kernel.release:
+        return True
+    if not replace:
+        raise VMError(f"VM {old.name!r} runs {old.release}, not {kernel.release}",
+                      hint=f"run `invoke vm-down --vm={old.name}` first, pass --replace, "
+                           "or use another --vm name")
+    return False
+
+
+def _start(kernel, vm: str, spec: str | None, *, budget: float | None, snapshot: bool | None,
+           trace: bool, progress) -> VMState:
+    """Restore or boot a new VM *vm* of *kernel* (its slot is free)."""
+    with signals_as_interrupt():     # the KVM probe's QEMU is stopped on SIGTERM too
+        plan, reason = _plan(kernel, vm, spec, trace, progress)
+    budget = budget or _boot_budget(plan.accel)
+    use_snapshot = snapshot_mod.enabled(snapshot) and not trace
+    threads = f", {plan.tcg_thread}-threaded" if plan.accel == "tcg" else ""
+    progress(f"{'restoring' if use_snapshot else 'booting'} {kernel.release} as VM {vm!r} "
+             f"with {plan.accel.upper()} ({reason}{threads}), -M {plan.machine}")
+    if use_snapshot:
+        state = _up_from_snapshot(plan, budget)
+        if state is not None:
+            return state
+    return _boot(plan, budget)
 
 
 def _refuse_orphan(vm: str, old: VMState | None):

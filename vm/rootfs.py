@@ -107,8 +107,6 @@ def recipe_hash(rec: dict | None = None) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-
-
 def _guest_versions(root: Path, pkgs) -> dict:
     """Versions of installed packages, read from the image's dpkg status (no host dpkg)."""
     status = (root / "var/lib/dpkg/status").read_text(errors="replace")
@@ -157,28 +155,9 @@ def build(*, progress=print) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
     try:
         root = tmp / "root"
-        cmd = ["debootstrap", "--variant=minbase", f"--keyring={debarchive.default_keyring()}",
-               "--include=" + ",".join(PACKAGES), suite(), root]
-        src = mirror()
-        if src:
-            cmd.append(src)
-        progress(f"debootstrap {suite()} minbase + {len(PACKAGES)} packages (about 45 s)")
         t0 = time.monotonic()
-        res = run(cmd, check=False, timeout=1800)
-        if res.returncode != 0:
-            log = root / "debootstrap/debootstrap.log"
-            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-            raise VMError(f"debootstrap failed with exit {res.returncode}",
-                          hint="check the network to the Debian mirror or set NFLAB_MIRROR",
-                          detail="\n".join(tail) or (res.stderr or "")[-2000:])
-        versions = _guest_versions(root, [XTABLES_PKG, "iptables", "nftables", "openssh-server",
-                                          "dropbear-bin", "python3", "python3-scapy"])
-        if versions.get(XTABLES_PKG) != rec["xtables"]:
-            raise VMError(
-                f"guest {XTABLES_PKG} {versions.get(XTABLES_PKG)} differs from the build root's "
-                f"{rec['xtables']}: plugins built there would not load in the guest",
-                hint="the mirror moved on between the two: delete $NFLAB_CACHE/buildroots/"
-                     f"{suite()}-* and run `invoke rootfs` again")
+        _debootstrap(root, progress)
+        versions = _checked_versions(root, rec)
         _install_guest_files(root)
         (root / "etc/nflab-rootfs.json").write_text(
             json.dumps({"recipe": key, "xtables": rec["xtables"]}) + "\n")
@@ -187,14 +166,7 @@ def build(*, progress=print) -> Path:
         run(["mke2fs", "-q", "-t", "ext4", "-L", LABEL, "-E", "root_owner=0:0", "-d", root,
              "-F", img, IMAGE_SIZE], timeout=600)
         shutil.rmtree(root)
-        st = img.stat()
-        manifest = {
-            "recipe_hash": key, "recipe": rec, "packages": versions,
-            "image": IMAGE, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": integrity.sha256_file(img), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "build_seconds": round(time.monotonic() - t0, 1),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_manifest(tmp, img, key, rec, versions, seconds=time.monotonic() - t0)
         entry = base / key
         if entry.exists():
             shutil.rmtree(entry)
@@ -203,6 +175,49 @@ def build(*, progress=print) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _debootstrap(root: Path, progress) -> None:
+    """A minbase root of the guest's suite with PACKAGES in *root*."""
+    cmd = ["debootstrap", "--variant=minbase", f"--keyring={debarchive.default_keyring()}",
+           "--include=" + ",".join(PACKAGES), suite(), root]
+    src = mirror()
+    if src:
+        cmd.append(src)
+    progress(f"debootstrap {suite()} minbase + {len(PACKAGES)} packages (about 45 s)")
+    res = run(cmd, check=False, timeout=1800)
+    if res.returncode != 0:
+        log = root / "debootstrap/debootstrap.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+        raise VMError(f"debootstrap failed with exit {res.returncode}",
+                      hint="check the network to the Debian mirror or set NFLAB_MIRROR",
+                      detail="\n".join(tail) or (res.stderr or "")[-2000:])
+
+
+def _checked_versions(root: Path, rec: dict) -> dict:
+    """The guest's versions of the packages the kit cares about; its xtables must be
+    the build root's, or plugins built there would not load in the guest."""
+    versions = _guest_versions(root, [XTABLES_PKG, "iptables", "nftables", "openssh-server",
+                                      "dropbear-bin", "python3", "python3-scapy"])
+    if versions.get(XTABLES_PKG) != rec["xtables"]:
+        raise VMError(
+            f"guest {XTABLES_PKG} {versions.get(XTABLES_PKG)} differs from the build root's "
+            f"{rec['xtables']}: plugins built there would not load in the guest",
+            hint="the mirror moved on between the two: delete $NFLAB_CACHE/buildroots/"
+                 f"{suite()}-* and run `invoke rootfs` again")
+    return versions
+
+
+def _write_manifest(entry: Path, img: Path, key: str, rec: dict, versions: dict,
+                    seconds: float) -> None:
+    st = img.stat()
+    manifest = {
+        "recipe_hash": key, "recipe": rec, "packages": versions,
+        "image": IMAGE, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+        "sha256": integrity.sha256_file(img), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(seconds, 1),
+    }
+    (entry / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def load_manifest(entry: Path) -> dict | None:
