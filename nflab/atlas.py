@@ -981,14 +981,16 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     say = progress or (lambda m: None)
     st = lab.require(vm)
     guest = _Guest(vm)
+    release = guest.sh("uname -r", "uname").strip()
     backends = xtables.selected(xtables.for_vm(vm))
-    atlas = _new_atlas(guest, spec or st.spec, backends)
+    atlas = _new_atlas(release, spec or st.spec, backends)
     _prepare(vm, modules, say)
     rules = _Rules(guest, {fam: backends.tool(fam) for fam in FAMILIES})
     try:
+        counting = _add_counting_rules(guest, rules, families, say)
         with Wire.for_vm(vm) as wire:
             s = _Session(guest, tracing.Tracer(guest.run), rules, wire, atlas, say, settle, timeout)
-            _measure_rules(s, families)
+            _measure_rules(s, families, *counting)
         nft_rows = _nft_hooks(guest, atlas, say)         # while conntrack is still held
     finally:
         rules.remove_all()
@@ -996,9 +998,8 @@ def measure(vm: str = "atlas", *, spec: str | None = None, families=FAMILIES, mo
     return atlas
 
 
-def _new_atlas(guest: _Guest, spec: str | None, backends) -> Atlas:
-    """An empty atlas of the guest's kernel, noting a missing iptables-legacy."""
-    release = guest.sh("uname -r", "uname").strip()
+def _new_atlas(release: str, spec: str | None, backends) -> Atlas:
+    """An empty atlas of kernel *release*, noting a missing iptables-legacy."""
     atlas = Atlas(kernel=release, spec=spec, backend=f"iptables-{backends.primary}",
                   generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if not backends.legacy:
@@ -1009,10 +1010,10 @@ def _new_atlas(guest: _Guest, spec: str | None, backends) -> Atlas:
     return atlas
 
 
-def _measure_rules(s: _Session, families) -> None:
-    """Where each table is attached (counting rules, then defrag), then each
-    table's priority interval (one effect rule per table and hook)."""
-    chains, count_rules = _add_counting_rules(s.guest, s.rules, families, s.say)
+def _measure_rules(s: _Session, families, chains: dict, count_rules) -> None:
+    """Where each table is attached (its counting *chains*, then defrag), then,
+    *count_rules* removed, each table's priority interval (one effect rule per
+    table and hook)."""
     for fam in families:
         _measure_attachment(s, fam, chains[fam])
         _locate_defrag(s, fam)

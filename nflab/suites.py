@@ -334,7 +334,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
     groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
     junit_path, shards = _shards(names, kernel, groups, n, vm=vm, keep=keep, junit=junit)
     try:
-        codes = _run_shards(shards, kernel, kernel_spec, built, html, pytest_args,
+        codes = _run_shards(shards, n, kernel, kernel_spec, built, html, pytest_args,
                             snapshot=snapshot, progress=progress)
         if n > 1:
             _merge_shards(shards, junit_path)
@@ -375,7 +375,7 @@ def _suite_files_of(built: list, failed: list) -> list:
     return files
 
 
-def _run_shards(shards: list, kernel, kernel_spec: str | None, built: list, html: str | None,
+def _run_shards(shards: list, n: int, kernel, kernel_spec: str | None, built: list, html: str | None,
                 pytest_args: list | None, *, snapshot: bool | None, progress) -> list:
     """Start each shard's pytest, bring up and install its VM, open its gate;
     return the pytest exit codes."""
@@ -387,7 +387,7 @@ def _run_shards(shards: list, kernel, kernel_spec: str | None, built: list, html
                                env=dict(os.environ, NFLAB_VM=sh.vm, **sh.gate.env()))
     for i, sh in enumerate(shards):
         _up_and_install(sh, kernel_spec, built, progress, snapshot=snapshot)
-        where = f" (VM {i + 1} of {len(shards)}: {sh.vm})" if len(shards) > 1 else ""
+        where = f" (VM {i + 1} of {n}: {sh.vm})" if n > 1 else ""
         progress(f"running {len(sh.files)} suite file(s) on {kernel.release}{where}")
         sh.gate.go()
     return watch_all([(sh.proc, sh.vm) for sh in shards])

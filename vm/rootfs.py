@@ -166,7 +166,7 @@ def build(*, progress=print) -> Path:
         run(["mke2fs", "-q", "-t", "ext4", "-L", LABEL, "-E", "root_owner=0:0", "-d", root,
              "-F", img, IMAGE_SIZE], timeout=600)
         shutil.rmtree(root)
-        _write_manifest(tmp, img, key, rec, versions, seconds=time.monotonic() - t0)
+        _write_manifest(tmp, img, key, rec, versions, t0)
         entry = base / key
         if entry.exists():
             shutil.rmtree(entry)
@@ -209,13 +209,13 @@ def _checked_versions(root: Path, rec: dict) -> dict:
 
 
 def _write_manifest(entry: Path, img: Path, key: str, rec: dict, versions: dict,
-                    seconds: float) -> None:
+                    t0: float) -> None:
     st = img.stat()
     manifest = {
         "recipe_hash": key, "recipe": rec, "packages": versions,
         "image": IMAGE, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
         "sha256": integrity.sha256_file(img), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "build_seconds": round(seconds, 1),
+        "build_seconds": round(time.monotonic() - t0, 1),
     }
     (entry / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
