@@ -6,17 +6,17 @@ vCPUs online, no SSH connection open), written by QEMU's migration to a file
 (``migrate "exec:cat > FILE"``). The guest is stopped first, as ``virsh save``
 and Firecracker's snapshots do: the file is then one consistent copy of a VM
 that does not run, with no live pre-copy whose dirty-page tracking must catch
-every write of a running vCPU (under TCG, a store racing the tracker's reset
-of a page would leave that page stale in the file). Every lab QEMU runs with
+every write of a running vCPU (a suspected, unproven cause of one corrupted
+restored guest in CI, README "Fixed in stop 34"). Every lab QEMU runs with
 ``-global migration.store-global-state=off``: the stream then carries no run
 state, and the destination starts the guest as soon as it is loaded, as it
 would after a live migration. A later VM is a new QEMU with the *same device
-layout* started with ``-incoming`` on that file (``qemu._incoming``). What may differ per VM is host-side only: the
-user-net ``hostfwd`` port and the dgram wire ports are QEMU command-line
-properties, not migrated state (libslirp saves only guestfwd sockets), and the
-console/QMP/pid paths. The root image is never written (readonly=on, the guest
-keeps its writes in a tmpfs overlay), so the saved page cache stays consistent
-with the disk.
+layout* started with ``-incoming`` on that file (``qemu._incoming``). What may
+differ per VM is host-side only: the user-net ``hostfwd`` port and the dgram
+wire ports are QEMU command-line properties, not migrated state (libslirp
+saves only guestfwd sockets), and the console/QMP/pid paths. The root image is
+never written (readonly=on, the guest keeps its writes in a tmpfs overlay), so
+the saved page cache stays consistent with the disk.
 
 After a restore the guest's clocks continue from the moment of the save (TCG
 migrates the TSC offset), so ``vm/lab.py`` sets the guest's wall clock from the
