@@ -106,6 +106,7 @@ PRIVATE_TYPES = {
     "kptr": ("void *", 8, 8),
     "u64": ("__aligned_u64", 8, 8),
     "u32": ("__u32", 4, 4),
+    "inet_addr": ("union nf_inet_addr", 16, 4),
 }
 
 # ---- netlink events of hook modules ([netlink] + [[events]]) ----------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ground.errors import SpecError
-from kmods import render, spec
+from kmods import probes, render, spec
 from nflab import atlas, deploy, tracing
 from tests.conftest import HOOK_RAW
 
@@ -161,8 +161,21 @@ def test_the_family_is_per_netns_strict_and_admin_only_where_it_changes_things(p
     assert "NLA_POLICY_FULL_RANGE(NLA_U32, &pktlog_rate_range)" in pktlog_c
     assert re.search(r"\.cmd\s*= PKTLOG_CMD_SET,.*?\.flags\s*= GENL_UNS_ADMIN_PERM,", pktlog_c, re.S)
     assert ("#if NFLAB_HAVE_GENL_MCAST_CAP_NET_ADMIN\n\t\t.flags\t\t= GENL_MCAST_CAP_NET_ADMIN,\n"
-            "#elif NFLAB_HAVE_GENL_MCGRP_CAP_SYS_ADMIN\n\t\t.cap_sys_admin\t= 1,\n#endif") in pktlog_c
+            "#elif NFLAB_HAVE_GENL_MCGRP_CAP_SYS_ADMIN\n\t\t.cap_sys_admin\t= 1,\n#else\n#error ") in pktlog_c
     assert "netlink_ns_capable(skb, net->user_ns, CAP_NET_ADMIN)" in pktlog_c      # GET's reset
+
+
+def test_a_kernel_that_cannot_restrict_listeners_refuses_pktlog(pktlog_c):
+    """Neither GENL_MCAST_CAP_NET_ADMIN nor the stable kernels' cap_sys_admin bit:
+    events would reach any local user, so the module is refused before Kbuild."""
+    table = probes.load_table()
+    names = {"genl_mcast_cap_net_admin", "genl_mcgrp_cap_sys_admin", "genl_mcgrp_privileged"}
+    for have in ("genl_mcast_cap_net_admin", "genl_mcgrp_cap_sys_admin", None):
+        present = {have, "genl_mcgrp_privileged"} if have else set()
+        results = [probes.Result(p.name, p.name not in names or p.name in present, p.how, "x")
+                   for p in table]
+        refused = [p.name for p, _ in probes.missing_for(pktlog_c, table, results)]
+        assert refused == ([] if have else ["genl_mcgrp_privileged"]), have
 
 
 def test_counters_are_the_base_per_cpu_u64_stats(pktlog_c):

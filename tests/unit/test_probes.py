@@ -53,6 +53,8 @@ SAMPLES = {
     "genl_mcast_cap_net_admin": "#define GENL_MCAST_CAP_NET_ADMIN\tBIT(0)",
     "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar\t\t\tname[GENL_NAMSIZ];\n"
                                 "\tu8\t\t\tflags;\n\tu8\t\t\tcap_sys_admin:1;\n};",
+    "genl_mcgrp_privileged": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n"
+                             "\tu8 cap_sys_admin:1;\n};",
 }
 # What the older kernels had instead (present, but not what the probe asks for).
 NEAR_MISSES = {
@@ -65,6 +67,7 @@ NEAR_MISSES = {
     "u64_stats_sub": "static inline void u64_stats_add(u64_stats_t *p, unsigned long val)\n{\n}",
     "nla_strscpy": "size_t nla_strlcpy(char *dst, const struct nlattr *nla, size_t dstsize);",
     "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n\tu8 flags;\n};",
+    "genl_mcgrp_privileged": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n\tu8 flags;\n};",
     "nf_conncount_count_skb": "unsigned int nf_conncount_count(struct net *net, "
                               "struct nf_conncount_data *data);",
 }

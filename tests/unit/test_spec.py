@@ -314,6 +314,15 @@ def test_private_members_follow_userspace_ones():
     assert ext.info_size == 16
 
 
+def test_private_inet_addr_is_a_four_aligned_union():
+    ext = spec.validate(_match(private=[{"name": "mask", "type": "inet_addr"},
+                                        {"name": "data", "type": "kptr"}]))
+    mask = next(m for m in ext.members if m.name == "mask")
+    assert mask.decl == "union nf_inet_addr mask" and mask.private
+    # __u16 min_len, __u8 flags, 1 byte of padding, the union at 4..20, the pointer at 24
+    assert (ext.userspace_size, ext.info_size) == (4, 32)
+
+
 def test_large_fields_sit_between_flags_and_private_ones():
     ext = spec.validate(_match(fields=[{"name": "n", "type": "uint16"},
                                        {"name": "table", "type": "uint8", "count": 300,
