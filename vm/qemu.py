@@ -330,19 +330,12 @@ def tcg_threading(env: str | None = None) -> str:
 
 def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
     """The full QEMU argv for *spec*; a pure function (no I/O)."""
-    if spec.machine not in MACHINES:
-        raise VMError(f"unknown machine type {spec.machine!r}", hint=f"use one of {MACHINES}")
-    if spec.accel not in ("tcg", "kvm"):
-        raise VMError(f"unknown accelerator {spec.accel!r}", hint="use tcg or kvm")
-    if spec.tcg_thread not in TCG_THREADS:
-        raise VMError(f"unknown TCG threading {spec.tcg_thread!r}", hint=f"use one of {TCG_THREADS}")
-    m = spec.machine
-    machine = MICROVM if m == "microvm" else \
-        "pc,hpet=off,usb=off,vmport=off,smbus=off,sata=off"
+    _check_launch(spec)
     cmd = [
         qemu, "-name", f"nflab-{spec.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-        "-M", machine,
+        "-M", MICROVM if spec.machine == "microvm" else
+        "pc,hpet=off,usb=off,vmport=off,smbus=off,sata=off",
         "-accel", "kvm" if spec.accel == "kvm" else f"tcg,thread={spec.tcg_thread}",
         # TCG: the plain qemu64 model (+rdrand so the guest's RNG is ready at once,
         # sshd does not wait for entropy) boots faster than "max", whose AVX paths
@@ -352,23 +345,7 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
         "-append", kernel_cmdline(spec),
         "-chardev", f"file,id=con,path={spec.console_log}", "-serial", "chardev:con",
-        "-drive", f"file={spec.rootfs},if=none,id=root,format=raw,readonly=on",
-        "-device", f"{_device(m, 'blk')},drive=root",
-        "-drive", f"file={spec.modules_img},if=none,id=mods,format=raw,readonly=on",
-        "-device", f"{_device(m, 'blk')},drive=mods",
-        "-netdev", f"user,id={SSH_NIC.netdev},restrict=on,"
-                   f"hostfwd=tcp:127.0.0.1:{spec.ports.ssh}-:22",
-        "-device", f"{_device(m, 'net')},netdev={SSH_NIC.netdev},mac={SSH_NIC.mac}{_pci_opts(m)}",
-    ]
-    for nic in WIRE_NICS:
-        wire = spec.ports.wire[nic.name]
-        cmd += [
-            "-netdev", f"dgram,id={nic.netdev},"
-                       f"local.type=inet,local.host=127.0.0.1,local.port={wire.guest},"
-                       f"remote.type=inet,remote.host=127.0.0.1,remote.port={wire.host}",
-            "-device", f"{_device(m, 'net')},netdev={nic.netdev},mac={nic.mac}{_pci_opts(m)}",
-        ]
-    cmd += [
+        *_disk_args(spec), *_nic_args(spec),
         "-no-reboot",
         # a saved state carries no run state, so a restore starts the guest although
         # it was saved stopped (vm/snapshot.py)
@@ -379,6 +356,40 @@ def build_command(spec: LaunchSpec, qemu: str = QEMU) -> list[str]:
     if spec.incoming is not None:
         cmd += ["-incoming", _incoming(spec)]
     return cmd
+
+
+def _check_launch(spec: LaunchSpec):
+    if spec.machine not in MACHINES:
+        raise VMError(f"unknown machine type {spec.machine!r}", hint=f"use one of {MACHINES}")
+    if spec.accel not in ("tcg", "kvm"):
+        raise VMError(f"unknown accelerator {spec.accel!r}", hint="use tcg or kvm")
+    if spec.tcg_thread not in TCG_THREADS:
+        raise VMError(f"unknown TCG threading {spec.tcg_thread!r}", hint=f"use one of {TCG_THREADS}")
+
+
+def _disk_args(spec: LaunchSpec) -> list[str]:
+    """The read-only root image and the kernel's modules image, in that order."""
+    blk = _device(spec.machine, "blk")
+    return ["-drive", f"file={spec.rootfs},if=none,id=root,format=raw,readonly=on",
+            "-device", f"{blk},drive=root",
+            "-drive", f"file={spec.modules_img},if=none,id=mods,format=raw,readonly=on",
+            "-device", f"{blk},drive=mods"]
+
+
+def _nic_args(spec: LaunchSpec) -> list[str]:
+    """The SSH NIC (user networking, one forward on 127.0.0.1), then each wire NIC:
+    a UDP socket pair on 127.0.0.1 to the host's end of that wire."""
+    m = spec.machine
+    args = ["-netdev", f"user,id={SSH_NIC.netdev},restrict=on,"
+                       f"hostfwd=tcp:127.0.0.1:{spec.ports.ssh}-:22",
+            "-device", f"{_device(m, 'net')},netdev={SSH_NIC.netdev},mac={SSH_NIC.mac}{_pci_opts(m)}"]
+    for nic in WIRE_NICS:
+        wire = spec.ports.wire[nic.name]
+        args += ["-netdev", f"dgram,id={nic.netdev},"
+                            f"local.type=inet,local.host=127.0.0.1,local.port={wire.guest},"
+                            f"remote.type=inet,remote.host=127.0.0.1,remote.port={wire.host}",
+                 "-device", f"{_device(m, 'net')},netdev={nic.netdev},mac={nic.mac}{_pci_opts(m)}"]
+    return args
 
 
 def _incoming(spec: LaunchSpec) -> str:
