@@ -133,3 +133,14 @@ def test_custom_with_integer_member(member, ctype):
 def test_custom_member_refused(extra):
     with pytest.raises(SpecError):
         _custom(**extra)
+
+
+def test_string_checkentry_compares_the_offsets_the_match_uses():
+    """The plugin refuses --from beyond --to, but a raw setsockopt or nft_compat
+    caller can leave a flag clear: checkentry compares the values the match reads
+    (info->from as it is, --to through string_to_value()), as in-tree xt_string
+    compares from_offset and to_offset whatever was given."""
+    c = render.render(spec.load("string"))["xt_string.c"]
+    check = c[c.index("static int string_mt_check_options("):]
+    assert "\tif (info->from > string_to_value(info)) {\n" in check
+    assert "STRING_FROM && info->flags & STRING_TO" not in check
