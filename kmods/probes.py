@@ -3,7 +3,8 @@
 The probes are data (``kmods/probes.toml``): a header check reads the header a
 declaration lives in (C comments stripped) for a regex, or that the header
 exists; a compile probe builds a line of C through Kbuild with ``-Werror``
-(all compile probes of a kernel in one ``make -k``). The results become
+(all compile probes of a kernel in one ``make -k``); an "any" probe is 1 when
+one of the probes it names is. The results become
 ``nflab_features.h`` (``#define NFLAB_HAVE_<NAME> 0|1``, each with a comment
 saying how it was decided and what a version check would have said), which
 ``compat_nflab.h`` keys on instead of ``LINUX_VERSION_CODE``.
@@ -42,7 +43,7 @@ TABLE = Path(__file__).resolve().parent / "probes.toml"
 FEATURES_H = "nflab_features.h"
 KEEP = 8                           # cached results per kernel (probe tables, header versions)
 SRCARCH = "x86"                    # the kit builds for x86_64 only
-HOWS = ("header", "compile")
+HOWS = ("header", "compile", "any")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+$")
 _COMMENT_RE = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
@@ -60,8 +61,9 @@ class Probe:
     name: str
     what: str
     how: str
-    header: tuple[str, ...]
+    header: tuple[str, ...] = ()
     find: tuple[str, ...] = ()
+    of: tuple[str, ...] = ()
     code: str = ""
     since: str = ""
     until: str = ""
@@ -95,13 +97,17 @@ def _probe(row: dict, where: str) -> Probe:
         raise SpecError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}",
                         hint=f"valid: {', '.join(sorted(known))}")
     listed = {k: tuple(row[k]) if isinstance(row.get(k), list) else (row[k],)
-              for k in ("header", "find") if k in row}
+              for k in ("header", "find", "of") if k in row}
     probe = Probe(**{**row, **listed})
     if not _NAME_RE.match(probe.name):
         raise SpecError(f"{where}: name {probe.name!r} is not a lower-case C identifier")
     if probe.how not in HOWS:
         raise SpecError(f"{where}: how = {probe.how!r}", hint=f"valid: {', '.join(HOWS)}")
-    if not probe.header:
+    if probe.how == "any":
+        _check_any(probe, where)
+    elif probe.of:
+        raise SpecError(f"{where}: `of` is for how = \"any\"")
+    elif not probe.header:
         raise SpecError(f"{where}: no header to look in or to include")
     if probe.how == "compile" and (not probe.code.strip() or probe.find):
         raise SpecError(f"{where}: a compile probe needs `code` and no `find`")
@@ -120,6 +126,25 @@ def _probe(row: dict, where: str) -> Probe:
     return probe
 
 
+def _check_any(probe: Probe, where: str):
+    """An "any" probe names two or more probes and reads nothing itself."""
+    if len(probe.of) < 2 or probe.header or probe.find or probe.code:
+        raise SpecError(f"{where}: an \"any\" probe needs `of` (two or more probe names) "
+                        f"and no `header`, `find` or `code`")
+
+
+def _check_order(probes: tuple[Probe, ...], where: str):
+    """Each "any" probe names probes of the table given before it."""
+    seen: set[str] = set()
+    for probe in probes:
+        unknown = [n for n in probe.of if n not in seen]
+        if unknown:
+            raise SpecError(f"{where}: probe {probe.name} names {', '.join(unknown)}, "
+                            f"not a probe given before it",
+                            hint="an \"any\" probe goes after the probes it names")
+        seen.add(probe.name)
+
+
 def load_table(path: Path | None = None) -> tuple[Probe, ...]:
     """The probe table (default ``TABLE``), validated: names unique, fields well-formed."""
     path = path or TABLE
@@ -129,6 +154,7 @@ def load_table(path: Path | None = None) -> tuple[Probe, ...]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SpecError(f"{path.name}: probe name(s) given twice: {', '.join(dupes)}")
+    _check_order(probes, path.name)
     return probes
 
 
@@ -196,6 +222,14 @@ def check_header(probe: Probe, dirs: list[Path]) -> Result:
                           f"declared in <{name}> line {', '.join(lines)}")
     where = ", ".join(f"<{n}>" for n, _ in present) or "its headers (none exist)"
     return Result(probe.name, False, "header", f"not declared in {where}")
+
+
+def decide_any(probe: Probe, by_name: dict[str, Result]) -> Result:
+    """An "any" probe: 1 with the first probe it names that is 1, whose evidence it cites."""
+    for name in probe.of:
+        if by_name[name].value:
+            return Result(probe.name, True, "any", f"{name}: {by_name[name].evidence}")
+    return Result(probe.name, False, "any", f"none of {', '.join(probe.of)}")
 
 
 # ---------------------------------------------------------------- compile probes
@@ -289,6 +323,9 @@ def run_all(kernel, probes: tuple[Probe, ...], work: Path) -> list[Result]:
     compiled = [p for p in probes if p.how == "compile"]
     if compiled:
         by_name.update((r.name, r) for r in run_compile(kernel, compiled, work))
+    for probe in probes:                     # in table order: each names earlier probes
+        if probe.how == "any":
+            by_name[probe.name] = decide_any(probe, by_name)
     return [by_name[p.name] for p in probes]
 
 

@@ -142,5 +142,6 @@ def test_string_checkentry_compares_the_offsets_the_match_uses():
     compares from_offset and to_offset whatever was given."""
     c = render.render(spec.load("string"))["xt_string.c"]
     check = c[c.index("static int string_mt_check_options("):]
-    assert "\tif (info->from > string_to_value(info)) {\n" in check
+    assert "\tunsigned int to = string_to_value(info);\n" in check
+    assert "\tif (info->from > to) {\n" in check
     assert "STRING_FROM && info->flags & STRING_TO" not in check

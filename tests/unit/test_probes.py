@@ -53,8 +53,6 @@ SAMPLES = {
     "genl_mcast_cap_net_admin": "#define GENL_MCAST_CAP_NET_ADMIN\tBIT(0)",
     "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar\t\t\tname[GENL_NAMSIZ];\n"
                                 "\tu8\t\t\tflags;\n\tu8\t\t\tcap_sys_admin:1;\n};",
-    "genl_mcgrp_privileged": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n"
-                             "\tu8 cap_sys_admin:1;\n};",
 }
 # What the older kernels had instead (present, but not what the probe asks for).
 NEAR_MISSES = {
@@ -67,7 +65,6 @@ NEAR_MISSES = {
     "u64_stats_sub": "static inline void u64_stats_add(u64_stats_t *p, unsigned long val)\n{\n}",
     "nla_strscpy": "size_t nla_strlcpy(char *dst, const struct nlattr *nla, size_t dstsize);",
     "genl_mcgrp_cap_sys_admin": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n\tu8 flags;\n};",
-    "genl_mcgrp_privileged": "struct genl_multicast_group {\n\tchar name[GENL_NAMSIZ];\n\tu8 flags;\n};",
     "nf_conncount_count_skb": "unsigned int nf_conncount_count(struct net *net, "
                               "struct nf_conncount_data *data);",
 }
@@ -217,6 +214,9 @@ def test_compat_keys_on_probes_not_versions():
     ({"name": "x", "what": "w", "how": "header", "header": ["a.h"], "since": "6"}, "MAJOR.MINOR"),
     ({"name": "x", "what": "w", "how": "header", "header": ["a.h"], "uses": "x",
       "fallback": "y"}, "without a fallback"),
+    ({"name": "x", "what": "w", "how": "any", "of": ["a"]}, "two or more"),
+    ({"name": "x", "what": "w", "how": "any", "of": ["a", "b"], "header": ["a.h"]}, "no `header`"),
+    ({"name": "x", "what": "w", "how": "header", "header": ["a.h"], "of": ["a", "b"]}, "is for how"),
 ])
 def test_bad_table_rows_are_refused(row, complaint, tmp_path):
     table = tmp_path / "probes.toml"
@@ -232,6 +232,29 @@ def test_duplicate_names_are_refused(tmp_path):
     table.write_text(row + row)
     with pytest.raises(SpecError, match="given twice: x"):
         probes.load_table(table)
+
+
+def test_any_probe_names_earlier_probes(tmp_path):
+    table = tmp_path / "probes.toml"
+    row = '[[probe]]\nname = "{}"\nwhat = "w"\nhow = "header"\nheader = "a.h"\n'
+    either = '[[probe]]\nname = "either"\nwhat = "w"\nhow = "any"\nof = ["a", "b"]\n'
+    table.write_text(row.format("a") + either + row.format("b"))
+    with pytest.raises(SpecError, match="names b, not a probe given before it"):
+        probes.load_table(table)
+    table.write_text(row.format("a") + row.format("b") + either)
+    assert [p.how for p in probes.load_table(table)] == ["header", "header", "any"]
+
+
+@pytest.mark.parametrize("have", ["genl_mcast_cap_net_admin", "genl_mcgrp_cap_sys_admin", None])
+def test_genl_mcgrp_privileged_is_either_form(have, tmp_path):
+    """The real table's "any" probe on header trees with one form, the other, neither."""
+    dirs = probes.include_dirs(_debian_tree(tmp_path, {
+        "net/genetlink.h": SAMPLES[have] if have else NEAR_MISSES["genl_mcgrp_cap_sys_admin"]}))
+    by_name = {p.name: probes.check_header(p, dirs) for p in HEADER_PROBES}
+    res = probes.decide_any(next(p for p in TABLE if p.name == "genl_mcgrp_privileged"), by_name)
+    assert res.value == bool(have), res.evidence
+    assert res.evidence.startswith(f"{have}: declared in <net/genetlink.h>") if have else \
+        res.evidence == "none of genl_mcast_cap_net_admin, genl_mcgrp_cap_sys_admin"
 
 
 def _toml(v) -> str:
