@@ -232,6 +232,16 @@ def decide_any(probe: Probe, by_name: dict[str, Result]) -> Result:
     return Result(probe.name, False, "any", f"none of {', '.join(probe.of)}")
 
 
+def derive(probes: tuple[Probe, ...], by_name: dict[str, Result]) -> list[Result]:
+    """Every probe's result in table order: *by_name* (the header checks and compile
+    probes) with each "any" probe decided from the probes before it."""
+    by_name = dict(by_name)
+    for probe in probes:
+        if probe.how == "any":
+            by_name[probe.name] = decide_any(probe, by_name)
+    return [by_name[p.name] for p in probes]
+
+
 # ---------------------------------------------------------------- compile probes
 
 def kbuild_objects(kernel, work: Path, objects: list[str]) -> subprocess.CompletedProcess:
@@ -323,10 +333,7 @@ def run_all(kernel, probes: tuple[Probe, ...], work: Path) -> list[Result]:
     compiled = [p for p in probes if p.how == "compile"]
     if compiled:
         by_name.update((r.name, r) for r in run_compile(kernel, compiled, work))
-    for probe in probes:                     # in table order: each names earlier probes
-        if probe.how == "any":
-            by_name[probe.name] = decide_any(probe, by_name)
-    return [by_name[p.name] for p in probes]
+    return derive(probes, by_name)
 
 
 def cache_key(kernel, probes: tuple[Probe, ...]) -> str:

@@ -379,17 +379,21 @@ def _disk_args(spec: LaunchSpec) -> list[str]:
 def _nic_args(spec: LaunchSpec) -> list[str]:
     """The SSH NIC (user networking, one forward on 127.0.0.1), then each wire NIC:
     a UDP socket pair on 127.0.0.1 to the host's end of that wire."""
-    m = spec.machine
     args = ["-netdev", f"user,id={SSH_NIC.netdev},restrict=on,"
                        f"hostfwd=tcp:127.0.0.1:{spec.ports.ssh}-:22",
-            "-device", f"{_device(m, 'net')},netdev={SSH_NIC.netdev},mac={SSH_NIC.mac}{_pci_opts(m)}"]
+            "-device", _nic_device(spec.machine, SSH_NIC)]
     for nic in WIRE_NICS:
         wire = spec.ports.wire[nic.name]
         args += ["-netdev", f"dgram,id={nic.netdev},"
                             f"local.type=inet,local.host=127.0.0.1,local.port={wire.guest},"
                             f"remote.type=inet,remote.host=127.0.0.1,remote.port={wire.host}",
-                 "-device", f"{_device(m, 'net')},netdev={nic.netdev},mac={nic.mac}{_pci_opts(m)}"]
+                 "-device", _nic_device(spec.machine, nic)]
     return args
+
+
+def _nic_device(machine: str, nic: Nic) -> str:
+    """The guest NIC of *nic*'s netdev, with its fixed MAC."""
+    return f"{_device(machine, 'net')},netdev={nic.netdev},mac={nic.mac}{_pci_opts(machine)}"
 
 
 def _incoming(spec: LaunchSpec) -> str:
