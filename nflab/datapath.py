@@ -214,7 +214,7 @@ class Flood:
 def twin_script(tool: str, ext: str, rule: str, side: str, ko: str, *, copies: int = 10,
                 count: int = TWIN_PACKETS, sports: tuple[int, int] = ONE_FLOW) -> Flood:
     """Load *side*'s ``xt_<ext>`` (in-tree: ``modprobe``, which resolves the
-    kernel's own file, .ko.xz or .ko.zst; kit: ``insmod`` of *ko*), set *copies* of
+    kernel's own module, Debian's signed bytes; kit: ``insmod`` of *ko*), set *copies* of
     *rule* with that side's plugin (in-tree: ``XTABLES_LIBDIR`` = the stock plugins
     only; kit: the guest's xtables dir, where ``nflab.deploy`` put the kit's),
     prove both (``@@module``, ``@@plugin``: the file ld.so opened and its sha256,

@@ -6,7 +6,8 @@ before it can mount the root image. It is tiny (static busybox, the handful of
 virtio ``.ko`` files decompressed, ``vm/guest/initramfs-init.sh`` as ``/init``)
 and uncompressed, so the kernel unpacks it in a few milliseconds under TCG.
 
-The kernel's ``/lib/modules/<release>`` (with ``modules.dep`` from depmod) goes
+The kernel's ``/lib/modules/<release>``, its compressed modules stored
+decompressed (the same signed bytes; ``modules.dep`` made again by depmod), goes
 into a read-only ext4 image, label ``nflab-mods``, which the guest init mounts
 at ``/lib/modules/$(uname -r)``: ``modprobe`` of stock netfilter modules works.
 
@@ -29,6 +30,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,8 @@ WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "over
                   "crc32c_generic", "ext4")
 MODULES_LABEL = "nflab-mods"
 MANIFEST = "boot.json"
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
+COMPRESSED_MODULES = (".ko.xz", ".ko.gz", ".ko.zst")
 
 
 @dataclass(frozen=True)
@@ -295,15 +298,61 @@ def _dir_size(path: Path) -> int:
 
 
 def write_modules_image(out: Path, kernel):
+    """The ext4 image of *kernel*'s modules tree, every module in it decompressed
+    (``_stage_modules``) and ``modules.dep`` made again for those names."""
     src = Path(kernel.modules)
     if not (src / "modules.dep").is_file():
         raise VMError(f"{src} has no modules.dep",
                       hint="the kernel cache entry is incomplete: delete it and run "
                            "`invoke fetch-kernel` again")
-    # ext4 overhead (inodes, journal-less metadata) for many small files: 1.3x + 16 MiB
-    size_kib = int(_dir_size(src) * 1.3 / 1024) + 16 * 1024
-    run(["mke2fs", "-q", "-t", "ext4", "-O", "^has_journal", "-L", MODULES_LABEL,
-         "-E", "root_owner=0:0", "-d", src, "-F", out, f"{size_kib}k"], timeout=300)
+    with tempfile.TemporaryDirectory(prefix=".modules-", dir=out.parent) as tmp:
+        # the kernel entry's own layout (lib -> usr/lib), so depmod -b finds the tree
+        # whichever of the two a host's kmod looks in
+        stage = Path(tmp) / "usr/lib/modules" / kernel.release
+        (Path(tmp) / "lib").symlink_to("usr/lib")
+        _stage_modules(src, stage)
+        run(["depmod", "-b", tmp, kernel.release], timeout=300)
+        # ext4 overhead (inodes, journal-less metadata) for many small files: 1.3x + 16 MiB
+        size_kib = int(_dir_size(stage) * 1.3 / 1024) + 16 * 1024
+        run(["mke2fs", "-q", "-t", "ext4", "-O", "^has_journal", "-L", MODULES_LABEL,
+             "-E", "root_owner=0:0", "-d", stage, "-F", out, f"{size_kib}k"], timeout=300)
+
+
+def _stage_modules(src: Path, stage: Path):
+    """*src*'s tree at *stage*, each compressed module (``x.ko.xz``, ``.ko.gz``,
+    ``.ko.zst``) written decompressed as ``x.ko``: the same signed bytes, which
+    the guest's kmod then passes to the kernel as they are. Left compressed, the
+    guest kernel decompresses each stock module as it loads it: under TCG ~0.07 s
+    of a 0.24 s ``modprobe nf_tables`` on 6.12. Other files are hard-linked
+    (copied across filesystems), symlinks kept as they are; the modules are
+    decompressed on every core (a generic kernel's 4 230: 6.2 s on one, 3.4 s on two)."""
+    compressed = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        into = stage / here.relative_to(src)
+        into.mkdir(parents=True, exist_ok=True)
+        for name in dirnames + filenames:
+            path = here / name
+            if path.is_symlink():
+                (into / name).symlink_to(os.readlink(path))
+            elif name.endswith(COMPRESSED_MODULES) and path.is_file():
+                compressed.append((path, into / name.rsplit(".", 1)[0]))
+            elif path.is_file():
+                _link_or_copy(path, into / name)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(_decompress, compressed))     # list(): the first failure is raised here
+
+
+def _decompress(job: tuple[Path, Path]):
+    src, dest = job
+    dest.write_bytes(read_module(src))
+
+
+def _link_or_copy(path: Path, dest: Path):
+    try:
+        os.link(path, dest)
+    except OSError:
+        shutil.copy2(path, dest)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,14 @@ from pathlib import Path
 import pytest
 
 from ground.errors import KernelError, VMError
-from ground.paths import REPO
+from ground.paths import REPO, cache_dir
+from nflab import doctor
+from supply import kernels
+from vm import initramfs, rootfs
 
 pytestmark = [pytest.mark.slow]
 
-SHARED = Path(os.environ.get("NFLAB_CACHE") or "/var/cache/nflab")
+SHARED = cache_dir()     # the kit's own cache: $NFLAB_CACHE, else ~/.cache/nflab
 
 
 def _cli(args, cache: Path, **kw) -> subprocess.Popen:
@@ -62,7 +65,6 @@ def kcache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kernel_ref(kcache):
     """The newest 6.12 cloud kernel apt offers (fetched into the temporary cache)."""
-    from supply import kernels
     return kernels.resolve("6.12")
 
 
@@ -97,7 +99,6 @@ def fetched(kcache, kernel_ref):
 
 
 def test_two_processes_fetching_one_kernel_share_one_download(fetched, kernel_ref):
-    from supply import kernels
     (out1, err1, rc1), (out2, err2, rc2) = fetched["results"]
     assert (rc1, rc2) == (0, 0), err1 + err2
     assert fetched["waited"], "the second fetch never waited on the first one's lock"
@@ -127,7 +128,6 @@ def _truncate_vmlinuz(entry):
 
 
 def _delete_manifest(entry):
-    from supply import kernels
     (entry / kernels.MANIFEST).unlink()
     return r"no nflab-kernel\.json"
 
@@ -148,7 +148,6 @@ def _delete_symvers(entry):
 @pytest.mark.parametrize("damage", [_truncate_vmlinuz, _delete_manifest, _delete_common_header,
                                     _delete_symvers], ids=lambda f: f.__name__.lstrip("_"))
 def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref, damage):
-    from supply import kernels
     entry = fetched["entry"]
     assert kernels.check_entry(entry) is None
     said = damage(entry)
@@ -164,7 +163,6 @@ def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref,
             kernels.get(spec, fetch_missing=False)
         assert "damaged" in info.value.message and re.search(said, info.value.message)
         assert "invoke fetch-kernel" in info.value.hint
-        from nflab import doctor
         fails = [c for c in doctor.check_cache() if c.status == doctor.FAIL]
         assert any(kernel_ref.release in c.name and re.search(said, c.detail) for c in fails), fails
     # what a fetch killed with SIGKILL would have left beside the entry
@@ -182,7 +180,6 @@ def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref,
 
 
 def test_same_vmlinuz_with_a_new_mtime_is_not_refetched_but_changed_bytes_are(fetched, kernel_ref):
-    from supply import kernels
     entry = fetched["entry"]
     path = _vmlinuz(entry)
     os.utime(path, (1, 1))
@@ -202,14 +199,8 @@ def test_same_vmlinuz_with_a_new_mtime_is_not_refetched_but_changed_bytes_are(fe
 
 # ---------------------------------------------------------------- boot files
 
-def test_damaged_boot_files_are_rebuilt(tmp_path, monkeypatch):
-    from supply import kernels
-    from vm import initramfs
-    monkeypatch.setenv("NFLAB_CACHE", str(SHARED))
-    cached = [k for k in kernels.cached_kernels() if k.abi.startswith("6.12.")]
-    if not cached:
-        pytest.skip(f"no 6.12 kernel in {SHARED} (run `invoke fetch-kernel --kernel=6.12`)")
-    kernel = cached[0]
+def test_damaged_boot_files_are_rebuilt(tmp_path, monkeypatch, kernel_612):
+    kernel = kernel_612
     monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
     said = []
     first = initramfs.ensure(kernel, progress=said.append)
@@ -229,16 +220,39 @@ def test_damaged_boot_files_are_rebuilt(tmp_path, monkeypatch):
     assert said == [], "a whole entry must be used as it is"
 
 
+SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def _image_file(img: Path, path: str) -> bytes:
+    res = subprocess.run(["debugfs", "-R", f"cat {path}", str(img)], capture_output=True, check=True)
+    return res.stdout
+
+
+def test_the_modules_image_holds_debians_signed_modules_decompressed(tmp_path, kernel_612):
+    """6.12's modules are .ko.xz: the image has each as the .ko it decompresses to,
+    signature and all, and a modules.dep that names those."""
+    kernel = kernel_612
+    src = Path(kernel.modules)
+    packed = sorted(str(p.relative_to(src)) for p in src.rglob("*.ko.xz"))
+    assert len(packed) > 500, f"6.12's modules should be .ko.xz: {len(packed)} in {src}"
+    img = tmp_path / "modules.img"
+    initramfs.write_modules_image(img, kernel)
+    dep = _image_file(img, "/modules.dep").decode().splitlines()
+    assert sorted(line.split(":", 1)[0] for line in dep) == [p[:-3] for p in packed]
+    assert not [line for line in dep if ".ko." in line]
+    inside = _image_file(img, "/kernel/net/netfilter/nf_tables.ko")
+    original = initramfs.read_module(src / "kernel/net/netfilter/nf_tables.ko.xz")
+    assert inside == original and inside.endswith(SIG_MAGIC)
+
+
 # ---------------------------------------------------------------- rootfs image
 
 @pytest.fixture
 def rootfs_copy(tmp_path, monkeypatch):
     """The shared cache's current rootfs entry, copied (sparse, mtimes kept) into a temp cache."""
-    from vm import rootfs
     key = rootfs.recipe_hash()
-    src = SHARED / "rootfs" / key
-    if rootfs.load_manifest(src) is None:
-        pytest.skip(f"no rootfs for the current recipe in {SHARED} (run `invoke rootfs`)")
+    src = rootfs.ensure(progress=lambda *_: None).parent     # the shared cache's, built if missing
+    assert src == SHARED / "rootfs" / key
     dest = tmp_path / "rootfs" / key
     dest.parent.mkdir(parents=True)
     subprocess.run(["cp", "-a", "--sparse=always", str(src), str(dest)], check=True)
@@ -248,7 +262,6 @@ def rootfs_copy(tmp_path, monkeypatch):
 
 
 def test_rootfs_damage_is_detected(rootfs_copy):
-    from vm import rootfs
     img = rootfs_copy / rootfs.IMAGE
     manifest = rootfs.load_manifest(rootfs_copy)
     # a new mtime over the same bytes: the hash is checked and the mtime re-recorded
@@ -277,7 +290,6 @@ def test_rootfs_damage_is_detected(rootfs_copy):
 
 def test_truncated_rootfs_is_rebuilt_by_ensure(rootfs_copy):
     """The real repair: ensure() says what was wrong and builds the image again (debootstrap)."""
-    from vm import rootfs
     img = rootfs_copy / rootfs.IMAGE
     with open(img, "r+b") as f:
         f.truncate(img.stat().st_size // 2)

@@ -1,7 +1,9 @@
 """Pure parts of the boot pieces and VM bookkeeping: modules.dep ordering, the cpio
 writer, the rootfs recipe hash, ssh_config and state files."""
 
+import gzip
 import io
+import lzma
 import os
 import shutil
 import subprocess
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from ground.errors import VMError
 from vm import initramfs, lab, rootfs
@@ -196,22 +199,41 @@ def test_pid_alive_names_a_vm_dir_whole_not_as_a_prefix(tmp_path):
         proc.wait()
 
 
+ELF = b"\x7fELF" + bytes(range(256)) * 40
+PACKERS = {".ko": bytes, ".ko.xz": lzma.compress, ".ko.gz": gzip.compress,
+           # a streamed frame records no content size, as zstd's own CLI writes it
+           ".ko.zst": lambda b: (lambda c: c.compress(b) + c.flush())(
+               zstandard.ZstdCompressor().compressobj())}
+
+
 def test_modules_are_read_whatever_their_compression(tmp_path):
-    import gzip
-    import lzma
-    import zstandard
-    elf = b"\x7fELF" + bytes(range(256)) * 40
-    packers = {".ko": bytes, ".ko.xz": lzma.compress, ".ko.gz": gzip.compress,
-               # a streamed frame records no content size, as zstd's own CLI writes it
-               ".ko.zst": lambda b: (lambda c: c.compress(b) + c.flush())(
-                   zstandard.ZstdCompressor().compressobj())}
-    for suffix, pack in packers.items():
+    for suffix, pack in PACKERS.items():
         path = tmp_path / f"m{suffix}"
-        path.write_bytes(pack(elf))
-        assert initramfs.read_module(path) == elf, suffix
+        path.write_bytes(pack(ELF))
+        assert initramfs.read_module(path) == ELF, suffix
     with pytest.raises(VMError, match="unknown module compression"):
         (tmp_path / "m.ko.bz2").write_bytes(b"x")
         initramfs.read_module(tmp_path / "m.ko.bz2")
+
+
+def test_the_modules_image_tree_holds_every_module_decompressed(tmp_path):
+    src, stage = tmp_path / "src", tmp_path / "stage"
+    for i, (suffix, pack) in enumerate(PACKERS.items()):
+        d = src / "kernel" / f"d{i}"
+        d.mkdir(parents=True)
+        (d / f"m{i}{suffix}").write_bytes(pack(ELF + bytes([i])))
+    (src / "modules.order").write_text("kernel/d0/m0.ko\n")
+    (src / "build").symlink_to("/usr/src/linux-headers-x")     # dangling on the host
+    (src / "kernel/d1/link").symlink_to("../d0")
+    initramfs._stage_modules(src, stage)
+    files = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file() and not p.is_symlink())
+    assert files == ["kernel/d0/m0.ko", "kernel/d1/m1.ko", "kernel/d2/m2.ko", "kernel/d3/m3.ko",
+                     "modules.order"]
+    for i in range(4):
+        assert (stage / f"kernel/d{i}/m{i}.ko").read_bytes() == ELF + bytes([i])
+    assert os.readlink(stage / "build") == "/usr/src/linux-headers-x"
+    assert os.readlink(stage / "kernel/d1/link") == "../d0"
+    assert (stage / "modules.order").read_text() == "kernel/d0/m0.ko\n"
 
 
 def test_state_roundtrip(tmp_path, monkeypatch):
