@@ -199,8 +199,9 @@ def test_same_vmlinuz_with_a_new_mtime_is_not_refetched_but_changed_bytes_are(fe
 
 # ---------------------------------------------------------------- boot files
 
-def test_damaged_boot_files_are_rebuilt(tmp_path, monkeypatch, kernel_612):
-    kernel = kernel_612
+def test_damaged_boot_files_are_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFLAB_CACHE", str(SHARED))     # not this module's kcache
+    kernel = kernels.get("6.12")
     monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
     said = []
     first = initramfs.ensure(kernel, progress=said.append)
@@ -228,10 +229,11 @@ def _image_file(img: Path, path: str) -> bytes:
     return res.stdout
 
 
-def test_the_modules_image_holds_debians_signed_modules_decompressed(tmp_path, kernel_612):
+def test_the_modules_image_holds_debians_signed_modules_decompressed(tmp_path, monkeypatch):
     """6.12's modules are .ko.xz: the image has each as the .ko it decompresses to,
     signature and all, and a modules.dep that names those."""
-    kernel = kernel_612
+    monkeypatch.setenv("NFLAB_CACHE", str(SHARED))     # not this module's kcache
+    kernel = kernels.get("6.12")
     src = Path(kernel.modules)
     packed = sorted(str(p.relative_to(src)) for p in src.rglob("*.ko.xz"))
     assert len(packed) > 500, f"6.12's modules should be .ko.xz: {len(packed)} in {src}"
@@ -250,8 +252,9 @@ def test_the_modules_image_holds_debians_signed_modules_decompressed(tmp_path, k
 @pytest.fixture
 def rootfs_copy(tmp_path, monkeypatch):
     """The shared cache's current rootfs entry, copied (sparse, mtimes kept) into a temp cache."""
+    monkeypatch.setenv("NFLAB_CACHE", str(SHARED))     # not this module's kcache
     key = rootfs.recipe_hash()
-    src = rootfs.ensure(progress=lambda *_: None).parent     # the shared cache's, built if missing
+    src = rootfs.ensure(progress=lambda *_: None).parent     # built there if missing
     assert src == SHARED / "rootfs" / key
     dest = tmp_path / "rootfs" / key
     dest.parent.mkdir(parents=True)
