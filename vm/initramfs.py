@@ -55,7 +55,6 @@ WANTED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "over
 MODULES_LABEL = "nflab-mods"
 MANIFEST = "boot.json"
 RECIPE_VERSION = 6
-COMPRESSED_MODULES = (".ko.xz", ".ko.gz", ".ko.zst")
 
 
 @dataclass(frozen=True)
@@ -123,19 +122,28 @@ def load_order(dep: dict[str, tuple[str, list[str]]], wanted=WANTED_MODULES) -> 
     return order
 
 
+def _zstd(path: Path) -> bytes:
+    # a module's frame may not record its size: read the stream to its end
+    with path.open("rb") as f:
+        return zstandard.ZstdDecompressor().stream_reader(f).read()
+
+
+# how each compressed form of a module is read back to its ELF
+DECOMPRESSORS = {
+    ".ko.xz": lambda path: lzma.decompress(path.read_bytes()),
+    ".ko.gz": lambda path: gzip.decompress(path.read_bytes()),
+    ".ko.zst": _zstd,
+}
+COMPRESSED_MODULES = tuple(DECOMPRESSORS)
+
+
 def read_module(path: Path) -> bytes:
     """The raw ELF of a module, decompressing .ko.xz / .ko.gz / .ko.zst (busybox insmod
     cannot)."""
-    name = path.name
-    if name.endswith(".ko.xz"):
-        return lzma.decompress(path.read_bytes())
-    if name.endswith(".ko.gz"):
-        return gzip.decompress(path.read_bytes())
-    if name.endswith(".ko.zst"):
-        # a module's frame may not record its size: read the stream to its end
-        with path.open("rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
-    if name.endswith(".ko"):
+    for suffix, decompress in DECOMPRESSORS.items():
+        if path.name.endswith(suffix):
+            return decompress(path)
+    if path.name.endswith(".ko"):
         return path.read_bytes()
     raise VMError(f"unknown module compression: {path}",
                   hint="the kit reads .ko, .ko.xz, .ko.gz and .ko.zst: refetch the kernel "
@@ -323,9 +331,11 @@ def _stage_modules(src: Path, stage: Path):
     ``.ko.zst``) written decompressed as ``x.ko``: the same signed bytes, which
     the guest's kmod then passes to the kernel as they are. Left compressed, the
     guest kernel decompresses each stock module as it loads it: under TCG ~0.07 s
-    of a 0.24 s ``modprobe nf_tables`` on 6.12. Other files are hard-linked
-    (copied across filesystems), symlinks kept as they are; the modules are
-    decompressed on every core (a generic kernel's 4 230: 6.2 s on one, 3.4 s on two)."""
+    of a 0.24 s ``modprobe nf_tables`` on 6.12. Plain ``.ko`` files are
+    hard-linked (copied across filesystems); every other file is copied, so the
+    ``depmod`` run over *stage* can never write into the kernel's entry through a
+    link; symlinks are kept as they are. The modules are decompressed on every
+    core (a generic kernel's 4 230: 6.2 s on one, 3.4 s on two)."""
     compressed = []
     for dirpath, dirnames, filenames in os.walk(src):
         here = Path(dirpath)
@@ -337,8 +347,10 @@ def _stage_modules(src: Path, stage: Path):
                 (into / name).symlink_to(os.readlink(path))
             elif name.endswith(COMPRESSED_MODULES) and path.is_file():
                 compressed.append((path, into / name.rsplit(".", 1)[0]))
-            elif path.is_file():
+            elif name.endswith(".ko") and path.is_file():
                 _link_or_copy(path, into / name)
+            elif path.is_file():
+                shutil.copy2(path, into / name)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(_decompress, compressed))     # list(): the first failure is raised here
 

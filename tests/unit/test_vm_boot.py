@@ -234,6 +234,9 @@ def test_the_modules_image_tree_holds_every_module_decompressed(tmp_path):
     assert os.readlink(stage / "build") == "/usr/src/linux-headers-x"
     assert os.readlink(stage / "kernel/d1/link") == "../d0"
     assert (stage / "modules.order").read_text() == "kernel/d0/m0.ko\n"
+    # a plain module is linked; what depmod rewrites in the stage is a copy of its own
+    assert (stage / "kernel/d0/m0.ko").stat().st_ino == (src / "kernel/d0/m0.ko").stat().st_ino
+    assert (stage / "modules.order").stat().st_ino != (src / "modules.order").stat().st_ino
 
 
 def test_state_roundtrip(tmp_path, monkeypatch):
