@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import signal
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,28 @@ def run(cmd, *, cwd=None, env=None, check=True, capture=True, timeout=None, inpu
         raise NflabError(f"`{' '.join(map(str, cmd))}` failed with exit {res.returncode}",
                          detail="\n".join(tail))
     return res
+
+
+def run_group(cmd: list, *, timeout: float, cwd=None) -> subprocess.CompletedProcess:
+    """Run *cmd* in a session of its own, stdin empty and its output captured as
+    text; on timeout (or Ctrl-C) kill the whole process group, so no grandchild
+    (a QEMU that a wrapper started) outlives it, then raise."""
+    with subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            _kill_group(proc.pid)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @contextmanager

@@ -57,6 +57,7 @@ from pathlib import Path
 
 from ground.errors import NflabError, SpecError
 from ground.paths import REPO
+from ground.proc import run_group
 from kmods import spec as kspec
 from nflab import datapath
 from nflab import workshop as ws
@@ -89,7 +90,8 @@ def _invoke(*args, env=None, timeout=1800) -> float:
     elapsed = time.monotonic() - t0
     if res.returncode != 0:
         tail = (res.stdout.strip()[-300:] + " | " + res.stderr.strip()[-300:]).replace("\n", " ")
-        raise RuntimeError(f"invoke {' '.join(args)} failed (exit {res.returncode}): {tail}")
+        raise NflabError(f"invoke {' '.join(args)} failed (exit {res.returncode}): {tail}",
+                         hint=f"run `invoke {' '.join(args)}` by hand to see its whole output")
     return elapsed
 
 
@@ -156,7 +158,7 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         progress=print, *, only: str | None = None, workshop: bool = False, vm: str = "bench") -> dict:
     groups = groups_for(only, workshop)
     kern = kernels.get(kernel, progress=progress)
-    spec = kern.abi
+    spec = kernels.exact_spec(kern)       # every group runs this very kernel, flavour included
     results: list[Measurement] = []
     extra: dict = {"kernel": kern.release, "runs": runs, "host_cpus": os.cpu_count(),
                    "groups": ",".join(groups), "loadavg_start": _load()}
@@ -193,7 +195,6 @@ def run(kernel: str | None = None, runs: int = 3, cold: bool = False, matrix: bo
         results += datapath_group(spec, runs, progress, vm, extra)
     if "workshop" in groups:
         results += workshop_group(WORKSHOP_KERNELS, extra, progress)
-    lab.down(vm)
     extra["loadavg_end"] = _load()
     return {"measurements": [dict(asdict(m), median=m.median) for m in results],
             "rows": [m.row() for m in results], "info": extra}
@@ -568,8 +569,8 @@ def _vng_once(argv: list, generic, rcs: list, extra: dict):
     """One timed vng run; its exit status goes to *rcs*."""
     def once():
         t0 = time.monotonic()
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir(),
-                             stdin=subprocess.DEVNULL)
+        # vng starts QEMU as its grandchild: a run past the timeout is killed whole
+        res = run_group(argv, timeout=600, cwd=tempfile.gettempdir())
         elapsed = time.monotonic() - t0
         # success = the guest ran the command: its output is the release. vng's exit
         # status is not used alone: when virtme-ng-init finds no virtio-serial script
@@ -617,28 +618,14 @@ def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
     exs = ws.exercises()
     for spec in kernel_specs:
         kern = kernels.get(spec, progress=progress)
-        vm = "bench-ws"
-        lab.down(vm)
         rows, failed = [], []
         load0 = _load()
-        with _fresh_build_dir() as tmp:
-            try:
-                t0 = time.monotonic()
-                lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
-                boot = time.monotonic() - t0
-                for ex in exs:
-                    progress(f"workshop {spec}: exercise {ex.number} ({ex.name}), solution")
-                    row, verdict = _workshop_exercise(spec, vm, ex, tmp)
-                    rows.append(row)
-                    if verdict != "passed":
-                        failed.append(ex.name)
-                lab.down(vm)
-                total = time.monotonic() - t0
-            except Exception as exc:
-                lab.down(vm)
-                rows.append(Measurement(f"workshop {spec} total", error=f"stopped: {str(exc)[:250]}"))
-                out += rows
-                continue
+        try:
+            boot, total = _workshop_on(spec, exs, rows, failed, progress)
+        except Exception as exc:
+            rows.append(Measurement(f"workshop {spec} total", error=f"stopped: {str(exc)[:250]}"))
+            out += rows
+            continue
         out += rows
         out.append(Measurement(f"workshop {spec} total ({kern.release})", [total],
                                note=(f"boot {boot:.1f} s + {len(exs)} exercises + poweroff; "
@@ -648,6 +635,28 @@ def workshop_group(kernel_specs=WORKSHOP_KERNELS, extra: dict | None = None,
                                      "total_s": round(total, 2), "failed": failed,
                                      "per_exercise_s": {r.name.split()[2]: round(r.runs[0], 2) for r in rows}}
     return out
+
+
+def _workshop_on(spec, exs, rows: list, failed: list, progress) -> tuple[float, float]:
+    """Run every exercise's solution on kernel *spec* in a fresh VM ``bench-ws``,
+    its rows into *rows* and the names of those that did not pass into *failed*;
+    (boot, total) seconds. The VM is stopped whatever happens, Ctrl-C included."""
+    vm = "bench-ws"
+    lab.down(vm)
+    with _fresh_build_dir() as tmp:
+        t0 = time.monotonic()
+        try:
+            lab.up(spec, vm, snapshot=False, progress=lambda *_: None)
+            boot = time.monotonic() - t0
+            for ex in exs:
+                progress(f"workshop {spec}: exercise {ex.number} ({ex.name}), solution")
+                row, verdict = _workshop_exercise(spec, vm, ex, tmp)
+                rows.append(row)
+                if verdict != "passed":
+                    failed.append(ex.name)
+        finally:
+            lab.down(vm)
+    return boot, time.monotonic() - t0
 
 
 @contextmanager

@@ -150,8 +150,7 @@ def check_disk() -> list[Check]:
 def _refetch(k) -> str:
     """The command that replaces a cached kernel entry: a Debian kernel by its ABI and
     flavour (any flavour, rt included), a kernel built from source by its release."""
-    again = f"{k.abi}-{k.flavour}" if k.flavour in kernels.FLAVOURS else k.release
-    return f"invoke fetch-kernel --kernel={again} --force"
+    return f"invoke fetch-kernel --kernel={kernels.exact_spec(k)} --force"
 
 
 def check_cache() -> list[Check]:

@@ -39,7 +39,7 @@ from .entry import (INTEGRITY, LISTING, MANIFEST, MANIFEST_VERSION, Kernel, abi_
 
 __all__ = ["DEFAULT_FLAVOUR", "DEFAULT_KERNEL", "FLAVOURS", "INTEGRITY", "LISTING", "MANIFEST",
            "MANIFEST_VERSION", "Kernel", "KernelRef", "Offer", "abi_sort_key", "cached_kernels",
-           "check_entry", "fetch", "get", "is_source_spec", "parse_spec", "record_integrity",
+           "check_entry", "exact_spec", "fetch", "get", "is_source_spec", "parse_spec", "record_integrity",
            "by_release", "resolve", "table_rows"]
 MERGED_USR = ("bin", "sbin", "lib", "lib64")
 is_source_spec = source_kernels.is_source_spec
@@ -312,6 +312,12 @@ def expand(kernels: str | list[str]) -> list[str]:
         else:
             out.append(item)
     return list(dict.fromkeys(out))
+
+
+def exact_spec(k: Kernel) -> str:
+    """The spec naming cached kernel *k* and no other: a Debian kernel by its ABI
+    and flavour (any flavour, rt included), a kernel built from source by its release."""
+    return f"{k.abi}-{k.flavour}" if k.flavour in FLAVOURS else k.release
 
 
 def by_release(release: str) -> Kernel:

@@ -155,9 +155,15 @@ def ssh_key() -> tuple[Path, str]:
     return key, blob[1]
 
 
+# a unix socket's path holds at most 107 bytes; ssh first binds the ControlPath
+# with a 17-byte ".<16 random chars>" suffix and renames it (OpenSSH mux.c)
+SUN_PATH_MAX = 107
+SSH_MUX_SUFFIX = 17
+
+
 def _control_path(vmdir: Path) -> str:
     path = vmdir / "ssh.ctl"
-    if len(str(path)) < 100:  # unix socket paths are limited to 108 bytes
+    if len(os.fsencode(path)) + SSH_MUX_SUFFIX <= SUN_PATH_MAX:
         return str(path)
     return f"/tmp/nflab-ssh-{hashlib.sha1(str(vmdir).encode()).hexdigest()[:16]}.ctl"
 
@@ -248,14 +254,25 @@ def console_text(state: VMState) -> str:
 
 
 def _kill(pid: int, vmdir: Path, grace: float = 2.0):
-    """Stop QEMU *pid*: SIGTERM to its process group, SIGKILL after *grace* seconds."""
-    if not pid_alive(pid, vmdir):
-        return
+    """Stop QEMU *pid*: SIGTERM to its process group, SIGKILL after *grace* seconds;
+    then reap it if this process started it (also when it had exited already)."""
+    if pid_alive(pid, vmdir):
+        _signal_until_gone(pid, vmdir, grace)
+    for name, child in list(_children.items()):
+        if child.pid == pid:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            _children.pop(name, None)
+
+
+def _signal_until_gone(pid: int, vmdir: Path, grace: float):
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            break
+            return
         except PermissionError:
             os.kill(pid, sig)
         deadline = time.monotonic() + wait
@@ -264,18 +281,8 @@ def _kill(pid: int, vmdir: Path, grace: float = 2.0):
             if child is not None:
                 child.poll()
             if not pid_alive(pid, vmdir):
-                break
+                return
             time.sleep(0.02)
-        else:
-            continue
-        break
-    for name, child in list(_children.items()):
-        if child.pid == pid:
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            _children.pop(name, None)
 
 
 def _qmp(sock_path: Path, command: str, timeout: float = 1.0) -> bool:
@@ -488,11 +495,15 @@ def _boot_progress(state: VMState, proc: subprocess.Popen, budget: float, t0: fl
 
 def _login(state: VMState, smp: int, deadline: float, clock: float | None) -> bool:
     """Run the ready command; True once the guest answered with its release, False
-    while its sshd does not answer yet (ssh's exit 255). The first login becomes
-    the ControlMaster that later commands reuse."""
-    res = subprocess.run(state.ssh_argv() + [_ready_command(smp, clock)],
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=max(5.0, deadline - time.monotonic()), check=False)
+    while its sshd does not answer yet (ssh's exit 255) or the login outlasts the
+    budget (the caller then says the budget ran out). The first login becomes the
+    ControlMaster that later commands reuse."""
+    try:
+        res = subprocess.run(state.ssh_argv() + [_ready_command(smp, clock)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=max(5.0, deadline - time.monotonic()), check=False)
+    except subprocess.TimeoutExpired:
+        return False        # a guest that took the connection and stalled: the budget decides
     if res.returncode == 255:
         return False
     if res.returncode != 0:
@@ -696,14 +707,27 @@ def _plan(kernel, vm: str, spec: str | None, trace: bool, progress) -> tuple[_Bo
     boot = initramfs.ensure(kernel, progress=progress)
     accel, reason = qemu.choose_accel(boot.kernel, boot.initrd, progress=progress)
     key, pub = ssh_key()
-    vmdir = vm_dir(vm)
-    vmdir.mkdir(parents=True, exist_ok=True)
+    vmdir = _vm_dir_with_room(vm)
     plan = _BootPlan(vm=vm, vmdir=vmdir, spec=spec, release=kernel.release, boot=boot,
                      image=image, key=key, pub=pub, accel=accel,
-                     machine=os.environ.get("NFLAB_MACHINE", "microvm"), progress=progress,
+                     machine=qemu.env_choice("NFLAB_MACHINE", qemu.MACHINES, "a machine type the kit boots"),
+                     progress=progress,
                      sshd=qemu.sshd_choice(), tcg_thread=qemu.tcg_threading(), trace=trace,
                      skip_initcalls=qemu.skipped_initcalls(config=kconfig.read(kernel.config)))
     return plan, reason
+
+
+def _vm_dir_with_room(vm: str) -> Path:
+    """VM *vm*'s folder, made; an error if QEMU's QMP socket in it would not fit a
+    unix socket's path (QEMU would refuse to start)."""
+    vmdir = vm_dir(vm)
+    sock = vmdir / "qmp.sock"
+    if len(os.fsencode(sock)) > SUN_PATH_MAX:
+        raise VMError(f"VM {vm!r}'s QMP socket {sock} is {len(os.fsencode(sock))} bytes long, "
+                      f"more than a unix socket's {SUN_PATH_MAX}",
+                      hint="point NFLAB_CACHE at a shorter directory, or give the VM a shorter name")
+    vmdir.mkdir(parents=True, exist_ok=True)
+    return vmdir
 
 
 def _boot_budget(accel: str) -> float:

@@ -277,7 +277,8 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     calibration fails ("tsc: Unable to calibrate against PIT") and the boot hangs.
     ``tsc_early_khz=`` skips that calibration. Source: ``$NFLAB_TSC_KHZ``, else the
     nominal "@ 2.60GHz" of the CPU model name, else "cpu MHz" of /proc/cpuinfo when
-    the TSC is constant."""
+    the TSC is constant and the CPU has no APERF/MPERF (in a VM, where "cpu MHz" is
+    the TSC rate; on bare metal with APERF/MPERF it is the clock of the moment)."""
     env = os.environ.get("NFLAB_TSC_KHZ")
     if env:
         if not env.strip().isdigit():
@@ -290,7 +291,8 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
         return int(float(m.group(1)) * 1_000_000)
     flags = re.search(r"^flags\s*:(.*)$", first, re.M)
     mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", first, re.M)
-    if mhz and flags and "constant_tsc" in flags.group(1).split():
+    cpu_flags = set(flags.group(1).split()) if flags else set()
+    if mhz and "constant_tsc" in cpu_flags and "aperfmperf" not in cpu_flags:
         return int(float(mhz.group(1)) * 1000)
     return None
 
@@ -533,6 +535,7 @@ def tail(text: str, n: int = 25) -> str:
 # ---------------------------------------------------------------- accelerator
 
 ACCEL_CACHE = "accel.json"
+KVM_PROBE_SLOW = 30.0      # more seconds for a probe guest whose kernel is printing
 
 
 def _accel_key() -> str:
@@ -548,10 +551,13 @@ def _accel_key() -> str:
     return f"{os.uname().release}|{qemu_id}|{kvm}"
 
 
-def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[bool, str]:
+def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0,
+              slow: float = KVM_PROBE_SLOW) -> tuple[bool, str]:
     """Boot *vmlinuz* under KVM into the initramfs's probe mode (``nflab.probe``:
     load the virtio modules, print ``nflab-probe-ok``, power off). KVM counts as
-    working only if that happens within *timeout*; a guest that hangs is killed."""
+    working only if that happens: a guest silent for *timeout* seconds hangs; one
+    whose kernel is printing (a busy host) gets *slow* seconds more before it counts
+    as hung. A hung guest is killed."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
     with tempfile.TemporaryDirectory(prefix="nflab-kvm-probe-") as tmp:
@@ -560,7 +566,7 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[boo
         cmd = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
                "-M", MICROVM, "-accel", "kvm", "-cpu", "host",
                "-m", "256M", "-kernel", str(vmlinuz), "-initrd", str(initrd),
-               "-append", "console=ttyS0 quiet panic=-1 rdinit=/init nflab.probe",
+               "-append", "console=ttyS0 panic=-1 rdinit=/init nflab.probe",
                "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -568,18 +574,32 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0) -> tuple[boo
         except FileNotFoundError as exc:
             raise VMError(f"{QEMU} not found", hint="apt-get install qemu-system-x86") from exc
         try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False, f"a KVM guest did not finish a probe boot within {timeout:g}s (hangs)"
+            err = _probe_finish(proc, log, timeout, slow)
         finally:
             # a hung guest, or Ctrl-C / SIGTERM while it probes: no QEMU outlives the probe
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        ok = "nflab-probe-ok" in log.read_text(errors="replace")
-        if ok:
+        if err is None:
+            return False, (f"a KVM guest did not finish a probe boot within {timeout:g}s, "
+                           f"{timeout + slow:g}s once its kernel printed (hangs)")
+        if "nflab-probe-ok" in log.read_text(errors="replace"):
             return True, "KVM probe boot succeeded"
         return False, f"KVM probe boot failed: {err.decode(errors='replace').strip()[-200:]}"
+
+
+def _probe_finish(proc: subprocess.Popen, log: Path, timeout: float, slow: float) -> bytes | None:
+    """QEMU's stderr once the probe guest powered off; None if it hangs: silent on
+    its console after *timeout*, or printing but not done *slow* seconds later."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        if not log.read_text(errors="replace").strip():
+            return None
+    try:
+        return proc.communicate(timeout=slow)[1]
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]:
@@ -598,8 +618,11 @@ def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]
                "-kernel", str(vmlinux), "-append",
                "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 pci=off",
                "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError as exc:
+            raise VMError(f"{QEMU} not found", hint="apt-get install qemu-system-x86") from exc
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

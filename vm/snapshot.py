@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import socket
 import time
@@ -56,6 +55,7 @@ from . import initramfs, qemu
 # 2: saved from a stopped guest (1 was a live pre-copy of a running one)
 SNAPSHOT_VERSION = 2
 SAVE_TIMEOUT = 120.0
+SAVE_FD = "nflab-state"    # the name QMP's getfd gives the state file's descriptor
 # a restore that is not ready within this many seconds falls back to a cold boot
 RESTORE_BUDGET = {"tcg": 30.0, "kvm": 20.0}
 
@@ -166,9 +166,11 @@ def prune(release: str, keep: str):
 
 # ---------------------------------------------------------------- QMP
 
-def qmp(sock_path: Path, *commands: tuple[str, dict | None], timeout: float = 5.0) -> list:
+def qmp(sock_path: Path, *commands: tuple[str, dict | None], timeout: float = 5.0,
+        fds: dict[str, int] | None = None) -> list:
     """Run QMP *commands* (name, arguments) in one session; their ``return`` values.
-    Raises VMError on a QMP error reply or a dead socket."""
+    *fds*: a descriptor sent (SCM_RIGHTS) with the command of that name, as
+    ``getfd`` wants. Raises VMError on a QMP error reply or a dead socket."""
     out = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -180,8 +182,7 @@ def qmp(sock_path: Path, *commands: tuple[str, dict | None], timeout: float = 5.
                 msg = {"execute": name}
                 if args:
                     msg["arguments"] = args
-                f.write(json.dumps(msg).encode() + b"\n")
-                f.flush()
+                _send(s, f, json.dumps(msg).encode() + b"\n", (fds or {}).get(name))
                 while True:  # skip asynchronous events
                     line = f.readline()
                     if not line:
@@ -199,6 +200,14 @@ def qmp(sock_path: Path, *commands: tuple[str, dict | None], timeout: float = 5.
     return out
 
 
+def _send(s: socket.socket, f, data: bytes, fd: int | None):
+    if fd is None:
+        f.write(data)
+        f.flush()
+    else:
+        socket.send_fds(s, [data], [fd])
+
+
 def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -> Path:
     """Write the state of the running VM behind *qmp_socket* as snapshot *k*. The VM
     ends paused (the caller stops it). Returns the state file."""
@@ -208,11 +217,7 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
     tmp.unlink(missing_ok=True)
     t0 = time.monotonic()
     try:
-        qmp(qmp_socket,
-            ("stop", None),
-            # default bandwidth cap is 32 MiB/s: lift it, the target is a local file
-            ("migrate-set-parameters", {"max-bandwidth": 64 << 30}),
-            ("migrate", {"uri": f"exec:cat > {_shell_quote(str(tmp))}"}))
+        _migrate_to(qmp_socket, tmp)
         deadline = time.monotonic() + SAVE_TIMEOUT
         while True:
             info = qmp(qmp_socket, ("query-migrate", None))[0] or {}
@@ -241,5 +246,19 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
     return state
 
 
-def _shell_quote(text: str) -> str:
-    return shlex.quote(text)
+def _migrate_to(qmp_socket: Path, path: Path):
+    """Stop the VM and start QEMU writing its state into *path*, through a descriptor
+    passed over QMP (``fd:``): QEMU's own writes, so the file is whole when the
+    migration reports ``completed`` (with ``exec:cat``, QEMU signals the ``cat`` as
+    it closes the pipe, and the pipe's last bytes can be lost)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        qmp(qmp_socket,
+            ("stop", None),
+            # default bandwidth cap is 32 MiB/s: lift it, the target is a local file
+            ("migrate-set-parameters", {"max-bandwidth": 64 << 30}),
+            ("getfd", {"fdname": SAVE_FD}),
+            ("migrate", {"uri": f"fd:{SAVE_FD}"}),
+            fds={"getfd": fd})
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import shlex
 import sys
 import tarfile
 
@@ -180,6 +181,33 @@ def test_check_and_delete_by_rule_spec(host, db, clean_forward, xtables):
         assert host.run(f"{tool} -w -C {spec_}").rc == 0, f"{tool} -C: the rule is not found"
         host.run_test(f"{tool} -w -D {spec_}")
         assert host.run(f"{tool} -w -C {spec_}").rc != 0, f"{tool} -D left the rule in place"
+
+
+BIGGEST = (16 << 20) // 8      # IPv4 ranges in the most one country may hold: 16 MiB
+WRITE_COUNTRY = """import array, struct, sys
+n = int(sys.argv[2])
+ranges = array.array("I", range(2 * n))     # (0, 1), (2, 3), ...: sorted, 8 bytes each
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<8sBBHI", b"NFLGEOIP", 1, 4, 0, n) + ranges.tobytes())
+"""
+
+
+def test_the_largest_country_is_taken_and_one_range_more_is_not(host, db, clean_forward, xtables):
+    """A country of 16 MiB of ranges, the most the module takes, is what the plugin
+    reads too (it once refused every file from 16 MiB on, its header included);
+    one range more is refused by the plugin, which names the limit."""
+    tool = f"iptables-{xtables.usable[0]} -w"
+    for cc, n in (("XY", BIGGEST), ("XZ", BIGGEST + 1)):
+        host.run_test(f"python3 -c {shlex.quote(WRITE_COUNTRY)} {DB_DIR}/{cc}.iv4 {n}")
+    try:
+        host.run_test(f"{tool} -A FORWARD -m geoip --src-cc XY -j DROP")
+        assert _copies(host) == (1, BIGGEST * 8)
+        over = host.run(f"{tool} -A FORWARD -m geoip --src-cc XZ -j DROP")
+        assert over.rc != 0 and f"is over {16 * 2 ** 20 + 16} bytes" in over.stderr, over.stderr
+    finally:
+        flush_chains(host)
+        host.run(f"rm -f {DB_DIR}/XY.iv4 {DB_DIR}/XZ.iv4")
+    assert _copies_become(host, "0 0"), f"the rule gone, its copy must be freed: {_copies(host)}"
 
 
 def _big_country(n: int) -> str:

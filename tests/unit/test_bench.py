@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from nflab import bench
 from ground.errors import NflabError
 from ground.paths import REPO
+from ground.proc import run_group
 from vm import lab
 
 
@@ -165,3 +168,17 @@ def test_a_failed_vng_run_is_counted_and_the_series_goes_on():
     failed = bench._alternate(3, kit, take(kit_results), vng, take(vng_results))
     assert vng.runs == [5.7, 5.8] and failed == ["vng exit 255, no release line: Kernel panic"]
     assert kit.runs == [2.9] and kit.error == "did not answer SSH"
+
+
+def test_a_run_past_its_timeout_is_killed_with_its_grandchildren(tmp_path):
+    """vng starts QEMU as a grandchild: killing vng alone would leave it running."""
+    pidfile = tmp_path / "pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_group(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=1)
+    stat = Path(f"/proc/{pidfile.read_text().strip()}/stat")
+    for _ in range(200):                    # killed; init reaps it
+        if not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z":
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail(f"the grandchild still runs: {stat.read_text()}")

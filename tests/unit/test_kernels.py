@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -249,3 +250,14 @@ def test_cached_kernel_entry_is_complete(kernel):
     assert f'"{kernel.release}"' in utsrelease.read_text()
     again = kernels.get(kernel.abi + "-" + kernel.flavour)
     assert again == kernel
+
+
+def test_exact_spec_names_the_flavour_or_the_source_release():
+    """What bench and doctor hand on to later commands: the very kernel, not its line
+    or the default flavour (bench once dropped the flavour, and a source kernel
+    became the Debian kernel of its version)."""
+    generic = SimpleNamespace(abi="6.12.118+deb13", flavour="amd64", release="6.12.118+deb13-amd64")
+    source = SimpleNamespace(abi="6.12.118", flavour="nflab-9c47e3dd", release="6.12.118-nflab-9c47e3dd")
+    assert kernels.exact_spec(generic) == "6.12.118+deb13-amd64"
+    assert kernels.exact_spec(source) == "6.12.118-nflab-9c47e3dd"
+    assert dk.parse_spec(kernels.exact_spec(generic)) == ("6.12.118+deb13", "amd64")

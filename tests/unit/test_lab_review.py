@@ -164,6 +164,34 @@ def test_probe_kvm_of_a_qemu_that_fails_early_reports_it(tmp_path, monkeypatch):
     assert not ok and "Property not found" in reason, reason
 
 
+FAKE_KVM_GUEST = """#!/bin/sh
+# a QEMU whose guest writes $1 to its console, waits $2 seconds, then writes $3 and powers off
+for a; do case "$a" in file,id=con,path=*) con="${a#file,id=con,path=}" ;; esac; done
+printf '%s' "$FAKE_FIRST" > "$con"; sleep "$FAKE_WAIT"; printf '%s' "$FAKE_LAST" >> "$con"
+"""
+
+
+@pytest.mark.parametrize("first, wait, ok", [
+    ("", 60, False),                                    # silent: hung after the timeout
+    ("Linux version 6.12\n", 1, True),                 # printing on a busy host: given more time
+    ("Linux version 6.12\n", 60, False),               # printing, then stuck: hung after slow
+])
+def test_a_kvm_probe_waits_longer_for_a_guest_that_prints(tmp_path, monkeypatch, first, wait, ok):
+    fake = tmp_path / "qemu"
+    fake.write_text(FAKE_KVM_GUEST)
+    fake.chmod(0o755)
+    monkeypatch.setattr(qemu, "QEMU", str(fake))
+    monkeypatch.setenv("FAKE_FIRST", first)
+    monkeypatch.setenv("FAKE_WAIT", str(wait))
+    monkeypatch.setenv("FAKE_LAST", "nflab-probe-ok\n")
+    real_access = qemu.os.access
+    monkeypatch.setattr(qemu.os, "access",
+                        lambda p, m, **kw: True if str(p) == "/dev/kvm" else real_access(p, m, **kw))
+    got, reason = qemu.probe_kvm(tmp_path / "vmlinuz", tmp_path / "initrd", timeout=0.5, slow=3.0)
+    assert got is ok, reason
+    assert ok or "hangs" in reason, reason
+
+
 def test_bad_numbers_in_the_environment_are_errors_with_a_hint(monkeypatch):
     monkeypatch.setenv("NFLAB_BOOT_TIMEOUT", "2m")
     with pytest.raises(VMError, match="NFLAB_BOOT_TIMEOUT") as err:

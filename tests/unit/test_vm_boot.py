@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zstandard
@@ -172,8 +173,12 @@ def test_ssh_config_has_what_testinfra_needs(tmp_path):
 
 def test_control_path_stays_short(tmp_path):
     deep = tmp_path / ("d" * 120)
-    assert len(lab._control_path(deep)) < 108
+    assert len(lab._control_path(deep)) + 17 <= 107
     assert lab._control_path(Path("/c/vms/x")) == "/c/vms/x/ssh.ctl"
+    # ssh binds "<ControlPath>.<16 random chars>" first: 90 bytes is the longest that fits
+    at_limit = Path("/" + "c" * (90 - len("/ssh.ctl") - 1))
+    assert lab._control_path(at_limit) == f"{at_limit}/ssh.ctl"
+    assert lab._control_path(Path(f"{at_limit}x")).startswith("/tmp/nflab-ssh-")
 
 
 def test_pid_alive_checks_the_vm_dir(tmp_path):
@@ -293,3 +298,25 @@ def test_the_initramfs_links_every_applet_its_busybox_has_and_its_init_parses():
     res = subprocess.run([str(busybox), "sh", "-n", str(initramfs.INIT_SCRIPT)],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_login_that_stalls_past_its_timeout_is_not_ready_yet(monkeypatch):
+    """A guest whose sshd took the connection and stalled: the login is retried
+    until the boot budget says why it failed, not a raw TimeoutExpired."""
+    def stalls(argv, **kw):
+        raise subprocess.TimeoutExpired(argv, kw["timeout"])
+
+    monkeypatch.setattr(lab.subprocess, "run", stalls)
+    state = SimpleNamespace(name="x", release="r", ssh_argv=lambda: ["ssh", "nflab-x"])
+    assert lab._login(state, 1, time.monotonic() + 1, clock=None) is False
+
+
+def test_kill_reaps_a_qemu_that_exited_by_itself(tmp_path):
+    proc = subprocess.Popen(["true"])
+    stat = Path(f"/proc/{proc.pid}/stat")
+    while stat.read_text().split(")")[1].split()[0] != "Z":     # exited, not reaped
+        time.sleep(0.01)
+    lab._children["exited"] = proc
+    lab._kill(proc.pid, tmp_path)
+    assert "exited" not in lab._children and proc.returncode == 0
+    assert not stat.exists()

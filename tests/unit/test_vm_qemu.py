@@ -267,6 +267,9 @@ CPUINFO_NOMINAL = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU E5-2690 v4
 CPUINFO_VM = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\ncpu MHz\t\t: 2600.000\n"
               "flags\t\t: fpu tsc constant_tsc nonstop_tsc\n")
 CPUINFO_UNKNOWN = "processor\t: 0\nmodel name\t: Some CPU\ncpu MHz\t\t: 2600.000\nflags\t\t: fpu tsc\n"
+# bare metal, no GHz in the name (AMD): "cpu MHz" is the clock of the moment
+CPUINFO_METAL = ("processor\t: 0\nmodel name\t: AMD Ryzen 7 5800X 8-Core Processor\ncpu MHz\t\t: 3412.771\n"
+                 "flags\t\t: fpu tsc constant_tsc nonstop_tsc aperfmperf\n")
 
 
 def test_host_tsc_khz(monkeypatch):
@@ -274,6 +277,7 @@ def test_host_tsc_khz(monkeypatch):
     assert qemu.host_tsc_khz(CPUINFO_NOMINAL) == 2600000  # nominal, not the scaled MHz
     assert qemu.host_tsc_khz(CPUINFO_VM) == 2600000
     assert qemu.host_tsc_khz(CPUINFO_UNKNOWN) is None
+    assert qemu.host_tsc_khz(CPUINFO_METAL) is None
     monkeypatch.setenv("NFLAB_TSC_KHZ", "3000000")
     assert qemu.host_tsc_khz(CPUINFO_UNKNOWN) == 3000000
 

@@ -2,6 +2,7 @@
 the opt-out, and the readiness command a restored guest runs."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,11 +119,15 @@ def test_save_stops_the_guest_before_copying_it(tmp_path, monkeypatch):
     of that stopped state still starts the guest."""
     sent = []
 
-    def fake_qmp(sock, *commands, **kw):
+    def fake_qmp(sock, *commands, fds=None, **kw):
         for name, args in commands:
             sent.append(name)
-            if name == "migrate":     # what `cat > FILE` does in QEMU's place
-                Path(args["uri"].split("> ", 1)[1].strip("'")).write_bytes(b"state")
+            if name == "getfd":       # QEMU keeps its own copy of the descriptor
+                held = os.dup(fds["getfd"])
+            if name == "migrate":     # what QEMU writes through it
+                assert args["uri"] == f"fd:{snapshot.SAVE_FD}"
+                os.write(held, b"state")
+                os.close(held)
         return [{"status": "completed"}] * len(commands)
 
     monkeypatch.setattr(snapshot.initramfs, "boot_dir", lambda r: tmp_path)
