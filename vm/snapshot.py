@@ -249,8 +249,8 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
 def _migrate_to(qmp_socket: Path, path: Path):
     """Stop the VM and start QEMU writing its state into *path*, through a descriptor
     passed over QMP (``fd:``): QEMU's own writes, so the file is whole when the
-    migration reports ``completed`` (with ``exec:cat``, QEMU signals the ``cat`` as
-    it closes the pipe, and the pipe's last bytes can be lost)."""
+    migration reports ``completed`` (with ``exec:cat``, QEMU says so before it
+    closes the pipe and waits for the ``cat``, which may still be writing)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         qmp(qmp_socket,
