@@ -574,32 +574,33 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0,
         except FileNotFoundError as exc:
             raise VMError(f"{QEMU} not found", hint="apt-get install qemu-system-x86") from exc
         try:
-            err = _probe_finish(proc, log, timeout, slow)
+            err, hung = _probe_finish(proc, log, timeout, slow)
         finally:
             # a hung guest, or Ctrl-C / SIGTERM while it probes: no QEMU outlives the probe
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if err is None:
-            return False, (f"a KVM guest did not finish a probe boot within {timeout:g}s, "
-                           f"{timeout + slow:g}s once its kernel printed (hangs)")
+        if hung:
+            return False, hung
         if "nflab-probe-ok" in log.read_text(errors="replace"):
             return True, "KVM probe boot succeeded"
         return False, f"KVM probe boot failed: {err.decode(errors='replace').strip()[-200:]}"
 
 
-def _probe_finish(proc: subprocess.Popen, log: Path, timeout: float, slow: float) -> bytes | None:
-    """QEMU's stderr once the probe guest powered off; None if it hangs: silent on
-    its console after *timeout*, or printing but not done *slow* seconds later."""
+def _probe_finish(proc: subprocess.Popen, log: Path, timeout: float,
+                  slow: float) -> tuple[bytes, str]:
+    """(QEMU's stderr, "") once the probe guest powered off; (b"", why) if it hangs:
+    silent on its console after *timeout*, or printing but not done *slow* seconds later."""
     try:
-        return proc.communicate(timeout=timeout)[1]
+        return proc.communicate(timeout=timeout)[1], ""
     except subprocess.TimeoutExpired:
         if not log.read_text(errors="replace").strip():
-            return None
+            return b"", f"a KVM guest printed nothing within {timeout:g}s of its probe boot (hangs)"
     try:
-        return proc.communicate(timeout=slow)[1]
+        return proc.communicate(timeout=slow)[1], ""
     except subprocess.TimeoutExpired:
-        return None
+        return b"", (f"a KVM guest's kernel printed, but its probe boot did not finish within "
+                     f"{timeout + slow:g}s (hangs)")
 
 
 def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]:
