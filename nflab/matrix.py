@@ -9,6 +9,7 @@ The same ``invoke matrix --kernels=K`` is what one CI job runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -103,28 +104,50 @@ def max_parallel(requested: int) -> int:
     return max(1, min(requested, cpus, avail // (VM_MEMORY_MIB + 512)))
 
 
+def cell_vm(kernel: str) -> str:
+    """The VM name of *kernel*'s cell: the spec made a name, cut to 28 characters; a
+    longer one ends in a hash of the spec, so two long specs (``source:`` kernels
+    with config fragments) never share a VM."""
+    name = "m-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel)
+    if len(name) <= 28:
+        return name
+    return f"{name[:19]}-{hashlib.sha1(kernel.encode()).hexdigest()[:8]}"
+
+
 def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
     cell = Cell(kernel)
-    vm = "m-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel)[:28]
+    vm = cell_vm(kernel)
     junit = out_dir / f"junit-{re.sub(r'[^A-Za-z0-9.]+', '_', kernel)}.xml"
+    junit.unlink(missing_ok=True)       # an earlier run's results are not this cell's
     cmd = [sys.executable, "-m", "invoke", "test", f"--kernel={kernel}", f"--vm={vm}", f"--junit={junit}",
-           "--quiet"]
-    cmd.append(f"--names={','.join(names)}")
+           "--quiet", f"--names={','.join(names)}"]
     t0 = time.monotonic()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     cell.seconds = time.monotonic() - t0
     cell.exit_code = res.returncode
-    cell.log = (res.stdout + res.stderr)[-6000:]
-    (out_dir / f"log-{vm}.txt").write_text(res.stdout + res.stderr)
+    output = res.stdout + res.stderr
+    cell.log = output[-6000:]
+    (out_dir / f"log-{vm}.txt").write_text(output)
     cell.junit = str(junit)
-    m = RELEASE_RE.search(res.stdout + res.stderr)
+    m = RELEASE_RE.search(output)
     cell.release = m.group(1) if m else kernel
-    for line in (res.stdout + res.stderr).splitlines():
+    _note_builds(cell, names, output, tested=junit.is_file())
+    _note_tests(cell, junit, res.stderr)
+    return cell
+
+
+def _note_builds(cell: Cell, names: list[str], output: str, tested: bool):
+    """Each extension's build: its BUILD FAILED line, else ok once the suites ran,
+    else not built (the cell stopped before: a kernel that did not fetch, say)."""
+    for line in output.splitlines():
         if line.startswith("BUILD FAILED "):
             n, _, err = line[len("BUILD FAILED "):].partition(": ")
             cell.build[n] = err
     for n in names:
-        cell.build.setdefault(n, "ok")
+        cell.build.setdefault(n, "ok" if tested else "not built: the cell stopped first (see its log)")
+
+
+def _note_tests(cell: Cell, junit: Path, stderr: str):
     counts, failures = parse_junit(junit)
     cell.failures = failures
     cell.backends = junit_backends(junit)
@@ -133,9 +156,18 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
         cell.test = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
         cell.suites_passed = passed > 0 and counts["failures"] + counts["errors"] == 0
     else:
-        err = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+        err = [l for l in stderr.splitlines() if l.startswith("error:")]
         cell.test = err[-1] if err else "no results"
-    return cell
+
+
+def _cell_or_error(kernel: str, names: list[str], out_dir: Path) -> Cell:
+    """The cell of *kernel*; a failure of the kit itself (not of the cell's run)
+    is that cell's failure, so the other cells still run and the reports are written."""
+    try:
+        return _run_cell(kernel, names, out_dir)
+    except Exception as exc:     # any error is this cell's, reported in it
+        return Cell(kernel, release=kernel, build={n: "?" for n in names}, exit_code=-1,
+                    test=f"error: the matrix could not run this cell: {exc}"[:300], log=repr(exc))
 
 
 def run(kernels_text: str | None, names: list[str], jobs: int = 2, progress=print) -> list[Cell]:
@@ -145,7 +177,7 @@ def run(kernels_text: str | None, names: list[str], jobs: int = 2, progress=prin
     jobs = max_parallel(jobs)
     progress(f"matrix: {len(kernels)} kernel(s) × {len(names)} extension(s), {jobs} at a time")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        cells = list(pool.map(lambda k: _run_cell(k, names, out_dir), kernels))
+        cells = list(pool.map(lambda k: _cell_or_error(k, names, out_dir), kernels))
     write_reports(cells, names, out_dir)
     return cells
 

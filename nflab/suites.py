@@ -238,8 +238,10 @@ def _available_gib() -> float:
 def shard_count(jobs, files: list[Path], seconds: dict[str, float], *, own_vms: bool) -> int:
     """How many VMs run *files*: *jobs* if given (``--jobs``, ``$NFLAB_TEST_JOBS``),
     else 2 when the kit boots its own VMs, the host has 2 cores and the memory,
-    and the files are expected to take over ``SHARD_MIN_SECONDS``."""
-    if jobs is None:
+    and the files are expected to take over ``SHARD_MIN_SECONDS``. The variable is
+    a preference for runs that boot their own VMs: a run in a given VM takes one."""
+    from_env = jobs is None
+    if from_env:
         jobs = os.environ.get(JOBS_ENV) or None
     if jobs is not None and str(jobs) != "auto":
         try:
@@ -247,8 +249,11 @@ def shard_count(jobs, files: list[Path], seconds: dict[str, float], *, own_vms: 
         except ValueError:
             n = 0
         if n < 1:
-            raise NflabError(f"--jobs={jobs!r} is not a number of VMs", hint="use 1, 2, ... or auto")
+            raise NflabError(f"{'$' + JOBS_ENV if from_env else '--jobs'}={jobs!r} is not a number of VMs",
+                             hint="use 1, 2, ... or auto")
         if n > 1 and not own_vms:
+            if from_env:
+                return 1
             raise NflabError(f"--jobs={n} runs the suites in {n} VMs the kit boots itself",
                              hint="drop --vm, --keep and --html, or use --jobs=1")
         return max(1, min(n, len(files)))
@@ -420,12 +425,15 @@ def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: s
     reports.mkdir(parents=True, exist_ok=True)
     # absolute: pytest runs in the repository (start_pytest), the caller anywhere
     junit_path = Path(junit).resolve() if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
-    return junit_path, [
+    shards = [
         _Shard(vm=v, files=g,
                junit=junit_path if n == 1 else junit_path.with_name(f".{junit_path.stem}.{i}.xml"),
                gate=Gate(reports / f".gate-{os.getpid()}-{i}"),
                log=None if n == 1 else reports / f"pytest-{i + 1}-of-{n}.log")
         for i, (v, g) in enumerate(zip(vms, groups))]
+    for stale in {junit_path, *(sh.junit for sh in shards)}:
+        stale.unlink(missing_ok=True)     # an earlier run's results are never read as this run's
+    return junit_path, shards
 
 
 def _pytest_command(sh: _Shard, built: list, html: str | None, pytest_args: list | None) -> list:

@@ -222,7 +222,15 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
         vm: str | None = None, keep: bool = False, junit: str | None = None,
         pytest_args=None, snapshot: bool | None = None, progress=print) -> Outcome:
     """Build, restore or boot (or reuse) a VM, install and test the chosen exercises on
-    one kernel."""
+    one kernel. A SIGTERM (CI's timeout, `kill`) stops the VM this run booted, as
+    Ctrl-C does."""
+    with lab.signals_as_interrupt():
+        return _run(selection, kernel_spec, solution=solution, vm=vm, keep=keep, junit=junit,
+                    pytest_args=pytest_args, snapshot=snapshot, progress=progress)
+
+
+def _run(selection: str | None, kernel_spec: str | None, *, solution: bool, vm: str | None,
+         keep: bool, junit: str | None, pytest_args, snapshot: bool | None, progress) -> Outcome:
     exs = select(selection)
     for ex in exs:                       # validate both variants before anything slow
         ex.load(solution)

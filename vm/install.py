@@ -129,7 +129,7 @@ def plan(art: Built, extra: dict, params: dict | None) -> Plan:
     mod = art.module
     deps = " ".join(shlex.quote(d) for d in art.deps)
     script = [
-        f"for d in {deps}; do modprobe $d; done" if deps else ":",
+        f"for d in {deps}; do modprobe $d || exit 1; done" if deps else ":",
         # an in-tree or older kit module of the same name must go first
         f"if [ -d /sys/module/{mod} ]; then rmmod {mod}; fi",
         f"insmod {GUEST_DIR}/{art.ko.name} {_params(params)}".rstrip(),
@@ -143,13 +143,19 @@ def plan(art: Built, extra: dict, params: dict | None) -> Plan:
     return Plan(art, files, len(extra), script)
 
 
+def load_script(plans: list[Plan]) -> str:
+    """One shell script running every plan's lines in order, each plan in a subshell
+    that a failing line leaves (``|| exit 1``: ``set -e`` would be ignored in a
+    subshell on the left of ``||``); the first plan that fails is named and stops
+    the rest."""
+    return "\n".join("(\n" + "\n".join(f"{line} || exit 1" for line in p.script)
+                     + f"\n) || {{ echo '{_FAILED} {p.art.module}'; exit 1; }}" for p in plans)
+
+
 def _run_loads(plans: list[Plan], vm: str, timeout: float) -> dict:
-    """Run every plan's script in one guest command, each under ``set -e``;
-    {module: (taint, srcversion)} of those loaded. The first that fails stops
-    the rest and is named in the error."""
-    script = ["( set -e\n" + "\n".join(p.script) + f"\n) || {{ echo '{_FAILED} {p.art.module}'; exit 1; }}"
-              for p in plans]
-    res = lab.exec(vm, "\n".join(script), timeout=timeout * len(plans))
+    """Run :func:`load_script` in one guest command; {module: (taint, srcversion)}
+    of those loaded. The first that fails stops the rest and is named in the error."""
+    res = lab.exec(vm, load_script(plans), timeout=timeout * len(plans))
     done = {}
     failed = None
     for line in res.stdout.splitlines():

@@ -56,8 +56,11 @@ def test_one_copy_one_script_and_each_module_proven(fake):
                                                                    "/root/nflab/xt_b.ko"}
     assert len(fake["scripts"]) == 1
     script = fake["scripts"][0]
-    # each extension's part runs under set -e and names itself when it fails
-    assert script.count("( set -e") == 2 and f"echo '{install._FAILED} xt_b'" in script
+    # each extension's part runs in a subshell its first failing line leaves, naming it
+    assert script == install.load_script(install.Plan(_art(n, f"xt_{n}"), {}, 0, [
+        f"insmod /root/nflab/xt_{n}.ko", f'echo "{install._DONE} xt_{n} $(taint_of {n}) ABC"'])
+        for n in "ab")
+    assert f"echo '{install._FAILED} xt_b'" in script
     assert fake["params"] == {"a": None, "b": {"n": 2}}
 
 
@@ -78,3 +81,40 @@ def test_install_is_install_many_of_one(fake):
     fake["run"](f"{install._DONE} xt_a OE ABC\n")
     got = deploy.install("a", "vm1", params={"x": 1})
     assert got.module == "xt_a" and fake["params"] == {"a": {"x": 1}}
+
+
+FAKE_GUEST_TOOL = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$CALLS"
+case " $* " in *" $FAIL "*) echo "insmod: ERROR: could not insert module $FAIL" >&2; exit 1 ;; esac
+"""
+
+
+# not busybox sh: it runs its own insmod and modprobe applets before any in PATH,
+# and nothing may load a module on the host
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_the_load_script_stops_at_the_first_failing_line(tmp_path, shell):
+    """The script itself, run by the guest's shells (bash for SSH commands), with its guest
+    commands faked: a failing insmod or modprobe ends its extension's part (no
+    "installed" line for it) and the script, naming that extension. Under
+    ``( set -e ... ) || ...`` every shell ignored the set -e and went on."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    for tool in ("insmod", "modprobe", "rmmod", "install", "cp"):
+        (fakes / tool).write_text(FAKE_GUEST_TOOL)
+        (fakes / tool).chmod(0o755)
+    for n in "abc":
+        (tmp_path / f"xt_{n}.ko").write_bytes(b"not loaded")
+    arts = [SimpleNamespace(name=n, module=f"xt_{n}", ko=tmp_path / f"xt_{n}.ko", so=None,
+                            deps=["x_tables"]) for n in "abc"]
+    script = install.load_script([install.plan(a, {}, None) for a in arts])
+    env = {"PATH": f"{fakes}:/usr/bin:/bin", "CALLS": str(tmp_path / "calls"), "FAIL": "/root/nflab/xt_b.ko"}
+    res = subprocess.run([shell, "-c", script], env=env, capture_output=True, text=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert res.returncode == 1, res
+    assert [ln.split()[:2] for ln in res.stdout.splitlines()] == [[install._DONE, "xt_a"],
+                                                                  [install._FAILED, "xt_b"]], res.stdout
+    assert calls == ["modprobe x_tables", "insmod /root/nflab/xt_a.ko",
+                     "modprobe x_tables", "insmod /root/nflab/xt_b.ko"], calls
+    env["FAIL"] = "x_tables"
+    res = subprocess.run([shell, "-c", script], env=env, capture_output=True, text=True)
+    assert res.stdout.split() == [install._FAILED, "xt_a"], res.stdout

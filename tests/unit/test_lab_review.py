@@ -213,3 +213,18 @@ def test_a_relative_junit_is_made_absolute(tmp_path, monkeypatch):
     kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
     junit, _ = suites._shards(["iprange"], kernel, [[Path("t.py")]], 1, vm=None, keep=False, junit="out.xml")
     assert junit == tmp_path / "out.xml"
+
+
+def test_a_run_starts_without_the_last_runs_junit_files(tmp_path, monkeypatch):
+    """A run whose pytest never writes its JUnit (a usage error, a crash before
+    the first test) must report no results, not the previous run's."""
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "build"))
+    kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
+    old = tmp_path / "out.xml"
+    parts = [old.with_name(f".out.{i}.xml") for i in range(2)]
+    for f in (old, *parts):
+        f.write_text('<testsuites><testsuite tests="57"/></testsuites>')
+    suites._shards(["iprange"], kernel, [[Path("a.py")], [Path("b.py")]], 2, vm=None, keep=False,
+                   junit=str(old))
+    assert not any(f.exists() for f in (old, *parts))
+    assert suites.parse_junit(old)[0]["tests"] == 0

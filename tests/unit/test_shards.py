@@ -68,6 +68,11 @@ def test_shard_count_explicit(monkeypatch):
     with pytest.raises(NflabError) as exc:
         suites.shard_count(2, F, {}, own_vms=False)
     assert "--vm" in exc.value.hint
+    # the variable is a preference: a run in a given VM (a matrix cell's --vm) takes one
+    assert suites.shard_count(None, F, {}, own_vms=False) == 1
+    monkeypatch.setenv(suites.JOBS_ENV, "two")
+    with pytest.raises(NflabError, match=r"\$NFLAB_TEST_JOBS='two'"):
+        suites.shard_count(None, F, {}, own_vms=True)
 
 
 @pytest.mark.parametrize("codes, want", [([0, 0], 0), ([0, 5], 0), ([5, 5], 5), ([1, 0], 1),
