@@ -62,3 +62,22 @@ def test_module_hanging_in_init_ends_install_within_its_budget():
     finally:
         lab.down(VM)
     assert not _qemu_of(VM)
+
+
+def test_a_module_the_guest_refuses_is_named_with_insmods_reason():
+    """A failed insmod (a value its bool parameter refuses) ends the install naming
+    the module, with insmod's own message; the load script stops there (it once
+    went on and blamed the module's taint: "not the kit's module")."""
+    lab.down(VM)
+    lab.up(KERNEL, VM, progress=lambda *_: None)
+    try:
+        with pytest.raises(VMError) as info:
+            deploy.install("faulty", VM, params={"hang_in_init": "maybe"}, timeout=20)
+        err = info.value
+        assert "loading" in err.message and "faulty failed" in err.message, err.message
+        assert "Invalid parameters" in err.detail and "not the kit's" not in err.message, err.detail
+        assert "dmesg" in err.hint
+        assert lab.exec(VM, "test -d /sys/module/nflab_faulty").returncode != 0
+    finally:
+        lab.down(VM)
+    assert not _qemu_of(VM)
