@@ -71,7 +71,20 @@ def resolve_kernels(text: str | None) -> list[str]:
         else:
             kernels.resolve(item)
             out.append(item)
-    return list(dict.fromkeys(out))
+    return _one_cell_per_kernel(list(dict.fromkeys(out)))
+
+
+def _one_cell_per_kernel(specs: list[str]) -> list[str]:
+    """*specs* less those naming a kernel an earlier one names (``6.12`` and its
+    newest ABI, from ``all-6.12``): two cells on one kernel would build in one
+    tree at once. ``source:`` specs count by their text (built by their cells)."""
+    seen, out = set(), []
+    for item in specs:
+        key = item if source_kernels.is_source_spec(item) else kernels.resolve(item).release
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
 
 
 def _all_of_line(item: str) -> list[str]:

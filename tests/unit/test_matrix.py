@@ -112,3 +112,14 @@ def test_a_cell_that_stops_early_reports_no_earlier_results(tmp_path, monkeypatc
     cell = matrix._cell_or_error("6.12", ["iprange"], tmp_path)
     assert cell.exit_code == -1 and "no space left on device" in cell.test and not cell.ok
     assert "6.12" in matrix.markdown([cell], ["iprange"])
+
+
+def test_one_cell_per_kernel_however_it_is_named():
+    """``all-6.12`` lists 6.12's newest ABI, which ``6.12`` names too: one cell, the
+    first spec that named it (two would build in one tree at once)."""
+    abis = matrix.resolve_kernels("all-6.12")
+    newest = matrix.kernels.resolve("6.12").abi
+    assert newest in abis
+    got = matrix.resolve_kernels("all-6.12,6.12")
+    assert got == abis and "6.12" not in got
+    assert matrix.resolve_kernels("6.12,all-6.12") == ["6.12"] + [a for a in abis if a != newest]
