@@ -945,7 +945,8 @@ static int l7_find_pat(const char *dir, const char *proto, char *path, size_t pa
 			nsub++;
 	}
 	closedir(d);
-	qsort(subs, nsub, sizeof(*subs), l7_dirent_cmp);
+	if (nsub > 1)	/* qsort(NULL, 0, ...) is undefined */
+		qsort(subs, nsub, sizeof(*subs), l7_dirent_cmp);
 	ret = 0;
 	for (i = 0; i < nsub && !ret; i++) {
 		ret = l7_path(path, pathlen, dir, subs[i], proto, err, errlen);
