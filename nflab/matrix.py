@@ -69,8 +69,7 @@ def resolve_kernels(text: str | None) -> list[str]:
         elif item in debian_kernels.GROUPS:
             out += kernels.expand(item)
         else:
-            kernels.resolve(item)
-            out.append(item)
+            out.append(item)            # checked when _one_cell_per_kernel resolves it
     return _one_cell_per_kernel(list(dict.fromkeys(out)))
 
 

@@ -540,12 +540,8 @@ def _launch(state: VMState, spec: qemu.LaunchSpec) -> subprocess.Popen:
         cmd = qemu.build_command(spec)
         state.cmd = cmd
         qlog = stack.enter_context(open(state.vmdir / "qemu.log", "wb"))
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog,
-                                    stderr=subprocess.STDOUT, cwd=state.vmdir,
-                                    start_new_session=True, pass_fds=_fds(spec))
-        except FileNotFoundError as exc:
-            raise VMError(f"{qemu.QEMU} not found", hint="apt-get install qemu-system-x86") from exc
+        proc = qemu.start(cmd, stdout=qlog, stderr=subprocess.STDOUT, cwd=state.vmdir,
+                          pass_fds=_fds(spec))
     _children[state.name] = proc
     return proc
 

@@ -551,6 +551,15 @@ def _accel_key() -> str:
     return f"{os.uname().release}|{qemu_id}|{kvm}"
 
 
+def start(cmd: list, **popen) -> subprocess.Popen:
+    """Start the QEMU command line *cmd* in a session of its own, stdin empty; a
+    missing QEMU is an error that says what to install."""
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, **popen)
+    except FileNotFoundError as exc:
+        raise VMError(f"{cmd[0]} not found", hint="apt-get install qemu-system-x86") from exc
+
+
 def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0,
               slow: float = KVM_PROBE_SLOW) -> tuple[bool, str]:
     """Boot *vmlinuz* under KVM into the initramfs's probe mode (``nflab.probe``:
@@ -568,11 +577,7 @@ def probe_kvm(vmlinuz: Path, initrd: Path, *, timeout: float = 6.0,
                "-m", "256M", "-kernel", str(vmlinuz), "-initrd", str(initrd),
                "-append", "console=ttyS0 panic=-1 rdinit=/init nflab.probe",
                "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-        except FileNotFoundError as exc:
-            raise VMError(f"{QEMU} not found", hint="apt-get install qemu-system-x86") from exc
+        proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             err, hung = _probe_finish(proc, log, timeout, slow)
         finally:
@@ -619,11 +624,7 @@ def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]
                "-kernel", str(vmlinux), "-append",
                "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 pci=off",
                "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con", "-no-reboot"]
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-        except FileNotFoundError as exc:
-            raise VMError(f"{QEMU} not found", hint="apt-get install qemu-system-x86") from exc
+        proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

@@ -151,15 +151,20 @@ def test_a_failed_insmod_points_at_dmesg(monkeypatch):
     assert "dmesg" in err.value.hint, err.value.hint
 
 
-def test_probe_kvm_of_a_qemu_that_fails_early_reports_it(tmp_path, monkeypatch):
+@pytest.fixture
+def kvm_accessible(monkeypatch):
+    """/dev/kvm opens (the probe starts its QEMU; the fake QEMU decides the rest)."""
+    real_access = qemu.os.access
+    monkeypatch.setattr(qemu.os, "access",
+                        lambda p, m, **kw: True if str(p) == "/dev/kvm" else real_access(p, m, **kw))
+
+
+def test_probe_kvm_of_a_qemu_that_fails_early_reports_it(tmp_path, monkeypatch, kvm_accessible):
     # QEMU that fails before it opens the console chardev (an option it does not know)
     fake = tmp_path / "qemu"
     fake.write_text("#!/bin/sh\necho 'qemu: -M microvm: Property not found' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(qemu, "QEMU", str(fake))
-    real_access = qemu.os.access
-    monkeypatch.setattr(qemu.os, "access",
-                        lambda p, m, **kw: True if str(p) == "/dev/kvm" else real_access(p, m, **kw))
     ok, reason = qemu.probe_kvm(tmp_path / "vmlinuz", tmp_path / "initrd")
     assert not ok and "Property not found" in reason, reason
 
@@ -176,7 +181,8 @@ printf '%s' "$FAKE_FIRST" > "$con"; sleep "$FAKE_WAIT"; printf '%s' "$FAKE_LAST"
     ("Linux version 6.12\n", 1, True),                 # printing on a busy host: given more time
     ("Linux version 6.12\n", 60, False),               # printing, then stuck: hung after slow
 ])
-def test_a_kvm_probe_waits_longer_for_a_guest_that_prints(tmp_path, monkeypatch, first, wait, ok):
+def test_a_kvm_probe_waits_longer_for_a_guest_that_prints(tmp_path, monkeypatch, kvm_accessible,
+                                                         first, wait, ok):
     fake = tmp_path / "qemu"
     fake.write_text(FAKE_KVM_GUEST)
     fake.chmod(0o755)
@@ -184,9 +190,6 @@ def test_a_kvm_probe_waits_longer_for_a_guest_that_prints(tmp_path, monkeypatch,
     monkeypatch.setenv("FAKE_FIRST", first)
     monkeypatch.setenv("FAKE_WAIT", str(wait))
     monkeypatch.setenv("FAKE_LAST", "nflab-probe-ok\n")
-    real_access = qemu.os.access
-    monkeypatch.setattr(qemu.os, "access",
-                        lambda p, m, **kw: True if str(p) == "/dev/kvm" else real_access(p, m, **kw))
     got, reason = qemu.probe_kvm(tmp_path / "vmlinuz", tmp_path / "initrd", timeout=0.5, slow=3.0)
     assert got is ok, reason
     assert ok or "hangs" in reason, reason
@@ -228,3 +231,11 @@ def test_a_run_starts_without_the_last_runs_junit_files(tmp_path, monkeypatch):
                    junit=str(old))
     assert not any(f.exists() for f in (old, *parts))
     assert suites.parse_junit(old)[0]["tests"] == 0
+
+
+def test_a_missing_qemu_says_what_to_install(tmp_path):
+    """Every QEMU the kit starts (a VM, the KVM probe, the PVH probe) goes through
+    qemu.start: a missing binary is a VMError naming the package, not a traceback."""
+    with pytest.raises(VMError) as err:
+        qemu.start([str(tmp_path / "qemu-system-x86_64")], stdout=subprocess.DEVNULL)
+    assert "not found" in err.value.message and "qemu-system-x86" in err.value.hint
