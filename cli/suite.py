@@ -138,13 +138,16 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop
 
 
 @task(help={
-    "kernels": "comma list of specs or groups: latest, lts, all-6.1, all-6.12 (default: nflab.toml or 6.1,6.12)",
+    "kernels": "comma list of specs or groups: lts, stable, rc, supported (= latest), all-6.1, "
+               "all-6.12, source:... (default: nflab.toml's [matrix] kernels, else supported)",
     "names": "comma list of extensions (default: the whole catalog)",
     "j": "kernels in parallel (bounded by cores and memory)",
     "extensions_dir": EXT_DIR_HELP,
+    "cell_timeout": "seconds one kernel's cell may take before it is stopped (default 7200, "
+                    "or NFLAB_CELL_TIMEOUT; 0: no limit)",
 })
 @friendly
-def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
+def matrix(c, kernels=None, names=None, j=2, extensions_dir=None, cell_timeout=None):
     """Run the suites on several kernels in parallel: table, JUnit, JSON and Markdown summaries."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import spec
@@ -156,7 +159,7 @@ def matrix(c, kernels=None, names=None, j=2, extensions_dir=None):
     for n in selected:
         spec.load(n)
     with Progress(False) as progress:
-        cells = mx.run(kernels, selected, int(j), progress=progress)
+        cells = mx.run(kernels, selected, int(j), progress=progress, timeout=cell_timeout)
     rows = [[c_.release, *[c_.build.get(n, "?")[:40] for n in selected], c_.test, f"{c_.seconds:.0f}"]
             for c_ in cells]
     table(["kernel", *[f"build {n}" for n in selected], "suites", "s"], rows)

@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +27,15 @@ from ground.errors import SpecError
 from ground.paths import REPO, build_dir
 from nflab.suites import junit_backends, parse_junit
 from supply import debian_kernels, kernels, source_kernels
+from vm import lab
 
 VM_MEMORY_MIB = 1024
+# a whole cell (fetch, build, boot, suites) past this is stopped: each test has its own
+# watchdog and each boot its budget, but a kernel fetch or a build can hang too. A
+# `source:` kernel builds in its cell (20-40 min on 2 cores under load), hence 2 h.
+CELL_TIMEOUT = 7200.0
+# after SIGTERM, time a cell's `invoke test` has to stop its pytest and VMs
+CELL_GRACE = 60.0
 # the kernel release a cell's `invoke test` output names: any line (5.10.0-46-cloud-amd64,
 # 6.12.118+deb13-rt-amd64, 7.3.4+deb13-cloud-amd64, 7.3-cloud-amd64) or a source build
 RELEASE_RE = re.compile(r"\b(\d+\.\d+(?:\.\d+)?(?:[-+]\S*?)?-(?:cloud-|rt-)?amd64"
@@ -126,7 +135,8 @@ def cell_vm(kernel: str) -> str:
     return f"{name[:19]}-{hashlib.sha1(kernel.encode()).hexdigest()[:8]}"
 
 
-def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
+def _run_cell(kernel: str, names: list[str], out_dir: Path, cells: _Cells | None = None,
+              timeout: float | None = None) -> Cell:
     cell = Cell(kernel)
     vm = cell_vm(kernel)
     junit = out_dir / f"junit-{re.sub(r'[^A-Za-z0-9.]+', '_', kernel)}.xml"
@@ -134,7 +144,7 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
     cmd = [sys.executable, "-m", "invoke", "test", f"--kernel={kernel}", f"--vm={vm}", f"--junit={junit}",
            "--quiet", f"--names={','.join(names)}"]
     t0 = time.monotonic()
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    res, timed_out = (cells or _Cells()).run(cmd, vm, timeout)
     cell.seconds = time.monotonic() - t0
     cell.exit_code = res.returncode
     output = res.stdout + res.stderr
@@ -145,7 +155,79 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path) -> Cell:
     cell.release = m.group(1) if m else kernel
     _note_builds(cell, names, output, tested=junit.is_file())
     _note_tests(cell, junit, res.stderr)
+    if timed_out:
+        cell.test = f"timed out after {timeout:.0f} s and stopped ({cell.test}); see its log"
     return cell
+
+
+class _Cells:
+    """The cells' ``invoke test`` processes, each in a session of its own: a cell
+    past its timeout is stopped alone, and a Ctrl-C or SIGTERM to the matrix
+    stops every running cell (and starts no more) before the matrix exits."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[int, tuple[subprocess.Popen, str]] = {}
+        self.stopping = False
+
+    def run(self, cmd: list, vm: str, timeout: float | None) -> tuple[subprocess.CompletedProcess, bool]:
+        """Run a cell's *cmd* (its VM *vm*): (its result, whether it timed out)."""
+        proc = self._start(cmd, vm)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err), False
+        except subprocess.TimeoutExpired:
+            out, err = _stop(proc, vm)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err), True
+        finally:
+            with self._lock:
+                self._running.pop(proc.pid, None)
+
+    def _start(self, cmd: list, vm: str) -> subprocess.Popen:
+        with self._lock:
+            if self.stopping:
+                raise KeyboardInterrupt("the matrix is stopping")
+            proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+            self._running[proc.pid] = (proc, vm)
+            return proc
+
+    def stop_all(self):
+        """Start no more cells; SIGTERM every running one, which stops its VMs; after
+        CELL_GRACE kill what is left of them, VMs included."""
+        with self._lock:
+            self.stopping = True
+            running = list(self._running.values())
+        for proc, _ in running:
+            _signal(proc.pid, signal.SIGTERM, group=False)
+        deadline = time.monotonic() + CELL_GRACE
+        while any(proc.poll() is None for proc, _ in running) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for proc, vm in running:
+            if proc.poll() is None:
+                _signal(proc.pid, signal.SIGKILL, group=True)
+                lab.down(vm)
+
+
+def _stop(proc: subprocess.Popen, vm: str) -> tuple[str, str]:
+    """Stop a cell past its timeout as CI's timeout would: SIGTERM to its ``invoke
+    test`` (which stops its pytest and VMs), then after CELL_GRACE its whole process
+    group and its VM by force. Returns the cell's output."""
+    _signal(proc.pid, signal.SIGTERM, group=False)
+    try:
+        return proc.communicate(timeout=CELL_GRACE)
+    except subprocess.TimeoutExpired:
+        _signal(proc.pid, signal.SIGKILL, group=True)
+        out = proc.communicate()
+        lab.down(vm)
+        return out
+
+
+def _signal(pid: int, sig: int, *, group: bool):
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _note_builds(cell: Cell, names: list[str], output: str, tested: bool):
@@ -172,24 +254,50 @@ def _note_tests(cell: Cell, junit: Path, stderr: str):
         cell.test = err[-1] if err else "no results"
 
 
-def _cell_or_error(kernel: str, names: list[str], out_dir: Path) -> Cell:
+def _cell_or_error(kernel: str, names: list[str], out_dir: Path, cells: _Cells | None = None,
+                   timeout: float | None = None) -> Cell:
     """The cell of *kernel*; a failure of the kit itself (not of the cell's run)
     is that cell's failure, so the other cells still run and the reports are written."""
     try:
-        return _run_cell(kernel, names, out_dir)
+        return _run_cell(kernel, names, out_dir, cells, timeout)
     except Exception as exc:     # any error is this cell's, reported in it
         return Cell(kernel, release=kernel, build={n: "?" for n in names}, exit_code=-1,
                     test=f"error: the matrix could not run this cell: {exc}"[:300], log=repr(exc))
 
 
-def run(kernels_text: str | None, names: list[str], jobs: int = 2, progress=print) -> list[Cell]:
+def cell_timeout(requested: float | None = None) -> float | None:
+    """Seconds a cell may take: *requested* (``--cell-timeout``), else
+    ``NFLAB_CELL_TIMEOUT``, else CELL_TIMEOUT; 0 means no limit."""
+    text = requested if requested is not None else os.environ.get("NFLAB_CELL_TIMEOUT", CELL_TIMEOUT)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise SpecError(f"cell timeout {text!r} is not a number of seconds",
+                        hint="give --cell-timeout=SECONDS (or NFLAB_CELL_TIMEOUT), 0 for no limit")
+    return value or None
+
+
+def run(kernels_text: str | None, names: list[str], jobs: int = 2, progress=print,
+        timeout: float | None = None) -> list[Cell]:
+    """Every cell of *kernels_text* × *names*, *jobs* at a time; a Ctrl-C or SIGTERM
+    stops the running cells (their VMs too) before it ends the matrix."""
     kernels = resolve_kernels(kernels_text)
+    limit = cell_timeout(timeout)
     out_dir = build_dir() / "reports" / "matrix"
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = max_parallel(jobs)
     progress(f"matrix: {len(kernels)} kernel(s) × {len(names)} extension(s), {jobs} at a time")
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        cells = list(pool.map(lambda k: _cell_or_error(k, names, out_dir), kernels))
+    running = _Cells()
+    with lab.signals_as_interrupt(), ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            cells = list(pool.map(lambda k: _cell_or_error(k, names, out_dir, running, limit), kernels))
+        except BaseException:
+            progress("matrix: stopping the running cells")
+            pool.shutdown(wait=False, cancel_futures=True)
+            running.stop_all()
+            raise
     write_reports(cells, names, out_dir)
     return cells
 

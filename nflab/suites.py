@@ -290,7 +290,9 @@ def merge_junit(parts: list[Path], out: Path):
             top = ET.parse(part).getroot()
             root.extend([top] if top.tag == "testsuite" else list(top.iter("testsuite")))
     out.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+    tmp.replace(out)        # whole: a concurrent run or reader never sees half a file
 
 
 def merged_exit(codes: list[int]) -> int:
@@ -341,8 +343,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
     try:
         codes = _run_shards(shards, n, kernel, kernel_spec, built, html, pytest_args,
                             snapshot=snapshot, progress=progress)
-        if n > 1:
-            _merge_shards(shards, junit_path)
+        _merge_shards(shards, junit_path)
         if not pytest_args and not html:      # only plain, whole runs plan the next split
             record_durations(kernel.release, junit_path)
         counts, failures = parse_junit(junit_path)
@@ -354,9 +355,11 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
             sh.gate.abort()
             if sh.proc is not None:
                 stop(sh.proc)
+            if sh.log is not None and sh.log.is_file():
+                progress(f"pytest output of VM {sh.vm}: {sh.log}")
         raise
     finally:
-        _clean_up(shards, sharded=n > 1, keep=keep, progress=progress)
+        _clean_up(shards, keep=keep, progress=progress)
 
 
 def _build_some(names: list[str], kernel, progress) -> tuple[list, list]:
@@ -425,14 +428,15 @@ def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: s
     reports.mkdir(parents=True, exist_ok=True)
     # absolute: pytest runs in the repository (start_pytest), the caller anywhere
     junit_path = Path(junit).resolve() if junit else reports / f"junit-{'-'.join(names) if len(names) < 4 else 'catalog'}.xml"
+    junit_path.unlink(missing_ok=True)     # an earlier run's results are never read as this run's
+    # each shard's JUnit part, gate and log carry the pid: a concurrent run of the same
+    # suites on the same kernel has its own, and the report is written whole at the end
+    run = f"{os.getpid()}-"
     shards = [
-        _Shard(vm=v, files=g,
-               junit=junit_path if n == 1 else junit_path.with_name(f".{junit_path.stem}.{i}.xml"),
-               gate=Gate(reports / f".gate-{os.getpid()}-{i}"),
-               log=None if n == 1 else reports / f"pytest-{i + 1}-of-{n}.log")
+        _Shard(vm=v, files=g, junit=reports / f".junit-{run}{i}.xml",
+               gate=Gate(reports / f".gate-{run}{i}"),
+               log=None if n == 1 else reports / f"pytest-{run}{i + 1}-of-{n}.log")
         for i, (v, g) in enumerate(zip(vms, groups))]
-    for stale in {junit_path, *(sh.junit for sh in shards)}:
-        stale.unlink(missing_ok=True)     # an earlier run's results are never read as this run's
     return junit_path, shards
 
 
@@ -459,19 +463,21 @@ def _up_and_install(sh: _Shard, kernel_spec: str | None, built: list, progress,
 
 
 def _merge_shards(shards: list[_Shard], junit_path: Path):
-    """One JUnit file for the run; each shard's pytest output, one after the other."""
+    """One JUnit file for the run; each shard's pytest output (when it went to a
+    log), one after the other."""
     merge_junit([sh.junit for sh in shards], junit_path)
     for sh in shards:
-        print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
-        print(sh.log.read_text(errors="replace").rstrip(), flush=True)
+        if sh.log is not None:
+            print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
+            print(sh.log.read_text(errors="replace").rstrip(), flush=True)
+            sh.log.unlink()
 
 
-def _clean_up(shards: list[_Shard], *, sharded: bool, keep: bool, progress):
+def _clean_up(shards: list[_Shard], *, keep: bool, progress):
     """Gate files and JUnit parts go; a VM this run booted stops unless *keep*."""
     for sh in shards:
         sh.gate.remove()
-        if sharded:
-            sh.junit.unlink(missing_ok=True)
+        sh.junit.unlink(missing_ok=True)
     for sh in shards:
         if sh.booted_here and not keep:
             progress(f"stopping VM {sh.vm}")

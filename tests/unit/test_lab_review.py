@@ -114,8 +114,8 @@ def test_kvm_snapshot_key_holds_the_host_cpu(tmp_path):
 def test_matrix_cell_release_of_every_line(tmp_path, monkeypatch, release, spec):
     out = (f"kernel                  passed failed errors skipped seconds junit\n"
            f"{release}  9 0 0 0 7.1 {tmp_path}/j.xml\n")
-    monkeypatch.setattr(matrix.subprocess, "run",
-                        lambda *a, **k: subprocess.CompletedProcess(a, 0, out, ""))
+    monkeypatch.setattr(matrix._Cells, "run",
+                        lambda self, cmd, vm, timeout: (subprocess.CompletedProcess(cmd, 0, out, ""), False))
     cell = matrix._run_cell(spec, ["iprange"], tmp_path)
     assert cell.release == release
 
@@ -224,13 +224,40 @@ def test_a_run_starts_without_the_last_runs_junit_files(tmp_path, monkeypatch):
     monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "build"))
     kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
     old = tmp_path / "out.xml"
-    parts = [old.with_name(f".out.{i}.xml") for i in range(2)]
-    for f in (old, *parts):
-        f.write_text('<testsuites><testsuite tests="57"/></testsuites>')
-    suites._shards(["iprange"], kernel, [[Path("a.py")], [Path("b.py")]], 2, vm=None, keep=False,
-                   junit=str(old))
-    assert not any(f.exists() for f in (old, *parts))
+    old.write_text('<testsuites><testsuite tests="57"/></testsuites>')
+    _, shards = suites._shards(["iprange"], kernel, [[Path("a.py")], [Path("b.py")]], 2, vm=None,
+                               keep=False, junit=str(old))
+    assert not old.exists() and not any(sh.junit.exists() for sh in shards)
     assert suites.parse_junit(old)[0]["tests"] == 0
+
+
+def test_two_concurrent_runs_of_the_same_suites_write_their_own_parts(tmp_path, monkeypatch):
+    """Two `invoke test --names=iprange --kernel=6.12` at once (their VMs and gates
+    were per pid already): each pytest writes its own JUnit part and log, so
+    neither reads or clobbers the other's; the report is replaced whole at the end."""
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "build"))
+    kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
+    runs = []
+    for pid, n in ((4101, 1), (4102, 1), (4103, 2), (4104, 2)):
+        monkeypatch.setattr(suites.os, "getpid", lambda pid=pid: pid)
+        groups = [[Path("a.py")], [Path("b.py")]][:n]
+        runs.append(suites._shards(["iprange"], kernel, groups, n, vm=None, keep=False, junit=None))
+    paths = [p for _, shards in runs for sh in shards for p in (sh.junit, sh.log, sh.gate.path) if p]
+    assert len(paths) == len(set(paths)), paths
+    assert len({junit for junit, _ in runs}) == 1     # the report users read stays where it was
+
+
+def test_the_report_is_the_parts_merged_and_replaced_whole(tmp_path):
+    parts = [tmp_path / f".junit-7-{i}.xml" for i in range(2)]
+    parts[0].write_text('<testsuites><testsuite name="a" tests="3" failures="1">'
+                        '<testcase classname="c" name="t"><failure message="boom"/></testcase>'
+                        '</testsuite></testsuites>')
+    out = tmp_path / "junit-iprange.xml"
+    out.write_text("<testsuites><testsuite tests='99'/></testsuites>")
+    suites.merge_junit(parts, out)         # the second part is missing: a shard that never ran
+    counts, failures = suites.parse_junit(out)
+    assert counts["tests"] == 3 and failures == ["c::t: boom"]
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".junit-iprange")] == []
 
 
 def test_a_missing_qemu_says_what_to_install(tmp_path):

@@ -100,15 +100,16 @@ def test_a_cell_that_stops_early_reports_no_earlier_results(tmp_path, monkeypatc
     only, with the message, so the other cells and the reports still happen."""
     junit = tmp_path / "junit-6.1.xml"
     junit.write_text('<testsuites><testsuite tests="57" failures="0" errors="0" skipped="0"/></testsuites>')
-    monkeypatch.setattr(matrix.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
-        a[0], 1, "", "error: kernel 6.1: the mirror did not answer\n"))
+    monkeypatch.setattr(matrix._Cells, "run", lambda self, cmd, vm, timeout: (subprocess.CompletedProcess(
+        cmd, 1, "", "error: kernel 6.1: the mirror did not answer\n"), False))
     cell = matrix._run_cell("6.1", ["iprange"], tmp_path)
     assert not junit.exists() and cell.test == "error: kernel 6.1: the mirror did not answer"
     assert cell.build == {"iprange": "not built: the cell stopped first (see its log)"} and not cell.ok
 
     def broken(*a, **k):
         raise OSError("no space left on device")
-    monkeypatch.setattr(matrix.subprocess, "run", broken)
+    monkeypatch.undo()                      # the real _Cells.run, which cannot start the cell
+    monkeypatch.setattr(matrix.subprocess, "Popen", broken)
     cell = matrix._cell_or_error("6.12", ["iprange"], tmp_path)
     assert cell.exit_code == -1 and "no space left on device" in cell.test and not cell.ok
     assert "6.12" in matrix.markdown([cell], ["iprange"])
