@@ -787,7 +787,8 @@ def write(atlas: Atlas, out: str | Path) -> dict:
     """Write ``<out>.svg``, ``.png`` (when a converter exists), ``.md`` and ``.json``;
     returns {kind: path or None}."""
     out = Path(out)
-    stem = out.name[:-4] if out.name.endswith(".svg") else out.name   # atlas-6.12.svg -> atlas-6.12
+    # atlas-6.12.svg (or .png, .md, .json) -> atlas-6.12: never map.png.svg
+    stem = out.stem if out.suffix in (".svg", ".png", ".md", ".json") else out.name
     out.parent.mkdir(parents=True, exist_ok=True)
     svg, md, js, png = (out.parent / (stem + ext) for ext in (".svg", ".md", ".json", ".png"))
     svg.write_text(render_svg(atlas))
@@ -1226,7 +1227,13 @@ def parse_proc_points(out: str) -> tuple[dict, dict]:
 def run(kernel: str | None = None, vm: str = "atlas", *, out: str = "atlas.svg", keep: bool = False,
         modules=(), progress=None) -> tuple:
     """Boot (or reuse) *vm* on *kernel*, measure, write the files; (atlas, written).
-    A VM this call booted is stopped again unless *keep*."""
+    A VM this call booted is stopped again unless *keep*, on a SIGTERM (CI's
+    timeout, `kill`) as on Ctrl-C."""
+    with lab.signals_as_interrupt():
+        return _run(kernel, vm, out=out, keep=keep, modules=modules, progress=progress)
+
+
+def _run(kernel: str | None, vm: str, *, out: str, keep: bool, modules, progress) -> tuple:
     say = progress or (lambda m: None)
     st = lab.load(vm)
     running = st is not None and lab.is_running(st)

@@ -34,9 +34,20 @@ NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6", "netdev": "netdev"}
 NFT_HOOK = {"PRE_ROUTING": "prerouting", "LOCAL_IN": "input", "FORWARD": "forward",
             "LOCAL_OUT": "output", "POST_ROUTING": "postrouting", "INGRESS": "ingress"}
 
-# stock priorities (NF_IP_PRI_* == NF_IP6_PRI_*), for messages
-STOCK = {-400: "defrag", -300: "raw", -200: "conntrack", -150: "mangle", -100: "nat dst",
-         0: "filter", 50: "security", 100: "nat src"}
+# the stock tables, defrag and conntrack at each hook, by priority (NF_IP_PRI_* ==
+# NF_IP6_PRI_*), for messages and the tracer's point labels: defrag, raw and
+# conntrack's entry where packets enter (PRE_ROUTING, LOCAL_OUT), nat's DNAT there
+# too and its SNAT where they leave or are delivered; conntrack's confirm at
+# LOCAL_IN/POST_ROUTING runs last (INT_MAX), after every tracer point
+_ENTRY = {-400: "defrag", -300: "raw", -200: "conntrack", -150: "mangle", -100: "nat dst"}
+STOCK_AT = {
+    "INGRESS": {},
+    "PRE_ROUTING": _ENTRY,
+    "LOCAL_IN": {-150: "mangle", 0: "filter", 50: "security", 100: "nat src"},
+    "FORWARD": {-150: "mangle", 0: "filter", 50: "security"},
+    "LOCAL_OUT": {**_ENTRY, 0: "filter", 50: "security"},
+    "POST_ROUTING": {-150: "mangle", 100: "nat src"},
+}
 
 FORWARD = ("PRE_ROUTING", "FORWARD", "POST_ROUTING")
 LOCAL_IN = ("PRE_ROUTING", "LOCAL_IN")
@@ -561,6 +572,21 @@ def _continues(a, b) -> bool:
     return order.get(b.hook, 0) > order.get(a.hook, 0)
 
 
+def point_label(hook: str, priority: int) -> str:
+    """Where a hook point at *priority* sits among *hook*'s stock tables (the
+    tracer's labels, at most 40 characters)."""
+    stock = STOCK_AT[hook]
+    before = [p for p in sorted(stock) if p < priority]
+    after = [p for p in sorted(stock) if p > priority]
+    prev = f"{stock[before[-1]]} {before[-1]}" if before else ""
+    nxt = f"{stock[after[0]]} {after[0]}" if after else ""
+    if prev and nxt:
+        return f"after {prev}, before {nxt}"
+    if nxt:
+        return f"first, before {nxt}"
+    return f"after {prev}" if prev else "no stock table at this hook"
+
+
 def fate(flow, points, arrived: list[str] | None = None) -> str:
     """What became of one direction of a packet, from the last tracer point it
     reached and the wires it was seen on afterwards (*arrived*: side names)."""
@@ -573,10 +599,11 @@ def fate(flow, points, arrived: list[str] | None = None) -> str:
     later = [p for p in same if p > last.priority]
     where = f"{last.hook}/{last.priority}"
     if later:
-        if last.frag and last.priority < -400 < later[0]:
+        stock = STOCK_AT.get(last.hook, {})
+        if last.frag and -400 in stock and last.priority < -400 < later[0]:
             return (f"fragment held after {where} by defrag (-400), reassembled into the packet "
                     "that goes on")
-        between = [f"{STOCK[p]} {p}" for p in sorted(STOCK) if last.priority < p < later[0]]
+        between = [f"{stock[p]} {p}" for p in sorted(stock) if last.priority < p < later[0]]
         return (f"stopped after {where}: dropped, stolen or queued before {last.hook}/{later[0]} "
                 f"(the next tracer point){'; between them: ' + ', '.join(between) if between else ''}")
     if last.hook == "LOCAL_IN":

@@ -24,7 +24,7 @@ import pytest
 
 from ground.errors import KernelError, VMError
 from ground.paths import REPO, cache_dir
-from nflab import doctor
+from nflab import doctor, doctor_kit
 from supply import kernels
 from vm import initramfs, rootfs
 
@@ -163,7 +163,7 @@ def test_damaged_kernel_entry_is_reported_and_fetched_again(fetched, kernel_ref,
             kernels.get(spec, fetch_missing=False)
         assert "damaged" in info.value.message and re.search(said, info.value.message)
         assert "invoke fetch-kernel" in info.value.hint
-        fails = [c for c in doctor.check_cache() if c.status == doctor.FAIL]
+        fails = [c for c in doctor_kit.check_cache() if c.status == doctor.FAIL]
         assert any(kernel_ref.release in c.name and re.search(said, c.detail) for c in fails), fails
     # what a fetch killed with SIGKILL would have left beside the entry
     debris = entry.parent / f".tmp-{kernel_ref.key}-killed"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -287,3 +290,33 @@ def test_write_files(tmp_path):
     assert A.Atlas.from_json(res["json"].read_text()).exact
     if res["converter"]:
         assert res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_files_are_named_by_the_stem_whatever_the_extension(tmp_path):
+    res = A.write(sample(exact=True), tmp_path / "map.png")
+    assert (res["svg"].name, res["md"].name, res["json"].name) == ("map.svg", "map.md", "map.json")
+    assert A.write(sample(exact=True), tmp_path / "atlas-7.3")["svg"].name == "atlas-7.3.svg"
+
+
+def test_a_sigterm_while_measuring_stops_the_vm_the_atlas_booted(tmp_path, monkeypatch):
+    """CI's timeout or `kill` during `invoke atlas`: the VM it booted (QEMU runs in
+    a session of its own) is stopped, as on Ctrl-C. The test's own SIGTERM handler
+    stands in for the default one, so a regression fails here instead of killing pytest."""
+    calls, unhandled = [], []
+    monkeypatch.setattr(A.lab, "load", lambda vm: None)
+    monkeypatch.setattr(A.lab, "up", lambda kernel, vm, progress: calls.append("up"))
+    monkeypatch.setattr(A.lab, "down", lambda vm: calls.append(f"down {vm}"))
+
+    def measure(vm, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)                     # the signal is handled before this returns
+        return sample(exact=True)
+
+    monkeypatch.setattr(A, "measure", measure)
+    old = signal.signal(signal.SIGTERM, lambda *a: unhandled.append(a))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            A.run("6.12", "rvx", out=str(tmp_path / "atlas.svg"), progress=lambda m: None)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert calls == ["up", "down rvx"] and not unhandled

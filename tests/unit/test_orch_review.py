@@ -9,7 +9,7 @@ import pytest
 
 from ground.errors import VMError
 from nflab import atlas as at
-from nflab import datapath, doctor, suites
+from nflab import datapath, doctor, doctor_kit, suites
 from nflab import workshop as ws
 from vm import initramfs
 
@@ -50,7 +50,7 @@ def test_doctor_refuses_the_busybox_the_initramfs_refuses(tmp_path, monkeypatch)
     monkeypatch.setattr(initramfs, "BUSYBOX_CANDIDATES", (str(fake),))
     initramfs._busybox.cache_clear()
     try:
-        [check] = [c for c in doctor.check_tools() if c.name == "tool busybox (static)"]
+        [check] = [c for c in doctor_kit.check_archive_and_busybox() if c.name == "tool busybox (static)"]
         with pytest.raises(VMError, match="no static busybox"):
             initramfs._busybox()
     finally:

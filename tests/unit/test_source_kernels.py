@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from nflab import doctor, matrix
+from nflab import doctor, doctor_kit, matrix
 from ground.errors import KernelError
 from supply import kernels
 from supply import source_kernels as sk
@@ -182,12 +182,12 @@ def test_an_entry_whose_makefile_names_a_missing_tree_is_damaged(cache):
                    base=sk.BASE_FRAGMENT.read_text(), spec="source:7.3")
     sk._write_manifest(plan, entry, entry, {})
     assert kernels.check_entry(entry) == f"build/Makefile refers to {gone}, which does not exist"
-    fails = [c for c in doctor.check_cache() if c.status == doctor.FAIL]
+    fails = [c for c in doctor_kit.check_cache() if c.status == doctor.FAIL]
     assert [(c.name, c.fix) for c in fails] == [
         (f"kernel {rel}", f"invoke fetch-kernel --kernel={rel} --force")], fails
     gone.mkdir(parents=True)
     assert kernels.check_entry(entry) is None
-    assert not [c for c in doctor.check_cache() if c.status == doctor.FAIL]
+    assert not [c for c in doctor_kit.check_cache() if c.status == doctor.FAIL]
 
 
 def test_lockdep_splats_are_faults_but_a_plain_warning_is_not():

@@ -212,3 +212,35 @@ def test_broken_variant_builds_on_both_kernels(kernel, build_root, tmp_path):
     art = build_extension(broken_variant(tmp_path), kernel, with_plugin=False)
     assert art.ko.is_file() and art.ko.name == "nflab_tracerbad.ko"
     assert "warning" not in (art.dir / "build.log").read_text().lower()
+
+
+def test_every_point_label_names_its_own_hooks_tables(ext):
+    """A label (shown in reports) says where the point sits among the tables of its
+    hook: FORWARD/-450 is "first, before mangle -150", never "before defrag -400
+    and raw -300" (neither runs at FORWARD)."""
+    labels = {(h.family, h.hook, h.priority): h.label for h in ext.hooks if h.family != "netdev"}
+    assert labels and all(lbl == tracing.point_label(hook, prio) and len(lbl) <= 40
+                          for (_, hook, prio), lbl in labels.items()), labels
+    assert labels[("ipv4", "FORWARD", -450)] == "first, before mangle -150"
+    assert labels[("ipv6", "PRE_ROUTING", -250)] == "after raw -300, before conntrack -200"
+    assert labels[("ipv4", "POST_ROUTING", -125)] == "after mangle -150, before nat src 100"
+    assert labels[("ipv4", "LOCAL_OUT", 125)] == "after security 50"
+
+
+@pytest.mark.parametrize("hook, prio, between", [
+    ("FORWARD", -450, None),                      # next point -250: no defrag or raw at FORWARD
+    ("LOCAL_IN", -450, None),
+    ("POST_ROUTING", -125, None),                 # next -75: nat dst is not at POST_ROUTING
+    ("PRE_ROUTING", 75, None),                    # next 125: nat src is not at PRE_ROUTING
+    ("LOCAL_OUT", -450, "; between them: defrag -400, raw -300"),
+    ("LOCAL_IN", 75, "; between them: nat src 100"),
+])
+def test_a_stopped_packets_fate_names_only_tables_of_its_hook(ext, hook, prio, between):
+    points = _points(ext)
+    last = next(p for p in points if (p.family, p.hook, p.priority) == ("ipv4", hook, prio))
+    said = tracing.fate([_entry(1, last)], points)
+    assert said.startswith(f"stopped after {hook}/{prio}"), said
+    if between:
+        assert said.endswith(between), said
+    else:
+        assert "between them" not in said, said
