@@ -232,7 +232,7 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
 def _run(selection: str | None, kernel_spec: str | None, *, solution: bool, vm: str | None,
          keep: bool, junit: str | None, pytest_args, snapshot: bool | None, progress) -> Outcome:
     exs = select(selection)
-    for ex in exs:                       # validate both variants before anything slow
+    for ex in exs:                       # the chosen variant and its suite, before anything slow
         ex.load(solution)
         if not ex.suite.is_file():
             raise NflabError(f"exercise {ex.number}: no suite {ex.suite}",
