@@ -21,7 +21,10 @@ Any difference from stock fails, with the ``.t`` line:
   expected text *inside* the saved output, so extra words after it (the
   ``--from 0 --to 65535`` of issue 21) go unseen;
 * the same files through the kit's own ``.t`` runner (:mod:`nflab.rules_t`),
-  which compares each saved line exactly.
+  which compares each saved line exactly; a ``libxt_`` file with iptables and
+  ip6tables when the source's runner runs it with both (1.8.11 on, not 1.8.9:
+  :func:`libxt_both`). A file that runner cannot parse is a problem of that
+  file in the reports, not the end of the run.
 
 Each run also records that the kit's build was what ran: the module's taint
 (``O``) and srcversion, and the sha256 of the plugin iptables loads (the
@@ -244,16 +247,44 @@ def parse_runs(runs: list[tuple[str, Path, str]], output: str) -> list[FileRun]:
     return res
 
 
-def _strict(host, runs: list[tuple[str, Path, str]], results: list[FileRun]):
-    """Add the kit runner's exact-line problems of the same files to *results*."""
-    done = rules_t.run_many(host, [(path, backend) for _, path, backend in runs])
-    for (_, path, backend), fr in zip(runs, results):
-        got = done[(path, backend)]
-        if isinstance(got, Exception):
-            fr.strict.append(f"{path.name}: the exact-line check could not run: {got}")
-            continue
-        fr.strict += [f"{path.name}:{r.case.lineno}: {r.case.chain} {r.case.rule!r}: {r.problem}"
-                      for r in got if not r.passed]
+_LIBXT_BRANCH = re.compile(r"""["']libxt_["']\s+in\s+filename\s*:\s*\n\s*xtables\s*=\s*\[([^\]]*)\]""")
+TOOL = {"ipv4": "iptables", "ipv6": "ip6tables"}
+
+
+def libxt_both(src: Source) -> bool:
+    """Whether *src*'s runner runs ``libxt_*.t`` with ip6tables as well as
+    iptables (iptables-test.py from 1.8.11 on: ``xtables = [ IPTABLES,
+    IP6TABLES ]``; 1.8.9 runs them with iptables alone)."""
+    try:
+        m = _LIBXT_BRANCH.search((src.root / RUNNER).read_text())
+    except OSError:
+        return False
+    return bool(m and "IP6TABLES" in m.group(1))
+
+
+def _strict(host, runs: list[tuple[str, Path, str]], results: list[FileRun], *, both: bool = False):
+    """Add the kit runner's exact-line problems of the same files to *results*,
+    each file with the families upstream's runner gives it (*both*: ``libxt_``
+    files with iptables and ip6tables, :func:`libxt_both`). A file the kit's
+    runner cannot read is a problem of that file; the others still run."""
+    plans = []
+    for _, path, backend in runs:
+        try:
+            plans.append((path, backend, rules_t.families_of(path, libxt_both=both), None))
+        except rules_t.TFormatError as exc:
+            plans.append((path, backend, (), exc))
+    done = rules_t.run_many(host, [(path, backend, fam) for path, backend, fams, _ in plans for fam in fams])
+    for (path, backend, fams, bad), fr in zip(plans, results):
+        if bad is not None:
+            fr.strict.append(f"{path.name}: the exact-line check could not run: {bad}")
+        for fam in fams:
+            label = f"{path.name}[{TOOL[fam]}]" if len(fams) > 1 else path.name
+            got = done[(path, backend, fam)]
+            if isinstance(got, Exception):
+                fr.strict.append(f"{label}: the exact-line check could not run: {got}")
+                continue
+            fr.strict += [f"{label}:{r.case.lineno}: {r.case.chain} {r.case.rule!r}: {r.problem}"
+                          for r in got if not r.passed]
 
 
 def proof_script(built: dict[str, KitBuild]) -> str:
@@ -352,7 +383,7 @@ def run(host, src: Source, release: str, built: dict[str, KitBuild],
     if out.rc == 90:
         raise NflabError(f"cannot unpack the upstream tests in the guest: {out.stderr.strip()}")
     results = parse_runs(runs, out.stdout)
-    _strict(host, runs, results)
+    _strict(host, runs, results, both=libxt_both(src))
     proof = parse_proof(out.stdout)
     record = json.loads((src.root / RECORD).read_text())
     used = {f"{RUNNER}": record["files"][RUNNER]["sha256"],
@@ -437,7 +468,13 @@ def run_on_kernel(kernel_spec: str | None, names: list[str] | None = None, *, vm
     kernel, boot (or reuse) a VM, install them, run upstream's .t files with
     each backend the kernel serves (``vm.xtables``) and write the reports
     (default ``build/reports/<release>/upstream-t/``). Returns the report and
-    the paths written."""
+    the paths written. A SIGTERM or SIGHUP (CI's timeout, ``kill``) stops the VM
+    this run booted, as Ctrl-C does."""
+    with lab.signals_as_interrupt():
+        return _run_on_kernel(kernel_spec, names, vm=vm, keep=keep, out_dir=out_dir, progress=progress)
+
+
+def _run_on_kernel(kernel_spec, names, *, vm, keep, out_dir, progress) -> tuple[Report, dict]:
     # start-up cost: testinfra's import takes ~0.3 s and only this function needs it
     import testinfra
 
