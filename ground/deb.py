@@ -26,7 +26,7 @@ from pathlib import Path
 import zstandard
 
 from ground import deb822
-from ground.errors import ArchiveError
+from ground.errors import ArchiveError, write_failed
 
 AR_MAGIC = b"!<arch>\n"
 _MODES = {".xz": "r|xz", ".gz": "r|gz", ".bz2": "r|bz2", "": "r|"}
@@ -106,14 +106,14 @@ def extract(deb: Path, dest: Path) -> list[str]:
     is refused); returns the member names, normalised (``usr/bin/x``)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    with open(deb, "rb") as f, _tar(f, "data") as tf, _named(deb):
+    with open(deb, "rb") as f, _tar(f, "data") as tf, _named(deb, dest):
         return extract_tar(tf, dest)
 
 
 def extract_tarball(path: Path, dest: Path, strip: int = 0) -> list[str]:
     """Safely unpack a tarball file (any compression tarfile reads, or zstd)."""
     dest.mkdir(parents=True, exist_ok=True)
-    with _named(path), open(path, "rb") as raw:
+    with open(path, "rb") as raw, _named(path, dest):
         if str(path).endswith(".zst"):
             tf = tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|")
         else:
@@ -123,14 +123,17 @@ def extract_tarball(path: Path, dest: Path, strip: int = 0) -> list[str]:
 
 
 @contextmanager
-def _named(label):
-    """Errors of an extraction as one ArchiveError line that names *label*."""
+def _named(label, dest: Path):
+    """Errors of an extraction into *dest* as one ArchiveError line that names *label*."""
     try:
         yield
     except _DAMAGE as exc:
         raise ArchiveError(f"{label}: damaged tarball ({exc})") from None
     except ArchiveError as exc:
         raise ArchiveError(f"{label}: {exc.message}", hint=exc.hint) from None
+    except OSError as exc:       # disk full (ENOSPC), quota, permissions while unpacking
+        err = write_failed(exc.filename or dest, exc)
+        raise ArchiveError(f"unpacking {label}: {err.message}", hint=err.hint) from None
 
 
 def extract_tar(tf: tarfile.TarFile, dest: Path, strip: int = 0) -> list[str]:

@@ -91,6 +91,16 @@ def default_mirror() -> str:
     return found
 
 
+def mirror_origin(url: str) -> str:
+    """``" (from <where>)"``: where the kit found mirror *url*, for errors about it
+    (a third-party apt source taken for Debian's is then easy to spot); "" if unknown."""
+    for name in ("NFLAB_DEBIAN_MIRROR", "NFLAB_DEBIAN_SECURITY_MIRROR"):
+        if aptsources.env_mirror(name) == url:
+            return f" (from ${name})"
+    path = aptsources.origin(url)
+    return f" (from {path})" if path else ""
+
+
 def default_security_mirror(mirror: str) -> str | None:
     return (aptsources.env_mirror("NFLAB_DEBIAN_SECURITY_MIRROR")
             or aptsources.find(lambda s: s in SUITES and s.endswith("-security"))
@@ -260,14 +270,18 @@ class Archive:
                               json.dumps(meta, indent=1).encode())
 
     def _get(self, suite: str, url: str, dest: Path, **kw) -> http.Fetched:
-        """http.fetch, with an unreachable mirror named with the suite."""
+        """http.fetch, with an unreachable mirror named with the suite and where
+        the kit found it (an apt source file, an environment variable)."""
         try:
             return http.fetch(url, dest, progress=self.progress, **kw)
         except http.Unreachable as exc:
             raise http.Unreachable(
                 f"cannot reach the Debian mirror {self.base(suite)} for suite {suite} "
-                f"({exc.message.split(': ', 1)[-1]})",
+                f"({exc.message.split(': ', 1)[-1]}){mirror_origin(self.base(suite))}",
                 hint="check the network, or set NFLAB_DEBIAN_MIRROR") from None
+        except http.NotServed as exc:
+            raise http.NotServed(exc.message + mirror_origin(self.base(suite)),
+                                 hint=exc.hint) from None
 
     # -- Packages and Sources ---------------------------------------------
 

@@ -230,7 +230,8 @@ def closure(indexes: list[PackageIndex], names, exclude=(), skip_required: bool 
     provided, or in *exclude*) satisfies it, else the first alternative that
     exists as a package or is provided by one (a provider also named in the
     group first, then by priority). The newest version is taken
-    unless a versioned relation needs an older one. With *skip_required*,
+    unless a versioned relation needs an older one; a versioned relation that
+    no version satisfies is unmet. With *skip_required*,
     Essential and priority-required packages count as present and are left
     out. Unresolvable dependencies raise ArchiveError."""
     state = _Closure(indexes, frozenset(exclude), skip_required)
@@ -241,6 +242,11 @@ def closure(indexes: list[PackageIndex], names, exclude=(), skip_required: bool 
         state.take(pkg, requested=True)
     state.run()
     return list(state.chosen.values())
+
+
+def _relation(rel) -> str:
+    """``libfoo (>= 2.0)``, or ``libfoo`` for an unversioned relation."""
+    return f"{rel.name} ({rel.op} {rel.version})" if rel.op else rel.name
 
 
 class _Closure:
@@ -259,7 +265,7 @@ class _Closure:
             pkg = self.todo.popleft()
             for group in deb822.relations(pkg.pre_depends) + deb822.relations(pkg.depends):
                 if not self.add_group(group):
-                    self.unmet.append(f"{pkg.name} needs {' | '.join(r.name for r in group)}")
+                    self.unmet.append(f"{pkg.name} needs {' | '.join(map(_relation, group))}")
         if self.unmet:
             raise ArchiveError(f"cannot resolve dependencies in {self.suites()}: "
                                + "; ".join(self.unmet[:5]))
@@ -281,7 +287,7 @@ class _Closure:
         found = [p for ix in self.indexes if rel.name in ix for p in ix[rel.name]]
         found.sort(key=lambda p: debversion.key(p.version), reverse=True)
         good = [p for p in found if debversion.satisfies(p.version, rel.op, rel.version)]
-        return (good or found or [None])[0]
+        return good[0] if good else None      # libfoo (>= 2.0) with only 1.0: unmet
 
     def provider(self, name: str, named=frozenset()) -> Package | None:
         """A package providing *name*: one also named in the group, else the

@@ -1,5 +1,10 @@
 """Errors that end a task with one clear line."""
 
+import errno
+
+# a write that failed for want of room: disk full, quota, file size limit
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 class NflabError(Exception):
     """A user-facing failure: the message says what was wrong and what to do."""
@@ -42,3 +47,12 @@ class VMError(NflabError):
 class ArchiveError(NflabError):
     """The Debian archive cannot be used: a mirror is unreachable, a signature,
     checksum or size does not match, a suite is unknown, a .deb is unsafe."""
+
+
+def write_failed(path, exc: OSError) -> ArchiveError:
+    """An OSError writing *path* (a download, an unpacked package) as one line."""
+    if exc.errno in _NO_ROOM:
+        hint = f"free space on the disk of {path} (NFLAB_CACHE), or set NFLAB_CACHE to a larger one"
+    else:
+        hint = f"check that {path} can be written (NFLAB_CACHE)"
+    return ArchiveError(f"cannot write {path}: {exc.strerror or exc}", hint=hint)

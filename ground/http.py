@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ground.errors import ArchiveError
+from ground.errors import ArchiveError, write_failed
 
 TIMEOUT = 60
 CHUNK = 1 << 20
@@ -67,6 +67,10 @@ def fetch(url: str, dest: Path, *, size: int | None = None, sha256: str | None =
             return Fetched(304, exc.headers.get("ETag"), exc.headers.get("Last-Modified"))
         gone = NotServed if exc.code in (404, 410) else ArchiveError
         raise gone(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except http.client.HTTPException as exc:     # BadStatusLine: not an HTTP server
+        raise ArchiveError(f"{url}: not an HTTP answer ({type(exc).__name__}: {exc})",
+                           hint="check NFLAB_DEBIAN_MIRROR: it must be a Debian mirror's "
+                                "http:// or https:// URL") from None
     except (urllib.error.URLError, OSError) as exc:
         raise Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
     except ValueError as exc:
@@ -84,11 +88,13 @@ def _length(resp) -> int | None:
 
 
 def _stream(resp, url, dest: Path, expected, sha256, check, progress) -> tuple[int, str]:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out:
-            got, digest = _copy(resp, out, url, expected, progress)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:
+        raise write_failed(dest.parent, exc) from None
+    try:
+        got, digest = _write(resp, fd, url, dest, expected, progress)
         _verify(url, got, digest, expected, sha256)
         if check:
             check(Path(tmp))
@@ -97,6 +103,16 @@ def _stream(resp, url, dest: Path, expected, sha256, check, progress) -> tuple[i
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _write(resp, fd: int, url, dest: Path, expected, progress) -> tuple[int, str]:
+    """The body into the open temporary file *fd*; a write that fails (disk full,
+    file size limit) is an ArchiveError (read errors already are, in ``_copy``)."""
+    try:
+        with os.fdopen(fd, "wb") as out:
+            return _copy(resp, out, url, expected, progress)
+    except OSError as exc:
+        raise write_failed(dest, exc) from None
 
 
 def _copy(resp, out, url, expected, progress) -> tuple[int, str]:

@@ -11,8 +11,10 @@ Specs: a line (``5.10``, ``6.1``, ``6.12``, ``6.18``, ``7.3``: the newest ABI of
 that line, preferring the newest Debian release that carries it), ``rc`` (the
 release candidate in experimental), an exact ABI (``6.12.118+deb13``,
 ``7.3.4+deb13``), each optionally with a flavour (``-amd64``, ``-rt-amd64``,
-default ``-cloud-amd64``). Groups for lists: ``lts`` (5.10, 6.1, 6.12, 6.18),
-``stable`` (the newest released line), ``supported`` (lts + stable + rc).
+default ``-cloud-amd64``); ``exact:<abi>[-flavour]`` names an ABI shaped like
+a line (the rc's is ``7.3``: ``exact:7.3-cloud-amd64``, what ``kernels.exact_spec``
+makes for it, while ``7.3-cloud-amd64`` stays the 7.3 line). Groups for lists: ``lts`` (5.10, 6.1, 6.12, 6.18), ``stable`` (the newest
+released line), ``supported`` (lts + stable + rc).
 """
 
 from __future__ import annotations
@@ -52,12 +54,17 @@ _ABI = r"\d+\.\d+(?:\.\d+)?(?:-\d+(?:\.deb\d+\.\d+)?)?(?:\+deb\d+(?:\.\d+)?)?"
 _SPEC_RE = re.compile(rf"^(?P<what>rc|stable|{_ABI})(?:[-@/:](?P<flavour>{_FLAVOUR_ALT}))?$")
 _LINE_RE = re.compile(r"^\d+\.\d+$")
 _GCC_RE = re.compile(r"\bgcc-(\d+)\b")
+# names an ABI even where a line of that name exists: exact:7.3-cloud-amd64 is the rc
+EXACT = "exact:"
+# the common headers: linux-headers-<abi>-common, or -common-<featureset> (rt)
+_COMMON_RE = re.compile(r"^linux-headers-\S+-common(?:-[a-z0-9]+)?$")
 SPEC_HINT = ("use a line (5.10, 6.1, 6.12, 6.18, 7.3: its newest ABI), rc (the release candidate), "
              "an exact ABI such as 6.1.0-57, 6.12.118+deb13 or 7.3.4+deb13, optionally with "
-             "-cloud-amd64, -amd64 or -rt-amd64; `invoke kernels` lists them; or a kernel built "
+             "-cloud-amd64, -amd64 or -rt-amd64; exact:<abi>[-flavour] for an ABI shaped like "
+             "a line (the rc's: exact:7.3-cloud-amd64); `invoke kernels` lists them; or a kernel built "
              "from source: source:6.12[+debug|+FILE]")
 OFFERS_CACHE = ".offers.json"
-OFFERS_VERSION = 3
+OFFERS_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -107,10 +114,23 @@ def _flavour(name: str | None) -> str:
 def parse_spec(spec: str | None) -> tuple[str, str]:
     """Split a user spec into (line, group word or ABI; flavour); raise with valid forms."""
     spec = (spec or DEFAULT_KERNEL).strip()
-    m = _SPEC_RE.match(spec)
-    if not m:
+    m = _SPEC_RE.match(spec.removeprefix(EXACT))
+    if not m or (spec.startswith(EXACT) and m.group("what") in ("rc", "stable")):
         raise KernelError(f"invalid kernel spec {spec!r}", hint=SPEC_HINT)
     return m.group("what"), _flavour(m.group("flavour"))
+
+
+def is_line(what: str) -> bool:
+    """Whether a parsed spec names a line or group word (rc, stable, 7.3), not an ABI."""
+    return what in ("rc", "stable") or bool(_LINE_RE.match(what))
+
+
+def names_abi(spec: str | None) -> bool:
+    """Whether *spec* names one ABI: ``6.12.118+deb13[-flavour]``, or ``exact:<abi>
+    [-flavour]``, which names even an ABI shaped like a line (the rc's ``7.3``)."""
+    if spec and spec.strip().startswith(EXACT):
+        return True
+    return not is_line(parse_spec(spec)[0])
 
 
 # ---------------------------------------------------------------- reading the archive
@@ -146,8 +166,8 @@ def _offer(index, suite: str, image) -> Offer | None:
         return Offer(abi, flavour, suite, image.version, (), "")
     split = [d for d in deps if re.match(rf"^linux-(binary|modules|base)-{re.escape(abi)}-", d)]
     extra = [d for d in _deps(headers)
-             if d.endswith("-common") and d.startswith("linux-headers-") or
-             d.startswith("linux-kbuild-") or re.match(rf"^linux-base-{re.escape(abi)}-", d)]
+             if _COMMON_RE.match(d) or d.startswith("linux-kbuild-") or
+             re.match(rf"^linux-base-{re.escape(abi)}-", d)]
     names = [image.name, headers.name, *dict.fromkeys(split + extra)]
     pkgs = []
     for name in names:
@@ -181,9 +201,14 @@ def _served(archive, refresh: bool = False) -> dict[str, str]:
         try:
             out[s] = archive.release(s, refresh).entry("main/binary-amd64/Packages.xz", s)[0]
         except NotServed as exc:
-            print(f"nflab: warning: {exc.message}: the kernels of {s} are left out "
-                  "(set NFLAB_DEBIAN_MIRROR to a mirror that has it)", file=sys.stderr)
+            left_out(s, exc)
     return out
+
+
+def left_out(suite: str, exc: NotServed):
+    """Warn that a suite the mirror does not serve is left out (the rest still resolve)."""
+    print(f"nflab: warning: {exc.message}: the kernels of {suite} are left out "
+          "(set NFLAB_DEBIAN_MIRROR to a mirror that has it)", file=sys.stderr)
 
 
 def _stamp(served: dict[str, str]) -> str:
@@ -191,12 +216,13 @@ def _stamp(served: dict[str, str]) -> str:
     return ",".join(f"{s}:{h}" for s, h in served.items())
 
 
-def _read_offers(cache: Path) -> dict | None:
+def _read_offers(cache: Path, mirrors: list[str]) -> dict | None:
+    """The cached offers, if they were read from *mirrors* (main, security)."""
     try:
         data = json.loads(cache.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("version") != OFFERS_VERSION:
+    if data.get("version") != OFFERS_VERSION or data.get("mirrors") != mirrors:
         return None
     try:
         data["offers"] = [Offer(**{**o, "packages": tuple(map(tuple, o["packages"]))})
@@ -209,12 +235,15 @@ def _read_offers(cache: Path) -> dict | None:
 def offers(*, refresh: bool = False) -> list[Offer]:
     """Every kernel Debian serves, newest first. Reused without asking the mirror
     for as long as the archive client trusts a fresh index ($NFLAB_ARCHIVE_TTL),
-    then recomputed only if a suite's signed index changed."""
+    then recomputed only if a suite's signed index changed. The cache belongs to
+    the mirrors it was read from, and none is kept of a mirror that offered nothing
+    (a wrong NFLAB_DEBIAN_MIRROR, once corrected, is not remembered)."""
+    archive = debarchive.Archive()
+    mirrors = [archive.mirror, archive.security_mirror]
     cache = kernels_dir() / OFFERS_CACHE
-    data = _read_offers(cache)
+    data = _read_offers(cache, mirrors)
     if data and not refresh and time.time() - data.get("made", 0) < debarchive.ttl():
         return data["offers"]
-    archive = debarchive.Archive()
     served = _served(archive, refresh)
     stamp = _stamp(served)
     if data and data.get("stamp") == stamp:
@@ -222,15 +251,16 @@ def offers(*, refresh: bool = False) -> list[Offer]:
     else:
         found = sorted((o for s in served for o in _suite_offers(archive, s)),
                        key=sort_key, reverse=True)
-    _write_offers(cache, stamp, found)
+    if found:
+        _write_offers(cache, mirrors, stamp, found)
     return found
 
 
-def _write_offers(cache: Path, stamp: str, found: list[Offer]):
+def _write_offers(cache: Path, mirrors: list[str], stamp: str, found: list[Offer]):
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"version": OFFERS_VERSION, "stamp": stamp, "made": time.time(),
-                               "offers": [asdict(o) for o in found]}))
+    tmp.write_text(json.dumps({"version": OFFERS_VERSION, "mirrors": mirrors, "stamp": stamp,
+                               "made": time.time(), "offers": [asdict(o) for o in found]}))
     os.replace(tmp, cache)
 
 
@@ -267,12 +297,13 @@ def group(name: str, all_offers: list[Offer]) -> list[str]:
             "supported": list(dict.fromkeys(lts + [stable_line(all_offers)] + rc))}[name]
 
 
-def choose(what: str, flavour: str, all_offers: list[Offer]) -> Offer:
-    """The offer a parsed spec names, or KernelError listing what exists."""
+def choose(what: str, flavour: str, all_offers: list[Offer], *, exact: bool = False) -> Offer:
+    """The offer a parsed spec names, or KernelError listing what exists. *exact*:
+    *what* is an ABI even if shaped like a line (``exact:7.3``, see ``names_abi``)."""
     if what == "stable":
         what = stable_line(all_offers)
     same = [o for o in all_offers if o.flavour == flavour and o.buildable]
-    if what == "rc" or _LINE_RE.match(what):
+    if not exact and is_line(what):
         of_line = [o for o in same if o.line == what]
         if of_line:
             return max(of_line, key=line_preference)
@@ -280,9 +311,9 @@ def choose(what: str, flavour: str, all_offers: list[Offer]) -> Offer:
         raise KernelError(f"Debian's archive has no kernel line {what}"
                           f"{'' if flavour == DEFAULT_FLAVOUR else ' in flavour ' + flavour}; "
                           f"lines: {', '.join(lines(same or all_offers))}")
-    exact = [o for o in same if o.abi == what]
-    if exact:
-        return max(exact, key=sort_key)
+    named = [o for o in same if o.abi == what]
+    if named:
+        return max(named, key=sort_key)
     _refuse_headerless(what, flavour, all_offers)
     near = sorted({o.abi for o in same if o.line == line_of(what)} or {o.abi for o in same},
                   reverse=True)[:5]

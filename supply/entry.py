@@ -205,10 +205,23 @@ def _listing_diff(entry: Path, now: dict[str, str]) -> str:
     return "; ".join(parts) or "its file listing digest differs from the one recorded"
 
 
+def predates_records(entry: Path) -> bool:
+    """Whether the entry was made before fetches wrote integrity records: its
+    manifest lacks ``suite``, a field every manifest has had since (records came
+    first). A newer entry without records is damaged, never adopted as whole."""
+    try:
+        return "suite" not in json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _check_records(entry: Path, kernel: Kernel, listing: bool = True) -> str | None:
     try:
         data = json.loads((entry / INTEGRITY).read_text())
     except FileNotFoundError:
+        if not predates_records(entry):
+            return (f"it has no {INTEGRITY} although its manifest is newer than the "
+                    "records (a removal or a fetch was cut short)")
         try:   # an entry from before the records: adopt it as it is now
             record_integrity(entry, kernel)
         except OSError:

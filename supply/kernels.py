@@ -83,11 +83,11 @@ def resolve(spec: str | None):
         p = source_kernels.plan(spec)
         return KernelRef(p.upstream, f"{source_kernels.FLAVOUR_PREFIX}{p.key}")
     what, flavour = parse_spec(spec)
-    exact = not (what in ("rc", "stable") or dk._LINE_RE.match(what))
+    exact = dk.names_abi(spec)
     if exact and (kernels_dir() / f"{what}-{flavour}" / MANIFEST).is_file():
         return KernelRef(what, flavour)
     try:
-        return dk.choose(what, flavour, dk.offers())
+        return dk.choose(what, flavour, dk.offers(), exact=exact)
     except ArchiveError as exc:
         cached = None if exact else _cached_of_line(what, flavour)
         if cached is None:
@@ -99,7 +99,7 @@ def resolve(spec: str | None):
 def _offer_for(ref) -> Offer:
     if isinstance(ref, Offer):
         return ref
-    return dk.choose(ref.abi, ref.flavour, dk.offers())
+    return dk.choose(ref.abi, ref.flavour, dk.offers(), exact=True)
 
 
 def fetch(spec: str | None = None, *, progress=None, force=False, listing=True) -> Kernel:
@@ -226,9 +226,13 @@ def _fix_headers_makefile(root: Path, final_root: Path, release: str) -> Path:
     # the include of the common Makefile, and from 7.x also KBUILD_OUTPUT
     fixed = re.sub(r"(?<![\w/])/usr/src/(linux-headers-[^/\s]+)",
                    lambda m: str(final_root / "usr/src" / m.group(1)), text)
-    if not re.search(rf"include {re.escape(str(final_root))}/usr/src/linux-headers-\S+-common/", fixed):
-        raise KernelError(f"unexpected headers Makefile layout in {makefile}",
-                          hint="no absolute include of /usr/src/...-common/Makefile found")
+    if not re.search(rf"include {re.escape(str(final_root))}/usr/src/"
+                     r"linux-headers-\S+-common(?:-[a-z0-9]+)?/", fixed):
+        raise KernelError(f"unexpected headers Makefile layout in {makefile}: no absolute "
+                          "include of /usr/src/linux-headers-<abi>-common[-<featureset>]/Makefile",
+                          hint=f"Debian changed how its headers are packaged: report it with "
+                               f"the Makefile's include lines; `invoke kernels` lists other "
+                               f"flavours of {release} to use meanwhile")
     makefile.write_text(fixed)
     return hdr
 
@@ -316,8 +320,11 @@ def expand(kernels: str | list[str]) -> list[str]:
 
 def exact_spec(k: Kernel) -> str:
     """The spec naming cached kernel *k* and no other: a Debian kernel by its ABI
-    and flavour (any flavour, rt included), a kernel built from source by its release."""
-    return f"{k.abi}-{k.flavour}" if k.flavour in FLAVOURS else k.release
+    and flavour (any flavour, rt included; ``exact:`` before an ABI shaped like a
+    line, the rc's ``7.3``), a kernel built from source by its release."""
+    if k.flavour not in FLAVOURS:
+        return k.release
+    return f"{dk.EXACT if dk.is_line(k.abi) else ''}{k.abi}-{k.flavour}"
 
 
 def by_release(release: str) -> Kernel:

@@ -52,11 +52,12 @@ from pathlib import Path
 
 from ground import deb, debarchive, debversion, kconfig
 from ground.errors import KernelError
+from ground.http import NotServed
 from ground.paths import REPO, kernels_dir
 from ground.proc import file_lock, run
 
 from . import buildroot
-from .debian_kernels import KERNEL_SUITES, RELEASE_ORDER
+from .debian_kernels import KERNEL_SUITES, RELEASE_ORDER, left_out
 from .entry import MANIFEST, Kernel, check_entry, record_integrity
 
 CONFIGS = REPO / "vm" / "configs"   # lab VM kernel configs live with the lab
@@ -109,6 +110,47 @@ def shipped_fragments() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.config") if p.stem != "base")
 
 
+def _stored_fragment(spec: str, line: str, frag: str) -> str:
+    """The text of stored fragment *frag*, which must hash to its name."""
+    stored = fragments_store() / f"{frag}.config"
+    hint = f"pass the fragment file itself: source:{line}+/path/to/it.config or --config-fragment=FILE"
+    if not stored.is_file():
+        raise KernelError(f"{spec!r}: no fragment with hash {frag} in {fragments_store()}",
+                          hint=hint)
+    text = stored.read_text(errors="replace")
+    if _hash_or_none(text) != frag:
+        raise KernelError(f"{spec!r}: the stored fragment {stored} does not hash to {frag} "
+                          "(changed or damaged since it was stored)",
+                          hint=f"delete {stored} and {hint}")
+    return text
+
+
+def _hash_or_none(text: str) -> str | None:
+    try:
+        return fragment_hash(text)
+    except KernelError:          # not Kconfig text at all
+        return None
+
+
+def store_fragment(text: str) -> Path:
+    """Keep a user fragment under its hash (for ``source:<line>+<hash>``): written
+    atomically when missing or not what its name says, else left alone."""
+    store = fragments_store()
+    path = store / f"{fragment_hash(text)}.config"
+    if path.is_file() and _hash_or_none(path.read_text(errors="replace")) == path.stem:
+        return path
+    store.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=store, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
 # ---------------------------------------------------------------- specs
 
 @dataclass(frozen=True)
@@ -147,12 +189,7 @@ def parse_spec(spec: str) -> SourceSpec:
     if not frag:
         return SourceSpec(line)
     if _HASH_RE.match(frag) and not (CONFIGS / f"{frag}.config").is_file():
-        stored = fragments_store() / f"{frag}.config"
-        if not stored.is_file():
-            raise KernelError(f"{spec!r}: no fragment with hash {frag} in {fragments_store()}",
-                              hint="pass the fragment file itself: source:"
-                                   f"{line}+/path/to/it.config or --config-fragment=FILE")
-        return SourceSpec(line, stored.read_text(), frag)
+        return SourceSpec(line, _stored_fragment(spec, line, frag), frag)
     if _NAME_RE.match(frag) and "/" not in frag and not frag.endswith(".config"):
         path = CONFIGS / f"{frag}.config"
         if not path.is_file() or frag == "base":
@@ -239,21 +276,31 @@ _vkey = functools.cmp_to_key(debversion.compare)
 def source_offer(line: str):
     """(suite, package) of the newest linux-source-<line>, from the newest Debian
     release that carries it (through the kit's archive client, not the host's apt)."""
-    archive = debarchive.Archive()
+    indexes = _kernel_indexes(debarchive.Archive())
     name = f"linux-source-{line}"
-    found = []
-    for suite, release in KERNEL_SUITES.items():
-        for pkg in archive.packages(suite).get(name) or []:
-            found.append((RELEASE_ORDER.index(release), pkg.version, suite, pkg))
+    found = [(RELEASE_ORDER.index(KERNEL_SUITES[suite]), pkg.version, suite, pkg)
+             for suite, index in indexes.items() for pkg in index.get(name) or []]
     if not found:
-        lines = sorted({n[len("linux-source-"):] for s in KERNEL_SUITES
-                        for n in archive.packages(s).search(r"^linux-source-")
+        lines = sorted({n[len("linux-source-"):] for index in indexes.values()
+                        for n in index.search(r"^linux-source-")
                         if re.match(r"^linux-source-\d+\.\d+$", n)})
         raise KernelError(f"Debian's archive has no {name}",
                           hint=f"lines with linux-source: {', '.join(lines)}")
     # a released version before a release candidate, then the newest Debian release
     best = max(found, key=lambda f: ("~rc" not in f[1], f[0], _vkey(f[1])))
     return best[2], best[3]
+
+
+def _kernel_indexes(archive) -> dict:
+    """{suite: package index} of every kernel suite the mirror serves; one it does
+    not (HTTP 404: bullseye moving to archive.debian.org) is left out, with a warning."""
+    out = {}
+    for suite in KERNEL_SUITES:
+        try:
+            out[suite] = archive.packages(suite)
+        except NotServed as exc:
+            left_out(suite, exc)
+    return out
 
 
 def cached_builds() -> list[dict]:
@@ -626,9 +673,7 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
     if not force and (entry / MANIFEST).is_file():
         return _load_checked(entry, p.spec, listing)
     base.mkdir(parents=True, exist_ok=True)
-    store = fragments_store()
-    store.mkdir(exist_ok=True)
-    (store / f"{p.fragment_hash}.config").write_text(p.fragment)
+    store_fragment(p.fragment)
     with file_lock(base / f".{p.release}.lock"):
         if not force and (entry / MANIFEST).is_file():
             return _load_checked(entry, p.spec)
@@ -655,12 +700,22 @@ def fetch(spec: str, *, progress=None, force: bool = False, jobs: int | None = N
             raise
         _write_manifest(p, work, entry, times)
         retarget_output_makefile(work / "build", entry / "build")
-        if entry.exists():
-            if progress:
-                progress(f"replacing {entry}")
-            shutil.rmtree(entry)
-        work.rename(entry)
+        replace_entry(work, entry, progress)
     return _load_checked(entry, p.spec)
+
+
+def replace_entry(work: Path, entry: Path, progress=None):
+    """Rename the finished *work* tree to *entry*. An old entry is renamed aside
+    first and removed after: a kill leaves the old entry, the new one, or none (the
+    next fetch resumes in *work*), never a half-removed entry that looks whole."""
+    old = entry.with_name(f".old-{entry.name}")
+    shutil.rmtree(old, ignore_errors=True)      # left by a replacement that was killed
+    if entry.exists():
+        if progress:
+            progress(f"replacing {entry}")
+        entry.rename(old)
+    work.rename(entry)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def get(spec: str, *, fetch_missing: bool = True, progress=None, listing: bool = True):
