@@ -20,6 +20,8 @@ CLIENT6, SERVER6 = "2001:db8:1::2", "2001:db8:2::2"
 PEERS = {"ipv4": (CLIENT4, SERVER4), "ipv6": (CLIENT6, SERVER6)}
 TOOLS = {"ipv4": "iptables", "ipv6": "ip6tables"}
 BACKENDS = ("legacy", "nft")
+# what the kernel prints when something is wrong (a test scans dmesg for it)
+KERNEL_TROUBLE = r"BUG:|WARNING:|Oops|KASAN|general protection|refcount_t|list_(add|del) corruption"
 
 
 def l3(family):

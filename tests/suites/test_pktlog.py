@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.suites.catalog_helpers import (GUEST_DIR, PEERS, assert_kit_module, l3, proc_lines,
-                                          reload_module, send_tagged, sentinel)
+from tests.suites.catalog_helpers import (GUEST_DIR, KERNEL_TROUBLE, PEERS, assert_kit_module, l3,
+                                          proc_lines, reload_module, send_tagged, sentinel)
 from tests.suites.guest_traffic import REMOTE, parallel_script, parse_senders, sink  # noqa: F401
 from vm import remote
 
@@ -47,7 +47,6 @@ PORT = 40300
 FUZZ = Path(__file__).with_name("pktlog_fuzz.py")
 FUZZ_SEED, FUZZ_COUNT = 18, 2000
 NOBODY = "setpriv --reuid=65534 --regid=65534 --clear-groups"
-KERNEL_TROUBLE = r"BUG:|WARNING:|Oops|KASAN|general protection|refcount_t|list_(add|del) corruption"
 COUNTERS = ("unheard", "ratelimited", "failed", "events", "overrun")
 # pings to 127.0.0.1 as they leave: the request and the reply of each
 LOOP_PINGS = "--filter hook=LOCAL_OUT --filter l4proto=icmp --filter daddr4=127.0.0.1"
