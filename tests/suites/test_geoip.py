@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import ipaddress
 import shlex
 import sys
 import tarfile
@@ -32,12 +33,18 @@ from tests.suites.catalog_helpers import (BACKENDS, GUEST_DIR, PEERS, TOOLS, ass
 
 pytestmark = pytest.mark.vm
 DB_DIR = spec.load("geoip").test["db_dir"]
-DST_ROUTE = {"ipv4": ("203.0.113.0/24", "198.51.100.2"), "ipv6": ("2001:db8:3::/64", "2001:db8:2::2")}
-ADDRS = {  # sources on the client wire, destinations behind the server
-    "ipv4": (["192.0.2.10", "192.0.2.63", "192.0.2.64", "192.0.2.200"],
-             ["198.51.100.2", "203.0.113.10", "203.0.113.100"]),
-    "ipv6": (["2001:db8:1::10", "2001:db8:1::3f", "2001:db8:1::40", "2001:db8:1::200"],
-             ["2001:db8:2::2", "2001:db8:3::10", "2001:db8:3::100"]),
+DST_ROUTE = {"ipv4": ("203.0.113.0/24", "198.51.100.2"), "ipv6": ("2001:db8:3::/48", "2001:db8:2::2")}
+# Sources on the client wire, destinations behind the server: both sides of every
+# place where two of geoip.csv's ranges meet (last address of one, first of the
+# next), the last address of a range that ends a network, and one address inside.
+# Not sent: 192.0.2.255 and 198.51.100.255, the wires' broadcast addresses.
+ADDRS = {
+    "ipv4": (["192.0.2.10", "192.0.2.63", "192.0.2.64", "192.0.2.127", "192.0.2.128", "192.0.2.200"],
+             ["198.51.100.2", "203.0.113.10", "203.0.113.63", "203.0.113.64", "203.0.113.255"]),
+    "ipv6": (["2001:db8:1::10", "2001:db8:1::3f", "2001:db8:1::40", "2001:db8:1::7f", "2001:db8:1::80",
+              "2001:db8:1:0:ffff:ffff:ffff:ffff"],
+             ["2001:db8:2::2", "2001:db8:3::10", "2001:db8:3::3f", "2001:db8:3::40",
+              "2001:db8:3:ffff:ffff:ffff:ffff:ffff"]),
 }
 RULES = {40801: "--src-cc XA", 40802: "! --src-cc XA", 40803: "--src-cc XA,XC",
          40804: "--dst-cc XB", 40805: "! --dst-cc XB", 40806: "--src-cc XC --dst-cc XA",
@@ -84,7 +91,7 @@ def db(host):
     b = builder()
     text = (CATALOG / "geoip" / "geoip.csv").read_text()
     install_db(host, b.build(text))
-    yield b, b.parse_csv(text)
+    yield b, text
     install_db(host, b.build(text))
 
 
@@ -106,12 +113,28 @@ def _clauses(opts: str):
     return out
 
 
-def _expect(b, parsed, opts, src, dst) -> bool:
-    where = {"src": b.lookup(parsed, src), "dst": b.lookup(parsed, dst)}
+def csv_country(csv_text: str, addr: str) -> str | None:
+    """The country of *addr* read from the CSV's rows (start,end,CC, both ends
+    inclusive) with plain ipaddress comparisons: an oracle independent of
+    build_db, which builds the guest's database (a parser bug there must not
+    move the expected verdicts along with the database)."""
+    a = ipaddress.ip_address(addr)
+    for line in csv_text.splitlines():
+        row = [f.strip() for f in line.split(",")]
+        if line.lstrip().startswith("#") or len(row) != 3 or row[0] == "start":
+            continue
+        lo, hi = ipaddress.ip_address(row[0]), ipaddress.ip_address(row[1])
+        if lo.version == a.version and lo <= a <= hi:
+            return row[2].upper()
+    return None
+
+
+def _expect(csv_text, opts, src, dst) -> bool:
+    where = {"src": csv_country(csv_text, src), "dst": csv_country(csv_text, dst)}
     return all((where[d] in ccs) != neg for d, ccs, neg in _clauses(opts))
 
 
-def _run(host, wire, family, backend, rules, b, parsed, tag):
+def _run(host, wire, family, backend, rules, csv_text, tag):
     from scapy.all import UDP
     from nflab.tracing import payload
 
@@ -125,8 +148,8 @@ def _run(host, wire, family, backend, rules, b, parsed, tag):
             for d in dsts:
                 t = tag()
                 pkts[t] = l3(family)(src=s, dst=d) / UDP(sport=33000, dport=port) / payload(t, 48)
-                meta[t] = (port, f"-m geoip {opts}: {s} ({b.lookup(parsed, s)}) -> {d} ({b.lookup(parsed, d)})",
-                           _expect(b, parsed, opts, s, d))
+                meta[t] = (port, f"-m geoip {opts}: {s} ({csv_country(csv_text, s)}) -> "
+                                 f"{d} ({csv_country(csv_text, d)})", _expect(csv_text, opts, s, d))
     arrived = send_tagged(wire, pkts, timeout=8.0, sentinel=sentinel(family, tag()))
     wrong = [f"{meta[t][1]}: {'arrived' if t in arrived else 'dropped'}, expected "
              f"{'dropped' if meta[t][2] else 'to arrive'}" for t in pkts if (t in arrived) == meta[t][2]]
@@ -140,22 +163,21 @@ def _run(host, wire, family, backend, rules, b, parsed, tag):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_countries_on_the_wire(host, wire, db, clean_forward, routes, family, backend, tag):
-    b, parsed = db
-    _run(host, wire, family, backend, RULES, b, parsed, tag)
+    _, shipped = db
+    _run(host, wire, family, backend, RULES, shipped, tag)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_user_supplied_csv(host, wire, db, clean_forward, routes, family, tag):
     b, shipped = db
-    user = b.parse_csv(USER_CSV, "user.csv")
     rules = {40811: "--src-cc XB", 40812: "--dst-cc XA", 40813: "! --dst-cc XB"}
-    # the verdicts differ between the two databases for these rules
     srcs, dsts = ADDRS[family]
-    assert any(_expect(b, shipped, o, s, d) != _expect(b, user, o, s, d)
-               for o in rules.values() for s in srcs for d in dsts)
+    assert any(_expect(shipped, o, s, d) != _expect(USER_CSV, o, s, d)
+               for o in rules.values() for s in srcs for d in dsts), \
+        "the rules' verdicts must differ between the shipped and the user's database"
     try:
         install_db(host, b.build(USER_CSV, "user.csv"))
-        _run(host, wire, family, "nft", rules, b, user, tag)
+        _run(host, wire, family, "nft", rules, USER_CSV, tag)
         # a country the user's database lacks is refused when the rule is added
         r = host.run(f"{TOOLS[family]}-nft -w -A FORWARD -m geoip --src-cc XC -j DROP")
         assert r.rc != 0, "a rule naming XC was accepted without XC in the database"

@@ -2,8 +2,8 @@
 
 * one DROP rule per port: --string with bm and kmp, ! --string, --icase,
   --hex-string; packets with and without the needle;
-* --from/--to at the exact boundaries (offsets count from the network
-  header; a match must lie entirely inside [from, to));
+* --from/--to at the exact boundaries, bm and kmp (offsets count from the
+  network header; a match must lie entirely inside [from, to));
 * patterns that straddle boundaries: across two IPv4 fragments of one
   datagram (conntrack's defrag hands FORWARD one skb whose data is split
   over several blocks) KMP finds the needle, Boyer-Moore does not, as the
@@ -82,8 +82,9 @@ def test_patterns(host, wire, loaded, clean_forward, family, backend, tag):
     _run(host, wire, family, backend, rules, cases, tag)
 
 
+@pytest.mark.parametrize("algo", ["bm", "kmp"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag, xtables):
+def test_from_to_boundaries(host, wire, loaded, clean_forward, family, algo, tag, xtables):
     from nflab.tracing import payload
 
     lead = 36                                          # payload bytes before the needle
@@ -93,7 +94,7 @@ def test_from_to_boundaries(host, wire, loaded, clean_forward, family, tag, xtab
              40612: f"--from {start + 1}",             # starts after it: no match
              40613: f"--to {end - 1}",                 # cut off by one: no match
              40614: f"--from {start - 1} --to {end + 1}"}
-    rules = {p: f'--string "nflab-needle" --algo kmp {o}' for p, o in rules.items()}
+    rules = {p: f'--string "nflab-needle" --algo {algo} {o}' for p, o in rules.items()}
     data = lambda t: payload(t, lead) + NEEDLE + payload(t, 24)   # noqa: E731
     cases = [(rules[p], p, data, p in (40611, 40614)) for p in rules]
     _run(host, wire, family, xtables.primary, rules, cases, tag)
