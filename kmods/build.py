@@ -3,7 +3,9 @@
 The build tree is ``build/<kernel release>/<name>/``. Files are rewritten only
 when their content changes, so Kbuild's own dependency tracking keeps warm
 rebuilds fast. A failed build removes the artifacts it would have produced,
-so nothing half-built is ever reported as built.
+so nothing half-built is ever reported as built. One build of a tree runs at
+a time (``build/<release>/.<name>.lock``, held from rendering to the stamp):
+a second one waits, then finds the tree built and up to date.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from ground.compiler import diagnostics
 from ground.errors import BuildError, NflabError
 from ground.paths import build_dir, kernels_dir
+from ground.proc import file_lock
 from kmods import probes, render, spec
 from supply import buildroot
 from userspace_ext import plugin
@@ -50,10 +53,16 @@ class Artifacts:
 def _write_if_changed(path: Path, text: str) -> bool:
     if path.is_file() and path.read_text() == text:
         return False
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    _write_atomic(path, text)
+    return True
+
+
+def _write_atomic(path: Path, text: str):
+    """*path* holds the old text or the new one, never a part (the temp name is
+    the writer's own, so two writers never share one)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-    return True
 
 
 def stock_deps(ext: spec.Extension) -> list[str]:
@@ -96,8 +105,19 @@ def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = No
                     with_plugin: bool = True) -> Artifacts:
     """Render and build *name* for *kernel* (a supply.kernels.Kernel)."""
     ext = spec.load(name) if isinstance(name, str) else name
+    # the kernel's own modules and aliases: a name it serves needs overrides_in_tree
+    spec.check_collision(ext, stock_names(kernel))
     started = time.monotonic()
     out = build_dir() / kernel.release / ext.name
+    with file_lock(out.parent / f".{ext.name}.lock"):
+        art = _build_locked(ext, kernel, out, jobs, with_plugin)
+    art.seconds = time.monotonic() - started
+    return art
+
+
+def _build_locked(ext: spec.Extension, kernel, out: Path, jobs: int | None,
+                  with_plugin: bool) -> Artifacts:
+    """build_extension's work, under the lock of *out*."""
     ko = out / f"{ext.module}.ko"
     changed = render_into(ext, out)
     changed |= probes.prepare(ext, kernel, out)    # nflab_features.h; refuses before Kbuild
@@ -110,14 +130,7 @@ def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = No
                     deps=stock_deps(ext))
     if not fresh:
         stamp.unlink(missing_ok=True)
-        res = _kbuild(kernel, out, jobs or os.cpu_count() or 2)
-        (out / "build.log").write_text(res.stdout + res.stderr)
-        if res.returncode != 0 or not ko.is_file():
-            ko.unlink(missing_ok=True)
-            diags = diagnostics(res.stdout + res.stderr, out)
-            tail = "\n".join(diags or (res.stderr or res.stdout).strip().splitlines()[-20:])
-            raise BuildError(f"kernel module {ext.module} failed to build for {kernel.release}",
-                             hint=f"full log: {out / 'build.log'}", detail=tail)
+        _make(ext, kernel, out, ko, jobs)
         art.rebuilt = True
     if with_plugin and ext.plugin:
         art.so = plugin.build(ext, out, force=art.rebuilt)
@@ -131,13 +144,36 @@ def build_extension(name: str | spec.Extension, kernel, *, jobs: int | None = No
         raise BuildError(f"{ko.name} has vermagic {art.vermagic!r}, expected {kernel.release}",
                          hint="the headers in the cache do not match the kernel; "
                               "run `invoke fetch-kernel --force`")
-    stamp.write_text(json.dumps({"inputs": inputs, "artifacts": art.as_dict()}, indent=2))
-    art.seconds = time.monotonic() - started
+    _write_atomic(stamp, json.dumps({"inputs": inputs, "artifacts": art.as_dict()}, indent=2))
     return art
 
 
+def _make(ext: spec.Extension, kernel, out: Path, ko: Path, jobs: int | None):
+    """Kbuild the module in *out*; on failure remove the .ko and raise the diagnostics."""
+    res = _kbuild(kernel, out, jobs or os.cpu_count() or 2)
+    (out / "build.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0 or not ko.is_file():
+        ko.unlink(missing_ok=True)
+        diags = diagnostics(res.stdout + res.stderr, out)
+        tail = "\n".join(diags or (res.stderr or res.stdout).strip().splitlines()[-20:])
+        raise BuildError(f"kernel module {ext.module} failed to build for {kernel.release}",
+                         hint=f"full log: {out / 'build.log'}", detail=tail)
+
+
+# what of the headers a built .ko depends on besides the sources: the configuration
+# the headers were generated with and the exported symbols' CRCs (modversions)
+HEADER_INPUTS = ("include/generated/autoconf.h", "Module.symvers")
+
+
 def _inputs_hash(out: Path, kernel) -> str:
+    """What the .ko in *out* was built from: its sources, and the kernel's release,
+    packages (a refetched rc keeps its release), compiler and generated headers."""
     h = hashlib.sha256(kernel.release.encode())
+    h.update(json.dumps(sorted(kernel.packages.items())).encode())
+    h.update(probes.compiler_id(kernel).encode())
+    for rel in HEADER_INPUTS:
+        path = Path(kernel.headers) / rel
+        h.update(rel.encode() + (path.read_bytes() if path.is_file() else b"(missing)"))
     for path in sorted(out.iterdir()):
         if path.suffix in (".c", ".h") or path.name == "Kbuild":
             if path.name.endswith(".mod.c"):
@@ -145,6 +181,26 @@ def _inputs_hash(out: Path, kernel) -> str:
             h.update(path.name.encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def stock_names(kernel) -> set[str]:
+    """The module names and aliases *kernel* ships (modules.order, modules.builtin,
+    modules.alias, modules.builtin.modinfo's aliases): empty when it has none cached."""
+    moddir = Path(kernel.modules)
+    names: set[str] = set()
+    for listing in ("modules.order", "modules.builtin"):
+        names |= {Path(ln.strip()).name.split(".ko")[0] for ln in _lines(moddir / listing) if ln.strip()}
+    names |= {w[1] for w in (ln.split() for ln in _lines(moddir / "modules.alias"))
+              if len(w) == 3 and w[0] == "alias"}
+    builtin = moddir / "modules.builtin.modinfo"
+    if builtin.is_file():
+        names |= {item.split(".alias=", 1)[1] for item in builtin.read_bytes().decode(errors="replace")
+                  .split("\0") if ".alias=" in item}
+    return names
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines() if path.is_file() else []
 
 
 def build_many(names, kernel, *, keep_going=True, progress=None) -> tuple[list, list]:

@@ -18,6 +18,8 @@ from ground.paths import REPO
 
 SUITES = REPO / "tests" / "suites"
 PORT = 40900        # the starter suites' UDP port (no catalog suite uses it)
+NFT_HOOKS = {"PRE_ROUTING": "prerouting", "LOCAL_IN": "input", "FORWARD": "forward",
+             "LOCAL_OUT": "output", "POST_ROUTING": "postrouting"}
 
 _MATCH_BODY = """{% extends "match.c.j2" %}
 {# A starter match: packets at least --min-len bytes long. Edit freely. #}
@@ -63,6 +65,8 @@ Run: invoke test --name={name}
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -110,22 +114,92 @@ def test_forwarded_packet_meets_the_rule(host, wire, loaded, clean_chain, tag):
 '''
 
 _SUITE_HOOK = '''
-def _points(host):
-    return {{(w[1], w[2]): int(w[5]) for w in proc_lines(host, MODULE, "point")}}
+HOOK = "{hook}"
+POINT = ("{family}", HOOK)     # the point of /proc/net/<module> the test reads
+LOCAL = HOOK in ("LOCAL_IN", "LOCAL_OUT")
+N = 5
+# An nft chain beside the point counts every packet that crosses it but the test's
+# (SSH to the guest, the sentinel, anything else): the module's count less nft's is
+# what it counted of the test's packets. The two cannot be read at one instant, so
+# a snapshot reads the module, nft, the module again, and the test's number must
+# lie between the bounds those give (as tests/suites/test_pktcount.py does).
+STRAY_TABLE = "{stray_table}"
+SNAPSHOT = (f"cat /proc/net/{{MODULE}}; echo @@; nft list table {{STRAY_TABLE}}; echo @@; "
+            f"cat /proc/net/{{MODULE}}")
+'''
+
+_SUITE_HOOK_TESTS = '''
+
+@pytest.fixture
+def strays(host):
+    host.run_test(" && ".join(STRAY_RULES))
+    yield
+    host.run(f"nft delete table {STRAY_TABLE}")
 
 
-def test_packets_counted_at_the_point(host, wire, loaded, clean_forward, tag):
-    before = _points(host)
-    pkts = {{}}
-    for _ in range(5):
+def _count(text: str) -> int:
+    for w in (ln.split() for ln in text.splitlines()):
+        if w[:3] == ["point", *POINT]:          # point family hook prio registered packets
+            return int(w[5])
+    raise AssertionError(f"no point {POINT} in /proc/net/{MODULE}:\\n{text}")
+
+
+def _snapshot(host) -> tuple[int, int]:
+    """The least and the most the module can have counted of the test's packets so far."""
+    first, nft, last = host.check_output(SNAPSHOT).split("@@")
+    stray = int(re.search(r"counter packets (\\d+)", nft).group(1))
+    return _count(first) - stray, _count(last) - stray
+
+
+def _send(host, wire, tag) -> int:
+    """The test's packets across the point; returns how many it must count."""
+    if LOCAL:       # forwarded packets do not cross it: pings over the loopback do
+        host.run_test(f"ping {'-6 ' if FAMILY == 'ipv6' else ''}-c {N} -i 0.2 -W 1 "
+                      f"{'::1' if FAMILY == 'ipv6' else '127.0.0.1'} >/dev/null")
+        return 2 * N            # each echo request and its reply
+    pkts = {}
+    for _ in range(N):
         t = tag()
         pkts[t] = _packet(t)
     assert send_tagged(wire, pkts, sentinel=sentinel(FAMILY, tag())) == set(pkts)
-    after = _points(host)
-    point = ("{family}", "{hook}")
-    assert after[point] > before[point], f"{{point}} counted no packet of the traffic"
+    return N
+
+
+def test_packets_counted_at_the_point(host, wire, loaded, clean_forward, strays, tag):
+    before = _snapshot(host)
+    want = _send(host, wire, tag)
+    after = _snapshot(host)
+    lo, hi = after[0] - before[1], after[1] - before[0]
+    assert lo <= want <= hi, f"{POINT} counted {lo}..{hi} of the test's packets, not {want}"
 
 '''
+
+
+def _stray_rules(ext: spec.Extension) -> tuple[str, list[str]]:
+    """The nft table and commands that count every packet at the module's first
+    point but the starter test's own."""
+    h = ext.hooks[0]
+    if h.family == "netdev":
+        dev = next((p.get("default", "eth0") for p in ext.params if p["name"] == "ingress_dev"), "eth0")
+        table, hook, count = "netdev nflabstray", f"ingress device {dev}", "counter"
+    else:
+        table, hook, count = "inet nflabstray", NFT_HOOKS[h.hook], f"meta nfproto {h.family} counter"
+    if h.hook in ("LOCAL_IN", "LOCAL_OUT"):
+        own = ("ip6 daddr ::1 icmpv6 type { echo-request, echo-reply }" if h.family == "ipv6"
+               else "ip daddr 127.0.0.1 icmp type { echo-request, echo-reply }")
+    else:
+        own = f"udp dport {PORT}"
+    chain = f"nft add chain {table} c '{{ type filter hook {hook} priority {h.priority}; }}'"
+    return table, [f"nft add table {table}", chain, f"nft add rule {table} c {own} return",
+                   f"nft add rule {table} c {count}"]
+
+
+def _hook_suite(ext: spec.Extension) -> str:
+    table, rules = _stray_rules(ext)
+    h = ext.hooks[0]
+    head = _SUITE_HOOK.format(family=h.family, hook=h.hook, stray_table=table)
+    return head + "STRAY_RULES = [\n" + "".join(f"    {r!r},\n" for r in rules) + "]\n" + _SUITE_HOOK_TESTS
+
 
 _SUITE_TAIL = '''
 @pytest.mark.xfail(strict=True, reason="placeholder: replace it with what {name} must do")
@@ -155,10 +229,11 @@ def suite_text(ext: spec.Extension) -> str:
     family = ext.families[0] if ext.families[0] != "netdev" else "ipv4"
     if ext.kind == "hook":
         h = ext.hooks[0]
-        what = (f"test_packets_counted_at_the_point sends {{family}} packets from the client wire\n"
-                f"through the router and checks that the {h.family} {h.hook} point of\n"
-                f"/proc/net/{ext.module} counted them.")
-        body = _SUITE_HOOK.format(family=h.family, hook=h.hook)
+        what = (f"test_packets_counted_at_the_point sends {{family}} packets across the {h.family}\n"
+                f"{h.hook} point (forwarded from the client wire, or pings over the guest's\n"
+                f"loopback for LOCAL_IN and LOCAL_OUT) and checks that /proc/net/{ext.module}\n"
+                "counted each exactly once, less what an nft counter beside it saw of other traffic.")
+        body = _hook_suite(ext)
     else:
         table = "mangle" if ext.kind == "target" else "filter"
         rule = (f"-t mangle -A FORWARD -p udp --dport {{PORT}} -j {ext.name} --set-mark 7"

@@ -39,6 +39,27 @@ auto break case char const continue default do double else enum extern float for
 inline int long register restrict return short signed sizeof static struct switch typedef
 union unsigned void volatile while _Bool _Complex _Static_assert asm typeof bool true false
 linux unix i386 current jiffies NULL min max likely unlikely
+s6_addr s6_addr16 s6_addr32 sin_zero errno stdin stdout stderr offsetof container_of
+noinline fallthrough barrier swap clamp abs min_t max_t htons htonl ntohs ntohl assert
+ifr_name ifr_addr ifr_flags ifr_mtu ifr_data si_pid si_uid si_code sa_handler
+""".split())
+# Hook names whose derived C symbols (<name>_hook, <name>_net, <name>_init...) are the
+# kernel's own namespaces: "nf" would define nf_hook(), which <linux/netfilter.h> has.
+KERNEL_PREFIXES = frozenset("""
+nf nft nfnl nfqnl nf_conntrack nf_nat nf_tables xt ipt ip6t arpt ebt x_tables ip ip6 ipv4
+ipv6 inet inet6 net netdev netns dev skb sk sock tcp udp icmp icmpv6 nla nlmsg genl netlink
+proc seq rcu kernel module init exit pernet neigh dst rt fib xfrm br nflab
+""".split())
+NETFILTER_NAMESPACES = ("nf_", "nft_", "nfnl_", "xt_", "ipt_", "ip6t_", "arpt_", "ebt_", "nflab_")
+# iptables' own long options (original_opts of iptables.c, ip6tables.c and xtables.c in
+# iptables 1.8, plus --fragment, the spelling its man page gives): getopt_long matches
+# an exact name first, so an extension option of one of these names is never seen
+# (`-m foo --dst X` sets the rule's destination address, not foo's option)
+IPTABLES_OPTIONS = frozenset("""
+append delete check insert replace list list-rules flush zero new-chain delete-chain
+rename-chain policy source destination src dst protocol in-interface jump table match
+numeric out-interface verbose wait wait-interval exact fragments fragment version help
+line-numbers modprobe set-counters goto ipv4 ipv6
 """.split())
 NAME_MAX = 28           # XT_EXTENSION_MAXNAMELEN (29) minus the NUL
 MODULE_NAME_MAX = 55    # MODULE_NAME_LEN (64 - sizeof(unsigned long)) minus the NUL
@@ -61,6 +82,24 @@ nfnetlink_queue iptable_filter iptable_mangle iptable_nat iptable_raw
 iptable_security ip6table_filter ip6table_mangle ip6table_nat ip6table_raw
 ip6table_security nf_reject_ipv4 nf_reject_ipv6 nft_compat
 """.split())
+
+# The xtables names the stock kernels serve (5.10 to 7.x, modules.alias and module
+# names: `alias ipt_TTL xt_HL`, ipt_REJECT.ko): x_tables looks a rule's match or
+# target up by name and family and loads ipt_NAME / ip6t_NAME, so a kit extension
+# of one of these names is served by the stock module as well as by its own.
+_STOCK_XT_BOTH = """
+AUDIT CHECKSUM CLASSIFY CONNMARK CONNSECMARK CT DNAT DSCP HMARK IDLETIMER LED LOG MARK
+MASQUERADE NETMAP NFLOG NFQUEUE NOTRACK RATEEST REDIRECT REJECT SECMARK SET SNAT SYNPROXY
+TCPMSS TCPOPTSTRIP TEE TOS TPROXY TRACE addrtype ah bpf cgroup cluster comment connbytes
+connlabel connlimit connmark conntrack cpu dccp devgroup dscp ecn esp hashlimit helper
+ipcomp iprange ipvs l2tp length limit mac mark multiport nfacct osf owner physdev pkttype
+policy quota rateest recent rpfilter sctp set socket state statistic string tcp tcpmss
+time tos u32 udp
+""".split()
+STOCK_XT_NAMES = frozenset(
+    [f"ipt_{n}" for n in _STOCK_XT_BOTH + "CLUSTERIP ECN TTL icmp realm ttl".split()]
+    + [f"ip6t_{n}" for n in _STOCK_XT_BOTH + """DNPT HL NPT SNPT dst eui64 frag hbh hl icmp6
+                                                ipv6header mh rt srh""".split()])
 
 
 @dataclass(frozen=True)
@@ -613,6 +652,17 @@ def check_family(value, allowed=FAMILIES, where="extension") -> str:
     return value
 
 
+def _is_key(value, table) -> bool:
+    """*value* is a string naming an entry of *table* (a list or table never is)."""
+    return isinstance(value, str) and value in table
+
+
+def _own_option_name(name: str) -> str:
+    """A suggestion for an option named like one of iptables': dst -> dst-addr."""
+    return {"src": "src-addr", "dst": "dst-addr", "source": "src-addr",
+            "destination": "dst-addr", "protocol": "proto"}.get(name, f"{name}-value")
+
+
 def _option(raw, index, where) -> Option:
     if not isinstance(raw, dict):
         raise _fail(where, "options", "each option must be a table", "[[options]] name=... type=...")
@@ -626,8 +676,12 @@ def _option(raw, index, where) -> Option:
         raise _fail(where, "option name", f"{name!r} is not a valid option name",
                     "lower-case words joined by -, e.g. src-range (at most 30 characters)")
     owhere = f"{where} option --{name}"
+    if name in IPTABLES_OPTIONS:
+        raise _fail(owhere, "option name", f"--{name} is an option of iptables itself, which "
+                    "takes it before any extension sees it", f"a name of the extension's own, "
+                    f"e.g. {_own_option_name(name)}")
     otype = raw.get("type")
-    if otype not in OPTION_TYPES:
+    if not _is_key(otype, OPTION_TYPES):
         raise _fail(owhere, "type", f"unknown option type {otype!r}", ", ".join(OPTION_TYPES))
     fld = raw.get("field", name.replace("-", "_"))
     if fld == "flags":
@@ -757,7 +811,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
     _validate_params(ext, raw, where)
     _check_generated_names(ext, where)
     _check_custom_functions(ext, path, where)
-    _check_collision(ext, where, kernel_modules)
+    check_collision(ext, kernel_modules, where)
     if ext.kind != "hook" and ext.info_size > INFO_MAX:
         raise _fail(where, "fields", f"the info struct has {ext.info_size} bytes",
                     f"at most {INFO_MAX} (xt_entry_match/target sizes are 16-bit)")
@@ -840,7 +894,7 @@ def _validate_private(ext: Extension, raw: dict, where: str):
         raise _fail(where, "private", "not a list", "[[private]] name=... type=...")
     seen = {n for opt in ext.options for n in (opt.name, opt.field)}
     for p in privs:
-        if (not isinstance(p, dict) or p.get("type") not in PRIVATE_TYPES
+        if (not isinstance(p, dict) or not _is_key(p.get("type"), PRIVATE_TYPES)
                 or not isinstance(p.get("name"), str) or p["name"] in seen or p["name"] == "flags"):
             raise _fail(where, "private", f"{p!r}", "name = a new C identifier, type = " + ", ".join(PRIVATE_TYPES))
         check_ident(p["name"], where, "private name")
@@ -875,6 +929,18 @@ def _validate_params(ext: Extension, raw: dict, where: str):
         check_text(p.get("help", ""), where, "params.help", 200)
         _check_param_default(p, where)
     ext.params = params
+    _check_ingress_dev(ext, where)
+
+
+def _check_ingress_dev(ext: Extension, where: str):
+    """The netdev points attach to the device ``ingress_dev`` names (hook.c.j2 compares
+    it with dev->name): declared by the definition, it is a charp."""
+    own = next((p for p in ext.params if p["name"] == "ingress_dev"), None)
+    netdev = any(h.family == "netdev" for h in ext.hooks)
+    if own is not None and netdev and own["type"] != "charp":
+        raise _fail(where, "params ingress_dev type", f"{own['type']!r}: ingress_dev names the "
+                    "device the netdev INGRESS points attach to", 'type = "charp" (a device '
+                    'name such as default = "eth1"), or drop [[params]] ingress_dev for "eth0"')
 
 
 def _check_custom_functions(ext: Extension, path: Path | None, where: str):
@@ -964,7 +1030,19 @@ def _check_generated_names(ext: Extension, where: str):
         seen.setdefault(name, origin)
 
 
+def _check_hook_name(ext: Extension, where: str):
+    """A hook module's C symbols are its name and a suffix (<name>_hook, <name>_net):
+    a name that is a kernel namespace would define the kernel's own (nf_hook)."""
+    name = ext.lname
+    if name in KERNEL_PREFIXES or name.startswith(NETFILTER_NAMESPACES):
+        raise _fail(where, "name", f"{ext.name!r} would generate C symbols such as {name}_hook "
+                    f"and {name}_net, which are (or may be) the kernel's own",
+                    f"a name that is not a kernel prefix ({', '.join(sorted(KERNEL_PREFIXES)[:6])}"
+                    f"... or starts with {', '.join(NETFILTER_NAMESPACES)}), e.g. my{name}")
+
+
 def _validate_hook(ext: Extension, raw: dict, where: str):
+    _check_hook_name(ext, where)
     hooks = raw.get("hooks")
     if not isinstance(hooks, list) or not hooks:
         raise _fail(where, "hooks", "a hook module needs at least one [[hooks]] entry",
@@ -1048,10 +1126,10 @@ def _event(raw, attr_id: int, where: str, families: list) -> NlAttr:
         raise _fail(where, "events", f"unknown key(s) {sorted(extra)}", "name, type, source, help")
     name = check_ident(raw.get("name"), where, "name")
     source = raw.get("source", name)
-    if source not in EVENT_SOURCES:
+    if not _is_key(source, EVENT_SOURCES):
         raise _fail(where, "source", f"unknown source {source!r}", ", ".join(EVENT_SOURCES))
     typ = raw.get("type")
-    if typ not in EVENT_TYPES:
+    if not _is_key(typ, EVENT_TYPES):
         raise _fail(where, "type", f"unknown type {typ!r}", ", ".join(EVENT_TYPES))
     if typ not in EVENT_SOURCES[source]:
         raise _fail(where, "type", f"{source} cannot be reported as {typ}",
@@ -1064,17 +1142,35 @@ def _event(raw, attr_id: int, where: str, families: list) -> NlAttr:
     return NlAttr(name, typ, attr_id, "event", source, text)
 
 
-def _check_collision(ext: Extension, where: str, kernel_modules=None):
-    modules = set(IN_TREE_MODULES) | set(kernel_modules or ())
-    lower = {m.lower() for m in modules}
-    collides = ext.module in modules or (ext.kind == "hook" and ext.module.lower() in lower)
-    if collides and not ext.overrides_in_tree:
-        raise _fail(where, "name", f"{ext.name!r} would build {ext.module}.ko, which the kernel "
-                    "already ships", "another name, or overrides_in_tree = true to replace the "
-                    "in-tree module on purpose")
-    if ext.overrides_in_tree and not collides:
-        raise _fail(where, "overrides_in_tree", f"{ext.module} is not an in-tree module",
-                    "remove overrides_in_tree")
+def xtables_modules(ext: Extension) -> list[str]:
+    """The modules x_tables asks for when a rule names *ext* (ipt_NAME, ip6t_NAME per
+    family, as xt_request_find_match/target do); none for a hook module."""
+    # the stock targets are all upper case, its matches all lower case (ipt_TTL is the
+    # TTL target, ipt_ttl the ttl match): a lower-case target asks for a module that
+    # serves only a match of its name
+    if ext.kind == "hook" or (ext.kind == "target" and ext.name == ext.name.lower()):
+        return []
+    return [f"{'ipt' if f == 'ipv4' else 'ip6t'}_{ext.name}" for f in ext.families]
+
+
+def check_collision(ext: Extension, kernel_modules=None, where: str | None = None):
+    """Refuse *ext* when the stock kernel ships its .ko or serves its xtables name
+    (*kernel_modules*: the module and alias names of a known kernel, else the
+    static lists), unless it says overrides_in_tree = true; and refuse the flag
+    when nothing is overridden."""
+    where = where or str(ext.path or "definition")
+    names = set(IN_TREE_MODULES) | STOCK_XT_NAMES | set(kernel_modules or ())
+    lower = {m.lower() for m in names}
+    served = [m for m in xtables_modules(ext) if m in names]
+    collides = ext.module in names or (ext.kind == "hook" and ext.module.lower() in lower)
+    if (collides or served) and not ext.overrides_in_tree:
+        what = (f"would build {ext.module}.ko, which the kernel already ships" if collides else
+                f"is the {ext.kind} the kernel already serves ({', '.join(served)})")
+        raise _fail(where, "name", f"{ext.name!r} {what}", "another name, or overrides_in_tree "
+                    "= true to replace the in-tree module on purpose")
+    if ext.overrides_in_tree and not (collides or served):
+        raise _fail(where, "overrides_in_tree", f"{ext.module} is not an in-tree module and "
+                    f"the kernel serves no {ext.kind} {ext.name!r}", "remove overrides_in_tree")
 
 
 # ---- loading --------------------------------------------------------------
