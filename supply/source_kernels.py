@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ground import deb, debarchive, debversion, kconfig
+from ground import deb, debarchive, debindex, debversion, kconfig
 from ground.errors import KernelError
 from ground.http import NotServed
 from ground.paths import REPO, kernels_dir
@@ -139,15 +139,7 @@ def store_fragment(text: str) -> Path:
     path = store / f"{fragment_hash(text)}.config"
     if path.is_file() and _hash_or_none(path.read_text(errors="replace")) == path.stem:
         return path
-    store.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=store, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    debindex.atomic_write(path, text.encode())
     return path
 
 

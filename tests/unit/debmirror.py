@@ -5,6 +5,7 @@ Python, a throwaway GPG key, and a fake mirror served over HTTP on 127.0.0.1
 from __future__ import annotations
 
 import bz2
+import re
 import collections
 import email.utils
 import gzip
@@ -18,6 +19,7 @@ import tarfile
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -222,3 +224,17 @@ def closed_port() -> int:
 
 def have_gpg() -> bool:
     return bool(shutil.which("gpg") and shutil.which("gpgv") and shutil.which("gpgconf"))
+
+
+@dataclass
+class FakePkg:
+    """A package row of a FakeIndex."""
+    name: str
+    version: str
+    depends: str = ""
+
+
+class FakeIndex(dict):
+    """{name: FakePkg}: the index search the kernel offers make."""
+    def search(self, pattern):
+        return sorted(n for n in self if re.match(pattern, n))

@@ -11,7 +11,7 @@ import pytest
 
 from ground import aptsources, deb, debarchive, integrity
 from ground.debarchive import SUITES, Archive, ArchiveError, closure
-from tests.unit.debmirror import FakeMirror, Gpg, closed_port, have_gpg, tarball
+from tests.unit.debmirror import Gpg, closed_port, have_gpg, tarball
 
 pytestmark = pytest.mark.skipif(not have_gpg(), reason="gpg, gpgv or gpgconf is not installed")
 
@@ -22,18 +22,6 @@ HELLO_FILES = [("dir", "./usr/"), ("dir", "./usr/bin/"),
 DISTS = "/debian/dists/bookworm"
 
 
-@pytest.fixture(scope="module")
-def gpg(tmp_path_factory):
-    g = Gpg(tmp_path_factory.mktemp("gnupg"))
-    yield g
-    g.close()
-
-
-@pytest.fixture
-def mirror(tmp_path, gpg):
-    m = FakeMirror(tmp_path / "mirror", gpg)
-    yield m
-    m.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from supply import debian_kernels as dk
 from supply import kernels
 from supply.debian_kernels import Offer
 from supply.kernels import KernelRef
+from tests.unit.debmirror import FakeIndex, FakePkg
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -128,20 +129,10 @@ def test_expand_groups_and_lists(monkeypatch):
 
 # ---- offers from an index: both package layouts ---------------------------------
 
-@dataclass
-class _Pkg:
-    name: str
-    version: str
-    depends: str = ""
-
-
-class _Index(dict):
-    def search(self, pattern):
-        return sorted(n for n in self if re.match(pattern, n))
 
 
 def _index(*pkgs):
-    idx = _Index()
+    idx = FakeIndex()
     for p in pkgs:
         idx.setdefault(p.name, []).append(p)
     return idx
@@ -150,12 +141,12 @@ def _index(*pkgs):
 def test_offer_of_the_classic_layout():
     v = "6.1.192-3"
     idx = _index(
-        _Pkg("linux-image-6.1.0-57-cloud-amd64", v, "kmod, linux-base (>= 4.3~), initramfs-tools"),
-        _Pkg("linux-headers-6.1.0-57-cloud-amd64", v,
+        FakePkg("linux-image-6.1.0-57-cloud-amd64", v, "kmod, linux-base (>= 4.3~), initramfs-tools"),
+        FakePkg("linux-headers-6.1.0-57-cloud-amd64", v,
              f"linux-headers-6.1.0-57-common (= {v}), linux-kbuild-6.1 (>= {v}), "
              "linux-compiler-gcc-12-x86"),
-        _Pkg("linux-headers-6.1.0-57-common", v), _Pkg("linux-kbuild-6.1", v),
-        _Pkg("linux-image-6.1-cloud-amd64", "6.1.192-3",             # a meta package: not an offer
+        FakePkg("linux-headers-6.1.0-57-common", v), FakePkg("linux-kbuild-6.1", v),
+        FakePkg("linux-image-6.1-cloud-amd64", "6.1.192-3",             # a meta package: not an offer
              "linux-image-6.1.0-57-cloud-amd64 (= 6.1.192-3)"))
     offers = dk._suite_offers(_Archive(idx), "bookworm-security")
     assert [o.release for o in offers] == ["6.1.0-57-cloud-amd64"]
@@ -168,15 +159,15 @@ def test_offer_of_the_classic_layout():
 def test_offer_of_the_split_layout_from_6_19():
     v, abi = "7.3.4-1~bpo13+1", "7.3.4+deb13"
     idx = _index(
-        _Pkg(f"linux-image-{abi}-cloud-amd64", v,
+        FakePkg(f"linux-image-{abi}-cloud-amd64", v,
              f"dracut | initramfs-tools, linux-base-{abi}-cloud-amd64 (= {v}), "
              f"linux-binary-{abi}-cloud-amd64 (= {v}), linux-modules-{abi}-cloud-amd64 (= {v})"),
-        _Pkg(f"linux-headers-{abi}-cloud-amd64", v,
+        FakePkg(f"linux-headers-{abi}-cloud-amd64", v,
              f"gcc-14-for-host, linux-base (>= 4.12~), linux-base-{abi}-cloud-amd64 (= {v}), "
              f"linux-headers-{abi}-common (= {v}), linux-kbuild-{abi}"),
-        *(_Pkg(f"linux-{p}-{abi}-cloud-amd64", v) for p in ("base", "binary", "modules")),
-        _Pkg(f"linux-headers-{abi}-common", v), _Pkg(f"linux-kbuild-{abi}", v),
-        _Pkg("linux-image-6.18.15+deb13-cloud-amd64", "6.18.15-1~bpo13+1"))   # headers gone
+        *(FakePkg(f"linux-{p}-{abi}-cloud-amd64", v) for p in ("base", "binary", "modules")),
+        FakePkg(f"linux-headers-{abi}-common", v), FakePkg(f"linux-kbuild-{abi}", v),
+        FakePkg("linux-image-6.18.15+deb13-cloud-amd64", "6.18.15-1~bpo13+1"))   # headers gone
     offers = {o.abi: o for o in dk._suite_offers(_Archive(idx), "trixie-backports")}
     assert offers[abi].compiler == "gcc-14" and offers[abi].buildable
     assert {n for n, _ in offers[abi].packages} == {

@@ -20,7 +20,7 @@ from ground.errors import ArchiveError, KernelError
 from supply import debian_kernels as dk
 from supply import kernels, source_kernels
 from supply.entry import INTEGRITY, MANIFEST, Kernel, check_entry, record_integrity
-from tests.unit.debmirror import FakeMirror, Gpg, closed_port, have_gpg, make_deb
+from tests.unit.debmirror import FakeIndex, FakeMirror, FakePkg, closed_port, have_gpg, make_deb
 from tests.unit.test_debarchive import HELLO, HELLO_FILES
 
 needs_gpg = pytest.mark.skipif(not have_gpg(), reason="gpg, gpgv or gpgconf is not installed")
@@ -110,32 +110,8 @@ def test_offline_line_spec_never_takes_the_rc(tmp_path, monkeypatch):
 # sources, 404 suites, write errors, stored fragments, forced source rebuilds,
 # versioned dependencies (each test fails on the code before its fix)
 
-@pytest.fixture(scope="module")
-def gpg(tmp_path_factory):
-    if not have_gpg():
-        pytest.skip("gpg, gpgv or gpgconf is not installed")
-    g = Gpg(tmp_path_factory.mktemp("gnupg"))
-    yield g
-    g.close()
 
 
-@pytest.fixture
-def mirror(tmp_path, gpg):
-    m = FakeMirror(tmp_path / "mirror", gpg)
-    yield m
-    m.close()
-
-
-@dataclass
-class _Pkg:
-    name: str
-    version: str
-    depends: str = ""
-
-
-class _Index(dict):
-    def search(self, pattern):
-        return sorted(n for n in self if re.match(pattern, n))
 
 
 class _OneIndex:
@@ -149,11 +125,11 @@ class _OneIndex:
 def test_rt_headers_bring_their_common_rt_package():
     """rt headers depend on linux-headers-<abi>-common-rt, not -common."""
     v, abi = "6.12.118-1", "6.12.118+deb13"
-    idx = _Index()
-    for p in (_Pkg(f"linux-image-{abi}-rt-amd64", v, "kmod, linux-base"),
-              _Pkg(f"linux-headers-{abi}-rt-amd64", v,
+    idx = FakeIndex()
+    for p in (FakePkg(f"linux-image-{abi}-rt-amd64", v, "kmod, linux-base"),
+              FakePkg(f"linux-headers-{abi}-rt-amd64", v,
                    f"linux-headers-{abi}-common-rt (= {v}), linux-kbuild-{abi} (= {v}), gcc-14"),
-              _Pkg(f"linux-headers-{abi}-common-rt", v), _Pkg(f"linux-kbuild-{abi}", v)):
+              FakePkg(f"linux-headers-{abi}-common-rt", v), FakePkg(f"linux-kbuild-{abi}", v)):
         idx[p.name] = [p]
     [offer] = dk._suite_offers(_OneIndex(idx), "trixie-security")
     assert f"linux-headers-{abi}-common-rt" in dict(offer.packages)
