@@ -46,6 +46,7 @@ from ground import aptsources, debindex, debsource, http, integrity
 from ground.debindex import Package, PackageIndex, SourceIndex, SourcePackage, closure
 from ground.debrelease import Release, keyring_missing, verify
 from ground.errors import ArchiveError
+from ground.files import atomic_write
 from ground.paths import cache_dir
 from ground.proc import file_lock
 
@@ -266,7 +267,7 @@ class Archive:
         meta = {"url": url, "fetched": time.time(),
                 "etag": got.etag or old.get("etag"),
                 "last_modified": got.last_modified or old.get("last_modified")}
-        debindex.atomic_write(self.suite_dir(suite) / "InRelease.json",
+        atomic_write(self.suite_dir(suite) / "InRelease.json",
                               json.dumps(meta, indent=1).encode())
 
     def _get(self, suite: str, url: str, dest: Path, **kw) -> http.Fetched:
@@ -363,7 +364,7 @@ class Archive:
 
     def _record(self, target: Path) -> dict:
         rec = integrity.record(target)
-        debindex.atomic_write(self._record_path(target), json.dumps(rec).encode())
+        atomic_write(self._record_path(target), json.dumps(rec).encode())
         return rec
 
     def _intact(self, target: Path, sha256: str, size: int) -> bool:

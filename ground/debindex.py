@@ -14,7 +14,6 @@ import gc
 import marshal
 import os
 import re
-import tempfile
 import weakref
 from collections import deque
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Callable, Iterator
 
 from ground import deb822, debversion
 from ground.errors import ArchiveError
+from ground.files import atomic_write
 
 FORMAT = 1
 PKG_KEYS = ("Package", "Version", "Filename", "SHA256", "Size", "Depends", "Pre-Depends",
@@ -206,18 +206,6 @@ def _unmarshal(data: bytes):
     finally:
         if enabled:
             gc.enable()
-
-
-def atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 _RANK = {"required": 0, "important": 1, "standard": 2, "optional": 3, "extra": 4}

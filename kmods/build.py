@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ground.compiler import diagnostics
 from ground.errors import BuildError, NflabError
+from ground.files import atomic_write, write_if_changed
 from ground.paths import build_dir, kernels_dir
 from ground.proc import file_lock
 from kmods import probes, render, spec
@@ -50,21 +51,6 @@ class Artifacts:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def _write_if_changed(path: Path, text: str) -> bool:
-    if path.is_file() and path.read_text() == text:
-        return False
-    _write_atomic(path, text)
-    return True
-
-
-def _write_atomic(path: Path, text: str):
-    """*path* holds the old text or the new one, never a part (the temp name is
-    the writer's own, so two writers never share one)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def stock_deps(ext: spec.Extension) -> list[str]:
     """Stock modules that must be loaded before the extension (symbols it uses)."""
     if ext.kind == "hook":
@@ -89,8 +75,8 @@ def render_into(ext: spec.Extension, out: Path) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     changed = False
     for name, text in render.render(ext).items():
-        changed |= _write_if_changed(out / name, text)
-    changed |= _write_if_changed(out / "nflab_xt.h", plugin.SHARED_HEADER.read_text())
+        changed |= write_if_changed(out / name, text)
+    changed |= write_if_changed(out / "nflab_xt.h", plugin.SHARED_HEADER.read_text())
     return changed
 
 
@@ -144,7 +130,7 @@ def _build_locked(ext: spec.Extension, kernel, out: Path, jobs: int | None,
         raise BuildError(f"{ko.name} has vermagic {art.vermagic!r}, expected {kernel.release}",
                          hint="the headers in the cache do not match the kernel; "
                               "run `invoke fetch-kernel --force`")
-    _write_atomic(stamp, json.dumps({"inputs": inputs, "artifacts": art.as_dict()}, indent=2))
+    atomic_write(stamp, json.dumps({"inputs": inputs, "artifacts": art.as_dict()}, indent=2))
     return art
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ground.errors import BuildError, SpecError
 from ground import paths
+from ground.files import write_if_changed
 from ground.proc import file_lock
 from kmods.render import ccomment
 from supply import buildroot
@@ -356,15 +357,6 @@ def cache_dir(kernel) -> Path:
     return paths.cache_dir() / "probes" / kernel.release
 
 
-def _write(path: Path, text: str) -> bool:
-    if path.is_file() and path.read_text() == text:
-        return False
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return True
-
-
 def _prune(where: Path, keep: int = KEEP):
     """Results of older probe tables or headers: the newest *keep* stay."""
     old = sorted(where.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]
@@ -393,8 +385,8 @@ def features(kernel, *, probes: tuple[Probe, ...] | None = None) -> tuple[list[R
             results = run_all(kernel, probes, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        _write(header, render_header(kernel, probes, results))
-        _write(found, json.dumps({"release": kernel.release,
+        write_if_changed(header, render_header(kernel, probes, results))
+        write_if_changed(found, json.dumps({"release": kernel.release,
                                   "results": [r.as_dict() for r in results]}, indent=2) + "\n")
         _prune(where)
     return results, header
@@ -446,7 +438,7 @@ def prepare(ext, kernel, out: Path) -> bool:
     kernel lacks and compat_nflab.h cannot replace."""
     probes = load_table()
     results, header = features(kernel, probes=probes)
-    changed = _write(out / FEATURES_H, header.read_text())
+    changed = write_if_changed(out / FEATURES_H, header.read_text())
     source = out / f"{ext.module}.c"
     missing = missing_for(source.read_text() if source.is_file() else "", probes, results)
     if missing:

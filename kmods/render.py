@@ -9,11 +9,11 @@ turns a typo in a template into an error instead of empty C.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import jinja2
 
+from ground.files import atomic_write
 from ground.paths import cache_dir
 from kmods.spec import Extension
 
@@ -70,10 +70,7 @@ class _SharedBytecode(jinja2.BytecodeCache):
         self._code[bucket.key] = code
         path = self._file(bucket.key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(code)
-            os.replace(tmp, path)
+            atomic_write(path, code)
         except OSError:
             pass                    # a read-only cache only costs the compile
 

@@ -343,13 +343,17 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
     try:
         codes = _run_shards(shards, n, kernel, kernel_spec, built, html, pytest_args,
                             snapshot=snapshot, progress=progress)
-        _merge_shards(shards, junit_path)
+        # this run's report, read before it replaces the shared one: a concurrent run
+        # of the same suites may replace that file in turn the moment after
+        mine = _merge_shards(shards, junit_path)
         if not pytest_args and not html:      # only plain, whole runs plan the next split
-            record_durations(kernel.release, junit_path)
-        counts, failures = parse_junit(junit_path)
+            record_durations(kernel.release, mine)
+        counts, failures = parse_junit(mine)
+        backends = junit_backends(mine)
+        mine.replace(junit_path)
         return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
                             time.monotonic() - t0, counts, failures,
-                            [(n_, build_reason(e)) for n_, e in failed], junit_backends(junit_path))
+                            [(n_, build_reason(e)) for n_, e in failed], backends)
     except BaseException:
         for sh in shards:
             sh.gate.abort()
@@ -359,7 +363,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
                 progress(f"pytest output of VM {sh.vm}: {sh.log}")
         raise
     finally:
-        _clean_up(shards, keep=keep, progress=progress)
+        _clean_up(shards, junit_path, keep=keep, progress=progress)
 
 
 def _build_some(names: list[str], kernel, progress) -> tuple[list, list]:
@@ -462,22 +466,30 @@ def _up_and_install(sh: _Shard, kernel_spec: str | None, built: list, progress,
     deploy.install_many([art.name for art in built], sh.vm)
 
 
-def _merge_shards(shards: list[_Shard], junit_path: Path):
-    """One JUnit file for the run; each shard's pytest output (when it went to a
-    log), one after the other."""
-    merge_junit([sh.junit for sh in shards], junit_path)
+def _private(junit_path: Path) -> Path:
+    """Where this process merges its report before it replaces *junit_path*."""
+    return junit_path.with_name(f".{junit_path.name}.{os.getpid()}")
+
+
+def _merge_shards(shards: list[_Shard], junit_path: Path) -> Path:
+    """The run's one JUnit file, beside *junit_path* under a name of this process's
+    own; each shard's pytest output (when it went to a log), one after the other."""
+    mine = _private(junit_path)
+    merge_junit([sh.junit for sh in shards], mine)
     for sh in shards:
         if sh.log is not None:
             print(f"==== pytest in VM {sh.vm}: {' '.join(f.name for f in sh.files)}", flush=True)
             print(sh.log.read_text(errors="replace").rstrip(), flush=True)
             sh.log.unlink()
+    return mine
 
 
-def _clean_up(shards: list[_Shard], *, keep: bool, progress):
+def _clean_up(shards: list[_Shard], junit_path: Path, *, keep: bool, progress):
     """Gate files and JUnit parts go; a VM this run booted stops unless *keep*."""
     for sh in shards:
         sh.gate.remove()
         sh.junit.unlink(missing_ok=True)
+    _private(junit_path).unlink(missing_ok=True)   # a merged report the run did not hand over
     for sh in shards:
         if sh.booted_here and not keep:
             progress(f"stopping VM {sh.vm}")

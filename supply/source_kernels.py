@@ -50,8 +50,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ground import deb, debarchive, debindex, debversion, kconfig
+from ground import deb, debarchive, debversion, kconfig
 from ground.errors import KernelError
+from ground.files import atomic_write
 from ground.http import NotServed
 from ground.paths import REPO, kernels_dir
 from ground.proc import file_lock, run
@@ -139,7 +140,7 @@ def store_fragment(text: str) -> Path:
     path = store / f"{fragment_hash(text)}.config"
     if path.is_file() and _hash_or_none(path.read_text(errors="replace")) == path.stem:
         return path
-    debindex.atomic_write(path, text.encode())
+    atomic_write(path, text)
     return path
 
 

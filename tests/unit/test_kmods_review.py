@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ground import files
 from ground.errors import SpecError
 from kmods import build, probes, scaffold, spec
 from tests.conftest import HOOK_RAW, MATCH_RAW, TARGET_RAW
@@ -70,12 +71,15 @@ def test_stamp_covers_packages_compiler_and_generated_headers(tmp_path, fake_ker
 
 
 def test_writes_use_the_writers_own_temp_name(tmp_path, monkeypatch):
-    """Two writers never share one temp file (the old X.tmp was the same for all)."""
+    """Two writers never share one temp file (the old X.tmp was the same for all);
+    an unchanged file is left alone (its mtime is what make compares)."""
     names = []
-    real = build.os.replace
-    monkeypatch.setattr(build.os, "replace", lambda a, b: (names.append(Path(a).name), real(a, b)))
-    assert build._write_if_changed(tmp_path / "a.c", "x\n")
-    assert names and str(build.os.getpid()) in names[0]
+    real = files.os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (names.append(Path(a).name), real(a, b)))
+    assert files.write_if_changed(tmp_path / "a.c", "x\n")
+    assert names and str(files.os.getpid()) in names[0] and str(files.threading.get_ident()) in names[0]
+    assert not files.write_if_changed(tmp_path / "a.c", "x\n") and len(names) == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["a.c"]
 
 
 def test_build_holds_the_tree_lock_from_render_to_stamp(tmp_path, monkeypatch, fake_kernel):
@@ -93,18 +97,27 @@ def test_build_holds_the_tree_lock_from_render_to_stamp(tmp_path, monkeypatch, f
         def __exit__(self, *exc):
             held.pop()
 
-    def step(name):
+    def step(name, result=None):
         def run(*args, **kwargs):
             seen.append((name, list(held)))
-            raise SpecError("stop here")
+            return result
         return run
 
     monkeypatch.setattr(build, "file_lock", Lock, raising=False)
-    monkeypatch.setattr(build, "render_into", step("render"))
-    with pytest.raises(SpecError):
-        build.build_extension(spec.validate(copy.deepcopy(MATCH_RAW)), fake_kernel)
+    def render(ext, out):
+        out.mkdir(parents=True)
+        return step("render", True)()
+
+    monkeypatch.setattr(build, "render_into", render)
+    monkeypatch.setattr(build.probes, "prepare", step("probes", False))
+    monkeypatch.setattr(build, "_make", step("kbuild"))
+    monkeypatch.setattr(build, "module_info", lambda ko: {
+        "vermagic": f"{fake_kernel.release} SMP mod_unload", "srcversion": "X", "depends": ""})
+    monkeypatch.setattr(build, "atomic_write", step("stamp"))
+    build.build_extension(spec.validate(copy.deepcopy(MATCH_RAW)), fake_kernel, with_plugin=False)
     lock = tmp_path / "build" / fake_kernel.release / ".nfltest.lock"
-    assert seen == [("render", [lock])]
+    assert seen == [(step_name, [lock]) for step_name in ("render", "probes", "kbuild", "stamp")], seen
+    assert held == []
 
 
 # ---- 3: iptables' own options -------------------------------------------------------------
@@ -265,7 +278,7 @@ def test_list_for_a_word_names_the_field(raw, field):
 @pytest.mark.parametrize("family,hook", [("ipv4", "PRE_ROUTING"), ("ipv6", "FORWARD"),
                                          ("ipv4", "LOCAL_IN"), ("netdev", "INGRESS")])
 def test_starter_hook_suite_counts_exactly(family, hook):
-    text = scaffold.definition_text("hook", "zzhook", hook, 0 if family != "netdev" else 0, family)
+    text = scaffold.definition_text("hook", "zzhook", hook, 0, family)
     ext = spec.validate(tomllib.loads(text))
     suite = scaffold.suite_text(ext)
     compile(suite, "test_zzhook.py", "exec")

@@ -266,3 +266,35 @@ def test_a_missing_qemu_says_what_to_install(tmp_path):
     with pytest.raises(VMError) as err:
         qemu.start([str(tmp_path / "qemu-system-x86_64")], stdout=subprocess.DEVNULL)
     assert "not found" in err.value.message and "qemu-system-x86" in err.value.hint
+
+
+def test_a_run_reports_its_own_results_though_another_replaces_the_shared_file(tmp_path, monkeypatch):
+    """Another run of the same suites on the same kernel may replace the shared
+    junit-<names>.xml at any moment: this run's counts, failures and backends come
+    from its own merged report, which then replaces the shared file whole."""
+    monkeypatch.setenv("NFLAB_BUILD", str(tmp_path / "build"))
+    kernel = type("K", (), {"release": "6.12.118+deb13-cloud-amd64"})()
+    art = type("A", (), {"name": "iprange"})()
+    monkeypatch.setattr(suites.spec, "load", lambda n: None)
+    monkeypatch.setattr(suites.kernels, "get", lambda spec_, progress: kernel)
+    monkeypatch.setattr(suites, "_build_some", lambda names, k, progress: ([art], []))
+    monkeypatch.setattr(suites, "_running_default", lambda k: None)
+    monkeypatch.setattr(suites.lab, "down", lambda vm: None)
+    shared = tmp_path / "build" / "reports" / kernel.release / "junit-iprange.xml"
+
+    def run_shards(shards, *a, **kw):
+        for sh in shards:
+            sh.junit.write_text('<testsuites><testsuite tests="9"><testcase classname="c" name="mine">'
+                                '<failure message="mine failed"/></testcase></testsuite></testsuites>')
+        return [1]
+
+    def other_run_finishes(release, junit):     # in this run's window, before it reads
+        shared.write_text('<testsuites><testsuite tests="57"/></testsuites>')
+
+    monkeypatch.setattr(suites, "_run_shards", run_shards)
+    monkeypatch.setattr(suites, "record_durations", other_run_finishes)
+    out = suites._run(["iprange"], "6.12", jobs=1, progress=lambda m: None)
+    assert out.junit == shared
+    assert out.counts["tests"] == 9 and out.failures == ["c::mine: mine failed"], out
+    assert suites.parse_junit(shared)[0]["tests"] == 9          # this run replaced it last
+    assert [f.name for f in shared.parent.iterdir()] == [shared.name]
