@@ -201,12 +201,14 @@ class _Cells:
         for proc, _ in running:
             _signal(proc.pid, signal.SIGTERM, group=False)
         deadline = time.monotonic() + CELL_GRACE
-        while any(proc.poll() is None for proc, _ in running) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for proc, vm in running:
-            if proc.poll() is None:
-                _signal(proc.pid, signal.SIGKILL, group=True)
-                lab.down(vm)
+        try:        # a second Ctrl-C cuts the grace short, never the kill
+            while any(proc.poll() is None for proc, _ in running) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            for proc, vm in running:
+                if proc.poll() is None:
+                    _signal(proc.pid, signal.SIGKILL, group=True)
+                    lab.down(vm)
 
 
 def _stop(proc: subprocess.Popen, vm: str) -> tuple[str, str]:

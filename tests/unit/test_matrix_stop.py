@@ -109,3 +109,27 @@ def test_cell_timeout_option_env_and_default(monkeypatch):
     with pytest.raises(SpecError) as err:
         matrix.cell_timeout("an hour")
     assert "NFLAB_CELL_TIMEOUT" in err.value.hint
+
+
+def test_a_second_ctrl_c_during_the_grace_still_kills_the_cells(tmp_path, monkeypatch):
+    """The first Ctrl-C asked the cells to stop; a second one (here: raised in the
+    grace's wait) ends the wait at once, and a cell that ignores SIGTERM is killed
+    with its group and its VM, not left behind."""
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path / "cache"))
+    downs = []
+    monkeypatch.setattr(matrix.lab, "down", lambda vm: downs.append(vm))
+    cells = matrix._Cells()
+    proc = cells._start([str(_script(tmp_path, STUBBORN))], "m-unit")
+    grandchild = int(proc.stdout.readline().split()[-1])
+
+    def second_ctrl_c(seconds):
+        raise KeyboardInterrupt("second Ctrl-C")
+
+    monkeypatch.setattr(matrix.time, "sleep", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        cells.stop_all()
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL and downs == ["m-unit"]
+    monkeypatch.undo()
+    time.sleep(0.2)
+    assert not _alive(grandchild)
