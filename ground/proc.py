@@ -39,15 +39,17 @@ def run_group(cmd: list, *, timeout: float, cwd=None) -> subprocess.CompletedPro
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:
-            _kill_group(proc.pid)
+            signal_quietly(proc.pid, signal.SIGKILL, group=True)
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _kill_group(pgid: int):
+def signal_quietly(pid: int, sig: int, *, group: bool = False):
+    """Send *sig* to process *pid* (its process group with *group*); one that is
+    already gone is no error."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        (os.killpg if group else os.kill)(pid, sig)
     except ProcessLookupError:
         pass
 

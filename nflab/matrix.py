@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ground.errors import SpecError
 from ground.paths import REPO, build_dir
+from ground.proc import signal_quietly
 from nflab.suites import junit_backends, parse_junit
 from supply import debian_kernels, kernels, source_kernels
 from vm import lab
@@ -199,7 +200,7 @@ class _Cells:
             self.stopping = True
             running = list(self._running.values())
         for proc, _ in running:
-            _signal(proc.pid, signal.SIGTERM, group=False)
+            signal_quietly(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + CELL_GRACE
         try:        # a second Ctrl-C cuts the grace short, never the kill
             while any(proc.poll() is None for proc, _ in running) and time.monotonic() < deadline:
@@ -207,29 +208,26 @@ class _Cells:
         finally:
             for proc, vm in running:
                 if proc.poll() is None:
-                    _signal(proc.pid, signal.SIGKILL, group=True)
-                    lab.down(vm)
+                    _kill(proc, vm)
 
 
 def _stop(proc: subprocess.Popen, vm: str) -> tuple[str, str]:
     """Stop a cell past its timeout as CI's timeout would: SIGTERM to its ``invoke
     test`` (which stops its pytest and VMs), then after CELL_GRACE its whole process
     group and its VM by force. Returns the cell's output."""
-    _signal(proc.pid, signal.SIGTERM, group=False)
+    signal_quietly(proc.pid, signal.SIGTERM)
     try:
         return proc.communicate(timeout=CELL_GRACE)
     except subprocess.TimeoutExpired:
-        _signal(proc.pid, signal.SIGKILL, group=True)
-        out = proc.communicate()
-        lab.down(vm)
-        return out
+        _kill(proc, vm)
+        return proc.communicate()
 
 
-def _signal(pid: int, sig: int, *, group: bool):
-    try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except ProcessLookupError:
-        pass
+def _kill(proc: subprocess.Popen, vm: str):
+    """A cell that outlived its grace: its whole process group, then its VM (QEMU
+    runs in a session of its own)."""
+    signal_quietly(proc.pid, signal.SIGKILL, group=True)
+    lab.down(vm)
 
 
 def _note_builds(cell: Cell, names: list[str], output: str, tested: bool):
