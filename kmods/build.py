@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ground.compiler import diagnostics
+from ground.compiler import failure
 from ground.errors import BuildError, NflabError
 from ground.files import atomic_write, write_if_changed
 from ground.paths import build_dir, kernels_dir
@@ -140,10 +140,8 @@ def _make(ext: spec.Extension, kernel, out: Path, ko: Path, jobs: int | None):
     (out / "build.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0 or not ko.is_file():
         ko.unlink(missing_ok=True)
-        diags = diagnostics(res.stdout + res.stderr, out)
-        tail = "\n".join(diags or (res.stderr or res.stdout).strip().splitlines()[-20:])
-        raise BuildError(f"kernel module {ext.module} failed to build for {kernel.release}",
-                         hint=f"full log: {out / 'build.log'}", detail=tail)
+        raise failure(f"kernel module {ext.module} for {kernel.release}", res.stdout + res.stderr,
+                      out, out / "build.log", dict(ext.c_names()), ext.name_prefixes())
 
 
 # what of the headers a built .ko depends on besides the sources: the configuration

@@ -450,6 +450,29 @@ class Extension:
         when not given (only where the default is not 0: the zeroed field)."""
         return f"{self.lname}_{opt.field}_value"
 
+    def c_names(self) -> list[tuple[str, str]]:
+        """The file-scope C names the generated sources take from the definition's
+        options, each with the option it comes from (a name may repeat)."""
+        names = []
+        for opt in self.options:
+            names.append((self.flag_const(opt), f"--{opt.name}"))
+            if opt.invert:
+                names.append((self.inv_const(opt), f"! --{opt.name}"))
+            names.append((opt.id_const, f"--{opt.name}"))
+            for c in opt.choices:
+                names.append((self.choice_const(opt, c), f"--{opt.name} {c}"))
+            if opt.default is not None:
+                names.append((self.default_const(opt), f"--{opt.name}'s default"))
+                names.append((self.value_getter(opt), f"--{opt.name}'s value"))
+        return names
+
+    def name_prefixes(self) -> dict[str, str]:
+        """The prefixes of every other C name the generated sources define (struct,
+        guard, functions, the hook's symbols), with where they come from."""
+        of_name = f"the name {self.name!r}"
+        return {f"{self.lname}_": of_name, f"{self.lname.upper()}_": of_name,
+                f"xt_{self.lname}_": of_name, self.struct: of_name, self.guard: of_name}
+
     def default_value(self, opt: Option) -> str:
         """*opt*'s default as C: a choice by its enum name, a number unsigned."""
         if opt.type == "choice":
@@ -1012,18 +1035,7 @@ def _check_generated_names(ext: Extension, where: str):
         raise _fail(where, "options", f"two options generate the struct member {dup[0]}",
                     "option names and fields whose derived member names differ")
     seen = {}
-    names = []
-    for opt in ext.options:
-        names.append((ext.flag_const(opt), f"--{opt.name}"))
-        if opt.invert:
-            names.append((ext.inv_const(opt), f"! --{opt.name}"))
-        names.append((opt.id_const, f"--{opt.name}"))
-        for c in opt.choices:
-            names.append((ext.choice_const(opt, c), f"--{opt.name} {c}"))
-        if opt.default is not None:
-            names.append((ext.default_const(opt), f"--{opt.name}'s default"))
-            names.append((ext.value_getter(opt), f"--{opt.name}'s value"))
-    for name, origin in names:
+    for name, origin in ext.c_names():
         if name in seen and seen[name] != origin:
             raise _fail(where, "options", f"{origin} and {seen[name]} both generate {name}",
                         "option names and fields whose derived C names differ")

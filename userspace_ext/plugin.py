@@ -18,7 +18,7 @@ import shlex
 from functools import lru_cache
 from pathlib import Path
 
-from ground.compiler import diagnostics
+from ground.compiler import failure
 from ground.errors import BuildError
 from ground.paths import build_dir, cache_dir
 from supply import buildroot
@@ -91,10 +91,8 @@ def build(ext, out: Path, *, force: bool = False) -> Path:
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         so.unlink(missing_ok=True)
-        diags = diagnostics(res.stdout + res.stderr, out)
-        raise BuildError(f"iptables plugin {so.name} failed to build",
-                         hint=f"full log: {out / 'plugin.log'}",
-                         detail="\n".join(diags or (res.stdout + res.stderr).strip().splitlines()[-20:]))
+        raise failure(f"iptables plugin {so.name}", res.stdout + res.stderr, out, out / "plugin.log",
+                      dict(ext.c_names()), ext.name_prefixes())
     os.replace(tmp, so)
     version_file(so).write_text(xtables_version() + "\n")
     return so

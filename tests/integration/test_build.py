@@ -208,6 +208,51 @@ def test_plugin_compile_error_reports_file_line(kernel_612, fresh_build, tmp_cat
     assert not so.exists()
 
 
+# a definition whose generated C names are already the headers' (real clashes):
+# IP_TTL is <linux/in.h>'s macro, TCP_ESTABLISHED <net/tcp_states.h>'s enumerator,
+# tcp_v4_init() <net/tcp.h>'s function, EXIT_FAILURE glibc's <stdlib.h> macro
+CLASHES = [
+    ("ip", "--ttl", "IP_TTL", "kernel module xt_ip", r"include/uapi/linux/in\.h:\d+", False),
+    ("tcp", "--established", "TCP_ESTABLISHED", "kernel module xt_tcp",
+     r"include/net/tcp_states\.h:\d+", True),     # ipt_tcp: the stock xt_tcpudp serves it
+    ("exit", "--failure", "EXIT_FAILURE", "iptables plugin libxt_exit.so", "a header it includes", False),
+]
+
+
+def _match_with_option(catalog: Path, name: str, option: str, stock: bool) -> spec.Extension:
+    folder = catalog / name
+    folder.mkdir()
+    (folder / "ext.toml").write_text(
+        f'kind = "match"\nname = "{name}"\nsummary = "a clash"\nfamilies = ["ipv4"]\n'
+        f"overrides_in_tree = {str(stock).lower()}\n\n[[options]]\n"
+        f'name = "{option[2:]}"\ntype = "flag"\nhelp = "clashes"\n')
+    return spec.load_file(folder / "ext.toml")
+
+
+@pytest.mark.parametrize("name, option, cname, what, where, stock", CLASHES, ids=[c[2] for c in CLASHES])
+def test_a_generated_name_the_headers_have_is_named(kernel_612, fresh_build, tmp_catalog,
+                                                    name, option, cname, what, where, stock):
+    """gcc says "expected identifier before numeric constant" at <linux/in.h>; the
+    kit says which option made which name, where the headers have it, and the fix."""
+    ext = _match_with_option(tmp_catalog, name, option, stock)
+    with pytest.raises(BuildError) as info:
+        build.build_extension(ext, kernel_612)
+    err = info.value
+    assert re.search(rf"^{re.escape(what)}\b.* failed to build: {option} generates the C name "
+                     rf"{cname}, which {where} already uses$", err.message), err.message
+    assert "`field`" in err.hint, err.hint
+
+
+def test_a_hook_name_the_headers_have_is_named(kernel_612, fresh_build, tmp_catalog):
+    """A hook module named tcp_v4 defines tcp_v4_init(), which <net/tcp.h> declares."""
+    ext = spec.load_file(scaffold.new_module("hook", "tcp_v4", catalog=tmp_catalog)[0])
+    with pytest.raises(BuildError) as info:
+        build.build_extension(ext, kernel_612)
+    assert re.search(r"the name 'tcp_v4' generates the C name tcp_v4_\w+, which "
+                     r"include/net/tcp\.h:\d+ already uses$", info.value.message), info.value.message
+    assert "another name for the extension" in info.value.hint
+
+
 # ---- API drift guard: every template on every cached kernel ----------------------
 
 def _drift_definitions(catalog: Path) -> list:
