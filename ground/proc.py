@@ -65,3 +65,21 @@ def file_lock(path: Path):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+@contextmanager
+def try_lock(path: Path, *, shared: bool = False):
+    """An advisory lock that does not wait: yield True while this process holds it
+    on *path* (made if missing), False (holding nothing) if another process holds a
+    conflicting one. A shared lock conflicts only with an exclusive one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

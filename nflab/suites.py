@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,17 +314,18 @@ class _Shard:
     log: Path | None = None
     proc: subprocess.Popen | None = None
     booted_here: bool = False
+    private: bool = False       # a VM named for this run alone: its folder goes with it
 
 
 def run(names: list[str] | None, kernel_spec: str | None, **kw) -> SuiteOutcome:
     """Build, boot/reuse, install and run the suites of *names* on one kernel, in
     one VM or (see :func:`shard_count`) split over several. A SIGTERM (CI's
     timeout, `kill`) stops the VMs this run booted, as Ctrl-C does."""
-    with lab.signals_as_interrupt():
-        return _run(names, kernel_spec, **kw)
+    with lab.signals_as_interrupt(), ExitStack() as claim:
+        return _run(names, kernel_spec, claim=claim, **kw)
 
 
-def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = None,
+def _run(names: list[str] | None, kernel_spec: str | None, *, claim: ExitStack, vm: str | None = None,
          keep: bool = False, junit: str | None = None, html: str | None = None,
          pytest_args: list | None = None, jobs=None, snapshot: bool | None = None,
          progress=print) -> SuiteOutcome:
@@ -335,7 +337,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, vm: str | None = N
     built, failed = _build_some(names, kernel, progress)
     files = _suite_files_of(built, failed)
     if vm is None:
-        vm = _running_default(kernel)
+        vm = _running_default(kernel, claim)
     seconds = load_durations(kernel.release)
     n = shard_count(jobs, files, seconds, own_vms=vm is None and not keep and not html)
     groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
@@ -405,10 +407,13 @@ def _run_shards(shards: list, n: int, kernel, kernel_spec: str | None, built: li
     return watch_all([(sh.proc, sh.vm) for sh in shards])
 
 
-def _running_default(kernel) -> str | None:
-    """``default`` when the default VM runs *kernel* (the suites reuse it), else None."""
+def _running_default(kernel, claim: ExitStack) -> str | None:
+    """``default`` when the default VM runs *kernel* and no other run uses it (the
+    suites reuse it, its run lock held in *claim* until the run ends), else None:
+    two runs in one VM would race on its installs and wire ports."""
     default = lab.load("default")
-    if default is not None and lab.is_running(default) and default.release == kernel.release:
+    if default is not None and lab.is_running(default) and default.release == kernel.release \
+            and claim.enter_context(lab.claimed("default")):
         return "default"
     return None
 
@@ -439,7 +444,8 @@ def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: s
     shards = [
         _Shard(vm=v, files=g, junit=reports / f".junit-{run}{i}.xml",
                gate=Gate(reports / f".gate-{run}{i}"),
-               log=None if n == 1 else reports / f"pytest-{run}{i + 1}-of-{n}.log")
+               log=None if n == 1 else reports / f"pytest-{run}{i + 1}-of-{n}.log",
+               private=vm is None and not keep)
         for i, (v, g) in enumerate(zip(vms, groups))]
     return junit_path, shards
 
@@ -494,3 +500,5 @@ def _clean_up(shards: list[_Shard], junit_path: Path, *, keep: bool, progress):
         if sh.booted_here and not keep:
             progress(f"stopping VM {sh.vm}")
             lab.down(sh.vm)
+            if sh.private and not lab.forget(sh.vm):
+                progress(f"kept {lab.vm_dir(sh.vm)}: its console shows a fault")

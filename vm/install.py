@@ -24,10 +24,10 @@ from typing import Protocol
 
 from ground.errors import SpecError, VMError
 from vm import lab
+from vm.rootfs import XTABLES_PKG
 
 GUEST_DIR = "/root/nflab"
 XTLIBDIR = "/usr/lib/x86_64-linux-gnu/xtables"
-XTABLES_PKG = "libxtables12"
 
 
 class Built(Protocol):

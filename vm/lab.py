@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ from pathlib import Path
 from ground import kconfig
 from ground.errors import VMError
 from ground.paths import cache_dir, vms_dir
-from ground.proc import file_lock, run
+from ground.proc import file_lock, run, try_lock
 
 from supply import kernels
 
@@ -57,6 +58,10 @@ BANNER_PROBE_AFTER = 10.0                   # s after launch: probe sshd directl
 # early boot under TCG (jiffies timekeeping while the APIC timer is calibrated)
 MARK_RE = re.compile(r"^(nflab-init(?:ramfs)?: .+?) after [\d.]+s$", re.M)
 STATE = "vm.json"
+# what a running QEMU and its SSH master leave in the VM's directory (console.log and
+# qemu.log stay, for post-mortems)
+RUN_FILES = ("qmp.sock", "qemu.pid", "ssh.ctl")
+STALE_DAYS = 7      # a VM folder without a vm.json untouched this long is removed at vm-up
 _children: dict[str, subprocess.Popen] = {}  # QEMUs this process started (to reap them)
 
 
@@ -247,8 +252,12 @@ def is_running(state: VMState) -> bool:
 
 
 def console_text(state: VMState) -> str:
+    return _read_console(state.console_log)
+
+
+def _read_console(path: Path) -> str:
     try:
-        return state.console_log.read_text(errors="replace")
+        return path.read_text(errors="replace")
     except OSError:
         return ""
 
@@ -340,14 +349,20 @@ def _teardown(state: VMState, *, graceful: bool = False):
                 _children[state.name].poll()
             time.sleep(0.02)
     try:
-        _kill(state.pid, state.vmdir)
+        # pid 0: the start was killed between launching QEMU and recording its pid,
+        # which only QEMU's own pid file still knows
+        _kill(state.pid or _orphan_pid(state.name) or 0, state.vmdir)
     finally:
         try:
             _stop_master(state)
         except (OSError, subprocess.SubprocessError):
             pass
-    for leftover in (STATE, "qmp.sock", "qemu.pid", "ssh.ctl"):
-        (state.vmdir / leftover).unlink(missing_ok=True)
+    _remove_run_files(state.vmdir, STATE)
+
+
+def _remove_run_files(vmdir: Path, *extra: str):
+    for leftover in (*extra, *RUN_FILES):
+        (vmdir / leftover).unlink(missing_ok=True)
 
 
 def crash_error(state: VMState, what: str, *, fault: qemu.Fault | None = None,
@@ -384,8 +399,9 @@ def require(vm: str) -> VMState:
     state = load(vm)
     if state is None:
         raise VMError(f"VM {vm!r} is not running", hint=f"run `invoke vm-up --vm={vm}` first")
-    if not state.pid:
-        # _boot_once reserved the ports; its QEMU is being started (or that start was killed)
+    if state.status != "ready":
+        # _boot_once reserved the ports and starts QEMU (or that start was killed), the
+        # guest still boots, or the first vm-up of a kernel saves its state (paused)
         raise VMError(f"VM {vm!r} is still starting",
                       hint=f"wait for the `invoke vm-up --vm={vm}` that starts it; if none runs "
                            f"(an interrupted start), run `invoke vm-down --vm={vm}`")
@@ -565,7 +581,7 @@ class _BootPlan:
     accel: str
     machine: str
     progress: object
-    sshd: str = "dropbear"
+    sshd: str = "openssh"
     tcg_thread: str = "single"
     skip_initcalls: tuple[str, ...] = qemu.SKIPPED_INITCALLS
     trace: bool = False
@@ -642,6 +658,8 @@ def _save_snapshot(plan: _BootPlan, k: str, rec: dict, budget: float) -> Path | 
     """Cold-boot *plan*'s VM, save its ready state as snapshot *k*, stop it; the state
     file, or None (said why) if saving failed."""
     state = _boot(plan, budget)
+    state.status = "saving"     # paused while it is saved: no vm-exec may take it for dead
+    _save(state)
     with signals_as_interrupt():
         try:
             # no SSH connection may be open in the saved state: a restored guest would
@@ -663,8 +681,7 @@ def _up_from_snapshot(plan: _BootPlan, budget: float) -> VMState | None:
     probe = plan.launch_spec(qemu.Ports(ssh=0))  # ports do not enter the key
     k, rec, path = snapshot_mod.lookup(plan.release, probe)
     if path is None:
-        snapshot_mod.snapshot_dir(plan.release).mkdir(parents=True, exist_ok=True)
-        with file_lock(snapshot_mod.snapshot_dir(plan.release) / f".{k}.lock"):
+        with file_lock(snapshot_mod.lock_path(plan.release, k)):
             k, rec, path = snapshot_mod.lookup(plan.release, probe)
             if path is None:
                 plan.progress(f"no saved state of a ready {plan.release} VM yet: "
@@ -672,6 +689,17 @@ def _up_from_snapshot(plan: _BootPlan, budget: float) -> VMState | None:
                 path = _save_snapshot(plan, k, rec, budget)
                 if path is None:
                     return None
+    with snapshot_mod.reading(plan.release, k) as held:
+        if not (held and path.is_file()):
+            plan.progress(f"the saved state {path.name} was just removed by another vm-up "
+                          f"(it keeps the newest {snapshot_mod.KEEP} per kernel); booting cold instead")
+            return None
+        return _restore(plan, budget, k, path)
+
+
+def _restore(plan: _BootPlan, budget: float, k: str, path: Path) -> VMState | None:
+    """The VM restored from saved state *path*; None, after saying why, if that failed
+    (a bad state is discarded)."""
     restore_budget = snapshot_mod.RESTORE_BUDGET.get(plan.accel, budget)
     try:
         return _boot(plan, min(budget, restore_budget), incoming=path)
@@ -756,6 +784,7 @@ def up(spec: str | None = None, vm: str = "default", *, replace: bool = False,
     ``invoke bench --only=boottrace``."""
     check_name(vm)
     vms_dir().mkdir(parents=True, exist_ok=True)
+    prune_stale()
     with file_lock(vms_dir() / f".{vm}.lock"):
         old = load(vm)
         _refuse_orphan(vm, old)
@@ -826,12 +855,60 @@ def down(vm: str = "default") -> bool:
             pid = _orphan_pid(vm)
             if pid:
                 _kill(pid, vm_dir(vm))
-                for leftover in ("qmp.sock", "qemu.pid", "ssh.ctl"):
-                    (vm_dir(vm) / leftover).unlink(missing_ok=True)
+                _remove_run_files(vm_dir(vm))
             return pid is not None
         was = is_running(state)
         _teardown(state, graceful=True)
         return was
+
+
+def claimed(vm: str):
+    """Context manager: True while this process holds VM *vm*'s run lock (a suite
+    run using a VM it did not start holds it for the whole run), False if another
+    process holds it. Waits for nothing."""
+    return try_lock(vms_dir() / f".{check_name(vm)}.run.lock")
+
+
+def forget(vm: str) -> bool:
+    """Remove the folder and lock files of stopped VM *vm* (a suite run's private VM,
+    after its ``down``); True if it did. A VM with a ``vm.json`` or a QEMU is left
+    alone, and so is one whose console shows a kernel fault (for the post-mortem)."""
+    with file_lock(vms_dir() / f".{check_name(vm)}.lock"):
+        d = vm_dir(vm)
+        if load(vm) is not None or _orphan_pid(vm) or qemu.find_fault(_read_console(d / "console.log")):
+            return False
+        _remove_vm(vm)
+    return True
+
+
+def prune_stale(days: float = STALE_DAYS):
+    """Remove VM folders without a ``vm.json`` (and their lock files) that nothing
+    touched for *days*: what runs killed before they cleaned up left behind. A
+    folder whose lock another process holds, or where a QEMU runs, stays."""
+    base = vms_dir()
+    cutoff = time.time() - days * 86400
+    for d in base.iterdir() if base.is_dir() else ():
+        if not (d.is_dir() and NAME_RE.match(d.name)) or (d / STATE).exists() or _touched(d) > cutoff:
+            continue
+        with try_lock(base / f".{d.name}.lock") as mine:
+            if mine and not (d / STATE).exists() and not _orphan_pid(d.name):
+                _remove_vm(d.name)
+
+
+def _touched(d: Path) -> float:
+    """When folder *d* or a file in it last changed."""
+    try:
+        return max(p.stat().st_mtime for p in (d, *d.iterdir()))
+    except OSError:
+        return time.time()
+
+
+def _remove_vm(vm: str):
+    """VM *vm*'s folder and lock files (the caller holds its ``.<vm>.lock``: a VM name
+    nobody else uses any more, so none waits on that lock file)."""
+    shutil.rmtree(vm_dir(vm), ignore_errors=True)
+    for lock in (f".{vm}.run.lock", f".{vm}.lock"):
+        (vms_dir() / lock).unlink(missing_ok=True)
 
 
 def status(vm: str | None = None) -> list[dict]:
@@ -931,6 +1008,7 @@ def _watch(state: VMState, proc: subprocess.Popen, timeout: float | None, captur
             if _probe_answers(state):
                 raise VMError(f"command timed out after {timeout:g}s in VM {state.name!r}",
                               hint="the VM still answers; raise --timeout or check the command")
+            _refuse_unless_ready(state, f"did not answer within {timeout:g}s")
             _teardown(state)
             raise crash_error(state, f"stopped answering (command timed out after {timeout:g}s)")
 
@@ -958,15 +1036,8 @@ def exec(vm: str, cmd: str | list[str], timeout: float | None = None, *, capture
                             stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.PIPE if capture else None)
     rc, out, err = _watch(state, proc, timeout, capture, data)
-    if rc == 255:
-        # ssh itself failed: a crash that is still reaching the console, or a dead guest
-        settle = time.monotonic() + 2.5
-        while time.monotonic() < settle:
-            check_health(state)
-            time.sleep(0.05)
-        if not _probe_answers(state):
-            _teardown(state)
-            raise crash_error(state, "stopped answering SSH", extra=err.decode(errors="replace"))
+    if rc == 255 and not _master_alive(state):
+        _check_transport(state, err)
     res = subprocess.CompletedProcess(argv, rc, out.decode(errors="replace"),
                                       err.decode(errors="replace"))
     if check and rc != 0:
@@ -974,6 +1045,44 @@ def exec(vm: str, cmd: str | list[str], timeout: float | None = None, *, capture
                       detail=(res.stderr or res.stdout).strip()[-2000:],
                       hint=f"its output is above; try it by hand: invoke vm-ssh --vm={vm}")
     return res
+
+
+def _refuse_unless_ready(state: VMState, what: str, detail: str = ""):
+    """Before tearing down a VM that stopped answering: a VMError, the VM left alone,
+    unless ``vm.json`` still records *state*'s launch as ready. A VM booting again or
+    paused while its state is saved belongs to the ``vm-up`` doing that."""
+    now = load(state.name)
+    if now is None or now.started_at != state.started_at or now.status != "ready":
+        raise VMError(f"VM {state.name!r} {what}; it is {'gone' if now is None else now.status} "
+                      "now, not ready, so it was left alone",
+                      hint=f"wait for the `invoke vm-up --vm={state.name}` that handles it, then retry",
+                      detail=detail)
+
+
+def _master_alive(state: VMState) -> bool:
+    """True if the SSH master still holds its connection to the guest: a command that
+    exited 255 through it did so itself (ssh's own failures take the master down)."""
+    try:
+        return subprocess.run(state.ssh_argv("-O", "check"), stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=5, check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _check_transport(state: VMState, err: bytes):
+    """After ssh itself failed: raise if the guest crashed (a fault may still be on its
+    way to the console) or stopped answering; return if a fresh login works. A VM
+    that is not (or no longer) ready, one being saved or booted again, is not
+    torn down: its ``vm-up`` owns it."""
+    settle = time.monotonic() + 2.5
+    while time.monotonic() < settle:
+        check_health(state)
+        time.sleep(0.05)
+    if _probe_answers(state):
+        return
+    _refuse_unless_ready(state, "did not answer SSH", err.decode(errors="replace"))
+    _teardown(state)
+    raise crash_error(state, "stopped answering SSH", extra=err.decode(errors="replace"))
 
 
 def copy_to(vm: str, src: str | Path, dst: str, *, mode: int | None = None) -> None:

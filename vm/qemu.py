@@ -536,6 +536,8 @@ def tail(text: str, n: int = 25) -> str:
 
 ACCEL_CACHE = "accel.json"
 KVM_PROBE_SLOW = 30.0      # more seconds for a probe guest whose kernel is printing
+HANGS = "(hangs)"          # ends the reason of a probe that timed out, maybe on a busy host
+HANG_TTL = 3600.0          # seconds a timed-out probe is believed before the next vm-up probes again
 
 
 def _accel_key() -> str:
@@ -600,12 +602,12 @@ def _probe_finish(proc: subprocess.Popen, log: Path, timeout: float,
         return proc.communicate(timeout=timeout)[1], ""
     except subprocess.TimeoutExpired:
         if not log.read_text(errors="replace").strip():
-            return b"", f"a KVM guest printed nothing within {timeout:g}s of its probe boot (hangs)"
+            return b"", f"a KVM guest printed nothing within {timeout:g}s of its probe boot {HANGS}"
     try:
         return proc.communicate(timeout=slow)[1], ""
     except subprocess.TimeoutExpired:
         return b"", (f"a KVM guest's kernel printed, but its probe boot did not finish within "
-                     f"{timeout + slow:g}s (hangs)")
+                     f"{timeout + slow:g}s {HANGS}")
 
 
 def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]:
@@ -645,14 +647,23 @@ def probe_pvh_entry(vmlinux: Path, *, timeout: float = 20.0) -> tuple[bool, str]
 
 def cached_accel() -> tuple[str, str] | None:
     """``(accel, reason)`` of the KVM probe cached for this host kernel and QEMU
-    build, or None when there is none (the next ``vm-up`` probes)."""
+    build, or None when there is none (the next ``vm-up`` probes). A probe that
+    timed out (a busy host, maybe) counts for ``HANG_TTL`` seconds only."""
     try:
         data = json.loads((cache_dir() / ACCEL_CACHE).read_text())
-        if data.get("key") == _accel_key():
-            return data["accel"], data["reason"] + " (cached probe)"
-    except (OSError, json.JSONDecodeError, KeyError):
+        fresh = not data["reason"].endswith(HANGS) or time.time() - data["probed_at"] < HANG_TTL
+        if data.get("key") == _accel_key() and fresh:
+            return data["accel"], data["reason"] + " (cached probe)" + _hang_hint(data["reason"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
     return None
+
+
+def _hang_hint(reason: str) -> str:
+    if not reason.endswith(HANGS):
+        return ""
+    return (f"; if KVM works here, set NFLAB_ACCEL=kvm, or delete {cache_dir() / ACCEL_CACHE} "
+            "to probe again")
 
 
 def choose_accel(vmlinuz: Path, initrd: Path, *, progress=print) -> tuple[str, str]:
@@ -672,4 +683,4 @@ def choose_accel(vmlinuz: Path, initrd: Path, *, progress=print) -> tuple[str, s
         accel = "kvm" if ok else "tcg"
         (cache_dir() / ACCEL_CACHE).write_text(json.dumps({"key": _accel_key(), "accel": accel, "reason": reason,
                                     "probed_at": time.time()}) + "\n")
-    return accel, reason
+    return accel, reason + _hang_hint(reason)

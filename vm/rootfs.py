@@ -37,6 +37,8 @@ from ground.paths import rootfs_dir
 from ground.proc import file_lock, run
 from supply import buildroot
 
+from .initramfs import GUEST_DIR
+
 PACKAGES = (
     "python3", "python3-scapy", "python3-pytest", "iptables", "nftables", "iproute2",
     "openssh-server", "dropbear-bin", "kmod", "procps", "iputils-ping", "conntrack", "tcpdump",
@@ -45,7 +47,6 @@ PACKAGES = (
 IMAGE_SIZE = "1G"
 LABEL = "nflab-root"
 RECIPE_VERSION = 1
-GUEST_DIR = Path(__file__).resolve().parent / "guest"
 # file in vm/guest/  ->  where it goes in the image, mode
 GUEST_FILES = {
     "init.sh": ("sbin/nflab-init", 0o755),
@@ -55,8 +56,9 @@ GUEST_FILES = {
 GUEST_LINKS = {"usr/local/sbin/reboot": "poweroff", "usr/local/sbin/halt": "poweroff",
                # dropbear runs its sftp subsystem from here: scp/sftp work as with OpenSSH
                "usr/lib/sftp-server": "openssh/sftp-server"}
-# the guest's SSH server (vm/guest/init.sh) is dropbear; its host key is made once,
-# at build time, so every boot presents the same one and spends nothing on it
+# the guest's SSH server (vm/guest/init.sh) is OpenSSH (its host keys made when the
+# package is installed), or dropbear with NFLAB_SSHD=dropbear, whose host key is made
+# here; both once, at build time, so every boot presents the same one and spends nothing on it
 DROPBEAR_KEY = "etc/dropbear/dropbear_ed25519_host_key"
 XTABLES_PKG = "libxtables12"
 MANIFEST = "manifest.json"

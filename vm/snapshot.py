@@ -33,8 +33,11 @@ pieces of that kernel removes them):
 The key hashes the canonical QEMU command (machine, CPU, memory, devices, kernel
 command line with the lab key, file paths), the identity (size, mtime) of the
 kernel, initramfs, rootfs and modules images, the QEMU binary and
-``SNAPSHOT_VERSION``; any change selects another file, and saving one prunes
-the others of that kernel.
+``SNAPSHOT_VERSION``; any change selects another file. Saving one prunes the
+others of that kernel whose inputs changed and keeps the newest ``KEEP``, so a
+lab that switches userland or SSH server (``NFLAB_USERLAND``, ``NFLAB_SSHD``)
+restores each; a restore holds a shared lock on its ``.<key>.lock`` while QEMU
+reads the state, and a prune leaves a state so held alone.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ground.errors import VMError
+from ground.proc import try_lock
 
 from . import initramfs, qemu
 
@@ -58,6 +62,7 @@ SAVE_TIMEOUT = 120.0
 SAVE_FD = "nflab-state"    # the name QMP's getfd gives the state file's descriptor
 # a restore that is not ready within this many seconds falls back to a cold boot
 RESTORE_BUDGET = {"tcg": 30.0, "kvm": 20.0}
+KEEP = 3    # saved states kept per kernel (~90 MB each): variants a lab alternates between
 
 
 QMP_HINT = ("QEMU stopped or its control socket went away: see qemu.log and console.log in the VM's "
@@ -138,6 +143,17 @@ def paths(release: str, k: str) -> tuple[Path, Path]:
     return d / f"{k}.state", d / f"{k}.json"
 
 
+def lock_path(release: str, k: str) -> Path:
+    """Held exclusively while snapshot *k* is saved or pruned, shared while it is restored."""
+    return snapshot_dir(release) / f".{k}.lock"
+
+
+def reading(release: str, k: str):
+    """Context manager: True while this process holds snapshot *k* for a restore (no
+    prune removes it meanwhile), False if it is being saved or removed right now."""
+    return try_lock(lock_path(release, k), shared=True)
+
+
 def lookup(release: str, launch: qemu.LaunchSpec) -> tuple[str, dict, Path | None]:
     """(key, recipe, state file if a complete one is cached else None)."""
     rec = recipe(launch)
@@ -156,12 +172,57 @@ def discard(release: str, k: str):
         p.unlink(missing_ok=True)
 
 
-def prune(release: str, keep: str):
+def prune(release: str, saved: str, keep: int = KEEP):
+    """After saving state *saved* of *release*: keep it and the newest others whose
+    inputs are unchanged, *keep* in all; remove the rest, those whose inputs
+    changed (a rebuilt rootfs, another QEMU) and state files a save that died
+    left without a manifest. One a restore is reading stays."""
     d = snapshot_dir(release)
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_file() and not p.name.startswith((f"{keep}.", ".")):
-                p.unlink(missing_ok=True)
+    if not d.is_dir():
+        return
+    kept = 1
+    for manifest in sorted(d.glob("*.json"), key=_saved_at, reverse=True):
+        if manifest.stem == saved:
+            continue
+        if kept < keep and _inputs_current(manifest):
+            kept += 1
+        else:
+            _discard_unused(release, manifest.stem)
+    for state in d.glob("*.state"):
+        if state.stem != saved and not state.with_suffix(".json").exists() and _age(state) > SAVE_TIMEOUT:
+            _discard_unused(release, state.stem)
+
+
+def _saved_at(manifest: Path) -> float:
+    try:
+        return float(json.loads(manifest.read_text())["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _inputs_current(manifest: Path) -> bool:
+    """True if the boot files, QEMU (and under KVM the host CPU) the saved state of
+    *manifest* was made from are still those a boot would use."""
+    try:
+        rec = json.loads(manifest.read_text())["recipe"]
+        return (all(_identity(Path(f[0])) == f for f in rec["files"])
+                and rec["qemu"] == _qemu_identity()
+                and ("host" not in rec or rec["host"] == _host_cpu()))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _discard_unused(release: str, k: str):
+    with try_lock(lock_path(release, k)) as free:
+        if free:    # the lock file stays: a saver waiting on it must find the same file
+            discard(release, k)
 
 
 # ---------------------------------------------------------------- QMP
@@ -240,7 +301,7 @@ def save(qmp_socket: Path, release: str, k: str, rec: dict, *, progress=print) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    prune(release, keep=k)
+    prune(release, saved=k)
     progress(f"saved the ready VM state ({size >> 20} MiB) to {state} "
              f"in {time.monotonic() - t0:.1f}s")
     return state

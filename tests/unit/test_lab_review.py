@@ -7,6 +7,7 @@ reported as a status, and errors without a hint or with a raw traceback."""
 import json
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -278,7 +279,7 @@ def test_a_run_reports_its_own_results_though_another_replaces_the_shared_file(t
     monkeypatch.setattr(suites.spec, "load", lambda n: None)
     monkeypatch.setattr(suites.kernels, "get", lambda spec_, progress: kernel)
     monkeypatch.setattr(suites, "_build_some", lambda names, k, progress: ([art], []))
-    monkeypatch.setattr(suites, "_running_default", lambda k: None)
+    monkeypatch.setattr(suites, "_running_default", lambda k, claim: None)
     monkeypatch.setattr(suites.lab, "down", lambda vm: None)
     shared = tmp_path / "build" / "reports" / kernel.release / "junit-iprange.xml"
 
@@ -293,7 +294,7 @@ def test_a_run_reports_its_own_results_though_another_replaces_the_shared_file(t
 
     monkeypatch.setattr(suites, "_run_shards", run_shards)
     monkeypatch.setattr(suites, "record_durations", other_run_finishes)
-    out = suites._run(["iprange"], "6.12", jobs=1, progress=lambda m: None)
+    out = suites._run(["iprange"], "6.12", claim=ExitStack(), jobs=1, progress=lambda m: None)
     assert out.junit == shared
     assert out.counts["tests"] == 9 and out.failures == ["c::mine: mine failed"], out
     assert suites.parse_junit(shared)[0]["tests"] == 9          # this run replaced it last

@@ -63,8 +63,9 @@ def test_lookup_needs_a_complete_manifest(tmp_path, monkeypatch):
     manifest.write_text(json.dumps({"key": k, "size": 64}))
     assert snapshot.lookup("6.1.0-1-cloud-amd64", spec)[2] == state
     other = state.with_name("0123456789abcdef.state")
-    other.write_bytes(b"old")
-    snapshot.prune("6.1.0-1-cloud-amd64", keep=k)
+    other.write_bytes(b"old")          # left by a save that died (no manifest) long ago
+    os.utime(other, (0, 0))
+    snapshot.prune("6.1.0-1-cloud-amd64", saved=k)
     assert state.exists() and not other.exists()
     snapshot.discard("6.1.0-1-cloud-amd64", k)
     assert not state.exists() and not manifest.exists()
