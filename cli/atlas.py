@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from invoke import task
 
+from cli import catalog_selection
 from ground.output import Progress, friendly, table
 from ground.errors import NflabError
 
@@ -22,7 +23,7 @@ def atlas(c, kernel=None, out="atlas.svg", vm="atlas", keep=False, modules=None,
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import atlas as at
 
-    mods = [m for m in (modules or "").split(",") if m]
+    mods = catalog_selection("modules", modules)
     with Progress(quiet) as progress:
         result, files = at.run(kernel, vm, out=out, keep=keep, modules=mods, progress=progress)
     rows = []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from invoke import task
 
+from cli import FlagTask
 from ground.output import Progress, friendly, table
 from ground.errors import NflabError, SpecError
 from supply import buildroot
@@ -65,20 +66,27 @@ def build_module(c, name=None, kernel=None, all=False, quiet=False, userland=Non
               "(checkpatch --strict, W=1, sparse, coccicheck)")
 
 
-@task(help={
+@task(klass=FlagTask, shortflags={"hook": None}, help={
     "kind": "hook, match or target",
     "name": "C identifier; becomes the folder kmods/catalog/NAME",
-    "hook": "hook point for --kind=hook: PRE_ROUTING, LOCAL_IN, FORWARD, LOCAL_OUT, POST_ROUTING, INGRESS",
-    "priority": "hook priority (int), e.g. -175 sits between conntrack (-200) and mangle (-150)",
+    "hook": "hook point for --kind=hook (default PRE_ROUTING): PRE_ROUTING, LOCAL_IN, FORWARD, "
+            "LOCAL_OUT, POST_ROUTING, INGRESS",
+    "priority": "hook priority (int) for --kind=hook (default -175, between conntrack (-200) "
+                "and mangle (-150))",
     "family": "ipv4, ipv6 (netdev for INGRESS hooks)",
 })
 @friendly
-def new_module(c, kind, name, hook="PRE_ROUTING", priority="-175", family="ipv4"):
+def new_module(c, kind, name, hook=None, priority=None, family="ipv4"):
     """Scaffold a new extension definition that builds at once."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import scaffold
 
-    for path in scaffold.new_module(kind, name, hook, priority, family):
+    hook_only = [f"--{k}" for k, v in (("hook", hook), ("priority", priority)) if v is not None]
+    if kind in ("match", "target") and hook_only:
+        raise SpecError(f"{' and '.join(hook_only)} only apply to --kind=hook, not to a {kind}",
+                        hint=f"drop {' '.join(hook_only)}, or use --kind=hook")
+    for path in scaffold.new_module(kind, name, hook or "PRE_ROUTING",
+                                    "-175" if priority is None else priority, family):
         print(f"wrote {path}")
     print("next:")
     print(f"  invoke build-module --name={name}")

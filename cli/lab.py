@@ -6,7 +6,7 @@ import sys
 
 from invoke import Exit, task
 
-from cli import SNAPSHOT_HELP, snapshot_flag
+from cli import SNAPSHOT_HELP, one_of, snapshot_flag
 from ground.errors import SpecError
 from ground.output import Progress, friendly, table
 from supply import buildroot
@@ -32,9 +32,9 @@ def kernels(c, all=False, refresh=False):
           f"{dk.group('stable', dk.offers())[0]}; supported = lts + stable + rc")
 
 
-@task(help={"kernel": "a line (5.10, 6.1, 6.12, 6.18, 7.3), rc, an exact ABI (6.12.118+deb13), "
-                      "optionally -amd64/-rt-amd64 (default 6.12); source:LINE[+debug|+FILE] "
-                      "builds one from Debian's linux-source",
+@task(help={"kernel": "a line Debian serves with headers (5.10, 6.1, 6.12, 7.3; `invoke kernels` "
+                      "lists them), rc, an exact ABI (6.12.118+deb13), optionally -amd64/-rt-amd64 "
+                      "(default 6.12); source:LINE[+debug|+FILE] builds one from Debian's linux-source",
             "kernels": "several: a comma list of specs and groups (lts, stable, rc, supported)",
             "config_fragment": "with --kernel=source:LINE: a Kconfig fragment merged over the kit's "
                                "base config (e.g. vm/configs/debug.config)",
@@ -47,6 +47,7 @@ def fetch_kernel(c, kernel=None, kernels=None, config_fragment=None, force=False
     from supply import kernels as k
     from supply import source_kernels as sk
 
+    one_of(kernel=kernel, kernels=kernels)
     specs = k.expand(kernels) if kernels else [sk.with_fragment_file(kernel, config_fragment)]
     with Progress(quiet) as progress:
         for spec in specs:
@@ -152,14 +153,17 @@ def vm_status(c, vm=None):
 
 
 @task(help={"name": "extension to install", "vm": VM_HELP,
-            "kernel": "boot this kernel first if the VM is not running"})
+            "kernel": "boot this kernel first if the VM is not running (it is then left running)"})
 @friendly
 def install(c, name, vm="default", kernel=None):
-    """Copy the extension's .ko and .so into the VM, load it, prove it is the kit's."""
+    """Copy the extension's .ko and .so into the VM (booted first if it is not running),
+    load it, prove it is the kit's."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
+    from kmods import spec
     from nflab import deploy
     from vm import lab
 
+    spec.load(name)                     # a wrong --name fails before any VM boots
     state = lab.load(vm)
     if state is None or not lab.is_running(state):
         lab.up(kernel, vm, progress=lambda m: print(m, file=sys.stderr))

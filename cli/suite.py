@@ -8,9 +8,10 @@ from pathlib import Path
 
 from invoke import task
 
-from cli import SNAPSHOT_HELP, snapshot_flag
+from cli import (SNAPSHOT_HELP, FlagTask, catalog_selection, one_of, snapshot_flag,
+                 whole_number)
 from ground.output import Progress, friendly, table
-from ground.errors import NflabError
+from ground.errors import NflabError, SpecError
 from supply import buildroot
 
 
@@ -34,7 +35,7 @@ def _extra_catalog(folder):
     os.environ[spec.EXTRA_CATALOG_ENV] = os.pathsep.join(p for p in (str(path), old) if p)
 
 
-@task(help={
+@task(klass=FlagTask, shortflags={"jobs": "j", "junit": None, "html": None}, help={
     "name": "extension to test (default: the whole catalog)",
     "names": "several extensions, comma-separated",
     "kernel": "kernel spec: a line (5.10, 6.1, 6.12, 7.3), rc or an exact ABI (default 6.12)",
@@ -58,7 +59,8 @@ def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None,
     from nflab import suites
 
     buildroot.use_userland(userland)
-
+    one_of(name=name, names=names)
+    _check_jobs(suites, jobs)
     _extra_catalog(extensions_dir)
 
     with Progress(quiet) as progress:
@@ -83,6 +85,16 @@ def test(c, name=None, names=None, kernel=None, vm=None, keep=False, junit=None,
 
 
 
+def _check_jobs(suites, jobs):
+    """A bad --jobs (or $NFLAB_TEST_JOBS) is bad input: exit 2 before anything is built."""
+    try:
+        suites.shard_count(jobs, [], {}, own_vms=True)
+    except SpecError:
+        raise
+    except NflabError as exc:
+        raise SpecError(exc.message, hint=exc.hint) from None
+
+
 @task
 @friendly
 def doctor(c):
@@ -102,7 +114,7 @@ def doctor(c):
 
 @task(help={
     "kernel": "kernel to measure (default 6.12)",
-    "runs": "runs per measurement (median, min, max reported)",
+    "runs": "runs per measurement (median, min, max reported; default 3)",
     "json": "write the results as JSON to this file",
     "cold": "also measure cold kernel fetch and cold rootfs build (slow, downloads)",
     "catalog": "also time `invoke test` over the whole catalog and `invoke matrix --kernels=6.1,6.12 -j 2`",
@@ -112,13 +124,13 @@ def doctor(c):
     "vm": "name of the VM the datapath group boots and measures in (default: bench)",
 })
 @friendly
-def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop=False, only=None, vm=None):
+def bench(c, kernel=None, runs=None, json=None, cold=False, catalog=False, workshop=False, only=None, vm=None):
     """Benchmark build, boot, command, test and workshop cycles (reports, never asserts)."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from nflab import bench as b
 
     b.groups_for(only, workshop)        # an unknown group or count fails before anything runs
-    runs = b.runs_count(runs)
+    runs = b.runs_count(3 if runs is None else runs)
     with Progress(False) as progress:
         data = b.run(kernel, runs, cold=cold, matrix=catalog, progress=progress, only=only,
                      workshop=workshop, vm=vm or "bench")
@@ -141,25 +153,24 @@ def bench(c, kernel=None, runs=3, json=None, cold=False, catalog=False, workshop
     "kernels": "comma list of specs or groups: lts, stable, rc, supported (= latest), all-6.1, "
                "all-6.12, source:... (default: nflab.toml's [matrix] kernels, else supported)",
     "names": "comma list of extensions (default: the whole catalog)",
-    "j": "kernels in parallel (bounded by cores and memory)",
+    "j": "kernels in parallel (default 2; bounded by cores and memory)",
     "extensions_dir": EXT_DIR_HELP,
     "cell_timeout": "seconds one kernel's cell may take before it is stopped (default 7200, "
                     "or NFLAB_CELL_TIMEOUT; 0: no limit)",
 })
 @friendly
-def matrix(c, kernels=None, names=None, j=2, extensions_dir=None, cell_timeout=None):
+def matrix(c, kernels=None, names=None, j=None, extensions_dir=None, cell_timeout=None):
     """Run the suites on several kernels in parallel: table, JUnit, JSON and Markdown summaries."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
     from kmods import spec
     from nflab import matrix as mx
 
+    jobs = whole_number("j", j, 2)
     _extra_catalog(extensions_dir)
 
-    selected = [n for n in (names or "").split(",") if n] or spec.catalog_names()
-    for n in selected:
-        spec.load(n)
+    selected = catalog_selection("names", names) or spec.catalog_names()
     with Progress(False) as progress:
-        cells = mx.run(kernels, selected, int(j), progress=progress, timeout=cell_timeout)
+        cells = mx.run(kernels, selected, jobs, progress=progress, timeout=cell_timeout)
     rows = [[c_.release, *[c_.build.get(n, "?")[:40] for n in selected], c_.test, f"{c_.seconds:.0f}"]
             for c_ in cells]
     table(["kernel", *[f"build {n}" for n in selected], "suites", "s"], rows)
@@ -186,7 +197,7 @@ def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None, userla
     from nflab import upstream_t as upt
 
     buildroot.use_userland(userland)
-    selected = [n for n in (names or "").split(",") if n] or None
+    selected = catalog_selection("names", names) or None
     with Progress(False) as progress:
         report, paths = upt.run_on_kernel(kernel, selected, vm=vm, keep=keep,
                                           out_dir=Path(out) if out else None, progress=progress)
@@ -221,7 +232,7 @@ def ci_config(c, provider="github", kernels=None, names=None, out=None):
 
     if provider != "github":
         raise NflabError(f"--provider: unknown provider {provider!r}", hint="valid: github")
-    selected = [n for n in (names or "").split(",") if n] or spec.catalog_names()
+    selected = catalog_selection("names", names) or spec.catalog_names()
     text = mx.github_workflow(mx.resolve_kernels(kernels), selected)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

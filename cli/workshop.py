@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 
 from invoke import task
 
@@ -40,15 +41,37 @@ def workshop(c, exercise=None, solution=False, kernel=None, vm=None, keep=False,
         out = ws.run(exercise, kernel, solution=solution, vm=vm, keep=keep, junit=junit,
                      pytest_args=shlex.split(pytest or ""), snapshot=snapshot_flag(snapshot),
                      progress=progress)
-    names = {e.number: e.name for e in ws.exercises()}
+    _report(out, ws.exercises(), keep)
+
+
+def _report(out, exercises, keep: bool):
+    """The compiler's errors of what did not build, the table, the kept VM, the verdict."""
+    for n, detail in out.build_details.items():
+        print(f"exercise {n}: {detail}", file=sys.stderr)
+    names = {e.number: e.name for e in exercises}
     table(["#", "exercise", "variant", "kernel", "result"],
           [[n, names.get(n, "?"), out.variant, out.release, v] for n, v in out.verdicts.items()])
     print(f"{out.seconds:.1f}s, junit: {out.junit}")
+    if keep:
+        print(f"VM {out.vm} left running (invoke vm-down --vm={out.vm})")
     if not out.ok:
         red = [str(n) for n, v in out.verdicts.items() if v != "passed"]
         raise NflabError(f"exercise(s) {', '.join(red)} not green yet on {out.release}",
-                         hint="the pytest output above says what the suite saw; hints in docs/workshop.md")
+                         hint=_red_hint(out))
     print("all green")
+
+
+def _red_hint(out) -> str:
+    """What to read: the compiler's errors for what did not build, pytest's for red suites."""
+    parts = []
+    if out.build_failed:
+        parts.append(f"exercise(s) {', '.join(map(str, out.build_failed))} did not build or "
+                     "install: the compiler's file:line: errors are above and the full build "
+                     "log is named in the result column; fix the template and run again")
+    if out.suite_failed:
+        parts.append(f"for exercise(s) {', '.join(map(str, out.suite_failed))} the pytest "
+                     "output above says what the suite saw")
+    return "; ".join(parts + ["hints in docs/workshop.md"])
 
 
 TASKS = [workshop]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 
+from ground.errors import SpecError
 from ground.files import atomic_write
 from ground.paths import cache_dir
 from kmods.spec import Extension
@@ -119,7 +120,39 @@ def _tidy(text: str) -> str:
 
 
 def render(ext: Extension) -> dict[str, str]:
-    """Return {filename: text} for every source file of *ext*."""
+    """Return {filename: text} for every source file of *ext*; a template that does not
+    parse or render (Jinja syntax, an undefined name) is a SpecError naming file:line."""
+    try:
+        files = _render_files(ext)
+    except jinja2.TemplateError as exc:
+        raise template_error(exc, ext) from None
+    return {name: _tidy(text) for name, text in files.items()}
+
+
+def template_error(exc: jinja2.TemplateError, ext: Extension) -> SpecError:
+    """A Jinja error as one line: where (file:line) and what Jinja said."""
+    where = _where(exc)
+    kind = "does not parse" if isinstance(exc, jinja2.TemplateSyntaxError) else "does not render"
+    return SpecError(f"{where or 'a template of ' + ext.name}: the template {kind}: "
+                     f"{exc.message or type(exc).__name__}",
+                     hint="fix that line (Jinja: every {% block %}/{% if %} needs its "
+                          "{% endblock %}/{% endif %}; names come from `ext`, see "
+                          "docs/definitions.md), then run the task again")
+
+
+def _where(exc: jinja2.TemplateError) -> str | None:
+    """file:line of a Jinja error: the parser's position, else the deepest template frame."""
+    if isinstance(exc, jinja2.TemplateSyntaxError) and exc.lineno:
+        return f"{exc.filename or exc.name}:{exc.lineno}"
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(".j2"):
+            found = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found
+
+
+def _render_files(ext: Extension) -> dict[str, str]:
     ext_dir = ext.path.parent if ext.path else None
     env = environment(ext_dir)
     ctx = {"ext": ext}
@@ -132,4 +165,4 @@ def render(ext: Extension) -> dict[str, str]:
     if ext.kind != "hook":
         files[ext.header] = env.get_template("shared_header.h.j2").render(ctx)
         files[f"{ext.plugin}.c"] = _template_for(env, f"{ext.plugin}.c.j2", "libxt.c.j2").render(ctx)
-    return {name: _tidy(text) for name, text in files.items()}
+    return files

@@ -38,6 +38,7 @@ WORKSHOP = REPO / "kmods" / "workshop"
 SOLUTIONS = WORKSHOP / "solutions"
 SUITES = REPO / "tests" / "workshop"
 VARIANTS = ("skeleton", "solution")
+BUILD_FAILED = "build/install failed"
 _FOLDER_RE = re.compile(r"^ex(\d{2})_[a-z0-9_]+$")
 
 
@@ -144,12 +145,25 @@ class Outcome:
     seconds: float
     counts: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
-    # exercise number -> "passed" | "failed" | "build failed: ..."
+    # exercise number -> "passed" | "failed" | "build/install failed: ..."
     verdicts: dict = field(default_factory=dict)
+    # exercise number -> what its failed build or install said (the compiler's
+    # `file:line: error:` lines), for exercises whose suite did not run
+    build_details: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and all(v == "passed" for v in self.verdicts.values())
+
+    @property
+    def build_failed(self) -> list[int]:
+        """The exercises that did not build or install (their suites did not run)."""
+        return [n for n, v in self.verdicts.items() if v.startswith(BUILD_FAILED)]
+
+    @property
+    def suite_failed(self) -> list[int]:
+        """The exercises whose suite ran and was red."""
+        return [n for n, v in self.verdicts.items() if v != "passed" and n not in self.build_failed]
 
 
 def suite_command(exs: list[Exercise], testinfra_spec: str, vm: str, junit: Path,
@@ -188,16 +202,7 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
     """Install the variant of *exs* in the running VM *vm* and run their suites."""
     state = lab.require(vm)
     t0 = time.monotonic()
-    build_errors = {}
-    ok_exs = []
-    for ex in exs:
-        try:
-            install([ex], vm, solution=solution, progress=progress)
-            ok_exs.append(ex)
-        except NflabError as exc:
-            lab.require(vm)                 # raises if the guest died: nothing else can run
-            build_errors[ex.number] = f"build/install failed: {exc}"
-            progress(f"exercise {ex.number} ({variant(solution)}): {exc}")
+    ok_exs, build_errors, details = _install_each(exs, vm, solution=solution, progress=progress)
     reports = build_dir() / "reports" / state.release
     reports.mkdir(parents=True, exist_ok=True)
     # absolute: pytest runs in the repository (nflab.suites.start_pytest), the caller anywhere
@@ -215,7 +220,24 @@ def run_suites(exs: list[Exercise], vm: str, *, solution: bool = False, junit: P
     if build_errors and code == 0:
         code = 1
     return Outcome(state.release, vm, variant(solution), junit, code, time.monotonic() - t0,
-                   counts, failures, dict(sorted(result.items())))
+                   counts, failures, dict(sorted(result.items())), details)
+
+
+def _install_each(exs: list[Exercise], vm: str, *, solution: bool, progress):
+    """Build and install each exercise on its own: one that fails is left out of the
+    suite run. Returns (installed, {number: verdict}, {number: the error's detail})."""
+    ok_exs, errors, details = [], {}, {}
+    for ex in exs:
+        try:
+            install([ex], vm, solution=solution, progress=progress)
+            ok_exs.append(ex)
+        except NflabError as exc:
+            lab.require(vm)                 # raises if the guest died: nothing else can run
+            errors[ex.number] = f"{BUILD_FAILED}: {exc}"
+            if exc.detail:
+                details[ex.number] = exc.detail
+            progress(f"exercise {ex.number} ({variant(solution)}): {exc}")
+    return ok_exs, errors, details
 
 
 def run(selection: str | None, kernel_spec: str | None, *, solution: bool = False,
@@ -229,6 +251,11 @@ def run(selection: str | None, kernel_spec: str | None, *, solution: bool = Fals
                     pytest_args=pytest_args, snapshot=snapshot, progress=progress)
 
 
+def vm_name(release: str) -> str:
+    """The workshop's VM for a kernel release: ``ws-6-1-0-57`` for 6.1.0-57-cloud-amd64."""
+    return "ws-" + re.sub(r"[^A-Za-z0-9]+", "-", release.split("-cloud")[0])[:24].strip("-")
+
+
 def _run(selection: str | None, kernel_spec: str | None, *, solution: bool, vm: str | None,
          keep: bool, junit: str | None, pytest_args, snapshot: bool | None, progress) -> Outcome:
     exs = select(selection)
@@ -238,7 +265,7 @@ def _run(selection: str | None, kernel_spec: str | None, *, solution: bool, vm: 
             raise NflabError(f"exercise {ex.number}: no suite {ex.suite}",
                              hint="the workshop tree is incomplete: git checkout -- tests/workshop")
     kernel = kernels.get(kernel_spec, progress=progress)
-    vm = vm or ("ws-" + re.sub(r"[^A-Za-z0-9]+", "-", kernel.release.split("-cloud")[0])[:24].strip("-"))
+    vm = vm or vm_name(kernel.release)
     old = lab.load(vm)
     booted_here = not (old and lab.is_running(old))
     state = lab.up(kernel_spec, vm, snapshot=snapshot, progress=progress)

@@ -7,8 +7,8 @@ packages that make it (image, or from 6.19 on the image meta package's
 ``linux-binary-``/``linux-modules-``/``linux-base-``; headers, common headers,
 kbuild) and the compiler its headers ask for.
 
-Specs: a line (``5.10``, ``6.1``, ``6.12``, ``6.18``, ``7.3``: the newest ABI of
-that line, preferring the newest Debian release that carries it), ``rc`` (the
+Specs: a line Debian serves with headers (``5.10``, ``6.1``, ``6.12``, ``7.3``: the
+newest ABI of that line, preferring the newest Debian release that carries it), ``rc`` (the
 release candidate in experimental), an exact ABI (``6.12.118+deb13``,
 ``7.3.4+deb13``), each optionally with a flavour (``-amd64``, ``-rt-amd64``,
 default ``-cloud-amd64``); ``exact:<abi>[-flavour]`` names an ABI shaped like
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ground import debarchive, debversion
-from ground.errors import KernelError
+from ground.errors import ArchiveError, KernelError
 from ground.http import NotServed
 from ground.paths import kernels_dir
 
@@ -58,11 +58,13 @@ _GCC_RE = re.compile(r"\bgcc-(\d+)\b")
 EXACT = "exact:"
 # the common headers: linux-headers-<abi>-common, or -common-<featureset> (rt)
 _COMMON_RE = re.compile(r"^linux-headers-\S+-common(?:-[a-z0-9]+)?$")
-SPEC_HINT = ("use a line (5.10, 6.1, 6.12, 6.18, 7.3: its newest ABI), rc (the release candidate), "
+SPEC_HINT = ("use a line ({lines}: its newest ABI), rc (the release candidate), "
              "an exact ABI such as 6.1.0-57, 6.12.118+deb13 or 7.3.4+deb13, optionally with "
              "-cloud-amd64, -amd64 or -rt-amd64; exact:<abi>[-flavour] for an ABI shaped like "
              "a line (the rc's: exact:7.3-cloud-amd64); `invoke kernels` lists them; or a kernel built "
              "from source: source:6.12[+debug|+FILE]")
+# the released lines the hint names before any offers are cached (each with headers)
+KNOWN_LINES = ("5.10", "6.1", "6.12", "7.3")
 OFFERS_CACHE = ".offers.json"
 OFFERS_VERSION = 4
 
@@ -116,8 +118,24 @@ def parse_spec(spec: str | None) -> tuple[str, str]:
     spec = (spec or DEFAULT_KERNEL).strip()
     m = _SPEC_RE.match(spec.removeprefix(EXACT))
     if not m or (spec.startswith(EXACT) and m.group("what") in ("rc", "stable")):
-        raise KernelError(f"invalid kernel spec {spec!r}", hint=SPEC_HINT)
+        raise KernelError(f"invalid kernel spec {spec!r}", hint=spec_hint())
     return m.group("what"), _flavour(m.group("flavour"))
+
+
+def spec_hint() -> str:
+    """The valid spec forms, naming the released lines that can get modules (with headers)."""
+    return SPEC_HINT.format(lines=", ".join(cached_lines() or KNOWN_LINES))
+
+
+def cached_lines() -> list[str]:
+    """The released lines with headers in the cached offers, whatever their age; never
+    asks the mirror ([] when nothing is cached or the mirror is not configured)."""
+    try:
+        archive = debarchive.Archive()
+    except ArchiveError:
+        return []
+    data = _read_offers(kernels_dir() / OFFERS_CACHE, [archive.mirror, archive.security_mirror])
+    return [l for l in lines(data["offers"]) if l != "rc"] if data else []
 
 
 def is_line(what: str) -> bool:

@@ -57,7 +57,7 @@ def _invoke(root: Path, args, tmp_path):
     env = dict(os.environ, LC_ALL="C", CI="1", HOME=str(home), NFLAB_BUILD=str(build),
                NFLAB_CACHE=str(cache), PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root))
     env.pop("XDG_CACHE_HOME", None)
-    has_vm_cli = (root / "vm" / "cli.py").is_file()
+    has_vm_cli = (root / "cli" / "lab.py").is_file()
     cmd = [sys.executable, "-m", "invoke", *args] if has_vm_cli else [sys.executable, "-c", _INVOKE_KMODS_ONLY, *args]
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     return res, home
@@ -91,6 +91,29 @@ CASES = [
     ("new-name-long", ["new-module", "--kind=match", "--name=" + "a" * 60], 2, ["--name", "at most 28"]),
     ("new-name-in-tree", ["new-module", "--kind=match", "--name=mark"], 2, ["xt_mark", "overrides_in_tree"]),
     ("render-name-path", ["render", "--name=../x"], 2, ["--name", "valid:"]),
+    # names are checked before any VM boots or anything is fetched
+    ("install-name-unknown", ["install", "--name=nosuch", "--vm=fix-ws-none"], 2,
+     ["--name", "nosuch", "valid:", "iprange"]),
+    ("atlas-modules-unknown", ["atlas", "--modules=nosuch", "--vm=fix-ws-none"], 2,
+     ["--modules", "nosuch", "valid:", "iprange"]),
+    ("upstream-names-unknown", ["upstream-t", "--names=nosuch", "--vm=fix-ws-none"], 2,
+     ["--names", "nosuch", "valid:"]),
+    ("ci-config-names-unknown", ["ci-config", "--names=nosuch"], 2, ["--names", "nosuch", "valid:"]),
+    ("matrix-names-unknown", ["matrix", "--names=iprange,nosuch"], 2, ["--names", "nosuch"]),
+    # numbers that are not numbers
+    ("matrix-j-word", ["matrix", "-j", "abc"], 2, ["-j", "abc", "whole number"]),
+    ("bench-runs-word", ["bench", "--runs=abc"], 2, ["--runs", "abc", "number"]),
+    ("test-jobs-word", ["test", "--name=iprange", "--jobs=abc"], 2, ["--jobs", "abc", "auto"]),
+    ("test-j-is-jobs", ["test", "--name=iprange", "-j", "abc"], 2, ["--jobs", "abc"]),
+    # options that contradict each other
+    ("fetch-kernel-and-kernels", ["fetch-kernel", "--kernel=6.1", "--kernels=6.12"], 2,
+     ["--kernel", "--kernels", "not both"]),
+    ("test-name-and-names", ["test", "--name=iprange", "--names=comment"], 2,
+     ["--name", "--names", "not both"]),
+    ("new-match-with-hook", ["new-module", "--kind=match", "--name=nfltmp", "--hook=FORWARD"], 2,
+     ["--hook", "--kind=hook", "match"]),
+    ("new-target-with-priority", ["new-module", "--kind=target", "--name=nfltmp", "--priority=-100"],
+     2, ["--priority", "--kind=hook", "target"]),
 ]
 
 
@@ -132,3 +155,20 @@ def test_catalog_lists_iprange(work_copy, tmp_path):
     res, _ = _invoke(work_copy, ["catalog"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert any(line.split()[:2] == ["iprange", "match"] for line in res.stdout.splitlines())
+
+
+@pytest.mark.parametrize("task", ["test", "workshop", "matrix", "fetch-kernel", "bench"])
+def test_dash_h_is_help(work_copy, tmp_path, task):
+    """-h is help on tasks without positional arguments (invoke hands a positional
+    argument the next word, so `invoke vm-exec -h` runs `-h`: `--help vm-exec` it is)."""
+    res, _ = _invoke(work_copy, [task, "-h"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Usage:") and "needed value" not in res.stdout + res.stderr
+
+
+def test_test_short_flags(work_copy, tmp_path):
+    res, _ = _invoke(work_copy, ["--help", "test"], tmp_path)
+    flags = {w[0]: w[2] for w in (line.split() for line in res.stdout.splitlines())
+             if len(w) > 2 and len(w[0]) == 2 and w[0].startswith("-")}
+    assert flags["-j"].startswith("--jobs=") and flags["-k"].startswith("--kernel=")
+    assert "-h" not in flags

@@ -252,3 +252,16 @@ def test_exact_spec_names_the_flavour_or_the_source_release():
     assert kernels.exact_spec(generic) == "6.12.118+deb13-amd64"
     assert kernels.exact_spec(source) == "6.12.118-nflab-9c47e3dd"
     assert dk.parse_spec(kernels.exact_spec(generic)) == ("6.12.118+deb13", "amd64")
+
+
+def test_spec_hint_names_the_lines_with_headers(monkeypatch, tmp_path):
+    monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("NFLAB_DEBIAN_MIRROR", "http://deb.example/debian")
+    archive = dk.debarchive.Archive()
+    # nothing cached yet: the lines known to carry headers, never 6.18 (images only)
+    assert "(5.10, 6.1, 6.12, 7.3: its newest ABI)" in dk.spec_hint()
+    dk._write_offers(dk.kernels_dir() / dk.OFFERS_CACHE, [archive.mirror, archive.security_mirror],
+                     "stamp", OFFERS)
+    with pytest.raises(KernelError) as info:
+        dk.parse_spec("6.1;id")
+    assert "(5.10, 6.1, 6.12, 7.2, 7.3: its newest ABI)" in info.value.hint   # no 6.18

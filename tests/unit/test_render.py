@@ -15,6 +15,7 @@ import subprocess
 import jinja2
 import pytest
 
+from ground.errors import SpecError
 from kmods import render, spec
 from tests.conftest import HOOK_RAW, MATCH_RAW, TARGET_RAW
 
@@ -128,9 +129,26 @@ def test_catalog_template_typo_fails_render(tmp_path):
     dest = tmp_path / "iprange"
     shutil.copytree(src, dest)
     tpl = dest / "xt_iprange.c.j2"
-    tpl.write_text(tpl.read_text().replace("{% block match4 %}", "{% block match4 %}{{ ext.falmilies }}"))
-    with pytest.raises(jinja2.UndefinedError):
+    text = tpl.read_text().replace("{% block match4 %}", "{% block match4 %}{{ ext.falmilies }}")
+    tpl.write_text(text)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "falmilies" in l)
+    with pytest.raises(SpecError) as info:
         render.render(spec.load_file(dest / "ext.toml"))
+    assert f"{tpl}:{line}: the template does not render" in info.value.message
+    assert "falmilies" in info.value.message and info.value.hint
+    assert info.value.exit_code == 2
+
+
+def test_template_syntax_error_names_file_and_line(tmp_path):
+    dest = tmp_path / "iprange"
+    shutil.copytree(spec.CATALOG / "iprange", dest)
+    tpl = dest / "xt_iprange.c.j2"
+    lines = tpl.read_text().splitlines() + ["{% endblok %}"]
+    tpl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError) as info:
+        render.render(spec.load_file(dest / "ext.toml"))
+    assert info.value.message.startswith(f"{tpl}:{len(lines)}: the template does not parse: ")
+    assert "endblok" in info.value.message and "{% endblock %}" in info.value.hint
 
 
 # ---- escaping ---------------------------------------------------------------

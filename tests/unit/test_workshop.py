@@ -3,10 +3,14 @@ pytest command, and the CLI's promises (help per option, new-module's next steps
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+from cli import workshop as cli_workshop
 from nflab import workshop as ws
-from ground.errors import SpecError
+from ground.errors import BuildError, NflabError, SpecError
 
 
 def test_exercises_found_by_number_and_name():
@@ -84,3 +88,58 @@ def test_new_module_prints_the_next_three_commands(monkeypatch, tmp_path, capsys
     assert [line.split()[:2] for line in nxt] == [["invoke", "build-module"], ["invoke", "install"],
                                                    ["invoke", "test"]]
     assert all("--name=nextsteps" in line for line in nxt)
+
+
+def _outcome(verdicts, details=None):
+    return ws.Outcome("6.1.0-57-cloud-amd64", "ws-6-1-0-57", "skeleton", Path("j.xml"), 1, 1.0,
+                      verdicts=verdicts, build_details=details or {})
+
+
+def test_a_failed_build_keeps_the_compiler_errors(monkeypatch):
+    err = BuildError("kernel module xt_ex03_ttl failed to build", hint="full log: /b/build.log",
+                     detail="xt_ex03_ttl.c:40:9: error: 'infoo' undeclared")
+
+    def install(exs, vm, **kw):
+        if exs[0].number == 3:
+            raise err
+    monkeypatch.setattr(ws, "install", install)
+    monkeypatch.setattr(ws.lab, "require", lambda vm: None)
+    ok, errors, details = ws._install_each([ws.get(1), ws.get(3)], "v", solution=False,
+                                           progress=lambda m: None)
+    assert [e.number for e in ok] == [1]
+    assert errors == {3: f"build/install failed: {err}"}
+    assert details == {3: err.detail}
+
+
+def test_workshop_prints_the_compiler_errors_and_a_build_hint(capsys):
+    out = _outcome({3: "build/install failed: kernel module xt_ex03_ttl failed to build"},
+                   {3: "xt_ex03_ttl.c:40:9: error: 'infoo' undeclared"})
+    with pytest.raises(NflabError) as info:
+        cli_workshop._report(out, ws.exercises(), keep=False)
+    assert "exercise 3: xt_ex03_ttl.c:40:9: error: 'infoo' undeclared" in capsys.readouterr().err
+    assert "file:line: errors are above" in info.value.hint
+    assert "pytest" not in info.value.hint
+
+
+def test_workshop_red_suite_points_at_pytest(capsys):
+    with pytest.raises(NflabError) as info:
+        cli_workshop._report(_outcome({1: "failed"}), ws.exercises(), keep=False)
+    assert "for exercise(s) 1 the pytest output above" in info.value.hint
+    assert "file:line" not in info.value.hint
+
+
+def test_workshop_keep_names_the_vm_left_running(capsys):
+    out = _outcome({1: "passed"})
+    out.exit_code = 0
+    cli_workshop._report(out, ws.exercises(), keep=True)
+    assert ("VM ws-6-1-0-57 left running (invoke vm-down --vm=ws-6-1-0-57)"
+            in capsys.readouterr().out)
+
+
+def test_handout_names_vms_and_paths_that_exist():
+    text = (ws.REPO / "docs" / "workshop.md").read_text()
+    examples = set(re.findall(r"`(ws-\d[\w-]*)` for ([\w.+-]+)\)", text))
+    assert examples and all(ws.vm_name(release) == name for name, release in examples)
+    assert set(re.findall(r"ws-\d[\w-]*", text)) == {name for name, _ in examples}, \
+        "name workshop VMs ws-<release> in the handout, with one worked example"
+    assert "$NFLAB_CACHE/" not in text, "NFLAB_CACHE is unset by default: ${NFLAB_CACHE:-...}"

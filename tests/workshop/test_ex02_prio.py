@@ -68,7 +68,7 @@ def test_sees_the_mangle_mark(host, wire, forwarding, params, rules, tag):
     _send(host, wire, tag, port)
     seen = _seen(host)
     assert seen == N, (f"the hook counted {seen} of {N} packets marked {mark} by the mangle table "
-                       f"({MANGLE}): a hook that runs before mangle never sees its MARK")
+                       f"({MANGLE}): {why_unseen(_priority(host), port, dnat=False)}")
 
 
 def test_sees_the_port_before_nat(host, wire, forwarding, params, rules, tag):
@@ -82,5 +82,22 @@ def test_sees_the_port_before_nat(host, wire, forwarding, params, rules, tag):
     assert frames and all(f[UDP].dport == port + 1 for f in frames), \
         "the nat table did not rewrite the port: the proof needs DNAT to run"
     seen = _seen(host)
-    assert seen == N, (f"the hook counted {seen} of {N} packets to port {port}: after nat "
-                       f"({NAT}) DNAT has already rewritten it to {port + 1}")
+    assert seen == N, (f"the hook counted {seen} of {N} marked packets to port {port}: "
+                       f"{why_unseen(_priority(host), port, dnat=True)}")
+
+
+def _priority(host) -> int:
+    """The priority the loaded module's PRE_ROUTING hook registered with."""
+    return proc_points(host, MODULE)[("ipv4", "PRE_ROUTING")][0]
+
+
+def why_unseen(prio: int, port: int, *, dnat: bool) -> str:
+    """Why a hook at *prio* misses marked packets to *port* (*dnat*: nat rewrites the port)."""
+    if prio <= MANGLE:
+        return (f"the hook sits at {prio}, before mangle ({MANGLE}): the MARK is not set yet "
+                "when it runs; move it after mangle")
+    if prio >= NAT and dnat:
+        return (f"the hook sits at {prio}, after nat ({NAT}): DNAT has already rewritten the "
+                f"port to {port + 1}; move it before nat")
+    return (f"the hook sits at {prio}, between mangle ({MANGLE}) and nat ({NAT}) where it sees "
+            "both: the module's mark or port check must have changed")
