@@ -131,16 +131,17 @@ NAME_HINT = "another name for the extension renames every C name it generates"
 
 
 def failure(what: str, output: str, src_dir: Path, log: Path, names: dict[str, str] | None = None,
-            prefixes: dict[str, str] | None = None) -> BuildError:
-    """The error for a failed compile of *what*: the compiler's errors as file:line,
-    led by the first of *names* or *prefixes* (see clashes) found taken already."""
+            prefixes: dict[str, str] | None = None, *, target: str = "") -> BuildError:
+    """The error for a failed compile of *what* (for *target*, " for 6.12..."): the
+    compiler's errors as file:line, led by the first of *names* or *prefixes* (see
+    clashes) found taken already."""
     diags = diagnostics(output, src_dir)
     detail = "\n".join(diags or output.strip().splitlines()[-20:])
     found = clashes(output, names or {}, prefixes)
     if not found:
-        return BuildError(f"{what} failed to build", hint=f"full log: {log}", detail=detail)
+        return BuildError(f"{what} failed to build{target}", hint=f"full log: {log}", detail=detail)
     c = found[0]
     fix = FIELD_HINT if c.name in (names or {}) else NAME_HINT
-    return BuildError(f"{what} failed to build: {c.origin} generates the C name {c.name}, "
+    return BuildError(f"{what} failed to build{target}: {c.origin} generates the C name {c.name}, "
                       f"which {c.where or 'a header it includes'} already uses",
                       hint=f"{fix}; full log: {log}", detail=detail)

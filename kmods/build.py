@@ -140,8 +140,8 @@ def _make(ext: spec.Extension, kernel, out: Path, ko: Path, jobs: int | None):
     (out / "build.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0 or not ko.is_file():
         ko.unlink(missing_ok=True)
-        raise failure(f"kernel module {ext.module} for {kernel.release}", res.stdout + res.stderr,
-                      out, out / "build.log", dict(ext.c_names()), ext.name_prefixes())
+        raise failure(f"kernel module {ext.module}", res.stdout + res.stderr, out, out / "build.log",
+                      dict(ext.c_names()), ext.name_prefixes(), target=f" for {kernel.release}")
 
 
 # what of the headers a built .ko depends on besides the sources: the configuration

@@ -238,7 +238,8 @@ def test_a_generated_name_the_headers_have_is_named(kernel_612, fresh_build, tmp
     with pytest.raises(BuildError) as info:
         build.build_extension(ext, kernel_612)
     err = info.value
-    assert re.search(rf"^{re.escape(what)}\b.* failed to build: {option} generates the C name "
+    assert re.search(rf"^{re.escape(what)} failed to build( for {re.escape(kernel_612.release)})?: "
+                     rf"{option} generates the C name "
                      rf"{cname}, which {where} already uses$", err.message), err.message
     assert "`field`" in err.hint, err.hint
 
