@@ -86,18 +86,18 @@ def _origin(name: str, names: dict[str, str], prefixes: dict[str, str]) -> str |
     return next((origin for p, origin in prefixes.items() if name.startswith(p)), None)
 
 
-def _macro_site(locs: list[_Loc], i: int, how: str) -> str:
+def _macro_site(locs: list[_Loc], i: int, how: str) -> _Loc | None:
     """Where the macro of the note at *i* is defined: the note itself for "in
     definition of", else the nearest diagnostic before it in another file."""
     if how == "definition":
-        return locs[i].where
-    return next((loc.where for loc in reversed(locs[:i]) if loc.file != locs[i].file), "")
+        return locs[i]
+    return next((loc for loc in reversed(locs[:i]) if loc.file != locs[i].file), None)
 
 
-def _clash_at(locs: list[_Loc], i: int) -> tuple[str, str] | None:
-    """(name, where it is defined) if the diagnostic at *i* shows a name clash:
-    a macro's expansion noted, a name declared twice, or (a macro of a system
-    header, which gcc does not note) a number where our identifier stands."""
+def _clash_at(locs: list[_Loc], i: int) -> tuple[str, _Loc | None] | None:
+    """(name, where else it is defined, if gcc says) when the diagnostic at *i* shows
+    a name clash: a macro's expansion noted, a name declared twice, or (a macro of
+    a system header, which gcc does not note) a number where our identifier stands."""
     loc = locs[i]
     if loc.sev == "note":
         m = _MACRO_RE.search(loc.msg)
@@ -106,23 +106,29 @@ def _clash_at(locs: list[_Loc], i: int) -> tuple[str, str] | None:
         return None
     if _TWICE_RE.search(loc.msg) and (m := re.search(_QUOTED, loc.msg)):
         nxt = locs[i + 1] if i + 1 < len(locs) else None
-        return m.group("name"), (nxt.where if nxt and nxt.sev == "note" else "")
+        return m.group("name"), (nxt if nxt and nxt.sev == "note" else None)
     if loc.msg.startswith("expected identifier") and (name := loc.token()):
-        return name, ""
+        return name, None
     return None
 
 
-def clashes(output: str, names: dict[str, str], prefixes: dict[str, str] | None = None) -> list[Clash]:
+def _within(loc: _Loc | None, folder: Path | None) -> bool:
+    return bool(loc and folder) and Path(loc.file).resolve().is_relative_to(folder.resolve())
+
+
+def clashes(output: str, names: dict[str, str], prefixes: dict[str, str] | None = None,
+            ours: Path | None = None) -> list[Clash]:
     """The names of *names* (name -> what it comes from) that gcc's *output* shows
     clashing with a definition elsewhere: a header's macro expanded where we define
     the name, or an enumerator, function, variable or tag declared twice. A name
-    starting with a key of *prefixes* counts too, with that key's origin."""
+    starting with a key of *prefixes* counts too, with that key's origin. A name
+    defined twice within folder *ours* (the sources' own mistake) is no clash."""
     locs, found = _located(output), {}
     for i in range(len(locs)):
         hit = _clash_at(locs, i)
         origin = _origin(hit[0], names, prefixes or {}) if hit else None
-        if origin and hit[0] not in found:
-            found[hit[0]] = Clash(hit[0], origin, hit[1])
+        if origin and hit[0] not in found and not _within(hit[1], ours):
+            found[hit[0]] = Clash(hit[0], origin, hit[1].where if hit[1] else "")
     return list(found.values())
 
 
@@ -137,7 +143,7 @@ def failure(what: str, output: str, src_dir: Path, log: Path, names: dict[str, s
     clashes) found taken already."""
     diags = diagnostics(output, src_dir)
     detail = "\n".join(diags or output.strip().splitlines()[-20:])
-    found = clashes(output, names or {}, prefixes)
+    found = clashes(output, names or {}, prefixes, ours=src_dir)
     if not found:
         return BuildError(f"{what} failed to build{target}", hint=f"full log: {log}", detail=detail)
     c = found[0]

@@ -55,12 +55,13 @@ def signal_quietly(pid: int, sig: int, *, group: bool = False):
 
 
 @contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock, so two nflab processes never race on a cache entry."""
+def file_lock(path: Path, *, shared: bool = False):
+    """An exclusive advisory lock, so two nflab processes never race on a cache entry
+    (*shared*: one that only an exclusive holder waits for, and waits for one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -338,10 +338,15 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, claim: ExitStack, 
     files = _suite_files_of(built, failed)
     if vm is None:
         vm = _running_default(kernel, claim)
+    else:
+        _claim(vm, claim)
+    if vm is None and keep:
+        _claim(vm_name_for(kernel.release), claim)     # the kept VM's fixed name
     seconds = load_durations(kernel.release)
     n = shard_count(jobs, files, seconds, own_vms=vm is None and not keep and not html)
     groups = plan_shards(files, n, seconds, start_delay=3.0 + 0.1 * len(built)) if n > 1 else [files]
     junit_path, shards = _shards(names, kernel, groups, n, vm=vm, keep=keep, junit=junit)
+    ended = False       # pytest ran to its end (tests passed or failed): nothing to post-mortem
     try:
         codes = _run_shards(shards, n, kernel, kernel_spec, built, html, pytest_args,
                             snapshot=snapshot, progress=progress)
@@ -353,6 +358,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, claim: ExitStack, 
         counts, failures = parse_junit(mine)
         backends = junit_backends(mine)
         mine.replace(junit_path)
+        ended = merged_exit(codes) in (0, 1)
         return SuiteOutcome(kernel.release, ",".join(sh.vm for sh in shards), junit_path, merged_exit(codes),
                             time.monotonic() - t0, counts, failures,
                             [(n_, build_reason(e)) for n_, e in failed], backends)
@@ -365,7 +371,7 @@ def _run(names: list[str] | None, kernel_spec: str | None, *, claim: ExitStack, 
                 progress(f"pytest output of VM {sh.vm}: {sh.log}")
         raise
     finally:
-        _clean_up(shards, junit_path, keep=keep, progress=progress)
+        _clean_up(shards, junit_path, keep=keep, forget=ended, progress=progress)
 
 
 def _build_some(names: list[str], kernel, progress) -> tuple[list, list]:
@@ -416,6 +422,15 @@ def _running_default(kernel, claim: ExitStack) -> str | None:
             and claim.enter_context(lab.claimed("default")):
         return "default"
     return None
+
+
+def _claim(vm: str, claim: ExitStack):
+    """Hold VM *vm*'s run lock until the run ends: two runs in one VM race on its
+    installs and wire ports, so a second one stops here."""
+    if not claim.enter_context(lab.claimed(vm)):
+        raise NflabError(f"VM {vm!r} is in use by another `invoke test` run",
+                         hint=f"wait for that run to end, or give this one another --vm (or none: "
+                              "a run without --vm and --keep boots VMs of its own)")
 
 
 def _shards(names: list[str], kernel, groups: list[list[Path]], n: int, *, vm: str | None,
@@ -490,8 +505,10 @@ def _merge_shards(shards: list[_Shard], junit_path: Path) -> Path:
     return mine
 
 
-def _clean_up(shards: list[_Shard], junit_path: Path, *, keep: bool, progress):
-    """Gate files and JUnit parts go; a VM this run booted stops unless *keep*."""
+def _clean_up(shards: list[_Shard], junit_path: Path, *, keep: bool, forget: bool, progress):
+    """Gate files and JUnit parts go; a VM this run booted stops unless *keep*, and
+    its folder goes too when it was the run's own and *forget* (the run ended
+    normally: a failed boot or a crash keeps the console its error points at)."""
     for sh in shards:
         sh.gate.remove()
         sh.junit.unlink(missing_ok=True)
@@ -500,5 +517,6 @@ def _clean_up(shards: list[_Shard], junit_path: Path, *, keep: bool, progress):
         if sh.booted_here and not keep:
             progress(f"stopping VM {sh.vm}")
             lab.down(sh.vm)
-            if sh.private and not lab.forget(sh.vm):
-                progress(f"kept {lab.vm_dir(sh.vm)}: its console shows a fault")
+            if sh.private and not (forget and lab.forget(sh.vm)):
+                progress(f"kept {lab.vm_dir(sh.vm)} (console.log, qemu.log) for a look; "
+                         f"`invoke vm-up` removes such folders after {lab.STALE_DAYS} days")

@@ -402,9 +402,8 @@ def require(vm: str) -> VMState:
     if state.status != "ready":
         # _boot_once reserved the ports and starts QEMU (or that start was killed), the
         # guest still boots, or the first vm-up of a kernel saves its state (paused)
-        raise VMError(f"VM {vm!r} is still starting",
-                      hint=f"wait for the `invoke vm-up --vm={vm}` that starts it; if none runs "
-                           f"(an interrupted start), run `invoke vm-down --vm={vm}`")
+        raise VMError(f"VM {vm!r} is {_NOT_READY.get(state.status, state.status)}",
+                      hint=_owner_hint(vm))
     check_health(state)
     return state
 
@@ -690,7 +689,7 @@ def _up_from_snapshot(plan: _BootPlan, budget: float) -> VMState | None:
                 if path is None:
                     return None
     with snapshot_mod.reading(plan.release, k) as held:
-        if not (held and path.is_file()):
+        if not held:
             plan.progress(f"the saved state {path.name} was just removed by another vm-up "
                           f"(it keeps the newest {snapshot_mod.KEEP} per kernel); booting cold instead")
             return None
@@ -1047,16 +1046,27 @@ def exec(vm: str, cmd: str | list[str], timeout: float | None = None, *, capture
     return res
 
 
+_NOT_READY = {"booting": "still starting",
+              "saving": "paused while the first vm-up of its kernel saves its state"}
+
+
+def _owner_hint(vm: str) -> str:
+    return (f"wait for the `invoke vm-up --vm={vm}` that handles it; if none runs (an "
+            f"interrupted start or save), run `invoke vm-down --vm={vm}`")
+
+
 def _refuse_unless_ready(state: VMState, what: str, detail: str = ""):
     """Before tearing down a VM that stopped answering: a VMError, the VM left alone,
     unless ``vm.json`` still records *state*'s launch as ready. A VM booting again or
     paused while its state is saved belongs to the ``vm-up`` doing that."""
     now = load(state.name)
-    if now is None or now.started_at != state.started_at or now.status != "ready":
-        raise VMError(f"VM {state.name!r} {what}; it is {'gone' if now is None else now.status} "
-                      "now, not ready, so it was left alone",
-                      hint=f"wait for the `invoke vm-up --vm={state.name}` that handles it, then retry",
-                      detail=detail)
+    if now is None:
+        raise VMError(f"VM {state.name!r} {what}; it is gone now (stopped elsewhere)",
+                      hint=f"run `invoke vm-up --vm={state.name}` for a new one", detail=detail)
+    if now.started_at != state.started_at or now.status != "ready":
+        status = _NOT_READY.get(now.status, now.status) if now.status != "ready" else "started again"
+        raise VMError(f"VM {state.name!r} {what}; it is {status} now, so it was left alone",
+                      hint=_owner_hint(state.name), detail=detail)
 
 
 def _master_alive(state: VMState) -> bool:

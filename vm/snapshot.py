@@ -48,11 +48,12 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from ground.errors import VMError
-from ground.proc import try_lock
+from ground.proc import file_lock, try_lock
 
 from . import initramfs, qemu
 
@@ -148,10 +149,12 @@ def lock_path(release: str, k: str) -> Path:
     return snapshot_dir(release) / f".{k}.lock"
 
 
+@contextmanager
 def reading(release: str, k: str):
-    """Context manager: True while this process holds snapshot *k* for a restore (no
-    prune removes it meanwhile), False if it is being saved or removed right now."""
-    return try_lock(lock_path(release, k), shared=True)
+    """Hold snapshot *k* for a restore: no prune removes it meanwhile. Waits for a save
+    or prune of it under way; yields whether its state file is (still) there."""
+    with file_lock(lock_path(release, k), shared=True):
+        yield paths(release, k)[0].is_file()
 
 
 def lookup(release: str, launch: qemu.LaunchSpec) -> tuple[str, dict, Path | None]:
@@ -176,7 +179,7 @@ def prune(release: str, saved: str, keep: int = KEEP):
     """After saving state *saved* of *release*: keep it and the newest others whose
     inputs are unchanged, *keep* in all; remove the rest, those whose inputs
     changed (a rebuilt rootfs, another QEMU) and state files a save that died
-    left without a manifest. One a restore is reading stays."""
+    left without a manifest or half-written. One a restore is reading stays."""
     d = snapshot_dir(release)
     if not d.is_dir():
         return
@@ -191,6 +194,9 @@ def prune(release: str, saved: str, keep: int = KEEP):
     for state in d.glob("*.state"):
         if state.stem != saved and not state.with_suffix(".json").exists() and _age(state) > SAVE_TIMEOUT:
             _discard_unused(release, state.stem)
+    for tmp in d.glob(".*.*.tmp"):      # a save killed (SIGKILL, OOM) before it could clean up
+        if _age(tmp) > SAVE_TIMEOUT:
+            tmp.unlink(missing_ok=True)
 
 
 def _saved_at(manifest: Path) -> float:

@@ -93,3 +93,14 @@ def test_a_failure_without_a_clash_is_the_errors_and_the_log(tmp_path: Path):
     assert isinstance(err, BuildError)
     assert (err.message, err.hint) == ("kernel module xt_a failed to build", f"full log: {tmp_path / 'build.log'}")
     assert err.detail == f"{tmp_path}/xt_a.c:7: error: 'x' undeclared"
+
+
+def test_a_name_defined_twice_in_our_own_sources_is_no_clash(tmp_path: Path):
+    """A workshop student defines foo_mt twice: renaming the extension would not help."""
+    src = tmp_path / "xt_foo.c"
+    out = (f"{src}:9:13: error: redefinition of 'foo_mt'\n"
+           f"{src}:2:13: note: previous definition of 'foo_mt' with type 'bool(void)'\n")
+    assert compiler.clashes(out, {}, {"foo_": "the name 'foo'"}, ours=tmp_path) == []
+    err = compiler.failure("kernel module xt_foo", out, tmp_path, tmp_path / "build.log",
+                           {}, {"foo_": "the name 'foo'"}, target=" for 6.12")
+    assert err.message == "kernel module xt_foo failed to build for 6.12"

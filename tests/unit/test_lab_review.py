@@ -6,7 +6,6 @@ reported as a status, and errors without a hint or with a raw traceback."""
 
 import json
 import subprocess
-import sys
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from ground.errors import VMError
 from nflab import matrix, suites
 from vm import install as vm_install
 from vm import lab, qemu, snapshot
+from tests.unit.conftest import fake_qemu_process
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +51,7 @@ def _state(vmdir, **kw):
 @pytest.fixture
 def fake_qemu(cache):
     vmdir = lab.vm_dir("rv-race")
-    vmdir.mkdir(parents=True)
-    # a process whose argv names files in the VM dir, as QEMU's does (pid_alive checks that)
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             f"{vmdir}/console.log"], start_new_session=True)
+    proc = fake_qemu_process(vmdir)
     yield vmdir, proc
     proc.kill()
     proc.wait()

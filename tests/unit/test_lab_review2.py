@@ -9,17 +9,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from ground.errors import VMError
+from ground.errors import NflabError, VMError
 from nflab import suites
 from nflab.start_gate import Gate
 from vm import lab, qemu, snapshot
-from ground.proc import try_lock
+from ground.proc import file_lock, try_lock
+from tests.unit.conftest import fake_qemu_process
 
 PANIC = "[ 9.1] sysrq: Trigger a crash\n[ 9.1] Kernel panic - not syncing: sysrq triggered crash\n"
 
@@ -39,17 +41,10 @@ def _state(vmdir, **kw):
     return lab.VMState(**base)
 
 
-def _fake_qemu(vmdir: Path) -> subprocess.Popen:
-    """A process whose argv names a file in *vmdir*, as a QEMU's does (pid_alive checks that)."""
-    vmdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             f"{vmdir}/console.log"], start_new_session=True)
-
-
 @pytest.fixture
 def vm(cache):
     vmdir = lab.vm_dir("rv2")
-    proc = _fake_qemu(vmdir)
+    proc = fake_qemu_process(vmdir)
     yield vmdir, proc
     proc.kill()
     proc.wait()
@@ -57,13 +52,14 @@ def vm(cache):
 
 # ---------------------------------------------------------------- 1: not ready, left alone
 
-@pytest.mark.parametrize("status", ["booting", "saving"])
-def test_require_refuses_a_vm_that_is_not_ready(vm, status):
+@pytest.mark.parametrize("status, said", [("booting", "is still starting"),
+                                          ("saving", "is paused while the first vm-up")])
+def test_require_refuses_a_vm_that_is_not_ready(vm, status, said):
     vmdir, proc = vm
     # QEMU started (pid recorded) and the guest still boots, or the first vm-up of the
     # kernel has paused it to save its state
     lab._save(_state(vmdir, pid=proc.pid, status=status))
-    with pytest.raises(VMError, match="is still starting") as err:
+    with pytest.raises(VMError, match=said) as err:
         lab.require("rv2")
     assert "vm-down" in err.value.hint
     assert proc.poll() is None and lab.load("rv2").status == status
@@ -140,7 +136,7 @@ def test_down_stops_the_qemu_of_a_start_killed_before_it_saved_the_pid(vm):
 
 def test_two_runs_never_share_the_default_vm(cache):
     kernel = type("K", (), {"release": "r"})()
-    proc = _fake_qemu(lab.vm_dir("default"))
+    proc = fake_qemu_process(lab.vm_dir("default"))
     try:
         lab._save(_state(lab.vm_dir("default"), pid=proc.pid, status="ready"))
         with ExitStack() as a, ExitStack() as b:
@@ -162,6 +158,18 @@ fcntl.flock(fd, fcntl.LOCK_EX); print("held", flush=True); time.sleep(60)"""],
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_second_run_naming_a_vm_in_use_stops_with_one_line(cache):
+    """`invoke test --vm=X` (or two --keep runs of a kernel, one fixed name) while
+    another run uses X: the second stops before it installs anything."""
+    with ExitStack() as a, ExitStack() as b:
+        suites._claim("it-x", a)
+        with pytest.raises(NflabError, match="in use by another `invoke test` run") as info:
+            suites._claim("it-x", b)
+        assert "--vm" in info.value.hint
+    with ExitStack() as c:      # the first run ended: its lock went with it
+        suites._claim("it-x", c)
 
 
 # ---------------------------------------------------------------- 3: a KVM probe that hung
@@ -228,6 +236,18 @@ def test_prune_keeps_the_newest_states_whose_inputs_are_current(tmp_path, boot_f
     assert sorted(p.stem for p in snapshot.snapshot_dir("r").glob("*.state")) == ["k3", "k5"]
 
 
+def test_prune_removes_what_a_killed_save_left_half_written(tmp_path, boot_files):
+    state = _saved(tmp_path, "k0", 100.0, boot_files[:1])
+    dead = state.with_name(".k1.4242.tmp")          # a save SIGKILLed mid-migration
+    live = state.with_name(".k2.4243.tmp")          # a save under way now
+    for f in (dead, live):
+        f.write_bytes(b"QEVM half")
+    old = time.time() - snapshot.SAVE_TIMEOUT - 60
+    os.utime(dead, (old, old))
+    snapshot.prune("r", saved="k0")
+    assert not dead.exists() and live.exists() and state.exists()
+
+
 def test_prune_leaves_a_state_a_restore_reads(tmp_path, boot_files):
     for i in range(4):
         _saved(tmp_path, f"k{i}", 100.0 + i, boot_files[:1])
@@ -239,12 +259,41 @@ def test_prune_leaves_a_state_a_restore_reads(tmp_path, boot_files):
     assert not snapshot.paths("r", "k0")[0].exists()
 
 
-def test_a_restore_sees_a_state_being_pruned(tmp_path, boot_files):
+def test_a_restore_waits_for_a_prune_and_sees_the_state_gone(tmp_path, boot_files):
     _saved(tmp_path, "k0", 100.0, boot_files[:1])
+    seen = []
+
+    def restore():
+        with snapshot.reading("r", "k0") as held:
+            seen.append(held)
+
     with try_lock(snapshot.lock_path("r", "k0")) as pruning:
         assert pruning
-        with snapshot.reading("r", "k0") as held:
-            assert not held, "a restore would read a state a prune is deleting"
+        reader = threading.Thread(target=restore)
+        reader.start()
+        time.sleep(0.2)
+        assert seen == [], "a restore read a state while a prune held it"
+        snapshot.discard("r", "k0")
+    reader.join(5)
+    assert seen == [False], "a restore would read a state a prune deleted"
+
+
+def test_a_restore_right_after_a_save_is_not_turned_away(tmp_path, boot_files):
+    """The saver's own restore follows its save; another vm-up re-checking under the
+    save lock in between must not make it think the state was removed (1 in 20 did)."""
+    _saved(tmp_path, "k0", 100.0, boot_files[:1])
+    with file_lock(snapshot.lock_path("r", "k0")):     # another vm-up re-checks ...
+        seen = []
+
+        def restore():
+            with snapshot.reading("r", "k0") as held:
+                seen.append(held)
+
+        reader = threading.Thread(target=restore)
+        reader.start()
+        time.sleep(0.2)
+    reader.join(5)                                       # ... and the restore waits for it
+    assert seen == [True]
 
 
 # ---------------------------------------------------------------- 5: run-private VM folders
@@ -258,9 +307,22 @@ def test_a_run_private_vm_leaves_no_folder_unless_it_faulted(cache, tmp_path):
     shards = [suites._Shard(vm=d.name, files=[], junit=tmp_path / f"{d.name}.xml",
                             gate=Gate(tmp_path / f"gate-{d.name}"), booted_here=True, private=True)
               for d in (gone, faulted)]
-    suites._clean_up(shards, tmp_path / "junit.xml", keep=False, progress=lambda m: None)
+    suites._clean_up(shards, tmp_path / "junit.xml", keep=False, forget=True, progress=lambda m: None)
     assert not gone.exists() and not (lab.vms_dir() / ".r-1-0.lock").exists()
     assert (faulted / "console.log").is_file(), "the console of a crashed VM is its post-mortem"
+
+
+def test_a_run_that_did_not_end_keeps_the_console_its_error_names(cache, tmp_path):
+    """A boot that timed out shows no fault, and its error's hint names console.log."""
+    d = lab.vm_dir("r-2-0")
+    d.mkdir(parents=True)
+    (d / "console.log").write_text("[    0.000000] Linux version 6.12\n")
+    shard = suites._Shard(vm=d.name, files=[], junit=tmp_path / "r.xml", gate=Gate(tmp_path / "g"),
+                          booted_here=True, private=True)
+    said = []
+    suites._clean_up([shard], tmp_path / "junit.xml", keep=False, forget=False, progress=said.append)
+    assert (d / "console.log").is_file()
+    assert any(str(d) in m for m in said), said
 
 
 def _aged(d: Path, days: float):
