@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,17 @@ def fake_qemu_process(vmdir: Path) -> subprocess.Popen:
     while not lab.pid_alive(proc.pid, vmdir) and time.monotonic() < deadline:
         time.sleep(0.01)
     return proc
+
+
+@contextmanager
+def fake_vm(name: str):
+    """(VM folder, fake QEMU) for VM *name*, the process killed afterwards."""
+    from vm import lab
+
+    vmdir = lab.vm_dir(name)
+    proc = fake_qemu_process(vmdir)
+    try:
+        yield vmdir, proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -16,7 +16,7 @@ from ground.errors import VMError
 from nflab import matrix, suites
 from vm import install as vm_install
 from vm import lab, qemu, snapshot
-from tests.unit.conftest import fake_qemu_process
+from tests.unit.conftest import fake_vm
 
 
 @pytest.fixture(autouse=True)
@@ -50,11 +50,8 @@ def _state(vmdir, **kw):
 
 @pytest.fixture
 def fake_qemu(cache):
-    vmdir = lab.vm_dir("rv-race")
-    proc = fake_qemu_process(vmdir)
-    yield vmdir, proc
-    proc.kill()
-    proc.wait()
+    with fake_vm("rv-race") as running:
+        yield running
 
 
 def test_a_stale_state_never_tears_down_the_running_vm(fake_qemu):

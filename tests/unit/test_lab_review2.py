@@ -21,7 +21,7 @@ from nflab import suites
 from nflab.start_gate import Gate
 from vm import lab, qemu, snapshot
 from ground.proc import file_lock, try_lock
-from tests.unit.conftest import fake_qemu_process
+from tests.unit.conftest import fake_qemu_process, fake_vm
 
 PANIC = "[ 9.1] sysrq: Trigger a crash\n[ 9.1] Kernel panic - not syncing: sysrq triggered crash\n"
 
@@ -43,11 +43,8 @@ def _state(vmdir, **kw):
 
 @pytest.fixture
 def vm(cache):
-    vmdir = lab.vm_dir("rv2")
-    proc = fake_qemu_process(vmdir)
-    yield vmdir, proc
-    proc.kill()
-    proc.wait()
+    with fake_vm("rv2") as running:
+        yield running
 
 
 # ---------------------------------------------------------------- 1: not ready, left alone
