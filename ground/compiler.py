@@ -8,25 +8,6 @@ from pathlib import Path
 
 from ground.errors import BuildError
 
-_DIAG_RE = re.compile(r"^(?P<file>[^\s:]+\.(?:c|h)):(?P<line>\d+):(?:(?P<col>\d+):)?\s*"
-                      r"(?P<sev>error|warning|fatal error):(?P<msg>.*)$")
-
-
-def diagnostics(output: str, src_dir: Path) -> list[str]:
-    """Compiler errors as ``file:line: message`` lines, paths relative to the build dir."""
-    found = []
-    for line in output.splitlines():
-        m = _DIAG_RE.match(line.strip())
-        if m and m.group("sev") != "warning":
-            path = m.group("file")
-            try:
-                path = str(Path(path).resolve().relative_to(src_dir.resolve()))
-            except ValueError:
-                pass
-            found.append(f"{src_dir / path}:{m.group('line')}: {m.group('sev')}:{m.group('msg')}")
-    return found
-
-
 # every located line of gcc's output, notes included
 _LOC_RE = re.compile(r"^(?P<file>[^\s:]+\.(?:c|h)):(?P<line>\d+):(?:(?P<col>\d+):)?\s*"
                      r"(?P<sev>error|warning|fatal error|note):\s*(?P<msg>.*)$")
@@ -77,6 +58,20 @@ def _located(output: str) -> list[_Loc]:
         if m:
             found.append(_Loc(m.group("file"), int(m.group("line")), int(m.group("col") or 0),
                               m.group("sev"), m.group("msg")))
+    return found
+
+
+def diagnostics(output: str, src_dir: Path) -> list[str]:
+    """Compiler errors as ``file:line: message`` lines, paths relative to the build dir."""
+    found = []
+    for loc in _located(output):
+        if loc.sev in ("error", "fatal error"):
+            path = loc.file
+            try:
+                path = str(Path(path).resolve().relative_to(src_dir.resolve()))
+            except ValueError:
+                pass
+            found.append(f"{src_dir / path}:{loc.line}: {loc.sev}: {loc.msg}")
     return found
 
 
@@ -141,13 +136,14 @@ def failure(what: str, output: str, src_dir: Path, log: Path, names: dict[str, s
     """The error for a failed compile of *what* (for *target*, " for 6.12..."): the
     compiler's errors as file:line, led by the first of *names* or *prefixes* (see
     clashes) found taken already."""
+    names = names or {}
     diags = diagnostics(output, src_dir)
     detail = "\n".join(diags or output.strip().splitlines()[-20:])
-    found = clashes(output, names or {}, prefixes, ours=src_dir)
+    found = clashes(output, names, prefixes, ours=src_dir)
     if not found:
         return BuildError(f"{what} failed to build{target}", hint=f"full log: {log}", detail=detail)
     c = found[0]
-    fix = FIELD_HINT if c.name in (names or {}) else NAME_HINT
+    fix = FIELD_HINT if c.name in names else NAME_HINT
     return BuildError(f"{what} failed to build{target}: {c.origin} generates the C name {c.name}, "
                       f"which {c.where or 'a header it includes'} already uses",
                       hint=f"{fix}; full log: {log}", detail=detail)

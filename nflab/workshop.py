@@ -163,7 +163,8 @@ class Outcome:
     @property
     def suite_failed(self) -> list[int]:
         """The exercises whose suite ran and was red."""
-        return [n for n, v in self.verdicts.items() if v != "passed" and n not in self.build_failed]
+        unbuilt = set(self.build_failed)
+        return [n for n, v in self.verdicts.items() if v != "passed" and n not in unbuilt]
 
 
 def suite_command(exs: list[Exercise], testinfra_spec: str, vm: str, junit: Path,
