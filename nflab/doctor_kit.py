@@ -88,6 +88,9 @@ def check_kvm() -> list[Check]:
     if accel:
         return [Check("accelerator", OK if accel[0] == "kvm" else WARN, f"{accel[0]} ({accel[1]})",
                       "" if accel[0] == "kvm" else "KVM probe failed; the kit uses TCG")]
+    if qemu.on_pvm():
+        return [Check("accelerator", WARN, qemu.PVM_REASON,
+                      "fine for the lab: the kit uses TCG here (NFLAB_ACCEL=kvm forces KVM)")]
     return [Check("accelerator", OK, "/dev/kvm present; probed (with a timeout) at first vm-up")]
 
 

@@ -36,6 +36,8 @@ def test_guest_libxtables_is_compared_with_the_build_root(tmp_path, monkeypatch)
 
 def test_accelerator_reports_the_cached_probe(tmp_path, monkeypatch):
     monkeypatch.setenv("NFLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(qemu, "SYS_MODULE", tmp_path / "module")    # kvm_intel's, not PVM's
+    (tmp_path / "module" / "kvm_intel").mkdir(parents=True)
     monkeypatch.setattr(doctor_kit.os.path, "exists", lambda p: p == "/dev/kvm" or p == str(tmp_path))
     (tmp_path / qemu.ACCEL_CACHE).write_text(json.dumps(
         {"key": qemu._accel_key(), "accel": "tcg", "reason": "a KVM guest hung"}))
@@ -44,6 +46,9 @@ def test_accelerator_reports_the_cached_probe(tmp_path, monkeypatch):
     (tmp_path / qemu.ACCEL_CACHE).write_text(json.dumps({"key": "another host", "accel": "kvm", "reason": "x"}))
     [check] = doctor_kit.check_kvm()
     assert "probed" in check.detail and "cached" not in check.detail
+    (tmp_path / "module" / "kvm_pvm").mkdir()          # a PVM host: no probe will be made
+    [check] = doctor_kit.check_kvm()
+    assert check.status == doctor.WARN and "kvm_pvm" in check.detail and "TCG" in check.fix, check
 
 
 def test_the_doctor_runs_before_setup_without_the_kits_packages():

@@ -147,11 +147,27 @@ def test_a_failed_insmod_points_at_dmesg(monkeypatch):
 
 
 @pytest.fixture
-def kvm_accessible(monkeypatch):
-    """/dev/kvm opens (the probe starts its QEMU; the fake QEMU decides the rest)."""
+def kvm_accessible(monkeypatch, tmp_path):
+    """/dev/kvm opens and is kvm_intel's (the probe starts its QEMU; the fake QEMU
+    decides the rest)."""
     real_access = qemu.os.access
     monkeypatch.setattr(qemu.os, "access",
                         lambda p, m, **kw: True if str(p) == "/dev/kvm" else real_access(p, m, **kw))
+    (tmp_path / "module" / "kvm_intel").mkdir(parents=True)
+    monkeypatch.setattr(qemu, "SYS_MODULE", tmp_path / "module")
+    return tmp_path / "module"
+
+
+def test_a_pvm_host_is_not_probed_and_says_why(tmp_path, monkeypatch, kvm_accessible):
+    """/dev/kvm of kvm_pvm runs stock kernels by emulation: TCG, without a probe boot
+    (QEMU is a path that does not exist: starting it would raise), and a cached answer
+    made before the module changed is not believed."""
+    monkeypatch.setattr(qemu, "QEMU", str(tmp_path / "no-qemu"))
+    intel_key = qemu._accel_key()
+    (kvm_accessible / "kvm_pvm").mkdir()
+    ok, reason = qemu.probe_kvm(tmp_path / "vmlinuz", tmp_path / "initrd")
+    assert not ok and reason == qemu.PVM_REASON and qemu.HANGS not in reason
+    assert qemu._accel_key() != intel_key
 
 
 def test_probe_kvm_of_a_qemu_that_fails_early_reports_it(tmp_path, monkeypatch, kvm_accessible):
