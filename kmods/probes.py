@@ -3,8 +3,11 @@
 The probes are data (``kmods/probes.toml``): a header check reads the header a
 declaration lives in (C comments stripped) for a regex, or that the header
 exists; a compile probe builds a line of C through Kbuild with ``-Werror``
-(all compile probes of a kernel in one ``make -k``); an "any" probe is 1 when
-one of the probes it names is. The results become
+(all compile probes of a kernel in one ``make -k``, beside an empty control
+object): 0 only when gcc blames the probe's own code; a run whose control does
+not build, or a probe that fails without gcc blaming it (cc1 killed, a full
+disk), is a BuildError and caches nothing. An "any" probe is 1 when one of the
+probes it names is. The results become
 ``nflab_features.h`` (``#define NFLAB_HAVE_<NAME> 0|1``, each with a comment
 saying how it was decided and what a version check would have said), which
 ``compat_nflab.h`` keys on instead of ``LINUX_VERSION_CODE``.
@@ -49,6 +52,10 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+$")
 _COMMENT_RE = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
 _ASCII_QUOTES = str.maketrans("\u2018\u2019", "''")   # gcc quotes by LANG (Kbuild unexports LC_ALL)
+_DIAG_RE = re.compile(r"^(?P<file>\S[^:]*):\d+(?::\d+)?: "
+                      r"(?P<kind>error|fatal error|note): (?P<text>.*)$")
+_MISSING_HEADER_RE = re.compile(r"^[\w./+-]+\.h: ")          # gcc's words for a missing #include
+CONTROL = "nflab_control"          # an empty object built beside the compile probes
 
 
 class MissingFeature(BuildError):
@@ -264,35 +271,88 @@ def probe_source(probe: Probe) -> str:
             f"{ccomment(probe.what)} */\n{includes}\n{probe.code.strip()}\n")
 
 
-def _first_error(output: str, source: str) -> str:
+def control_source() -> str:
+    return ("// SPDX-License-Identifier: GPL-2.0\n/* nflab compile probe control: "
+            "builds wherever Kbuild and the compiler work */\n#include <linux/module.h>\n")
+
+
+def _diagnostic(line: str) -> tuple[str, str, str] | None:
+    """(file, kind, text) of a gcc diagnostic that blames code: an error or a note
+    at a line of a file, or a header that file includes missing. Not a fatal
+    error gcc puts at a line without blaming it (``error closing /tmp/cc….s: No
+    space left on device``), nor the driver's (``Killed signal terminated program cc1``)."""
+    m = _DIAG_RE.match(line)
+    if not m or (m["kind"] == "fatal error" and not _MISSING_HEADER_RE.match(m["text"])):
+        return None
+    return m["file"], m["kind"], " ".join(m["text"].split()).translate(_ASCII_QUOTES)
+
+
+def _own_error(output: str, source: str) -> str | None:
+    """The error gcc found in *source*'s own code: on one of its lines, in a header
+    its line reaches through a macro (the note naming that line), or a header it
+    includes missing. None when gcc never blamed its code."""
+    last = None
     for line in output.splitlines():
-        if source in line and ": error:" in line:
-            text = " ".join(line.split(": error:", 1)[1].split())
-            return text.translate(_ASCII_QUOTES)
-    return "it does not build"
+        diag = _diagnostic(line)
+        if not diag:
+            continue
+        where, kind, text = diag
+        last = text if kind != "note" else last
+        if last and (where == source or where.endswith(f"/{source}")):
+            return last
+    return None
+
+
+def _complaint(output: str) -> str:
+    """The first line of *output* that says why gcc or Kbuild failed, gcc's words first."""
+    lines = [" ".join(line.split()) for line in output.splitlines()
+             if re.search(r"(?i)\berror\b|\*\*\*", line) and not _diagnostic(line)]
+    lines.sort(key=lambda line: line.startswith("make"))
+    return lines[0] if lines else "nothing said why"
+
+
+def _built(work: Path, name: str) -> bool:
+    return (work / f"{name}.o").is_file() and (work / f".{name}.o.cmd").is_file()
+
+
+def _verdict(work: Path, output: str, name: str) -> tuple[bool, str] | None:
+    """A probe's value and evidence; None when it failed with no error in its own code."""
+    if _built(work, name):
+        return True, "builds with -Werror"
+    error = _own_error(output, f"{name}.c")
+    return (False, f"does not build: {error}") if error else None
 
 
 def run_compile(kernel, probes: list[Probe], work: Path) -> list[Result]:
-    """Build every compile probe in one Kbuild run; a probe is 1 when its object builds."""
+    """Build every compile probe and an empty control object in one Kbuild run; a
+    probe is 1 when its object builds, 0 when gcc blames its own code. A run whose
+    control does not build, or a probe that failed with no error in its own code
+    (cc1 killed for memory, a full disk), decides nothing: BuildError."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     names = [f"nflab_probe_{p.name}" for p in probes]
-    (work / "Kbuild").write_text("".join(f"obj-m += {n}.o\n" for n in names) +
+    (work / "Kbuild").write_text("".join(f"obj-m += {n}.o\n" for n in names + [CONTROL]) +
                                  "ccflags-y += -Werror\n")
     for probe, n in zip(probes, names):
         (work / f"{n}.c").write_text(probe_source(probe))
-    res = kbuild_objects(kernel, work, [f"{n}.o" for n in names])
+    (work / f"{CONTROL}.c").write_text(control_source())
+    res = kbuild_objects(kernel, work, [f"{n}.o" for n in names + [CONTROL]])
     out = res.stdout + res.stderr
-    results = []
-    for probe, n in zip(probes, names):
-        ok = (work / f"{n}.o").is_file() and (work / f".{n}.o.cmd").is_file()
-        evidence = ("builds with -Werror" if ok else
-                    f"does not build: {_first_error(out, f'{n}.c')}")
-        results.append(Result(probe.name, ok, "compile", evidence))
-    if not any(r.value for r in results) and "error:" not in out:
-        raise BuildError(f"compile probes for {kernel.release}: Kbuild failed before compiling",
-                         hint=f"probe sources in {work}", detail=out.strip()[-2000:])
-    return results
+    if not _built(work, CONTROL):
+        raise BuildError(f"compile probes for {kernel.release}: Kbuild did not build even an "
+                         f"empty object ({_complaint(out)})", detail=out.strip()[-2000:],
+                         hint="the run failed, not a probe; nothing was cached: run again once "
+                              "the host has memory and disk to spare, or the build root works")
+    verdicts = {p.name: _verdict(work, out, n) for p, n in zip(probes, names)}
+    unknown = [name for name, v in verdicts.items() if v is None]
+    if unknown:
+        raise BuildError(f"compile probes for {kernel.release}: {', '.join(unknown)} did not "
+                         f"build, with no error in their own code ({_complaint(out)})",
+                         detail=out.strip()[-2000:],
+                         hint="gcc failed for another reason (killed for memory, a full disk?); "
+                              "nothing was cached: run again once the host has memory and "
+                              "disk to spare")
+    return [Result(name, ok, "compile", evidence) for name, (ok, evidence) in verdicts.items()]
 
 
 # ---------------------------------------------------------------- versions
