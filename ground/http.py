@@ -1,15 +1,20 @@
 """Streamed HTTP downloads into a cache: a temporary file beside the target,
 size and sha256 checked (and any other check the caller adds) before an
 ``os.replace`` puts it in place, so a failed or partial download never enters
-the cache. Conditional GETs (ETag, Last-Modified) report 304 instead of
+the cache. A download holds a lock on its temporary file; one a killed download
+left (unlocked, no longer new) is removed by the next download of the same file.
+Conditional GETs (ETag, Last-Modified) report 304 instead of
 downloading. urllib honours ``http_proxy``/``https_proxy``/``no_proxy``."""
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import http.client
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -20,6 +25,9 @@ from ground.errors import ArchiveError, write_failed
 
 TIMEOUT = 60
 CHUNK = 1 << 20
+# a part file this old (seconds) and unlocked was left by a killed download; the age
+# only covers the instant between a live download's mkstemp and its lock
+STALE_PART = 60
 Progress = Callable[[str, int, "int | None"], None]
 
 
@@ -90,7 +98,10 @@ def _length(resp) -> int | None:
 def _stream(resp, url, dest: Path, expected, sha256, check, progress) -> tuple[int, str]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(dest)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        held = os.dup(fd)     # the lock lives until this closes, after the rename
+        fcntl.flock(held, fcntl.LOCK_EX)
     except OSError as exc:
         raise write_failed(dest.parent, exc) from None
     try:
@@ -103,6 +114,29 @@ def _stream(resp, url, dest: Path, expected, sha256, check, progress) -> tuple[i
     except BaseException:
         os.unlink(tmp)
         raise
+    finally:
+        os.close(held)
+
+
+def _remove_stale_parts(dest: Path):
+    """Remove the part files of *dest* that killed downloads left (SIGKILL, power
+    loss): those no download holds locked, older than STALE_PART seconds."""
+    prefix = f".{dest.name}."
+    for part in dest.parent.glob(glob.escape(prefix) + "*.part"):
+        if "." in part.name[len(prefix):-len(".part")]:
+            continue             # mkstemp adds no dot: another file's (.<dest>.x.<random>)
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue             # gone meanwhile: its download finished or failed
+        try:
+            if time.time() - os.fstat(fd).st_mtime >= STALE_PART:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                part.unlink()
+        except OSError:          # locked by a live download (BlockingIOError), or gone
+            pass
+        finally:
+            os.close(fd)
 
 
 def _write(resp, fd: int, url, dest: Path, expected, progress) -> tuple[int, str]:

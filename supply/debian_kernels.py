@@ -334,7 +334,7 @@ def choose(what: str, flavour: str, all_offers: list[Offer], *, exact: bool = Fa
         return max(named, key=sort_key)
     _refuse_headerless(what, flavour, all_offers)
     near = sorted({o.abi for o in same if o.line == line_of(what)} or {o.abi for o in same},
-                  reverse=True)[:5]
+                  key=lambda abi: (abi_sort_key(abi), abi), reverse=True)[:5]
     raise KernelError(f"kernel {what}-{flavour} is not in Debian's archive with headers",
                       hint=f"nearest valid: {', '.join(near) or 'none'}")
 

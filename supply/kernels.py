@@ -7,7 +7,10 @@ linux-source (``supply.source_kernels``); both end in the same cache entry shape
 (``supply.entry``). A Debian entry is built in a temporary directory and renamed
 into place, so an interrupted fetch never leaves something that looks complete;
 a file lock serialises two fetches of the same kernel; every use verifies the
-entry against what was recorded at fetch time, and a damaged one is fetched again.
+entry against what was recorded at fetch time, and a damaged one is fetched again,
+as is one whose ABI the archive now serves with other packages (the rc's ``7.3``
+from ``~rc7`` to ``~rc8``; offline, or when the download is unreachable, the
+cached upload is used).
 
 Both package layouts unpack into one shape: before 6.19 ``linux-image-<abi>``
 holds ``/boot/vmlinuz-*`` and the modules; from 6.19 it is a meta package over
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from ground import deb, debarchive
 from ground.errors import ArchiveError, KernelError
+from ground.http import Unreachable
 from ground.paths import kernels_dir
 from ground.proc import file_lock, run
 
@@ -35,12 +39,12 @@ from . import debian_kernels as dk
 from . import source_kernels
 from .debian_kernels import DEFAULT_FLAVOUR, DEFAULT_KERNEL, FLAVOURS, Offer, parse_spec
 from .entry import (INTEGRITY, LISTING, MANIFEST, MANIFEST_VERSION, Kernel, abi_sort_key,
-                    cached_kernels, check_entry, record_integrity)
+                    cached_kernels, check_entry, record_integrity, release_of_abi)
 
 __all__ = ["DEFAULT_FLAVOUR", "DEFAULT_KERNEL", "FLAVOURS", "INTEGRITY", "LISTING", "MANIFEST",
            "MANIFEST_VERSION", "Kernel", "KernelRef", "Offer", "abi_sort_key", "cached_kernels",
            "check_entry", "exact_spec", "fetch", "get", "is_source_spec", "parse_spec", "record_integrity",
-           "by_release", "resolve", "table_rows"]
+           "by_release", "release_spec", "resolve", "table_rows"]
 MERGED_USR = ("bin", "sbin", "lib", "lib64")
 is_source_spec = source_kernels.is_source_spec
 
@@ -64,10 +68,29 @@ class KernelRef:
 
 
 def _cached_of_line(what: str, flavour: str) -> KernelRef | None:
-    for k in cached_kernels():
-        if k.flavour == flavour and _line(k) == what:
-            return KernelRef(k.abi, k.flavour)
-    return None
+    """Offline: the cached kernel the online resolution would pick for line or group
+    word *what* if the archive offered only what is cached (``dk.choose`` over the
+    cached entries; ``stable`` is the stable line of the last offers read, if any)."""
+    cached = [o for o in map(_as_offer, cached_kernels()) if o is not None]
+    if what == "stable":
+        known = dk.cached_lines()
+        what = known[-1] if known else what
+    try:
+        offer = dk.choose(what, flavour, cached)
+    except KernelError:
+        return None
+    return KernelRef(offer.abi, offer.flavour)
+
+
+def _as_offer(k: Kernel) -> Offer | None:
+    """A cached Debian kernel as the offer it was fetched from (None: not Debian's);
+    an entry older than the suite field is taken as its Debian release's main suite."""
+    suite = k.suite or release_of_abi(k.abi)
+    if k.flavour not in FLAVOURS or suite not in dk.KERNEL_SUITES:
+        return None
+    version = k.extra.get("version") or k.packages.get(f"linux-image-{k.release}", "")
+    return Offer(k.abi, k.flavour, suite, version, tuple(k.packages.items()),
+                 k.extra.get("compiler", ""))
 
 
 def _line(k: Kernel) -> str:
@@ -77,8 +100,8 @@ def _line(k: Kernel) -> str:
 
 def resolve(spec: str | None):
     """The concrete kernel a spec names: an exact cached ABI without asking the
-    archive, else the archive's offer; offline, a line falls back to its newest
-    cached ABI (with a warning)."""
+    archive, else the archive's offer; offline, a line (or stable, rc) falls back to
+    the cached ABI the archive's preference picks among the cached (with a warning)."""
     if source_kernels.is_source_spec(spec):
         p = source_kernels.plan(spec)
         return KernelRef(p.upstream, f"{source_kernels.FLAVOUR_PREFIX}{p.key}")
@@ -123,21 +146,50 @@ def _fetch_debian(spec, progress, force, listing) -> Kernel:
     ref = resolve(spec)
     base = kernels_dir()
     entry = base / ref.key
-    if not force and check_entry(entry, listing=listing) is None:
+    if not force and check_entry(entry, listing=listing) is None and not _superseded(entry, ref):
         return Kernel.load(entry)
     base.mkdir(parents=True, exist_ok=True)
     with file_lock(base / f".{ref.key}.lock"):
         problem = check_entry(entry)
-        if not force and problem is None:
+        newer = None if problem else _superseded(entry, ref)
+        if not force and problem is None and not newer:
             return Kernel.load(entry)
         _remove_debris(base, ref.key, progress)
         offer = _offer_for(ref)      # before anything is removed: the ABI may be gone
         if entry.exists():
-            _say(progress, f"kernel cache entry {entry} is damaged: {problem}; "
-                           "fetching it again" if problem else
-                           f"fetching kernel cache entry {entry} again (--force)")
-        _make_entry(offer, base, entry, progress)
+            _say(progress, _refetch_reason(entry, problem, newer))
+        try:
+            _make_entry(offer, base, entry, progress)
+        except Unreachable as exc:
+            if not newer or force:
+                raise
+            _say(progress, f"{exc.message}; using the cached {ref.release} "
+                           f"({_version(Kernel.load(entry))}) meanwhile")
     return Kernel.load(entry)
+
+
+def _superseded(entry: Path, ref) -> str | None:
+    """Why the intact *entry* is not what the offer *ref* names (None when it is, or
+    when *ref* is no offer: an exact cached ABI, or offline): the archive serves other
+    packages under the same ABI (the rc's 7.3 from ~rc7 to ~rc8, a re-upload)."""
+    if not isinstance(ref, Offer):
+        return None
+    cached = Kernel.load(entry)
+    if cached.packages == dict(ref.packages):
+        return None
+    return f"it holds {_version(cached)}, the archive now serves {ref.version}"
+
+
+def _version(k: Kernel) -> str:
+    return k.extra.get("version") or k.packages.get(f"linux-image-{k.release}", "an older upload")
+
+
+def _refetch_reason(entry: Path, problem: str | None, newer: str | None) -> str:
+    if problem:
+        return f"kernel cache entry {entry} is damaged: {problem}; fetching it again"
+    if newer:
+        return f"kernel cache entry {entry} is out of date: {newer}; fetching it"
+    return f"fetching kernel cache entry {entry} again (--force)"
 
 
 def _make_entry(offer: Offer, base: Path, entry: Path, progress):
@@ -189,7 +241,8 @@ def _normalise_boot(root: Path, release: str):
         if not found:
             raise KernelError(f"the packages of {release} hold no {what} (looked at "
                               f"{', '.join(c.format(r=release) for c in candidates)})",
-                              hint=f"the unpacked packages look incomplete: invoke fetch-kernel --kernel={release} --force")
+                              hint=f"the unpacked packages look incomplete: invoke fetch-kernel "
+                                   f"--kernel={release_spec(release)} --force")
         want = root / "boot" / f"{what}-{release}"
         if found[0] != want:
             shutil.move(found[0], want)
@@ -202,7 +255,8 @@ def _record(offer: Offer, tmp: Path, entry: Path, progress=None) -> Kernel:
     _normalise_boot(root, release)
     if not (root / "lib/modules" / release).is_dir():
         raise KernelError(f"the packages of {release} hold no lib/modules/{release}",
-                          hint=f"the unpacked packages look incomplete: invoke fetch-kernel --kernel={release} --force")
+                          hint=f"the unpacked packages look incomplete: invoke fetch-kernel "
+                               f"--kernel={exact_spec(offer)} --force")
     _fix_headers_makefile(root, entry / "root", release)
     _say(progress, f"depmod {release}", quiet_ok=True)
     run(["depmod", "-b", root, release], timeout=300)
@@ -249,36 +303,46 @@ def get(spec: str | None = None, *, fetch_missing=True, progress=None, listing=T
     entry = kernels_dir() / ref.key
     if not (entry / MANIFEST).is_file():
         raise KernelError(f"kernel {ref.release} is not in the cache",
-                          hint=f"run `invoke fetch-kernel --kernel={ref.release}`")
+                          hint=f"run `invoke fetch-kernel --kernel={exact_spec(ref)}`")
     problem = check_entry(entry, listing=listing)
     if problem:
         raise KernelError(f"kernel cache entry {entry} is damaged: {problem}",
-                          hint=f"run `invoke fetch-kernel --kernel={ref.release}` "
+                          hint=f"run `invoke fetch-kernel --kernel={exact_spec(ref)}` "
                                "to fetch it again")
     return Kernel.load(entry)
 
 
 def table_rows(*, every: bool = False) -> list[dict]:
     """Rows for `invoke kernels`: per line its newest ABI (every ABI with *every*),
-    with suite, compiler, flavours and what is cached; cached-only kernels too."""
+    with suite, compiler, flavours and what is cached (the very packages offered);
+    cached-only kernels too (an older upload of an offered ABI among them)."""
     cached = {k.release: k for k in cached_kernels()}
-    rows = {}
+    rows, current = {}, set()
     for o in dk.offers():
         row = rows.setdefault((o.abi, o.suite), {
             "line": o.line, "abi": o.abi, "suite": o.suite,
             "compiler": o.compiler or "(image only: no headers)",
             "version": o.version, "flavours": [], "cached": [], "archive": True})
         row["flavours"].append(o.flavour)
-        if o.release in cached:
+        if o.release in cached and cached[o.release].packages == dict(o.packages):
             row["cached"].append(o.flavour)
+            current.add(o.release)
     for k in cached.values():
-        if not any(k.release == f"{r['abi']}-{f}" for r in rows.values() for f in r["flavours"]):
-            rows[(k.abi, k.suite or "cache")] = {
-                "line": _line(k), "abi": k.abi, "suite": k.suite or "(cache only)",
-                "compiler": k.compiler, "version": "", "flavours": [k.flavour],
-                "cached": [k.flavour], "archive": False}
+        if k.release not in current:
+            rows[(k.abi, k.suite or "cache", k.flavour)] = _cached_row(
+                k, superseded=any(k.release == f"{r['abi']}-{f}" for r in rows.values()
+                                  for f in r["flavours"]))
     ordered = sorted(rows.values(), key=lambda r: abi_sort_key(r["abi"]), reverse=True)
     return ordered if every else _newest_per_line(ordered)
+
+
+def _cached_row(k: Kernel, *, superseded: bool) -> dict:
+    """The row of a cached kernel the archive does not serve (as cached)."""
+    suite = k.suite or "(cache only)"
+    return {"line": _line(k), "abi": k.abi,
+            "suite": f"{suite} ({_version(k)}, superseded)" if superseded else suite,
+            "compiler": k.compiler, "version": k.extra.get("version", ""),
+            "flavours": [k.flavour], "cached": [k.flavour], "archive": False}
 
 
 def _newest_per_line(rows: list[dict]) -> list[dict]:
@@ -318,23 +382,38 @@ def expand(kernels: str | list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def exact_spec(k: Kernel) -> str:
-    """The spec naming cached kernel *k* and no other: a Debian kernel by its ABI
-    and flavour (any flavour, rt included; ``exact:`` before an ABI shaped like a
-    line, the rc's ``7.3``), a kernel built from source by its release."""
+def exact_spec(k: Kernel | KernelRef | Offer) -> str:
+    """The spec naming kernel *k* (cached, or a reference or offer) and no other: a
+    Debian kernel by its ABI and flavour (any flavour, rt included; ``exact:`` before
+    an ABI shaped like a line, the rc's ``7.3``), a kernel built from source by its
+    release."""
     if k.flavour not in FLAVOURS:
         return k.release
     return f"{dk.EXACT if dk.is_line(k.abi) else ''}{k.abi}-{k.flavour}"
 
 
+def release_spec(release: str) -> str:
+    """The spec naming exactly the kernel whose ``uname -r`` is *release*: a source
+    build's release as it is, a Debian kernel's with ``exact:`` when its ABI is
+    shaped like a line (the rc's ``7.3-cloud-amd64`` is not the 7.3 line)."""
+    if source_kernels.is_source_spec(release):
+        return release
+    try:
+        what, _ = parse_spec(dk.EXACT + release)
+    except KernelError:
+        return release           # not a kernel release: the spec's error says so
+    return f"{dk.EXACT if dk.is_line(what) else ''}{release}"
+
+
 def by_release(release: str) -> Kernel:
-    """The cached kernel whose ``uname -r`` is *release* (what a VM reports). A release
-    is not a spec: the release candidate's ``7.3-cloud-amd64`` is not the 7.3 line."""
+    """The cached kernel whose ``uname -r`` is *release* (what a VM reports), fetched
+    when missing. A release is not a spec (``release_spec`` makes the one for it)."""
     entry = kernels_dir() / release
     if (entry / MANIFEST).is_file():
         problem = check_entry(entry)
         if problem:
             raise KernelError(f"kernel cache entry {entry} is damaged: {problem}",
-                              hint=f"run `invoke fetch-kernel --kernel={release}` to fetch it again")
+                              hint=f"run `invoke fetch-kernel --kernel={release_spec(release)}` "
+                                   "to fetch it again")
         return Kernel.load(entry)
-    return get(release)
+    return get(release_spec(release))

@@ -39,6 +39,7 @@ the initramfs loads no modules.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -356,6 +357,7 @@ def source_tree(p: Plan, progress=None) -> Path:
             return tree
         if final.exists():
             shutil.rmtree(final)
+        _remove_unpack_debris(root, p.version, progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{p.version}-", dir=root))
         try:
             debfile = _download_source(p, progress)
@@ -374,6 +376,19 @@ def source_tree(p: Plan, progress=None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return tree
+
+
+def _remove_unpack_debris(root: Path, version: str, progress=None):
+    """The temporary trees of unpacks of *version* that were killed (~1.7 GiB each);
+    the caller holds the version's lock, so no live unpack owns them. ``mkdtemp``
+    adds no ``-``: ``.tmp-<version>-<more>-<random>`` is another version's."""
+    prefix = f".tmp-{version}-"
+    for old in root.glob(glob.escape(prefix) + "*"):
+        if "-" in old.name[len(prefix):]:
+            continue
+        if progress:
+            progress(f"removing {old.name}, left by an interrupted unpack")
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _plan_of(data: dict) -> Plan:

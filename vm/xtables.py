@@ -179,4 +179,4 @@ def for_vm(vm: str) -> Backends:
     """For a kit VM: from its kernel's cache entry (the entry of exactly its release)."""
     release = lab.require(vm).release
     kernel = next((k for k in kernels.cached_kernels() if k.release == release), None)
-    return for_kernel(kernel or kernels.get(release, fetch_missing=False))
+    return for_kernel(kernel or kernels.get(kernels.release_spec(release), fetch_missing=False))
