@@ -73,7 +73,7 @@ def check_compiler() -> list[Check]:
         if root is None:
             checks.append(Check(f"{compiler} for {k.release}", WARN,
                                 f"the {k.build_release} build root is not made yet",
-                                f"made at the first build (`invoke fetch-kernel --kernel={k.release}`)"))
+                                f"made at the first build (`invoke fetch-kernel --kernel={kernels.exact_spec(k)}`)"))
             continue
         checks.append(Check(f"{compiler} for {k.release}", OK,
                             f"in the {root.release} build root ({root.path.parent.name})"))
