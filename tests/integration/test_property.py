@@ -199,7 +199,7 @@ def test_accepted_definitions_compile_rejected_never_reach_jinja(raw):
     try:
         ext = _validate_guarded(raw)
     except SpecError as exc:
-        assert exc.message and exc.hint is None or exc.hint.startswith("valid")
+        assert exc.message and (exc.hint is None or exc.hint.startswith("valid"))
         return
     files = render.render(ext)
     assert all("{{" not in t or "{{ ext.name }}" in repr(ext.raw) for t in files.values())
