@@ -645,6 +645,16 @@ def check_text(value, where, field_name, maximum=TEXT_MAX) -> str:
     return value
 
 
+def check_bool(table: dict, key: str, where: str, default: bool = False) -> bool:
+    """``table[key]``, a TOML boolean: a word ("no", "false") or a list would be
+    read as true, so anything but true or false is refused, naming the key."""
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(where, key, f"{value!r} is not a boolean",
+                    "true or false (a TOML boolean, unquoted)")
+    return value
+
+
 def check_priority(value, where="hook") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
@@ -713,11 +723,8 @@ def _option(raw, index, where) -> Option:
     opt = Option(name=name, type=otype, field=fld, index=index,
                  help=check_text(raw.get("help", ""), owhere, "help", 200),
                  label=check_text(raw.get("label", name), owhere, "label", 60),
-                 invert=bool(raw.get("invert", False)),
-                 mandatory=bool(raw.get("mandatory", False)))
-    for key in ("invert", "mandatory"):
-        if key in raw and not isinstance(raw[key], bool):
-            raise _fail(owhere, key, f"{raw[key]!r} is not a boolean", "true or false")
+                 invert=check_bool(raw, "invert", owhere),
+                 mandatory=check_bool(raw, "mandatory", owhere))
     _option_storage(opt, raw, owhere)
     _option_bounds(opt, raw, owhere)
     _option_default(opt, raw, owhere)
@@ -823,7 +830,7 @@ def validate(raw: dict, path: Path | None = None, *, kernel_modules=None) -> Ext
         _validate_hook(ext, raw, where)
         ext.netlink = _validate_netlink(ext, raw, where)
     else:
-        if raw.get("hooks"):
+        if "hooks" in raw:
             raise _fail(where, "hooks", f"a {ext.kind} has no hooks of its own", "remove [[hooks]]")
         for key in ("netlink", "events"):
             if key in raw:
@@ -864,12 +871,15 @@ def _identity(raw: dict, path: Path | None, where: str) -> Extension:
         raise _fail(where, "revision", f"{revision!r}", "an integer 0..255")
     ext = Extension(kind=kind, name=name, summary=summary, families=families, path=path,
                     revision=revision, raw=raw)
-    ext.overrides_in_tree = bool(raw.get("overrides_in_tree", False))
-    ext.catalog_only = bool(raw.get("catalog_only", False))
+    ext.overrides_in_tree = check_bool(raw, "overrides_in_tree", where)
+    ext.catalog_only = check_bool(raw, "catalog_only", where)
     ext.author = check_text(raw.get("author", "nflab"), where, "author", 100)
-    ext.test = raw.get("test", {}) if isinstance(raw.get("test", {}), dict) else {}
+    # [test]: free-form values for the extension's own test suite
+    ext.test = raw.get("test", {})
+    if not isinstance(ext.test, dict):
+        raise _fail(where, "test", f"{ext.test!r} is not a table", "[test] key = value ...")
     info_name = raw.get("info_name", "")
-    if info_name:
+    if info_name != "":                 # false or 0 is no name either: check_ident refuses it
         check_ident(info_name, where, "info_name")
     ext.info_name = info_name
     ext.flags_type = raw.get("flags_type", "__u8")
@@ -921,6 +931,7 @@ def _validate_private(ext: Extension, raw: dict, where: str):
                 or not isinstance(p.get("name"), str) or p["name"] in seen or p["name"] == "flags"):
             raise _fail(where, "private", f"{p!r}", "name = a new C identifier, type = " + ", ".join(PRIVATE_TYPES))
         check_ident(p["name"], where, "private name")
+        check_text(p.get("comment", ""), where, "private comment", 200)
         seen.add(p["name"])
     ext.private = privs
     ext.fields = _fields(raw.get("fields", []), ext.kind, where, seen)
@@ -1249,7 +1260,7 @@ def catalog_names(include_hidden=False) -> list:
                         raw = tomllib.loads((d / "ext.toml").read_text())
                     except tomllib.TOMLDecodeError:
                         continue
-                    if raw.get("catalog_only"):
+                    if raw.get("catalog_only") is True:   # else load() names the error
                         continue
                 names.append(d.name)
     return list(dict.fromkeys(names))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -253,15 +254,71 @@ def _replaced(raw, path, value):
     return raw
 
 
+# [test] is the one free-form table: values for the extension's own suite, which the
+# spec keeps as they are (ext.test); every other leaf is a value the spec checks.
+FREE_FORM = ("test",)
+
+
+def _checked_leaves(raw):
+    return [(where, value) for where, value in _leaves(raw) if where[0] not in FREE_FORM]
+
+
+def test_the_free_form_exclusion_is_only_the_test_table():
+    """Nothing but [test] is left out below, and [test] really is passed through."""
+    skipped = {where[0] for path in DEFINITIONS
+               for where, _ in _leaves(tomllib.loads(path.read_text())) if where[0] in FREE_FORM}
+    assert FREE_FORM == ("test",) and skipped == {"test"}
+    ext = spec.validate({**MATCH_RAW, "test": {"a": [1, {"b": "c"}]}})
+    assert ext.test == {"a": [1, {"b": "c"}]}
+
+
 @pytest.mark.parametrize("path", DEFINITIONS, ids=lambda p: p.parent.name)
 def test_a_list_or_table_for_any_value_is_a_spec_error(path):
     raw = tomllib.loads(path.read_text())
-    for where, value in _leaves(raw):
+    spec.validate(copy.deepcopy(raw), path)     # the definition itself is valid
+    leaves = _checked_leaves(raw)
+    assert leaves
+    for where, value in leaves:
         for wrong in ([value], {"k": value}):
-            try:
+            with pytest.raises(SpecError):
                 spec.validate(_replaced(raw, where, wrong), path)
-            except SpecError:
-                pass
+                pytest.fail(f"{path}: {'.'.join(map(str, where))} = {wrong!r} was accepted")
+
+
+@pytest.mark.parametrize("raw", [MATCH_RAW, HOOK_RAW, TARGET_RAW], ids=["match", "hook", "target"])
+@pytest.mark.parametrize("key", ["catalog_only", "overrides_in_tree"])
+@pytest.mark.parametrize("given", ["no", "false", "true", 0, 1, [False], {"k": False}])
+def test_a_boolean_key_must_be_true_or_false(raw, key, given):
+    """A word or list read as a boolean would be true ("no" is truthy): refused."""
+    with pytest.raises(SpecError, match=rf"{key}: {re.escape(repr(given))} is not a boolean") as err:
+        spec.validate({**copy.deepcopy(raw), key: given})
+    assert "true or false" in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["invert", "mandatory"])
+@pytest.mark.parametrize("given", ["no", 0, [False], {"k": False}])
+def test_an_option_boolean_must_be_true_or_false(key, given):
+    raw = {**MATCH_RAW, "options": [{"name": "x", "type": "uint8", key: given}]}
+    with pytest.raises(SpecError, match=rf"option --x: {key}: {re.escape(repr(given))} is not a boolean"):
+        spec.validate(copy.deepcopy(raw))
+
+
+@pytest.mark.parametrize("key,given,field", [
+    ("info_name", False, "info_name"), ("info_name", 0, "info_name"),
+    ("test", "x", "test"), ("test", [], "test"), ("hooks", False, "hooks"), ("hooks", [], "hooks")])
+def test_falsy_values_are_not_read_as_absent(key, given, field):
+    with pytest.raises(SpecError, match=field):
+        spec.validate({**copy.deepcopy(MATCH_RAW), key: given})
+
+
+def test_a_catalog_only_word_is_listed_so_loading_it_names_the_error(tmp_path, monkeypatch):
+    folder = tmp_path / "zzword"
+    folder.mkdir()
+    (folder / "ext.toml").write_text('kind = "match"\nname = "zzword"\ncatalog_only = "no"\n')
+    monkeypatch.setenv(spec.EXTRA_CATALOG_ENV, str(tmp_path))
+    assert "zzword" in spec.catalog_names()
+    with pytest.raises(SpecError, match=r"catalog_only: 'no' is not a boolean"):
+        spec.load("zzword")
 
 
 @pytest.mark.parametrize("raw,field", [

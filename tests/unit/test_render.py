@@ -8,6 +8,7 @@ rendered header, and compares sizes, offsets and flag values.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -88,15 +89,18 @@ int main(void)
 """
 
 
-@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
 def test_iprange_layout_equals_stock_uapi_header(tmp_path, iprange_files):
+    # never skipped: .ci/setup installs gcc, libc6-dev and linux-libc-dev for it
+    assert shutil.which("gcc"), "gcc is missing: run bash .ci/setup (gcc, libc6-dev, linux-libc-dev)"
     (tmp_path / "xt_iprange.h").write_text(iprange_files["xt_iprange.h"])
     out = {}
     for which, header in (("stock", "<linux/netfilter/xt_iprange.h>"), ("nflab", '"xt_iprange.h"')):
         exe, src = tmp_path / which, tmp_path / f"{which}.c"
         src.write_text(_LAYOUT_PROG.replace("HEADER_LINE", header))
-        subprocess.run(["gcc", "-Wall", "-Werror", f"-I{tmp_path}", "-o", exe, src],
-                       check=True, capture_output=True, text=True)
+        cc = subprocess.run(["gcc", "-Wall", "-Werror", f"-I{tmp_path}", "-o", exe, src],
+                            capture_output=True, text=True)
+        assert cc.returncode == 0, (f"gcc {which}.c failed (a header missing? run bash .ci/setup, "
+                                    f"it installs libc6-dev and linux-libc-dev):\n{cc.stderr}")
         out[which] = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     assert out["nflab"] == out["stock"]
     assert out["nflab"].splitlines() == ["68 0 16 32 48 64", "0x1 0x2 0x10 0x20"]
@@ -283,10 +287,15 @@ def test_compiled_templates_are_shared_but_never_mixed_up(tmp_path):
         (d / "Kbuild.j2").write_text(f"# {word}\n")
     assert render.environment(a).get_template("Kbuild.j2").render() == "# alpha\n"
     assert render.environment(b).get_template("Kbuild.j2").render() == "# beta\n"
-    # a template file that changes is compiled again
+    # a template file that changes is compiled again, by the same cached environment
+    # (Jinja's auto_reload: it compares the file's mtime, moved on here so that a
+    # rewrite within the filesystem's timestamp granularity still counts)
+    env = render.environment(a)
+    before = (a / "Kbuild.j2").stat().st_mtime_ns
     (a / "Kbuild.j2").write_text("# gamma, a longer text\n")
-    render.environment.cache_clear()
-    assert render.environment(a).get_template("Kbuild.j2").render() == "# gamma, a longer text\n"
+    os.utime(a / "Kbuild.j2", ns=(before + 10**10, before + 10**10))
+    assert render.environment(a) is env
+    assert env.get_template("Kbuild.j2").render() == "# gamma, a longer text\n"
     # the kit's own template, compiled once, renders the same from any folder
     base = render.environment(None).get_template("shared_header.h.j2")
     assert render.environment(a).get_template("shared_header.h.j2").filename == base.filename
