@@ -141,34 +141,21 @@ def iprange_copy(tmp_catalog):
 
 # ---- running the CLI like a user does ---------------------------------------
 
-def _tasks_import_ok() -> bool:
-    res = subprocess.run([sys.executable, "-c", "import tasks"], cwd=REPO,
-                         capture_output=True, text=True)
-    return res.returncode == 0
-
-
-_INVOKE_KMODS_ONLY = (
-    "import sys; from invoke import Collection, Program; from cli import build as cli; "
-    "ns = Collection(); [ns.add_task(t) for t in cli.TASKS]; "
-    "Program(namespace=ns, name='invoke', binary='invoke').run(['invoke'] + sys.argv[1:])"
-)
-
-
 def run_invoke(args, env_extra=None, timeout=600):
-    """Run `invoke ARGS` from the repo root; returns CompletedProcess.
+    """Run the real `invoke ARGS` (tasks.py) from the repo root; returns CompletedProcess.
 
-    Uses the real `invoke` (tasks.py) when it imports; while cli/lab.py does not
-    exist yet, an invoke Program over the kmods tasks alone (same task functions,
-    same argument parser, same exit codes).
+    No fallback: when tasks.py (or anything in cli/ it imports) fails to import,
+    `invoke` fails for users, so the test fails too, with the import error.
     """
     env = dict(os.environ, LC_ALL="C", CI="1")
     env.update(env_extra or {})
-    if _tasks_import_ok():
-        cmd = [sys.executable, "-m", "invoke", *args]
-    else:
-        cmd = [sys.executable, "-c", _INVOKE_KMODS_ONLY, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    probe = subprocess.run([sys.executable, "-c", "import tasks"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    if probe.returncode != 0:
+        pytest.fail(f"`import tasks` failed, so `invoke` is broken for users:\n{probe.stderr}",
+                    pytrace=False)
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def run_stopping(cmd, *, timeout: float, grace: float = 90, **kw) -> subprocess.CompletedProcess:

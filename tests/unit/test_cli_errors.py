@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, _INVOKE_KMODS_ONLY
+from tests.conftest import REPO
 
 _IGNORE = shutil.ignore_patterns(".git", "build", "__pycache__", ".pytest_cache", ".hypothesis",
                                  "*.pyc")
@@ -57,9 +57,8 @@ def _invoke(root: Path, args, tmp_path):
     env = dict(os.environ, LC_ALL="C", CI="1", HOME=str(home), NFLAB_BUILD=str(build),
                NFLAB_CACHE=str(cache), PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root))
     env.pop("XDG_CACHE_HOME", None)
-    has_vm_cli = (root / "cli" / "lab.py").is_file()
-    cmd = [sys.executable, "-m", "invoke", *args] if has_vm_cli else [sys.executable, "-c", _INVOKE_KMODS_ONLY, *args]
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
     return res, home
 
 
