@@ -174,13 +174,13 @@ def test_commands_run_at_their_place_and_a_failed_one_is_named(tmp_path):
     assert res[1].problem.endswith("[after line 4's command, which exited 1: nfct: no such helper]")
 
 
-UPSTREAM_T = Path(__file__).resolve().parent / "data" / "iptables-t"
+UPSTREAM_T = Path(__file__).resolve().parent / "data" / "vendor" / "iptables-t"
 
 
 @pytest.mark.parametrize("tag,least", [("v1.8.9", 129), ("v1.8.11", 144)])
 def test_upstream_files_of_both_releases_parse_for_both_backends(tag, least):
     """Every upstream .t file of iptables 1.8.9 and 1.8.11 (vendored from the
-    tags: tests/unit/data/iptables-t/README.md)."""
+    tags: tests/unit/data/vendor/iptables-t/README.md)."""
     files = sorted((UPSTREAM_T / tag).glob("*.t"))
     assert len(files) >= least, f"{UPSTREAM_T / tag}: {len(files)} .t files, expected {least}"
     for path in files:
