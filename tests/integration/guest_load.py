@@ -1,6 +1,9 @@
-"""Load the lab tests run inside the guest while they load and unload modules."""
+"""Load the lab tests run inside the guest while they load and unload modules, and
+the slab measure they check for leaks with."""
 
 from __future__ import annotations
+
+from vm import lab
 
 
 def udp_flood(payload: bytes) -> str:
@@ -22,3 +25,19 @@ while True:
     if n % 8 == 0:
         time.sleep(0.002)
 """
+
+
+def slab(vm: str) -> dict[str, tuple[int, int]]:
+    """name -> (active objects, object size) from /proc/slabinfo, caches shrunk first."""
+    out = lab.exec(vm, "sync; echo 3 > /proc/sys/vm/drop_caches; "
+                       "for f in /sys/kernel/slab/*/shrink; do echo 1 > $f; done 2>/dev/null; "
+                       "cat /proc/slabinfo", check=True, timeout=120).stdout
+    caches = {}
+    for line in out.splitlines()[2:]:
+        f = line.split()
+        caches[f[0]] = (int(f[1]), int(f[3]))
+    return caches
+
+
+def kmalloc_bytes(caches) -> int:
+    return sum(a * size for name, (a, size) in caches.items() if name.startswith("kmalloc-"))

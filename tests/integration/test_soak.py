@@ -49,7 +49,7 @@ import pytest
 
 from nflab import deploy
 from vm import install, lab
-from tests.integration.guest_load import udp_flood
+from tests.integration.guest_load import kmalloc_bytes, slab, udp_flood
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -126,22 +126,6 @@ for i in range(1, int(sys.argv[1]) + 1):
 """
 
 
-def _slab(vm: str) -> dict[str, tuple[int, int]]:
-    """name -> (active objects, object size) from /proc/slabinfo, caches shrunk first."""
-    out = lab.exec(vm, "sync; echo 3 > /proc/sys/vm/drop_caches; "
-                       "for f in /sys/kernel/slab/*/shrink; do echo 1 > $f; done 2>/dev/null; "
-                       "cat /proc/slabinfo", check=True, timeout=120).stdout
-    caches = {}
-    for line in out.splitlines()[2:]:
-        f = line.split()
-        caches[f[0]] = (int(f[1]), int(f[3]))
-    return caches
-
-
-def _kmalloc_bytes(caches) -> int:
-    return sum(a * size for name, (a, size) in caches.items() if name.startswith("kmalloc-"))
-
-
 def _run_cycles(vm: str, cycles: int) -> str:
     return lab.exec(vm, f"python3 /root/soak-cycles.py {cycles} {install.GUEST_DIR}",
                     timeout=900, check=True).stdout
@@ -176,7 +160,7 @@ def test_tracer_and_iprange_load_unload_cycles_under_traffic(soak_vm, record_pro
     warm = _run_cycles(vm, 5)
     assert warm.count(" ok\n") == 5, warm
     lab.exec(vm, stop, check=True)
-    before = _slab(vm)
+    before = slab(vm)
     lab.exec(vm, "dmesg -C", check=True)
 
     lab.exec(vm, f"{start} > /run/soak-traffic.pid", check=True)
@@ -207,8 +191,8 @@ def test_tracer_and_iprange_load_unload_cycles_under_traffic(soak_vm, record_pro
     assert refs[:2] == ["0", "0"], f"module refcounts after the soak: {refs[:2]}"
     assert all("O" in t for t in refs[2:]), "the kit's modules are not the ones loaded"
 
-    after = _slab(vm)
-    grown = _kmalloc_bytes(after) - _kmalloc_bytes(before)
+    after = slab(vm)
+    grown = kmalloc_bytes(after) - kmalloc_bytes(before)
     ct = after.get("nf_conntrack", (0, 0))[0] - before.get("nf_conntrack", (0, 0))[0]
     top = sorted(((after[n][0] - before.get(n, (0, 0))[0]) * after[n][1], n)
                  for n in after if n.startswith("kmalloc-"))[-3:]

@@ -19,15 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+import testinfra
 
 from ground.errors import VMError
 from ground.paths import REPO
-from vm import rootfs
+from nflab import deploy
+from vm import lab, rootfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
-
-lab = pytest.importorskip("vm.lab")
-testinfra = pytest.importorskip("testinfra")
 
 KERNELS = ("6.1", "6.12")
 
@@ -310,8 +309,6 @@ def test_two_vms_at_once_have_distinct_ports_and_dirs(vms):
 
 
 def test_install_iprange_is_the_kits_module(booted):
-    pytest.importorskip("kmods.build")
-    from nflab import deploy
     done = deploy.install("iprange", booted.name)
     assert "O" in done.taint
     taint = lab.exec(booted.name, f"cat /sys/module/{done.module}/taint", check=True).stdout

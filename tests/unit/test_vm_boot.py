@@ -109,8 +109,33 @@ def test_rootfs_recipe_hash_follows_recipe(monkeypatch):
     assert rootfs.recipe_hash(more) != rootfs.recipe_hash(base)
     other_host = dict(base, xtables="1.8.10-1")
     assert rootfs.recipe_hash(other_host) != rootfs.recipe_hash(base)
-    # every guest script is part of the recipe
-    assert set(base["guest_files"]) == set(rootfs.GUEST_FILES)
+
+
+def test_rootfs_recipe_hash_follows_guest_file_contents(monkeypatch, tmp_path):
+    """An edit to any guest file the image holds (init.sh, sshd.conf, ...) names a new
+    cache entry, so the cached rootfs is rebuilt with it."""
+    monkeypatch.setattr(rootfs, "plugin_xtables_version", lambda: "1.8.9-2")
+    guest = tmp_path / "guest"
+    shutil.copytree(rootfs.GUEST_DIR, guest)
+    monkeypatch.setattr(rootfs, "GUEST_DIR", guest)
+    base = rootfs.recipe_hash()
+    assert rootfs.recipe_hash() == base
+    for name in rootfs.GUEST_FILES:
+        path = guest / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert rootfs.recipe_hash() != base, f"an edit to {name} keeps the rootfs cache entry"
+        path.write_bytes(original)
+        assert rootfs.recipe_hash() == base
+
+
+def test_rootfs_guest_files_are_the_guest_dir():
+    """Every file in vm/guest/ goes into the rootfs image (and so into its recipe hash),
+    except the initramfs's /init: it is in the initramfs, whose own recipe hashes it."""
+    in_initramfs = {initramfs.INIT_SCRIPT.name}
+    assert in_initramfs == {"initramfs-init.sh"}
+    on_disk = {p.name for p in rootfs.GUEST_DIR.iterdir() if p.is_file()}
+    assert set(rootfs.GUEST_FILES) == on_disk - in_initramfs
 
 
 def test_rootfs_mirror_from_host_apt_sources(monkeypatch, tmp_path):
