@@ -219,21 +219,29 @@ def upstream_t(c, kernel=None, names=None, vm=None, keep=False, out=None, userla
 
 @task(help={
     "provider": "CI service (github)",
-    "kernels": "kernel list or groups (as for matrix)",
-    "names": "extensions (default: the whole catalog)",
+    "kernels": "kernel list or groups (as for matrix); stable, rc and lines are read when each "
+               "job runs",
+    "names": "extensions (default: the whole catalog of the commit each job runs on)",
     "out": "file to write (default: print)",
+    "extensions_dir": EXT_DIR_HELP + "; must be inside the repository (the job's checkout)",
+    "cell_timeout": "seconds each job's cell may take (default 7200; 0: no limit); sets the "
+                    "job's timeout-minutes",
 })
 @friendly
-def ci_config(c, provider="github", kernels=None, names=None, out=None):
+def ci_config(c, provider="github", kernels=None, names=None, out=None, extensions_dir=None,
+              cell_timeout=None):
     """Emit a CI workflow whose job matrix is the kernel list."""
     # start-up cost: the kit loads when a task runs, not for every command (cli/__init__.py)
-    from kmods import spec
     from nflab import matrix as mx
 
     if provider != "github":
         raise NflabError(f"--provider: unknown provider {provider!r}", hint="valid: github")
-    selected = catalog_selection("names", names) or spec.catalog_names()
-    text = mx.github_workflow(mx.resolve_kernels(kernels), selected)
+    _extra_catalog(extensions_dir)
+    extra = mx.ci_extra_catalog()
+    limit = mx.cell_timeout(cell_timeout) if cell_timeout is not None else mx.CELL_TIMEOUT
+    selected = catalog_selection("names", names) or None
+    text = mx.github_workflow(mx.ci_kernels(kernels), selected, cell_timeout=limit,
+                              timeout_given=cell_timeout is not None, extra_catalog=extra)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)

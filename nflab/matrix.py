@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import tomllib
+import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 from ground.errors import SpecError
 from ground.paths import REPO, build_dir
 from ground.proc import signal_quietly
+from kmods import spec
 from nflab.suites import junit_backends, parse_junit
 from supply import debian_kernels, kernels, source_kernels
 from vm import lab
@@ -35,6 +38,9 @@ VM_MEMORY_MIB = 1024
 # watchdog and each boot its budget, but a kernel fetch or a build can hang too. A
 # `source:` kernel builds in its cell (20-40 min on 2 cores under load), hence 2 h.
 CELL_TIMEOUT = 7200.0
+# the longest --cell-timeout: a wait past ~24 days overflows the OS's timers (OverflowError
+# once the cell has started), and a cell longer than a week is a cell that hangs
+CELL_TIMEOUT_MAX = 7 * 86400.0
 # after SIGTERM, time a cell's `invoke test` has to stop its pytest and VMs
 CELL_GRACE = 60.0
 # the kernel release a cell's `invoke test` output names: any line (5.10.0-46-cloud-amd64,
@@ -54,12 +60,16 @@ class Cell:
     junit: str = ""
     failures: list = field(default_factory=list)
     log: str = ""
-    suites_passed: bool | None = None   # every suite test that ran passed (builds aside)
+    suites_passed: bool | None = None   # suites ran (a JUnit), >0 passed, none failed; None: no JUnit
     backends: str = ""                  # iptables backends the suites tested (legacy and nft, nft only...)
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and all(v == "ok" for v in self.build.values())
+        """Exit 0, every build ok, and suites that ran and passed: a cell whose every
+        test skipped or xfailed (a scaffolded suite not yet written) did not pass."""
+        return (self.exit_code == 0 and all(v == "ok" for v in self.build.values())
+                and self.suites_passed is True)
 
 
 def resolve_kernels(text: str | None) -> list[str]:
@@ -86,14 +96,31 @@ def resolve_kernels(text: str | None) -> list[str]:
 def _one_cell_per_kernel(specs: list[str]) -> list[str]:
     """*specs* less those naming a kernel an earlier one names (``6.12`` and its
     newest ABI, from ``all-6.12``): two cells on one kernel would build in one
-    tree at once. ``source:`` specs count by their text (built by their cells)."""
+    tree at once. ``source:`` specs count by the release of a cached build they
+    name, else by their line and fragment (built by their cells): ``source:6.12+debug``
+    and ``source:6.12+vm/configs/debug.config`` are one kernel."""
     seen, out = set(), []
     for item in specs:
-        key = item if source_kernels.is_source_spec(item) else kernels.resolve(item).release
+        key = _source_key(item) if source_kernels.is_source_spec(item) else kernels.resolve(item).release
         if key not in seen:
             seen.add(key)
             out.append(item)
     return out
+
+
+def _source_key(spec: str) -> str:
+    """What a ``source:`` spec builds, without building or asking the archive: a
+    cached build's release (as ``plan`` would pick it), else line + fragment hash."""
+    spec = spec.strip()
+    if source_kernels.RELEASE_RE.match(spec):
+        return spec
+    want = source_kernels.parse_spec(spec)
+    base = source_kernels.normalize(source_kernels.BASE_FRAGMENT.read_text(), str(source_kernels.BASE_FRAGMENT))
+    for data in source_kernels.cached_builds():
+        if data.get("line") == want.line and data.get("fragment_hash") == want.fragment_hash \
+                and source_kernels.normalize(data.get("base", "")) == base:
+            return Path(data["entry"]).name
+    return f"{source_kernels.PREFIX}{want.line}+{want.fragment_hash}"
 
 
 def _all_of_line(item: str) -> list[str]:
@@ -156,6 +183,7 @@ def _run_cell(kernel: str, names: list[str], out_dir: Path, cells: _Cells | None
     cell.release = m.group(1) if m else kernel
     _note_builds(cell, names, output, tested=junit.is_file())
     _note_tests(cell, junit, res.stderr)
+    cell.timed_out = timed_out
     if timed_out:
         cell.test = f"timed out after {timeout:.0f} s and stopped ({cell.test}); see its log"
     return cell
@@ -180,6 +208,12 @@ class _Cells:
         except subprocess.TimeoutExpired:
             out, err = _stop(proc, vm)
             return subprocess.CompletedProcess(cmd, proc.returncode, out, err), True
+        except BaseException:       # never leave a started cell running untracked
+            try:
+                _stop(proc, vm)
+            except BaseException:
+                _kill(proc, vm)
+            raise
         finally:
             with self._lock:
                 self._running.pop(proc.pid, None)
@@ -230,25 +264,49 @@ def _kill(proc: subprocess.Popen, vm: str):
     lab.down(vm)
 
 
+# the hint of `invoke test`'s error when no extension built (nflab.suites._build_some)
+NOTHING_BUILT = " (nothing built, so no suite ran"
+
+
 def _note_builds(cell: Cell, names: list[str], output: str, tested: bool):
-    """Each extension's build: its BUILD FAILED line, else ok once the suites ran,
-    else not built (the cell stopped before: a kernel that did not fetch, say)."""
+    """Each extension's build: its BUILD FAILED line (or its part of the error when
+    none built), else ok once the suites ran, else not built (the cell stopped
+    before: a kernel that did not fetch, say)."""
     for line in output.splitlines():
         if line.startswith("BUILD FAILED "):
             n, _, err = line[len("BUILD FAILED "):].partition(": ")
             cell.build[n] = err
+        elif line.startswith("error: ") and NOTHING_BUILT in line and names:
+            # "error: a: <compiler line> — ...; b: ... (nothing built, ...)"
+            text = line[len("error: "):line.rindex(NOTHING_BUILT)]
+            alt = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+            parts = re.split(rf"(?:^|; )({alt}): ", text)
+            for n, err in zip(parts[1::2], parts[2::2]):
+                cell.build[n] = err
     for n in names:
         cell.build.setdefault(n, "ok" if tested else "not built: the cell stopped first (see its log)")
+
+
+def _xfailed(junit: Path) -> int:
+    """Tests of *junit* that xfailed (pytest writes them as skipped, type pytest.xfail)."""
+    if not junit.is_file():
+        return 0
+    return sum(1 for el in ET.parse(junit).getroot().iter("skipped") if el.get("type") == "pytest.xfail")
 
 
 def _note_tests(cell: Cell, junit: Path, stderr: str):
     counts, failures = parse_junit(junit)
     cell.failures = failures
     cell.backends = junit_backends(junit)
+    if junit.is_file():     # suites ran: they pass only if some test passed and none failed
+        cell.suites_passed = False
     if counts["tests"]:
+        xfailed = _xfailed(junit)
         passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-        cell.test = f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
-        cell.suites_passed = passed > 0 and counts["failures"] + counts["errors"] == 0
+        failed = counts["failures"] + counts["errors"]
+        cell.test = f"{passed} passed, {failed} failed, {counts['skipped'] - xfailed} skipped" \
+            + (f", {xfailed} xfailed" if xfailed else "")
+        cell.suites_passed = passed > 0 and failed == 0
     else:
         err = [l for l in stderr.splitlines() if l.startswith("error:")]
         cell.test = err[-1] if err else "no results"
@@ -269,13 +327,16 @@ def cell_timeout(requested: float | None = None) -> float | None:
     """Seconds a cell may take: *requested* (``--cell-timeout``), else
     ``NFLAB_CELL_TIMEOUT``, else CELL_TIMEOUT; 0 means no limit."""
     text = requested if requested is not None else os.environ.get("NFLAB_CELL_TIMEOUT", CELL_TIMEOUT)
+    hint = (f"give --cell-timeout=SECONDS (or NFLAB_CELL_TIMEOUT), at most {CELL_TIMEOUT_MAX:.0f} "
+            "(7 days), 0 for no limit")
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value < 0:
-        raise SpecError(f"cell timeout {text!r} is not a number of seconds",
-                        hint="give --cell-timeout=SECONDS (or NFLAB_CELL_TIMEOUT), 0 for no limit")
+    if not math.isfinite(value) or value < 0:       # inf, nan, 1e309
+        raise SpecError(f"cell timeout {text!r} is not a number of seconds", hint=hint)
+    if value > CELL_TIMEOUT_MAX:
+        raise SpecError(f"cell timeout {text!r} is more than 7 days", hint=hint)
     return value or None
 
 
@@ -283,10 +344,12 @@ def run(kernels_text: str | None, names: list[str], jobs: int = 2, progress=prin
         timeout: float | None = None) -> list[Cell]:
     """Every cell of *kernels_text* × *names*, *jobs* at a time; a Ctrl-C or SIGTERM
     stops the running cells (their VMs too) before it ends the matrix."""
+    limit = cell_timeout(timeout)      # a bad value fails before the archive is asked
     kernels = resolve_kernels(kernels_text)
-    limit = cell_timeout(timeout)
     out_dir = build_dir() / "reports" / "matrix"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("junit-*.xml"), *out_dir.glob("log-*.txt")]:
+        old.unlink(missing_ok=True)     # an earlier run's cells are not this run's
     jobs = max_parallel(jobs)
     progress(f"matrix: {len(kernels)} kernel(s) × {len(names)} extension(s), {jobs} at a time")
     running = _Cells()
@@ -307,9 +370,13 @@ def markdown(cells: list[Cell], names: list[str]) -> str:
              "|---|" + "---|" * len(names) + "---|---|"]
     for c in cells:
         builds = ["✅ build" if c.build.get(n) == "ok" else f"❌ build: {c.build.get(n, '?')[:60]}" for n in names]
-        # a failed build fails the cell (exit code), not the suites of what did build
-        suites_ok = c.exit_code == 0 if c.suites_passed is None else c.suites_passed
+        # a failed build fails the cell (its build column says so), not the suites of what
+        # did build; any other failure (exit code, timeout, no results) is the suites'
+        builds_failed = any(v != "ok" for v in c.build.values())
+        suites_ok = c.ok or (builds_failed and c.suites_passed is True and not c.timed_out)
         verdict = ("✅ " if suites_ok else "❌ ") + c.test
+        if not suites_ok and c.suites_passed and not c.timed_out:
+            verdict += f" (exit {c.exit_code}: see its log)"
         if c.backends:
             verdict += f" (iptables {c.backends})"
         lines.append(f"| {c.release} | " + " | ".join(builds) + f" | {verdict} | {c.seconds:.0f}s |")
@@ -333,6 +400,9 @@ def write_reports(cells: list[Cell], names: list[str], out_dir: Path):
 GITHUB_WORKFLOW = """\
 # Generated by `invoke ci-config`; one job per kernel, each runs the unit any CI can fan out:
 #   invoke matrix --kernels=<kernel>
+# Kernel words are read when the job runs: a line (6.1) is its newest ABI that day, `stable`
+# the newest released line, `rc` the release candidate (a day without one: no cell). Without
+# --names, each job tests the whole catalog of its commit.
 # On the provider's stock Ubuntu runner, no Debian container: the kit fetches kernels and
 # toolchain build roots from Debian's archive itself; KVM is used when the runner has it.
 name: nflab matrix
@@ -344,14 +414,15 @@ jobs:
   matrix:
     name: kernel ${{{{ matrix.kernel }}}}
     runs-on: ubuntu-latest
-    strategy:
+{timeout}    strategy:
       fail-fast: false
       matrix:
-        kernel: [{kernels}]
+        include:
+{include}
     env:
       NFLAB_CACHE: /home/runner/.cache/nflab
       NFLAB_SETUP_KERNELS: ${{{{ matrix.kernel }}}}
-    steps:
+{extra_env}    steps:
       - uses: actions/checkout@v4
       - name: Let QEMU use KVM where the runner offers it
         run: |
@@ -361,15 +432,40 @@ jobs:
             sudo udevadm control --reload-rules
             sudo udevadm trigger --name-match=kvm
           fi
-      - name: Cache kernels, build roots and rootfs
-        uses: actions/cache@v4
+      - name: Hash the code that makes kernels, build roots and rootfs
+        id: code
+        run: echo "hash=${{{{ hashFiles('supply/**', 'vm/**') }}}}" >> "$GITHUB_OUTPUT"
+      # the newest cache of this kernel word: of this code if any, else of older code;
+      # setup then fetches what moved (a new ABI) and the cache is saved under the release
+      - name: Restore kernels, build roots and rootfs
+        id: restore
+        uses: actions/cache/restore@v4
         with:
           path: /home/runner/.cache/nflab
-          key: nflab-${{{{ matrix.kernel }}}}-${{{{ hashFiles('vm/rootfs.py', 'vm/guest/**', 'supply/buildroot.py') }}}}
+          key: nflab/${{{{ matrix.id }}}}/${{{{ steps.code.outputs.hash }}}}/
+          restore-keys: |
+            nflab/${{{{ matrix.id }}}}/
       - name: Set up (host tools from apt, .venv, the kernel and its build root, the rootfs)
         run: sudo -E bash .ci/setup
+      - name: Name the kernel release this job tests
+        id: release
+        env:
+          KERNEL: ${{{{ matrix.kernel }}}}
+        run: |
+          release=$(sudo -E .venv/bin/python -c 'import sys; from supply import kernels; print(kernels.resolve(sys.argv[1]).release)' "$KERNEL" || echo none)
+          echo "release=$release" >> "$GITHUB_OUTPUT"
+      - name: Hand the cache to the runner user
+        run: sudo chown -R "$(id -u):$(id -g)" /home/runner/.cache/nflab
+      - name: Save kernels, build roots and rootfs under the release
+        if: steps.restore.outputs.cache-matched-key != format('nflab/{{0}}/{{1}}/{{2}}', matrix.id, steps.code.outputs.hash, steps.release.outputs.release)
+        uses: actions/cache/save@v4
+        with:
+          path: /home/runner/.cache/nflab
+          key: nflab/${{{{ matrix.id }}}}/${{{{ steps.code.outputs.hash }}}}/${{{{ steps.release.outputs.release }}}}
       - name: Matrix cell
-        run: sudo -E .venv/bin/python -m invoke matrix --kernels=${{{{ matrix.kernel }}}} --names={names}
+        env:
+          KERNEL: ${{{{ matrix.kernel }}}}
+        run: sudo -E .venv/bin/python -m invoke matrix --kernels="$KERNEL"{options}
       - name: Hand the cache and reports back to the runner user
         if: always()
         run: sudo chown -R "$(id -u):$(id -g)" /home/runner/.cache/nflab build || true
@@ -377,11 +473,81 @@ jobs:
         if: always()
         uses: actions/upload-artifact@v4
         with:
-          name: nflab-${{{{ matrix.kernel }}}}
+          name: nflab-${{{{ matrix.id }}}}
           path: build/reports/
 """
+# a job's setup (apt, .venv, the kernel: a source: kernel builds here, build roots, rootfs)
+# beside its cell's timeout; GitHub's hosted runners stop any job at 360 minutes
+SETUP_MINUTES = 60
+JOB_MINUTES_MAX = 360
 
 
-def github_workflow(kernels: list[str], names: list[str]) -> str:
-    return GITHUB_WORKFLOW.format(kernels=", ".join(json.dumps(k) for k in kernels),
-                                  names=",".join(names))
+def ci_kernels(text: str | None) -> list[str]:
+    """The kernel words of a CI workflow's jobs, read when each job runs, not now:
+    ``stable`` and ``rc`` stay words, ``lts`` is the LTS lines Debian serves today (a
+    line word is its newest ABI when the job runs), ``supported`` (``latest``) lts +
+    stable + rc; ``all-<line>`` the ABIs of today; anything else as given, checked."""
+    text = text or _project_kernels() or "supported"
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item == "latest":
+            item = "supported"
+        if item.startswith("all-"):
+            out += _all_of_line(item)
+        elif source_kernels.is_source_spec(item):
+            source_kernels.check_spec(item)
+            out.append(item)
+        elif item in ("stable", "rc"):
+            out.append(item)
+        elif item in ("lts", "supported"):
+            out += debian_kernels.group("lts", debian_kernels.offers())
+            out += ["stable", "rc"] if item == "supported" else []
+        else:
+            kernels.resolve(item)       # a bad spec fails here, not in CI
+            out.append(item)
+    seen, unique = set(), []
+    for item in out:
+        key = _source_key(item) if source_kernels.is_source_spec(item) else item
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    return unique
+
+
+def ci_id(kernel: str) -> str:
+    """A name for *kernel* fit for artifact names and cache keys (no ``:`` or ``/``);
+    a spec that had to change ends in a hash of itself, so two never share one."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", kernel)
+    return name if name == kernel else f"{name}-{hashlib.sha1(kernel.encode()).hexdigest()[:8]}"
+
+
+def ci_extra_catalog() -> list[str]:
+    """The extra catalog folders ($NFLAB_EXTRA_CATALOG, --extensions-dir) as paths
+    relative to the repository, the only files a CI job has; one outside is refused."""
+    out = []
+    for folder in spec.catalog_dirs()[1:]:
+        try:
+            out.append(folder.relative_to(REPO.resolve()).as_posix())
+        except ValueError:
+            raise SpecError(f"--extensions-dir: {folder} is outside the repository, so a CI job "
+                            "(which checks out only the repository) cannot find its extensions",
+                            hint="move the folder into the repository, or unset "
+                                 "NFLAB_EXTRA_CATALOG for a workflow of the kit's catalog") from None
+    return out
+
+
+def github_workflow(kernels: list[str], names: list[str] | None = None, *,
+                    cell_timeout: float | None = None, timeout_given: bool = False,
+                    extra_catalog: list[str] | None = None) -> str:
+    """The workflow of *kernels* (words, see ``ci_kernels``); *names*: None tests the
+    catalog of the job's commit; *cell_timeout* (seconds, None: no limit) sets the
+    job's timeout-minutes, and is passed on when *timeout_given*."""
+    include = "\n".join(f"          - kernel: {json.dumps(k)}\n            id: {json.dumps(ci_id(k))}"
+                        for k in kernels)
+    options = (f" --names={','.join(names)}" if names else "") \
+        + (f" --cell-timeout={cell_timeout or 0:g}" if timeout_given else "")
+    timeout = ""
+    if cell_timeout:
+        timeout = f"    timeout-minutes: {min(JOB_MINUTES_MAX, math.ceil(cell_timeout / 60) + SETUP_MINUTES)}\n"
+    extra_env = f"      NFLAB_EXTRA_CATALOG: {json.dumps(':'.join(extra_catalog))}\n" if extra_catalog else ""
+    return GITHUB_WORKFLOW.format(include=include, options=options, timeout=timeout, extra_env=extra_env)

@@ -43,7 +43,7 @@ def test_bad_kernel_lists_are_rejected(bad, names):
 
 def test_markdown_summary_shows_every_cell_and_the_first_failure():
     ok = matrix.Cell("6.12", release="6.12.117+deb12-cloud-amd64", build={"iprange": "ok", "quota": "ok"},
-                     test="9 passed, 0 failed, 0 skipped", exit_code=0, seconds=61)
+                     test="9 passed, 0 failed, 0 skipped", exit_code=0, seconds=61, suites_passed=True)
     bad = matrix.Cell("6.1", release="6.1.0-56-cloud-amd64",
                       build={"iprange": "ok", "quota": "xt_quota.c:12: error: expected ';'"},
                       test="3 passed, 1 failed, 0 skipped", exit_code=1, seconds=70,
