@@ -77,11 +77,13 @@ COUNT_COMMENT = "nflab-atlas-count"
 CT_COMMENT = "nflab-atlas-ct"
 PROBE_COMMENT = "nflab-atlas-probe"
 MARK = 0x4e4c
-# documented priorities (NF_IP_PRI_* == NF_IP6_PRI_*, include/uapi/linux/netfilter_ipv4.h)
-DOCUMENTED = {"defrag": -400, "raw": -300, "conntrack": -200, "mangle": -150, "filter": 0, "security": 50}
-# iptables-nft's own base chains (iptables' nft.c): security at 150, not NF_IP_PRI_SECURITY
-DOCUMENTED_NFT = {**DOCUMENTED, "security": 150}
-NAT_DOCUMENTED = {"PRE_ROUTING": -100, "LOCAL_OUT": -100, "LOCAL_IN": 100, "POST_ROUTING": 100}
+# documented priorities (NF_IP_PRI_* == NF_IP6_PRI_*; iptables-nft's security: 150):
+# nflab.tracing holds them, for its labels and fate() too
+DOCUMENTED = tracing.DOCUMENTED
+DOCUMENTED_NFT = tracing.DOCUMENTED_NFT
+NAT_DOCUMENTED = tracing.NAT_DOCUMENTED
+# the device whose netdev hooks the atlas lists (the tracer's ingress_dev, the client wire)
+INGRESS_DEV = "eth1"
 # the tracer's bracketing points on every inet hook (kmods/catalog/tracer/ext.toml)
 TRACER_POINTS = (-450, -250, -175, -125, -75, 25, 75, 125)
 
@@ -118,6 +120,7 @@ class Entry:
     module: str = ""
     evidence: str = ""
     beyond: bool = False                 # seen at every tracer point: any drop is after the last
+    device: str = ""                     # netdev: the device the hook is attached to
 
     @property
     def style(self) -> str:
@@ -285,25 +288,33 @@ def drop_result(seen: set, reference: list, hook: str, visits: list) -> tuple:
                       "hook: a drop above it is invisible to the tracer"), True
 
 
-def nft_hook_rows(text: str) -> list:
-    """``nft list hooks`` output as (family, hook, priority, function, module) with
-    kit names (ipv4/ipv6/netdev, PRE_ROUTING...); parsing is nflab.tracing's."""
-    return [(NFT_FAMILY[f], NFT_HOOK[h], prio, fn, mod) for f, h, prio, fn, mod in tracing.nft_hook_lines(text)
-            if f in NFT_FAMILY and h in NFT_HOOK]
+def nft_hook_rows(text: str, device: str | None = INGRESS_DEV) -> list:
+    """``nft list hooks`` output as :class:`nflab.tracing.HookRow` rows (family, hook,
+    priority, function, module; .device) with kit names (ipv4/ipv6/netdev,
+    PRE_ROUTING...); parsing is nflab.tracing's (*device*: the netdev device the
+    listing was asked for, for nftables 1.0.6, which does not print it)."""
+    return [tracing.HookRow(NFT_FAMILY[r[0]], NFT_HOOK[r[1]], *r[2:], device=r.device)
+            for r in tracing.nft_hook_lines(text, device) if r[0] in NFT_FAMILY and r[1] in NFT_HOOK]
 
 
-def classify_nft(function: str, module: str, nft_tables: bool = False) -> tuple:
+def classify_nft(function: str, module: str, nft_tables: bool = False, family: str | None = None) -> tuple:
     """(name, kind) of an nft-listed hook function; ``(None, 'xt')`` for the shared
     ipt_do_table/ip6t_do_table whose table only the measurement can tell. An
     nf_tables base chain is a table of the map when the atlas measured through
-    iptables-nft (*nft_tables*), else somebody else's nftables chain."""
+    iptables-nft (*nft_tables*) and the chain is of iptables-nft's family: ip
+    (ip6) where the row is *family* ipv4 (ipv6); any other chain (``chain inet
+    filter input``, Debian's nftables.conf) is somebody else's nftables chain."""
     if module.startswith("nflab_"):
         return module, ("tracer" if module == "nflab_tracer" else "module")
-    chain = function.split() if function.startswith("chain ") else []
-    if len(chain) == 4:                 # an nf_tables base chain: chain <family> <table> <chain>
-        if nft_tables and chain[2] in TABLES:
+    chain = function.split() if function.startswith(("chain ", "flowtable ")) else []
+    if len(chain) == 4:                 # nf_tables: chain|flowtable <family> <table> <name>
+        xt_family = chain[1] in ("ip", "ip6") if family is None else \
+            chain[1] == {"ipv4": "ip", "ipv6": "ip6"}.get(family)
+        if nft_tables and chain[0] == "chain" and xt_family and chain[2] in TABLES:
             return chain[2], "table"
-        return f"nftables {' '.join(chain[1:])}", "other"
+        return f"nftables {' '.join(chain[1:]) if chain[0] == 'chain' else function}", "other"
+    if not function:
+        return f"(no function name){f' [{module}]' if module else ''}", "other"
     for t in TABLES:
         if module in (f"iptable_{t}", f"ip6table_{t}"):
             return t, "table"
@@ -357,7 +368,7 @@ def _candidates(e: Entry, rows: list, claimed: set, nft_tables: bool) -> list:
             continue
         if (lo is not None and prio <= lo) or (hi is not None and prio >= hi):
             continue
-        name, kind = classify_nft(fn, mod, nft_tables)
+        name, kind = classify_nft(fn, mod, nft_tables, fam)
         if name == e.name or (kind == "xt" and e.kind == "table" and e.name != "nat"):
             cands.append(i)
     return cands
@@ -395,7 +406,7 @@ def _beyond_points(atlas: Atlas, rows: list, claimed: set):
             continue
         cands = [i for i, (fam, hook, prio, fn, mod) in enumerate(rows)
                  if i not in claimed and (fam, hook) == (e.family, e.hook) and prio > last
-                 and classify_nft(fn, mod, nft_tables)[0] == e.name]
+                 and classify_nft(fn, mod, nft_tables, fam)[0] == e.name]
         where = f"{e.family} {e.hook} {e.name}"
         if len(cands) != 1:
             atlas.checks.append(Check(False, f"{where}: {e.evidence}"))
@@ -408,6 +419,11 @@ def _beyond_points(atlas: Atlas, rows: list, claimed: set):
                                         "unseen"))
 
 
+def _dev(row) -> str:
+    """The netdev device of an nft row ("" when unknown or not netdev)."""
+    return getattr(row, "device", "") if row[0] == "netdev" else ""
+
+
 def _add_proc_points(atlas: Atlas, proc_points: dict, rows: list | None, claimed: set):
     """The user's modules (and the tracer) from their own proc files, each point
     checked against the nft rows when there are any (*rows* None: no nft); the
@@ -418,19 +434,23 @@ def _add_proc_points(atlas: Atlas, proc_points: dict, rows: list | None, claimed
             kind = "tracer" if module == "nflab_tracer" else "module"
             e = Entry(fam, hook, module, kind, priority=prio, source="proc")
             if rows is not None:
+                # a netdev point is the one on the device the atlas lists (the tracer's)
                 idx = next((i for i, r in enumerate(rows) if i not in claimed
-                            and r[:3] == (fam, hook, prio) and r[4] == module), None)
+                            and r[:3] == (fam, hook, prio) and r[4] == module
+                            and _dev(r) in ("", INGRESS_DEV)), None)
                 if idx is not None:
                     claimed.add(idx)
                     found += 1
                     e.source, e.function, e.module = "proc+nft", rows[idx][3], module
+                    e.device = _dev(rows[idx])
                 elif fam == "netdev" and not any(r[0] == "netdev" for r in rows):
                     unlisted += 1
                     e.evidence = "nft list hooks shows no netdev hooks here"
                 else:
                     missing += 1
+                    on = f" on {INGRESS_DEV}" if fam == "netdev" else " there"
                     atlas.checks.append(Check(False, f"{fam} {hook}: {module} claims {prio}, "
-                                                     "nft list hooks does not show it there"))
+                                                     f"nft list hooks does not show it{on}"))
             atlas.entries.append(e)
     if found and not missing:
         atlas.checks.append(Check(True, f"every /proc/net/nflab_* point nft list hooks can show is "
@@ -443,7 +463,8 @@ def _add_unclaimed(atlas: Atlas, rows: list, claimed: set):
     for i, (fam, hook, prio, fn, mod) in enumerate(rows):
         if i in claimed:
             continue
-        name, kind = classify_nft(fn, mod, atlas.backend == "iptables-nft")
+        dev = _dev(rows[i])
+        name, kind = classify_nft(fn, mod, atlas.backend == "iptables-nft", fam)
         if kind == "xt":
             atlas.checks.append(Check(False, f"{fam} {hook}: {fn} at {prio} belongs to no table the "
                                              "counters saw there"))
@@ -459,7 +480,7 @@ def _add_unclaimed(atlas: Atlas, rows: list, claimed: set):
             existing.source = "nft"
             continue
         atlas.entries.append(Entry(fam, hook, name, kind, priority=prio, source="nft",
-                                   function=fn, module=mod))
+                                   function=fn, module=mod, device=dev))
 
 
 # ---------------------------------------------------------------- SVG
@@ -477,10 +498,11 @@ BOLD = ' font-weight="bold"'
 
 def _rows(atlas: Atlas, hook: str) -> list:
     """Rows of one hook box: entries merged across families when name and priority
-    (or interval) agree, by priority. Each row: (name, priority-text, families, entry)."""
+    (or interval) agree, by priority; netdev entries of different devices stay
+    apart. Each row: (name, priority-text, families, entry)."""
     merged: dict = {}
     for e in atlas.at(hook):
-        key = (e.name, e.priority, tuple(e.interval) if e.interval else None)
+        key = (e.name, e.priority, tuple(e.interval) if e.interval else None, e.device)
         if key in merged:
             merged[key][2].append(e.family)
         else:
@@ -1182,12 +1204,16 @@ def _nft_hooks(guest: _Guest, atlas: Atlas, say) -> list | None:
     """Exact priorities from ``nft list hooks`` (nfnetlink_hook); None, with a note,
     where the kernel cannot list them."""
     say("nft list hooks (nfnetlink_hook)")
-    rc, out, err = guest.run("modprobe nfnetlink_hook 2>/dev/null; nft list hooks")
+    # the ip and ip6 hooks, then netdev's on the tracer's device: the same with
+    # nftables 1.0.6 and 1.1.x (tracing.nft_hooks_command); a plain `nft list hooks`
+    # of 1.1.x lists every interface's netdev hooks, which the INGRESS box (eth1)
+    # must not merge
+    rc, out, err = guest.run("modprobe nfnetlink_hook 2>/dev/null; nft list hooks ip; nft list hooks ip6")
     if rc == 0 and out.strip():
-        rc2, out2, _ = guest.run("nft list hooks netdev device eth1")
+        rc2, out2, _ = guest.run(f"nft list hooks netdev device {INGRESS_DEV}")
         text = out + ("\n" + out2 if rc2 == 0 else "")
         atlas.exact = True
-        return list(dict.fromkeys(nft_hook_rows(text)))
+        return nft_hook_rows(text, INGRESS_DEV)
     atlas.notes.append("`nft list hooks` is not available on this kernel "
                        f"({(err or out).strip().splitlines()[-1][:120] if (err or out).strip() else 'no output'}): "
                        "priorities are the measured intervals only")

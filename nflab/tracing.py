@@ -34,20 +34,53 @@ NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6", "netdev": "netdev"}
 NFT_HOOK = {"PRE_ROUTING": "prerouting", "LOCAL_IN": "input", "FORWARD": "forward",
             "LOCAL_OUT": "output", "POST_ROUTING": "postrouting", "INGRESS": "ingress"}
 
-# the stock tables, defrag and conntrack at each hook, by priority (NF_IP_PRI_* ==
-# NF_IP6_PRI_*), for messages and the tracer's point labels: defrag, raw and
+# the documented priorities of the stock tables, defrag and conntrack
+# (NF_IP_PRI_* == NF_IP6_PRI_*, include/uapi/linux/netfilter_ipv4.h): the one
+# table the labels, fate() and the atlas (nflab/atlas.py) all read
+DOCUMENTED = {"defrag": -400, "raw": -300, "conntrack": -200, "mangle": -150, "filter": 0, "security": 50}
+# iptables-nft's own base chains (iptables' nft.c): security at 150, not NF_IP_PRI_SECURITY
+DOCUMENTED_NFT = {**DOCUMENTED, "security": 150}
+NAT_DOCUMENTED = {"PRE_ROUTING": -100, "LOCAL_OUT": -100, "LOCAL_IN": 100, "POST_ROUTING": 100}
+
+
+def documented(backend: str | None = None) -> dict:
+    """The stock priorities of *backend*: ``nft``/``iptables-nft`` (an nft-only
+    kernel's tables are iptables-nft base chains, security at 150), anything
+    else the kernel's own xt tables (``legacy``, the default)."""
+    return DOCUMENTED_NFT if backend in ("nft", "iptables-nft") else DOCUMENTED
+
+
+# which stock tables sit at each hook (the kernel's valid_hooks): defrag, raw and
 # conntrack's entry where packets enter (PRE_ROUTING, LOCAL_OUT), nat's DNAT there
 # too and its SNAT where they leave or are delivered; conntrack's confirm at
 # LOCAL_IN/POST_ROUTING runs last (INT_MAX), after every tracer point
-_ENTRY = {-400: "defrag", -300: "raw", -200: "conntrack", -150: "mangle", -100: "nat dst"}
-STOCK_AT = {
-    "INGRESS": {},
-    "PRE_ROUTING": _ENTRY,
-    "LOCAL_IN": {-150: "mangle", 0: "filter", 50: "security", 100: "nat src"},
-    "FORWARD": {-150: "mangle", 0: "filter", 50: "security"},
-    "LOCAL_OUT": {**_ENTRY, 0: "filter", 50: "security"},
-    "POST_ROUTING": {-150: "mangle", 100: "nat src"},
+_AT_HOOK = {
+    "INGRESS": (),
+    "PRE_ROUTING": ("defrag", "raw", "conntrack", "mangle", "nat"),
+    "LOCAL_IN": ("mangle", "filter", "security", "nat"),
+    "FORWARD": ("mangle", "filter", "security"),
+    "LOCAL_OUT": ("defrag", "raw", "conntrack", "mangle", "nat", "filter", "security"),
+    "POST_ROUTING": ("mangle", "nat"),
 }
+
+
+def stock_at(hook: str, backend: str | None = None) -> dict:
+    """priority -> name of the stock tables (defrag, conntrack) at *hook* with
+    *backend*'s priorities (:func:`documented`), for messages and point labels."""
+    prios = documented(backend)
+    out = {}
+    for name in _AT_HOOK.get(hook, ()):
+        if name == "nat":
+            prio = NAT_DOCUMENTED[hook]
+            name = "nat dst" if prio < 0 else "nat src"
+        else:
+            prio = prios[name]
+        out[prio] = name
+    return dict(sorted(out.items()))
+
+
+# the kernel's xt tables (iptables-legacy); iptables-nft: stock_at(hook, "nft")
+STOCK_AT = {hook: stock_at(hook) for hook in _AT_HOOK}
 
 FORWARD = ("PRE_ROUTING", "FORWARD", "POST_ROUTING")
 LOCAL_IN = ("PRE_ROUTING", "LOCAL_IN")
@@ -201,46 +234,125 @@ def at(entries, hook: str, priority: int, family: str | None = None) -> list:
             and (family is None or e.family == family)]
 
 
-def nft_hook_lines(text: str) -> list[tuple]:
-    """``nft list hooks`` as (family, hook, priority, function, module) tuples."""
-    rows = []
-    family = hook = None
+class HookRow(tuple):
+    """One ``nft list hooks`` row: unpacks, indexes and compares with a plain tuple
+    as (family, hook, priority, function, module); :attr:`device` is the netdev
+    device the hook is attached to ("" for the other families). Two rows compare
+    equal only on the same device, so rows of different devices stay distinct in
+    sets and dicts."""
+
+    def __new__(cls, family, hook, priority, function, module, device=""):
+        row = super().__new__(cls, (family, hook, priority, function, module))
+        row.device = device
+        return row
+
+    def __eq__(self, other):
+        if isinstance(other, HookRow) and self.device != other.device:
+            return False
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self) -> str:
+        return f"HookRow{tuple.__repr__(self)[:-1]}, device={self.device!r})"
+
+    def __reduce__(self):
+        return (HookRow, (*self, self.device))
+
+
+def nft_hooks_command(device: str) -> str:
+    """The guest command whose ``nft list hooks`` output reads the same with the
+    guests' nftables 1.0.6 (bookworm) and 1.1.x (trixie): the ip and ip6 hooks,
+    then netdev's on *device* only. A plain ``nft list hooks`` differs: 1.0.6
+    lists no netdev hooks, >= 1.1.1 those of every interface."""
+    return f"nft list hooks ip; nft list hooks ip6; nft list hooks netdev device {shlex.quote(device)}"
+
+
+# a hook line: "-0000000150 iptable_mangle_hook [iptable_mangle]", an nf_tables base
+# chain "chain ip mangle PREROUTING [nf_tables]", a flowtable (nftables >= 1.1.4)
+# "flowtable inet t ft [nf_tables]", a BPF program (>= 1.0.8) "nf_hook_run_bpf id 7",
+# or the priority alone (no function name)
+_HOOK_ROW = re.compile(r"([+-]?\d+)(?: (.+?))?(?: \[(\S+)\])?$")
+
+
+def nft_hook_lines(text: str, device: str | None = None) -> list[HookRow]:
+    """``nft list hooks`` as :class:`HookRow` (family, hook, priority, function,
+    module; .device) rows.
+
+    nftables >= 1.1 names a netdev hook's device (``hook ingress device eth1 {``),
+    1.0.6 does not (``hook ingress {``): its netdev rows get *device*, the one the
+    listing was asked for (``nft list hooks netdev device X``). A netdev hook
+    block listed a second time (the same family, hook and device: a plain
+    ``nft list hooks`` of nftables >= 1.1.1 walks every interface, then an
+    explicit ``netdev device X`` lists X again) adds no rows."""
+    rows: list[HookRow] = []
+    family = hook = dev = None
+    seen_blocks: set = set()
+    skip = False
     for line in text.splitlines():
         s = line.strip()
-        m = re.match(r"family (\S+) \{", s)
+        m = re.match(r"family (\S+) \{$", s)
         if m:
-            family, hook = m.group(1), None
+            family, hook, skip = m.group(1), None, False
             continue
-        m = re.match(r"hook (\S+)(?: device \S+)? \{", s)
+        m = re.match(r"hook (\S+)(?: device (\S+))? \{$", s)
         if m:
-            hook = m.group(1)
+            hook, dev = m.group(1), m.group(2) or (device if family == "netdev" else None) or ""
+            block = (family, hook, dev)
+            skip = family == "netdev" and block in seen_blocks
+            seen_blocks.add(block)
             continue
-        # a function, or an nf_tables base chain: "chain ip mangle PREROUTING [nf_tables]"
-        m = re.match(r"([+-]?\d+) (\S+|chain \S+ \S+ \S+)(?: \[(\S+)\])?$", s)
-        if m and family and hook:
-            rows.append((family, hook, int(m.group(1)), m.group(2), m.group(3) or ""))
+        if s == "}":
+            continue
+        m = _HOOK_ROW.match(s)
+        if m and family and hook and not skip:
+            rows.append(HookRow(family, hook, int(m.group(1)), m.group(2) or "", m.group(3) or "",
+                                dev))
     return rows
 
 
-def nft_problems(text: str, points, module: str = MODULE) -> list[str]:
+def _where(key: tuple) -> str:
+    family, hook, prio, dev = key
+    return f"{family} {hook}{f' device {dev}' if dev else ''} {prio}"
+
+
+def nft_problems(text: str, points, module: str = MODULE, device: str | None = None) -> list[str]:
     """Compare where the kernel says *module*'s hooks run (``nft list hooks``) with
-    the points the definition claims."""
-    seen = {}
-    for family, hook, prio, _fn, mod in nft_hook_lines(text):
+    the points the definition claims. *device*: the device the definition's
+    netdev points attach to (its ``ingress_dev``); a netdev hook of *module* on
+    any other device is one the definition does not claim. Without *device*
+    netdev rows match whatever device they are on."""
+    seen: dict = {}
+    for row in nft_hook_lines(text, device):
+        family, hook, prio, _fn, mod = row
         if mod == module:
-            seen[(family, hook, prio)] = seen.get((family, hook, prio), 0) + 1
+            key = (family, hook, prio, row.device if family == "netdev" else "")
+            seen[key] = seen.get(key, 0) + 1
     problems = []
     for p in points:
-        key = (NFT_FAMILY[p.family], NFT_HOOK[p.hook], p.priority)
-        if not seen.get(key):
-            others = sorted(k[2] for k in seen if k[:2] == key[:2])
-            problems.append(f"{p.family} {p.hook}: claims priority {p.priority}, the kernel has "
-                            f"{module} at {others or 'none'} there")
+        fam, hook = NFT_FAMILY[p.family], NFT_HOOK[p.hook]
+        if fam == "netdev":
+            devs = [device] if device is not None else \
+                sorted({k[3] for k in seen if k[:3] == (fam, hook, p.priority)}) or [""]
+        else:
+            devs = [""]
+        key = next((k for k in ((fam, hook, p.priority, d) for d in devs) if seen.get(k)), None)
+        if key is None:
+            on = f" on {device}" if fam == "netdev" and device is not None else ""
+            others = [f"{prio} on {dev}" if dev else str(prio)
+                      for prio, dev in sorted(k[2:] for k in seen if k[:2] == (fam, hook))]
+            problems.append(f"{p.family} {p.hook}: claims priority {p.priority}{on}, the kernel has "
+                            f"{module} at {', '.join(others) or 'none'} there")
         else:
             seen[key] -= 1
     leftover = sorted(k for k, n in seen.items() if n > 0)
     if leftover:
-        problems.append(f"{module} hooks no definition claims: {leftover}")
+        problems.append(f"{module} hooks no definition claims: "
+                        + ", ".join(_where(k) for k in leftover))
     return problems
 
 
@@ -572,10 +684,11 @@ def _continues(a, b) -> bool:
     return order.get(b.hook, 0) > order.get(a.hook, 0)
 
 
-def point_label(hook: str, priority: int) -> str:
-    """Where a hook point at *priority* sits among *hook*'s stock tables (the
-    tracer's labels, at most 40 characters)."""
-    stock = STOCK_AT[hook]
+def point_label(hook: str, priority: int, backend: str | None = None) -> str:
+    """Where a hook point at *priority* sits among *hook*'s stock tables of
+    *backend* (:func:`documented`; the tracer's labels, at most 40 characters,
+    are the legacy tables')."""
+    stock = stock_at(hook, backend)
     before = [p for p in sorted(stock) if p < priority]
     after = [p for p in sorted(stock) if p > priority]
     prev = f"{stock[before[-1]]} {before[-1]}" if before else ""
@@ -587,9 +700,11 @@ def point_label(hook: str, priority: int) -> str:
     return f"after {prev}" if prev else "no stock table at this hook"
 
 
-def fate(flow, points, arrived: list[str] | None = None) -> str:
+def fate(flow, points, arrived: list[str] | None = None, backend: str | None = None) -> str:
     """What became of one direction of a packet, from the last tracer point it
-    reached and the wires it was seen on afterwards (*arrived*: side names)."""
+    reached and the wires it was seen on afterwards (*arrived*: side names);
+    the tables named between two points are *backend*'s (:func:`documented`:
+    iptables-nft's security sits at 150, the kernel's at 50)."""
     if arrived:
         return "arrived on the " + " and ".join(f"{s} wire" for s in arrived)
     if not flow:
@@ -599,7 +714,7 @@ def fate(flow, points, arrived: list[str] | None = None) -> str:
     later = [p for p in same if p > last.priority]
     where = f"{last.hook}/{last.priority}"
     if later:
-        stock = STOCK_AT.get(last.hook, {})
+        stock = stock_at(last.hook, backend)
         if last.frag and -400 in stock and last.priority < -400 < later[0]:
             return (f"fragment held after {where} by defrag (-400), reassembled into the packet "
                     "that goes on")

@@ -11,7 +11,8 @@ reads the guest's tracer log through testinfra. The checks:
   proves catches a misregistered point);
 * where the stock tables sit, by what each point sees: MARK (mangle -150),
   DNAT (nat -100), filter DROP (0), conntrack (-200), raw NOTRACK (-300);
-* on kernels with nfnetlink_hook, ``nft list hooks`` agrees with the definition.
+* on kernels with nfnetlink_hook, ``nft list hooks`` agrees with the definition
+  (the netdev point on the definition's ingress_dev, eth1).
 """
 
 from __future__ import annotations
@@ -279,22 +280,28 @@ def _no_netlink_hook(release: str) -> str | None:
     return f"CONFIG_NETFILTER_NETLINK_HOOK is not set in {release}'s config"
 
 
-def _nft_hooks(host, kernel_release):
+def _nft_hooks(host, kernel_release, device):
+    """The ip, ip6 and *device*'s netdev hooks: the same listing with nftables 1.0.6
+    (bookworm) and 1.1.x (trixie), whose plain `nft list hooks` adds every
+    interface's netdev hooks (tracing.nft_hooks_command)."""
     res = host.run("modprobe nfnetlink_hook")
     if res.rc != 0:
         why = _no_netlink_hook(kernel_release)
         if why:
             pytest.skip(f"{why}: no `nft list hooks`; the measured intervals are the proof here")
         pytest.fail(f"modprobe nfnetlink_hook: {res.stderr.strip()}")
-    out = host.check_output("nft list hooks; nft list hooks netdev device eth1")
+    out = host.check_output(tracing.nft_hooks_command(device))
     return out
 
 
 def test_nft_list_hooks_agrees_with_the_definition(host, trace, kernel_release):
     from kmods import spec
-    text = _nft_hooks(host, kernel_release)
-    claims = spec.load("tracer").hooks
-    problems = tracing.nft_problems(text, claims)
+    from tests.suites.conftest import tracer_ingress_dev
+    ext = spec.load("tracer")
+    dev = tracer_ingress_dev(ext)                       # where its netdev point must be
+    text = _nft_hooks(host, kernel_release, dev)
+    claims = ext.hooks
+    problems = tracing.nft_problems(text, claims, device=dev)
     assert not problems, "\n".join(problems) + "\n" + text[-3000:]
     # and the proc file's claims are the definition's
     log = trace.read()
@@ -349,8 +356,10 @@ def test_misregistered_priority_is_caught(host, guest, wire, trace, kit_vm, kern
         # and the kernel's own view disagrees with the claim where it can tell
         res = host.run("modprobe nfnetlink_hook")
         if res.rc == 0:
-            text = host.check_output("nft list hooks")
-            nft = tracing.nft_problems(text, [p for p in log.points if p.family != "netdev"], module)
+            from tests.suites.conftest import tracer_ingress_dev
+            dev = tracer_ingress_dev(ext)
+            text = host.check_output(tracing.nft_hooks_command(dev))
+            nft = tracing.nft_problems(text, log.points, module, device=dev)
             assert any("claims priority -175" in p for p in nft), nft
     finally:
         host.run(f"rmmod {module}")

@@ -4,8 +4,10 @@ In every chain that each legacy table (the kernel's xt tables, the ones whose
 priorities the placement suite brackets) offers, a counting rule matches the
 tracer's payload magic. On a kernel without legacy xtables the same tables
 are iptables-nft's base chains (nft_compat), registered at the same
-priorities; ``xtables.primary`` says which. One tagged packet per path — forward, local delivery,
-locally generated — with the counters zeroed in between; a (table, chain)
+priorities except security (iptables-nft: 150, the kernel's table: 50;
+``tracing.documented``); ``xtables.primary`` says which. One tagged packet
+per path — forward, local delivery, locally generated — with the counters
+zeroed in between; a (table, chain)
 counts a packet exactly when the table is attached to that hook:
 
     raw:      PRE_ROUTING, LOCAL_OUT
