@@ -76,21 +76,35 @@ def resolve_kernels(text: str | None) -> list[str]:
     """Expand groups: ``lts``, ``stable``, ``rc``, ``supported`` (lts + stable + rc),
     ``latest`` (= supported), ``all-<line>`` (every ABI of a line), and lists; every
     Debian item is checked against the archive, so a bad one fails before any VM."""
-    text = text or _project_kernels() or "supported"
     out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        if item == "latest":
-            item = "supported"
-        if item.startswith("all-"):
-            out += _all_of_line(item)
-        elif source_kernels.is_source_spec(item):
-            source_kernels.check_spec(item)     # built (minutes) by its cell, not here
-            out.append(item)
+    for item in _items(text):
+        fixed = _fixed_items(item)
+        if fixed is not None:
+            out += fixed
         elif item in debian_kernels.GROUPS:
             out += kernels.expand(item)
         else:
             out.append(item)            # checked when _one_cell_per_kernel resolves it
     return _one_cell_per_kernel(list(dict.fromkeys(out)))
+
+
+def _items(text: str | None):
+    """The items of a kernel list (the project's, else ``supported``); ``latest`` is
+    ``supported``."""
+    text = text or _project_kernels() or "supported"
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        yield "supported" if item == "latest" else item
+
+
+def _fixed_items(item: str) -> list[str] | None:
+    """What ``all-<line>`` (its ABIs of today) and a ``source:`` spec (checked, built
+    by its cell) stand for, the same in a matrix and a CI workflow; None for others."""
+    if item.startswith("all-"):
+        return _all_of_line(item)
+    if source_kernels.is_source_spec(item):
+        source_kernels.check_spec(item)
+        return [item]
+    return None
 
 
 def _one_cell_per_kernel(specs: list[str]) -> list[str]:
@@ -487,16 +501,11 @@ def ci_kernels(text: str | None) -> list[str]:
     ``stable`` and ``rc`` stay words, ``lts`` is the LTS lines Debian serves today (a
     line word is its newest ABI when the job runs), ``supported`` (``latest``) lts +
     stable + rc; ``all-<line>`` the ABIs of today; anything else as given, checked."""
-    text = text or _project_kernels() or "supported"
     out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        if item == "latest":
-            item = "supported"
-        if item.startswith("all-"):
-            out += _all_of_line(item)
-        elif source_kernels.is_source_spec(item):
-            source_kernels.check_spec(item)
-            out.append(item)
+    for item in _items(text):
+        fixed = _fixed_items(item)
+        if fixed is not None:
+            out += fixed
         elif item in ("stable", "rc"):
             out.append(item)
         elif item in ("lts", "supported"):
