@@ -196,7 +196,11 @@ def test_mangle_mark_seen_after_mangle_not_before(host, wire, trace, rules, tag,
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dnat_original_before_nat_dst_translated_after(host, wire, trace, rules, tag, family):
+def test_dnat_original_before_nat_dst_translated_after(host, wire, trace, rules, tag, family,
+                                                       kernel_release):
+    missing = _not_configured(kernel_release, "NETFILTER_XT_NAT")
+    if missing:         # Debian's rt flavour of the newest lines drops it with legacy xtables
+        pytest.skip(f"{missing}: no iptables DNAT target")
     a = addrs(family)
     vip = "198.51.100.99" if family == "ipv4" else "2001:db8:2::99"
     rules.add(family, "nat", "PREROUTING", f"-d {vip} -p udp -j DNAT --to-destination {a['server']}")
@@ -268,16 +272,22 @@ def test_raw_notrack_untracked_after_raw(host, wire, trace, rules, tag, family):
 
 # ---------------------------------------------------------------- the kernel's own view
 
-def _no_netlink_hook(release: str) -> str | None:
-    """Why the kernel has no nfnetlink_hook, from its config (a feature, not a version:
-    5.10 predates it, Debian's 6.1 leaves it off), or None if it should have one."""
+def _not_configured(release: str, option: str) -> str | None:
+    """Why the kernel lacks CONFIG_*option*, from its config (a feature, not a version),
+    or None if it has it (or is no kit kernel, whose config the kit cannot read)."""
     try:
         kernel = kernels.by_release(release)
     except NflabError:
         return None                                     # not a kit kernel: no config to read
-    if kernel.config_value("NETFILTER_NETLINK_HOOK") in ("y", "m"):
+    if kernel.config_value(option) in ("y", "m"):
         return None
-    return f"CONFIG_NETFILTER_NETLINK_HOOK is not set in {release}'s config"
+    return f"CONFIG_{option} is not set in {release}'s config"
+
+
+def _no_netlink_hook(release: str) -> str | None:
+    """Why the kernel has no nfnetlink_hook (5.10 predates it, Debian's 6.1 leaves it
+    off), or None if it should have one."""
+    return _not_configured(release, "NETFILTER_NETLINK_HOOK")
 
 
 def _nft_hooks(host, kernel_release, device):
