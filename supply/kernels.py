@@ -88,8 +88,7 @@ def _as_offer(k: Kernel) -> Offer | None:
     suite = k.suite or release_of_abi(k.abi)
     if k.flavour not in FLAVOURS or suite not in dk.KERNEL_SUITES:
         return None
-    version = k.extra.get("version") or k.packages.get(f"linux-image-{k.release}", "")
-    return Offer(k.abi, k.flavour, suite, version, tuple(k.packages.items()),
+    return Offer(k.abi, k.flavour, suite, _version(k, ""), tuple(k.packages.items()),
                  k.extra.get("compiler", ""))
 
 
@@ -146,12 +145,14 @@ def _fetch_debian(spec, progress, force, listing) -> Kernel:
     ref = resolve(spec)
     base = kernels_dir()
     entry = base / ref.key
-    if not force and check_entry(entry, listing=listing) is None and not _superseded(entry, ref):
-        return Kernel.load(entry)
+    if not force and check_entry(entry, listing=listing) is None:
+        cached = Kernel.load(entry)
+        if not _superseded(cached, ref):
+            return cached
     base.mkdir(parents=True, exist_ok=True)
     with file_lock(base / f".{ref.key}.lock"):
         problem = check_entry(entry)
-        newer = None if problem else _superseded(entry, ref)
+        newer = None if problem else _superseded(Kernel.load(entry), ref)
         if not force and problem is None and not newer:
             return Kernel.load(entry)
         _remove_debris(base, ref.key, progress)
@@ -168,20 +169,23 @@ def _fetch_debian(spec, progress, force, listing) -> Kernel:
     return Kernel.load(entry)
 
 
-def _superseded(entry: Path, ref) -> str | None:
-    """Why the intact *entry* is not what the offer *ref* names (None when it is, or
+def _superseded(cached: Kernel, ref) -> str | None:
+    """Why the intact entry *cached* is not what the offer *ref* names (None when it is, or
     when *ref* is no offer: an exact cached ABI, or offline): the archive serves other
     packages under the same ABI (the rc's 7.3 from ~rc7 to ~rc8, a re-upload)."""
-    if not isinstance(ref, Offer):
-        return None
-    cached = Kernel.load(entry)
-    if cached.packages == dict(ref.packages):
+    if not isinstance(ref, Offer) or _same_upload(cached, ref):
         return None
     return f"it holds {_version(cached)}, the archive now serves {ref.version}"
 
 
-def _version(k: Kernel) -> str:
-    return k.extra.get("version") or k.packages.get(f"linux-image-{k.release}", "an older upload")
+def _same_upload(k: Kernel, offer: Offer) -> bool:
+    """Is cached *k* the very packages *offer* names (not an older upload of its ABI)?"""
+    return k.packages == dict(offer.packages)
+
+
+def _version(k: Kernel, unknown: str = "an older upload") -> str:
+    """The Debian version cached *k* was fetched as (its image package's)."""
+    return k.extra.get("version") or k.packages.get(f"linux-image-{k.release}", unknown)
 
 
 def _refetch_reason(entry: Path, problem: str | None, newer: str | None) -> str:
@@ -324,7 +328,7 @@ def table_rows(*, every: bool = False) -> list[dict]:
             "compiler": o.compiler or "(image only: no headers)",
             "version": o.version, "flavours": [], "cached": [], "archive": True})
         row["flavours"].append(o.flavour)
-        if o.release in cached and cached[o.release].packages == dict(o.packages):
+        if o.release in cached and _same_upload(cached[o.release], o):
             row["cached"].append(o.flavour)
             current.add(o.release)
     for k in cached.values():
